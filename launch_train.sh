@@ -1,0 +1,57 @@
+#!/usr/bin/env bash
+# Train R²ec with RecPO on several GPUs: accelerate + DeepSpeed ZeRO-2 (ds_config.json), SPEC §6.
+#   bash launch_train.sh                                   # 3 training processes on GPUs 0-3
+#   MODEL=qwen DATASET_CAT=CDs_and_Vinyl bash launch_train.sh
+#   CUDA_VISIBLE_DEVICES=0 NUM_PROCESSES=1 bash launch_train.sh --max_steps 100   # one GPU
+# Every variable below can be set from the environment; extra arguments go to train.py.
+set -euo pipefail
+cd "$(dirname "$0")"
+
+CUDA_VISIBLE_DEVICES=${CUDA_VISIBLE_DEVICES:-0,1,2,3}
+NUM_PROCESSES=${NUM_PROCESSES:-3}          # the released setup kept the fourth GPU for its rollout engine
+MAIN_PROCESS_PORT=${MAIN_PROCESS_PORT:-20138}
+NUM_MACHINES=${NUM_MACHINES:-1}            # multi-node: same script on every node with its MACHINE_RANK
+MACHINE_RANK=${MACHINE_RANK:-0}
+MAIN_PROCESS_IP=${MAIN_PROCESS_IP:-127.0.0.1}
+DATASET_CAT=${DATASET_CAT:-Musical_Instruments}
+DATASET_DIR=${DATASET_DIR:-data/${DATASET_CAT}_0_2022-10-2023-10}
+MODEL=${MODEL:-gemma}
+TRAIN_BATCH_SIZE=${TRAIN_BATCH_SIZE:-4}
+EVAL_BATCH_SIZE=${EVAL_BATCH_SIZE:-32}
+MAX_NEW_TOKENS=${MAX_NEW_TOKENS:-640}
+WARMUP_STEPS=${WARMUP_STEPS:-32}
+NUM_TRAIN_EPOCHS=${NUM_TRAIN_EPOCHS:-3}
+GROUP_SIZE=${GROUP_SIZE:-4}
+RELABEL_TOPK=${RELABEL_TOPK:-2}
+GEN_TEMPERATURE=${GEN_TEMPERATURE:-2.0}
+GEN_TOP_K=${GEN_TOP_K:-50}
+SEED=${SEED:-42}
+RUN_NAME=${RUN_NAME:-r2ec_${MODEL}_${DATASET_CAT}}
+DS_CONFIG=${DS_CONFIG:-ds_config.json}
+PYTHON=${PYTHON:-python}
+
+export CUDA_VISIBLE_DEVICES
+# The Trainer sets DeepSpeed up from --deepspeed; accelerate only starts the processes.
+# --multi_gpu also makes `accelerate launch` start several processes on CPU (ACCELERATE_USE_CPU=true).
+MULTI=()
+if [ "$((NUM_PROCESSES * NUM_MACHINES))" -gt 1 ]; then MULTI=(--multi_gpu); fi
+exec "$PYTHON" -m accelerate.commands.launch "${MULTI[@]}" \
+    --num_processes "$((NUM_PROCESSES * NUM_MACHINES))" --num_machines "$NUM_MACHINES" \
+    --machine_rank "$MACHINE_RANK" --main_process_ip "$MAIN_PROCESS_IP" --main_process_port "$MAIN_PROCESS_PORT" \
+    train.py \
+    --deepspeed "$DS_CONFIG" \
+    --model "$MODEL" \
+    --dataset_dir "$DATASET_DIR" \
+    --dataset_category "$DATASET_CAT" \
+    --train_batch_size "$TRAIN_BATCH_SIZE" \
+    --eval_batch_size "$EVAL_BATCH_SIZE" \
+    --max_new_tokens "$MAX_NEW_TOKENS" \
+    --warmup_steps "$WARMUP_STEPS" \
+    --num_train_epochs "$NUM_TRAIN_EPOCHS" \
+    --group_size "$GROUP_SIZE" \
+    --trainer_relabel_topk "$RELABEL_TOPK" \
+    --gen_temperature "$GEN_TEMPERATURE" \
+    --gen_top_k "$GEN_TOP_K" \
+    --seed "$SEED" \
+    --run_name "$RUN_NAME" \
+    "$@"

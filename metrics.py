@@ -1,0 +1,38 @@
+"""Ranking metrics shared by training rewards, evaluation and `recommend.py`.
+
+Ranks are 1-based (1 = best). Ties count against the target: an item scored exactly like the
+target is ranked ahead of it, so a constant scorer never looks good.
+"""
+import math
+
+import torch
+
+KS = (5, 10, 20)
+
+
+def target_rank(scores: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Rank of each row's target among all items, 1 = best.  scores (B, N), targets (B,) -> (B,)."""
+    target_scores = scores.gather(1, targets[:, None])  # (B, 1)
+    return (scores >= target_scores).sum(dim=1)  # (B,) the target itself counts once
+
+
+def ndcg_at_k(ranks: torch.Tensor, k: int) -> torch.Tensor:
+    """NDCG@k for one relevant item: 1/log2(rank+1) if rank <= k else 0.  ranks (B,) -> (B,)."""
+    gain = 1.0 / torch.log2(ranks.double() + 1.0)
+    return torch.where(ranks <= k, gain, torch.zeros_like(gain))
+
+
+def hit_at_k(ranks: torch.Tensor, k: int) -> torch.Tensor:
+    """Hit@k: 1 if rank <= k else 0.  ranks (B,) -> (B,)."""
+    return (ranks <= k).double()
+
+
+def ranking_metrics(ranks: torch.Tensor, ks=KS) -> dict[str, float]:
+    """Mean NDCG@k and Hit@k over samples, keyed `ndcg@10`, `hit@10`, ...  ranks (B,)."""
+    if ranks.numel() == 0:
+        return {f"{name}@{k}": math.nan for k in ks for name in ("ndcg", "hit")}
+    metrics = {}
+    for k in ks:
+        metrics[f"ndcg@{k}"] = ndcg_at_k(ranks, k).mean().item()
+        metrics[f"hit@{k}"] = hit_at_k(ranks, k).mean().item()
+    return metrics

@@ -1,0 +1,88 @@
+"""One RecPO update on a fixed batch; run by tests/test_trainer.py alone or under torchrun.
+
+    python tests/dist_update_worker.py OUT.pt                                   # 4 users, 1 process
+    python -m torch.distributed.run --nproc_per_node 2 tests/dist_update_worker.py OUT.pt  # 2 users each
+
+Rank 0 writes the step's loss (averaged over processes, as the Trainer logs it) and every LoRA
+gradient after the update, for the test to compare.
+"""
+import os
+import sys
+import tempfile
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from accelerate.utils import gather  # noqa: E402
+
+from model import add_lora, load_backbone, policy_forward  # noqa: E402
+from rollouts import Rollouts  # noqa: E402
+from tests.backbones import tiny_backbone  # noqa: E402
+from tests.tiny_data import tiny_dataset  # noqa: E402
+from trainer import RecPOBatch, RecPOConfig, RecPOTrainer, relabel_mask  # noqa: E402
+
+USERS, GROUP = 4, 2  # the global batch
+
+
+def fixed_completions(trainer):
+    """G random completions per user of the global batch, each ending in <answer>, and noise."""
+    generator = torch.Generator().manual_seed(1)
+    stop, pad = trainer.stop_ids[0], trainer.processing_class.pad_token_id
+    rows = [torch.randint(300, 2000, (int(torch.randint(2, 6, (1,), generator=generator)),),
+                          generator=generator).tolist() + stop for _ in range(USERS * GROUP)]
+    width = max(map(len, rows))
+    completion_ids = torch.tensor([r + [pad] * (width - len(r)) for r in rows])  # (N, C)
+    completion_mask = torch.tensor([[1] * len(r) + [0] * (width - len(r)) for r in rows])  # (N, C)
+    return completion_ids, completion_mask, torch.randn(completion_ids.shape, generator=generator)
+
+
+def local_rollouts(trainer, samples, model, completion_ids, completion_mask, noise):
+    """This process's rollouts, with log-probs as if sampled under slightly different weights."""
+    prompt_ids, prompt_mask = trainer.tokenize_prompts(samples)
+    prompt_ids, prompt_mask = prompt_ids.repeat_interleave(GROUP, 0), prompt_mask.repeat_interleave(GROUP, 0)
+    with torch.no_grad():
+        logprobs, _ = policy_forward(model, torch.cat([prompt_ids, completion_ids], 1),
+                                     torch.cat([prompt_mask, completion_mask], 1), completion_ids.shape[1])
+    old = (logprobs + 0.3 * noise) * completion_mask  # ratios spread around 1, some clipped
+    return Rollouts(prompt_ids, prompt_mask, completion_ids, completion_mask, old)
+
+
+def main(out_path: str):
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    config = RecPOConfig(
+        output_dir=tempfile.mkdtemp(), use_cpu=True, bf16=False, report_to="none", per_device_train_batch_size=2,
+        group_size=GROUP, micro_batch_size=2, lora_dropout=0.0, gradient_checkpointing=False, eval_strategy="no",
+        save_strategy="no", load_best_model_at_end=False, eval_on_start=False, max_new_tokens=8,
+    )
+    model, tokenizer = load_backbone(tiny_backbone("qwen2"), dtype=torch.float32)
+    torch.manual_seed(0)
+    model = add_lora(model, r=4, alpha=8, dropout=0.0)
+    with torch.no_grad():  # non-zero LoRA B, identical on every process
+        for name, param in sorted(model.named_parameters()):
+            if "lora_" in name:
+                param.copy_(0.2 * torch.randn(param.shape, generator=torch.Generator().manual_seed(len(name))))
+    trainer = RecPOTrainer(model, config, tokenizer, tiny_dataset(), "Video_Games")
+    rank = trainer.accelerator.process_index
+    trainer.refresh_item_table(model)
+
+    all_samples = [trainer.train_dataset[i] for i in range(USERS)]
+    per_process = USERS // world
+    samples = all_samples[rank * per_process:(rank + 1) * per_process]
+    mine = slice(rank * per_process * GROUP, (rank + 1) * per_process * GROUP)
+    rollouts = local_rollouts(trainer, samples, model, *(t[mine] for t in fixed_completions(trainer)))
+    advantages = torch.randn(USERS * GROUP, generator=torch.Generator().manual_seed(2))
+    relabel = relabel_mask(advantages.view(-1, GROUP), 1).flatten()
+    batch = RecPOBatch(rollouts, torch.tensor([s["item_id"] for s in samples]), advantages[mine], relabel[mine], None)
+
+    wrapped = trainer.accelerator.prepare_model(model)
+    loss = trainer.update(wrapped, batch)
+    loss = gather(loss.detach()[None]).mean()
+    grads = {name: p.grad.detach().clone() for name, p in model.named_parameters() if p.requires_grad}
+    if rank == 0:
+        torch.save({"loss": loss, "grads": grads}, out_path)
+    trainer.accelerator.end_training()
+
+
+if __name__ == "__main__":
+    main(sys.argv[1])

@@ -1,0 +1,123 @@
+"""SPEC §4 formulas and §5 metrics against values computed by hand."""
+import math
+
+import pytest
+import torch
+
+from metrics import ranking_metrics, target_rank
+from trainer import (RepeatedBatchSampler, clipped_item_loss, clipped_token_loss, group_advantages, recpo_reward,
+                     relabel_mask)
+
+NEG = float("-inf")
+
+
+def test_reward_rank_ndcg_and_softmax_by_hand():
+    scores = torch.tensor([[NEG, 2.0, 1.0, 3.0, 0.5]])  # pad masked; target item 2 is 3rd best
+    reward, ndcg, prob, rank = recpo_reward(scores, torch.tensor([2]), beta=0.05, ndcg_k=1000)
+    softmax_target = math.exp(1.0) / (math.exp(2.0) + math.exp(1.0) + math.exp(3.0) + math.exp(0.5))
+    assert rank.item() == 3
+    assert ndcg.item() == pytest.approx(1 / math.log2(4))
+    assert prob.item() == pytest.approx(softmax_target, rel=1e-6)
+    assert reward.item() == pytest.approx(0.95 * 0.5 + 0.05 * softmax_target, rel=1e-6)
+    # Past the cut-off only the softmax term is left.
+    reward_k2, ndcg_k2, _, _ = recpo_reward(scores, torch.tensor([2]), beta=0.05, ndcg_k=2)
+    assert ndcg_k2.item() == 0.0
+    assert reward_k2.item() == pytest.approx(0.05 * softmax_target, rel=1e-6)
+
+
+def test_ties_rank_the_target_behind_equal_scores():
+    scores = torch.tensor([[NEG, 1.0, 1.0, 1.0]])
+    assert target_rank(scores, torch.tensor([1])).item() == 3
+
+
+def test_gaussian_advantage_by_hand():
+    rewards = torch.tensor([[1.0, 2.0, 3.0, 4.0], [0.5, 0.5, 0.5, 0.5]])
+    std = math.sqrt((1.5 ** 2 + 0.5 ** 2 + 0.5 ** 2 + 1.5 ** 2) / 3)  # unbiased
+    expected = torch.tensor([[-1.5, -0.5, 0.5, 1.5]]) / (std + 1e-8)
+    advantages = group_advantages(rewards, "gaussian")
+    torch.testing.assert_close(advantages[0:1], expected)
+    assert torch.equal(advantages[1], torch.zeros(4)), "equal rewards give zero advantage, not NaN"
+
+
+def test_rloo_advantage_by_hand():
+    advantages = group_advantages(torch.tensor([[1.0, 2.0, 3.0, 4.0]]), "rloo")
+    torch.testing.assert_close(advantages, torch.tensor([[1 - 3.0, 2 - 8 / 3, 3 - 7 / 3, 4 - 2.0]]))
+
+
+def test_single_sample_groups():
+    rewards = torch.tensor([[0.3], [0.9]])
+    assert torch.equal(group_advantages(rewards, "gaussian"), torch.ones(2, 1))
+    assert torch.equal(group_advantages(rewards, "rloo"), torch.zeros(2, 1))
+
+
+def test_relabel_mask_picks_top_advantages_per_group():
+    advantages = torch.tensor([[-1.0, 0.5, 0.3, 2.0], [0.1, 0.1, -0.2, 0.0]])
+    torch.testing.assert_close(relabel_mask(advantages, 2), torch.tensor([[0.0, 1, 0, 1], [1, 1, 0, 0]]))
+    torch.testing.assert_close(relabel_mask(advantages, 1), torch.tensor([[0.0, 0, 0, 1], [1, 0, 0, 0]]))
+
+
+def test_token_loss_above_inside_and_below_the_clip_range():
+    # Trajectory 0 (A = +1): ratios 1.5 (clipped to 1.28), 1.1 (inside), 0.5 (min keeps 0.5), pad.
+    # Trajectory 1 (A = -1): ratios 1.5 (min keeps -1.5), 0.5 (clipped to 0.8).
+    ratios = torch.tensor([[1.5, 1.1, 0.5, 1.0], [1.5, 0.5, 1.0, 1.0]])
+    mask = torch.tensor([[1, 1, 1, 0], [1, 1, 0, 0]])
+    old = torch.full((2, 4), -2.0)
+    new = (old + ratios.log()).requires_grad_()
+    loss, clip_fraction = clipped_token_loss(new, old, torch.tensor([1.0, -1.0]), mask, 0.2, 0.28)
+    per_token = [-1.28, -1.1, -0.5, 1.5, 0.8]
+    assert loss.item() == pytest.approx(sum(per_token) / 5 / 2, rel=1e-5)
+    assert clip_fraction.item() == pytest.approx(2 / 5)
+    loss.backward()
+    # Clipped tokens get no gradient; the others get -A·ρ / (count · M).
+    expected_grad = torch.tensor([[0.0, -1.1, -0.5, 0.0], [1.5, 0.0, 0.0, 0.0]]) / 5 / 2
+    torch.testing.assert_close(new.grad, expected_grad)
+
+
+def test_token_loss_on_policy_is_reinforce():
+    logprobs = torch.tensor([[-1.0, -2.0]], requires_grad=True)
+    loss, _ = clipped_token_loss(logprobs, logprobs.detach(), torch.tensor([0.7]), torch.ones(1, 2), 0.2, 0.28)
+    assert loss.item() == pytest.approx(-0.7)
+    loss.backward()
+    torch.testing.assert_close(logprobs.grad, torch.tensor([[-0.35, -0.35]]))
+
+
+def test_item_loss_by_hand():
+    logits = torch.tensor([[2.0, 0.0], [1.0, 1.0]], requires_grad=True)
+    labels = torch.tensor([0, 1])
+    p0 = math.exp(2) / (math.exp(2) + 1)
+    old = torch.tensor([p0 / 1.5, 0.5])  # row 0: q = 1.5 -> clipped to 1.28 with Â = 2; row 1: q = 1
+    loss, probs = clipped_item_loss(logits, labels, old, torch.tensor([2.0, -1.0]), 0.2, 0.28, num_trajectories=4)
+    torch.testing.assert_close(probs, torch.tensor([p0, 0.5]))
+    assert loss.item() == pytest.approx((-1.28 * 2 + 1.0) / 4, rel=1e-5)
+    on_policy, _ = clipped_item_loss(logits, labels, None, torch.tensor([2.0, -1.0]), 0.2, 0.28, 2)
+    assert on_policy.item() == pytest.approx((-2.0 + 1.0) / 2)
+
+
+def test_ranking_metrics_on_a_crafted_score_matrix():
+    scores = torch.tensor([
+        [NEG] + [float(30 - i) for i in range(30)],  # target item 1 is the best: rank 1
+        [NEG] + [float(30 - i) for i in range(30)],  # target item 7: rank 7
+        [NEG] + [float(30 - i) for i in range(30)],  # target item 15: rank 15
+        [NEG] + [float(30 - i) for i in range(30)],  # target item 25: rank 25
+    ])
+    ranks = target_rank(scores, torch.tensor([1, 7, 15, 25]))
+    assert ranks.tolist() == [1, 7, 15, 25]
+    metrics = ranking_metrics(ranks)
+    g = lambda r: 1 / math.log2(r + 1)  # noqa: E731
+    assert metrics["hit@5"] == pytest.approx(1 / 4)
+    assert metrics["hit@10"] == pytest.approx(2 / 4)
+    assert metrics["hit@20"] == pytest.approx(3 / 4)
+    assert metrics["ndcg@5"] == pytest.approx(g(1) / 4)
+    assert metrics["ndcg@10"] == pytest.approx((g(1) + g(7)) / 4)
+    assert metrics["ndcg@20"] == pytest.approx((g(1) + g(7) + g(15)) / 4)
+
+
+def test_repeated_batch_sampler_layout_and_determinism():
+    sampler = RepeatedBatchSampler(num_samples=9, global_batch=4, repeats=2, seed=3)
+    order = list(sampler)
+    assert len(order) == len(sampler) == 16
+    assert order[0:4] == order[4:8] and order[8:12] == order[12:16]
+    assert len(set(order[0:4] + order[8:12])) == 8
+    assert order == list(RepeatedBatchSampler(9, 4, 2, seed=3))
+    sampler.set_epoch(1)
+    assert list(sampler) != order

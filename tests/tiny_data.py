@@ -1,0 +1,50 @@
+"""A tiny dataset in preprocess.py's output format, built in memory for trainer tests."""
+import json
+
+from datasets import Dataset, DatasetDict
+
+GROUPS = ("Racing", "Puzzle", "Horror", "Sports")
+DAY_MS = 86_400_000
+
+
+def item_rows(items_per_group: int = 4) -> list[dict]:
+    rows = [{"item_id": 0, "parent_asin": "pad_asin", "title": "pad_title", "main_category": "", "subtitle": "",
+             "average_rating": 0.0, "rating_number": 0, "features": [], "description": [], "price": 0.0,
+             "store": "", "categories": [], "details": "{}"}]
+    for g, group in enumerate(GROUPS):
+        for k in range(items_per_group):
+            item_id = len(rows)
+            rows.append({"item_id": item_id, "parent_asin": f"B{item_id:04d}", "title": f"{group} Game {k + 1}",
+                         "main_category": "Video Games", "subtitle": "", "average_rating": 3.5 + 0.1 * k,
+                         "rating_number": 10 + item_id, "features": [], "description": [f"A {group.lower()} game."],
+                         "price": 9.99, "store": "Studio", "categories": [], "details": json.dumps({})})
+    return rows
+
+
+def sample_rows(items: list[dict], num_users: int = 8, history: int = 3) -> list[dict]:
+    """Each user buys inside one group: history of `history` items, target the next one."""
+    per_group = (len(items) - 1) // len(GROUPS)
+    rows = []
+    for u in range(num_users):
+        g = u % len(GROUPS)
+        ids = [1 + g * per_group + (u // len(GROUPS) + k) % per_group for k in range(history + 1)]
+        times = [1_690_000_000_000 + (u * 10 + k) * DAY_MS for k in range(history + 1)]
+        rows.append({
+            "user_id": f"U{u}", "item_asins": [items[i]["parent_asin"] for i in ids[:-1]],
+            "item_asin": items[ids[-1]]["parent_asin"], "history_item_id": ids[:-1], "item_id": ids[-1],
+            "history_item_title": [items[i]["title"] for i in ids[:-1]], "item_title": items[ids[-1]]["title"],
+            "history_rating": [5.0] * history, "rating": 4.0, "history_timestamp": times[:-1],
+            "timestamp": times[-1], "interaction_id": u,
+        })
+    return rows
+
+
+def tiny_dataset(num_train: int = 8, num_eval: int = 4) -> DatasetDict:
+    items = item_rows()
+    samples = sample_rows(items, num_users=num_train + 2 * num_eval)
+    return DatasetDict({
+        "train": Dataset.from_list(samples[:num_train]),
+        "valid": Dataset.from_list(samples[num_train:num_train + num_eval]),
+        "test": Dataset.from_list(samples[num_train + num_eval:]),
+        "item_info": Dataset.from_list(items),
+    })

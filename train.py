@@ -1,0 +1,124 @@
+"""Train an R²ec model with RecPO: parse flags → load data and backbone → train → save → evaluate.
+
+Single process (GPU, or CPU when no GPU is found):
+    python train.py --dataset_dir data/Musical_Instruments_0_2022-10-2023-10 --model gemma
+Four GPUs with DeepSpeed ZeRO-2 (what launch_train.sh runs):
+    accelerate launch --num_processes 4 train.py --deepspeed ds_config.json --dataset_dir ... --model qwen
+`python train.py --help` lists every flag; the released launcher's spellings (`--train_batch_size`,
+`--eval_batch_size`) are accepted too.
+"""
+import json
+import os
+import re
+import sys
+
+import torch
+from transformers import EarlyStoppingCallback, HfArgumentParser, set_seed
+from transformers.trainer_utils import get_last_checkpoint
+
+from errors import UserError, run_cli
+from model import add_lora, load_backbone
+from paths import resolve_model
+from trainer import RecPOConfig, RecPOTrainer
+
+# Spellings of the released launcher -> TrainingArguments names.
+FLAG_ALIASES = {"--train_batch_size": "--per_device_train_batch_size", "--eval_batch_size": "--per_device_eval_batch_size"}
+SPLITS = ("train", "valid", "test", "item_info")
+SAMPLE_COLUMNS = ("user_id", "history_item_id", "history_item_title", "history_rating", "history_timestamp",
+                  "item_id", "timestamp")
+DATASET_NAME = re.compile(r"^(?P<category>.+?)_\d+_\d{4}-\d{1,2}-\d{4}-\d{1,2}(_.*)?$")
+
+
+def parse_config(argv: list[str]) -> RecPOConfig:
+    """Flags -> RecPOConfig, with the launcher's aliases, a default output folder and CPU fallback."""
+    argv = [FLAG_ALIASES.get(arg.split("=")[0], arg.split("=")[0]) + arg[len(arg.split("=")[0]):] for arg in argv]
+    if not any(arg.startswith("--output_dir") for arg in argv):
+        run_name = next((argv[i + 1] for i, arg in enumerate(argv[:-1]) if arg == "--run_name"), "r2ec")
+        argv += ["--output_dir", os.path.join("outputs", run_name)]
+    if not torch.cuda.is_available() and not any(arg.startswith("--use_cpu") for arg in argv):
+        argv += ["--use_cpu", "True"]  # the Trainer (and DeepSpeed through it) needs this without a GPU
+    (config,) = HfArgumentParser(RecPOConfig).parse_args_into_dataclasses(args=argv)
+    return config
+
+
+def load_dataset_dir(config: RecPOConfig):
+    """The DatasetDict written by preprocess.py, checked; returns (dataset, category)."""
+    from datasets import DatasetDict, load_from_disk
+
+    folder = config.dataset_dir
+    if not folder:
+        raise UserError("no --dataset_dir given — run preprocess.py and pass the folder it prints")
+    if not os.path.isdir(folder):
+        raise UserError(f"dataset folder {folder!r} does not exist — run preprocess.py first or fix --dataset_dir")
+    try:
+        dataset = load_from_disk(folder)
+    except (FileNotFoundError, ValueError, OSError) as e:
+        raise UserError(f"{folder!r} is not a dataset saved by preprocess.py ({e}) — point --dataset_dir at "
+                        "the folder preprocess.py wrote, e.g. data/Video_Games_0_2022-10-2023-10") from e
+    missing = [s for s in SPLITS if not isinstance(dataset, DatasetDict) or s not in dataset]
+    if missing:
+        raise UserError(f"{folder!r} lacks the split(s) {', '.join(missing)} — rerun preprocess.py for it")
+    absent = [c for c in SAMPLE_COLUMNS if c not in dataset["train"].column_names]
+    if absent:
+        raise UserError(f"{folder!r} lacks the column(s) {', '.join(absent)} — rerun preprocess.py for it")
+    category = config.dataset_category
+    if category is None:
+        match = DATASET_NAME.match(os.path.basename(os.path.normpath(folder)))
+        if match is None:
+            raise UserError(f"cannot read the category from the folder name {folder!r} — pass --dataset_category")
+        category = match["category"]
+    return dataset, category
+
+
+def default_eval_steps(config: RecPOConfig, num_train: int) -> int:
+    """SPEC §5: evaluate every floor(len(train) / (B · grad_accum · processes) / 8) steps (at least 1)."""
+    steps_per_epoch = num_train // (config.per_device_train_batch_size * config.gradient_accumulation_steps
+                                    * config.world_size)
+    return max(1, steps_per_epoch // 8)
+
+
+def build_trainer(config: RecPOConfig) -> RecPOTrainer:
+    """Data, backbone with LoRA, and the RecPO trainer for a parsed config."""
+    set_seed(config.seed)
+    dataset, category = load_dataset_dir(config)
+    if config.eval_steps is None:
+        config.eval_steps = default_eval_steps(config, len(dataset["train"]))
+    config.save_steps = config.eval_steps  # the best checkpoint must exist when it is evaluated
+    dtype = torch.bfloat16 if config.bf16 else torch.float32
+    model, tokenizer = load_backbone(config.model, dtype=dtype, gradient_checkpointing=config.gradient_checkpointing)
+    model = add_lora(model, r=config.lora_r, alpha=config.lora_alpha, dropout=config.lora_dropout,
+                     target_modules=tuple(config.lora_target_modules.split(",")))
+    return RecPOTrainer(
+        model, config, tokenizer, dataset, category,
+        callbacks=[EarlyStoppingCallback(early_stopping_patience=config.early_stopping_patience)],
+    )
+
+
+def main(argv: list[str]):
+    config = parse_config(argv)
+    trainer = build_trainer(config)
+    resume = config.resume_from_checkpoint
+    if resume in ("last", "latest", "True", "true"):
+        resume = get_last_checkpoint(config.output_dir)
+        if resume is None:
+            raise UserError(f"no checkpoint-* folder in {config.output_dir!r} to resume from — drop "
+                            "--resume_from_checkpoint or pass a checkpoint folder")
+    elif resume is not None and not os.path.isdir(resume):
+        raise UserError(f"--resume_from_checkpoint {resume!r} is not a folder — pass a checkpoint-* folder or 'last'")
+    trainer.train(resume_from_checkpoint=resume)
+
+    trainer.save_model(config.output_dir)
+    metrics = trainer.evaluate()
+    if trainer.is_world_process_zero():
+        trainer.save_metrics("final", metrics)
+        with open(os.path.join(config.output_dir, "r2ec_run.json"), "w") as f:
+            json.dump({"model": config.model, "model_path": resolve_model(config.model),
+                       "dataset_dir": config.dataset_dir, "category": trainer.category, "window_size": config.window_size,
+                       "max_new_tokens": config.max_new_tokens, "similarity_type": config.similarity_type,
+                       "tau": config.tau}, f, indent=2)
+    trainer.accelerator.end_training()
+    return metrics
+
+
+if __name__ == "__main__":
+    run_cli(main, sys.argv[1:])

@@ -1,0 +1,631 @@
+"""RecPO: the R²ec training algorithm as a Hugging Face `Trainer` (SPEC §4–§5).
+
+One training step, per process, on B users (`per_device_train_batch_size`):
+
+    rollout          G reasonings per user from the current policy          (SPEC §4.1)
+    score_users      h_u of every trajectory, no gradient
+    rewards          (1-β)·NDCG@k + β·softmax(s)[target] vs the item table   (SPEC §4.2)
+    advantages       per group, gaussian or rloo                            (SPEC §4.3)
+    relabel          top-k trajectories per group feed the item loss       (SPEC §4.4)
+    update           micro-batches: token loss + item loss, backward       (SPEC §4.5–4.7)
+
+`evaluate` refreshes the item table, writes greedy reasoning for every valid/test sample and
+ranks all items (SPEC §5). Everything a user tunes is a field of `RecPOConfig`, which
+`train.py` parses from the command line.
+"""
+import contextlib
+import json
+import math
+import os
+import warnings
+from collections import defaultdict
+from dataclasses import dataclass, field
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+from accelerate.utils import gather, gather_object
+from torch.utils.data import Sampler
+from tqdm.auto import tqdm
+from transformers import Trainer, TrainingArguments
+
+from errors import UserError
+from metrics import ranking_metrics, target_rank
+from model import ItemTable, encode, mask_seen, policy_forward, similarity
+from prompts import answer_stop_ids, left_pad, prompt_ids, user_prompt
+from rollouts import Rollouts, SamplingConfig, generate_rollouts
+
+ADVANTAGE_TYPES = ("gaussian", "rloo")
+SIMILARITY_TYPES = ("cosine", "dot", "L2")
+
+
+# ----------------------------------------------------------------------------------------------
+# Arguments
+
+
+@dataclass
+class RecPOConfig(TrainingArguments):
+    """Every RecPO knob, on top of `TrainingArguments`; defaults are the released ones (SPEC §4)."""
+
+    # Parameters that control the data and the backbone
+    dataset_dir: str = field(default="", metadata={"help": "Folder written by preprocess.py."})
+    dataset_category: str | None = field(
+        default=None, metadata={"help": "Amazon category; default: read from the dataset folder name."}
+    )
+    model: str = field(
+        default="SmolLM2-135M-Instruct",
+        metadata={"help": "gemma | qwen | a key of paths.model_names | a local folder | a hub id."},
+    )
+    window_size: int = field(default=20, metadata={"help": "History lines shown in the user prompt."})
+    max_eval_samples: int | None = field(
+        default=None, metadata={"help": "Evaluate on at most this many valid/test samples (quick runs)."}
+    )
+
+    # Parameters that control LoRA
+    lora_r: int = field(default=4, metadata={"help": "LoRA rank."})
+    lora_alpha: int = field(default=128, metadata={"help": "LoRA alpha."})
+    lora_dropout: float = field(default=0.05, metadata={"help": "LoRA dropout."})
+    lora_target_modules: str = field(
+        default="q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj",
+        metadata={"help": "Comma-separated module names that get LoRA adapters."},
+    )
+
+    # Parameters that control the rollouts
+    group_size: int = field(default=4, metadata={"help": "Reasonings sampled per user (G)."})
+    gen_temperature: float = field(default=1.5, metadata={"help": "Sampling temperature (paper 1.5, launcher 2.0)."})
+    gen_top_k: int = field(default=200, metadata={"help": "Top-k sampling, 0 = off (paper 200, launcher 50)."})
+    gen_top_p: float = field(default=1.0, metadata={"help": "Top-p (nucleus) sampling."})
+    max_new_tokens: int = field(default=640, metadata={"help": "Longest reasoning, <answer> included."})
+
+    # Parameters that control the reward, the advantage and the losses
+    beta: float = field(default=0.05, metadata={"help": "Weight of the softmax reward (β)."})
+    reward_ndcg_k: int = field(default=1000, metadata={"help": "Cut-off k of the NDCG@k reward."})
+    advantage_type: str = field(default="gaussian", metadata={"help": f"One of {ADVANTAGE_TYPES}."})
+    trainer_relabel_topk: int = field(
+        default=1, metadata={"help": "Trajectories per group used by the item loss (launcher: 2)."}
+    )
+    epsilon_low: float = field(default=0.2, metadata={"help": "Lower clip range ε_low."})
+    epsilon_high: float = field(default=0.28, metadata={"help": "Upper clip range ε_high."})
+    num_iterations: int = field(default=1, metadata={"help": "Updates per rollout batch (PPO epochs)."})
+    micro_batch_size: int = field(default=4, metadata={"help": "Trajectories per forward/backward."})
+    tau: float = field(default=0.02, metadata={"help": "Temperature τ of the cosine score."})
+    similarity_type: str = field(default="cosine", metadata={"help": f"One of {SIMILARITY_TYPES}."})
+
+    # Parameters that control evaluation
+    item_batch_size: int = field(default=32, metadata={"help": "Items per forward when encoding the table."})
+    early_stopping_patience: int = field(default=8, metadata={"help": "Evaluations without improvement."})
+    max_item_tokens: int = field(default=768, metadata={"help": "Item prompt length limit."})
+    max_prompt_tokens: int = field(default=2048, metadata={"help": "User prompt length limit."})
+
+    # Released defaults of the training loop itself (SPEC §4 "Defaults")
+    learning_rate: float = field(default=1e-5, metadata={"help": "AdamW learning rate."})
+    warmup_steps: float = field(default=32, metadata={"help": "Linear warm-up steps, then constant."})
+    lr_scheduler_type: str = field(default="constant_with_warmup", metadata={"help": "LR schedule."})
+    num_train_epochs: float = field(default=3, metadata={"help": "Training epochs."})
+    per_device_train_batch_size: int = field(default=4, metadata={"help": "Users per step per process (B)."})
+    per_device_eval_batch_size: int = field(default=32, metadata={"help": "Samples per greedy eval batch."})
+    gradient_checkpointing: bool = field(default=True, metadata={"help": "Recompute activations."})
+    logging_steps: float = field(default=1, metadata={"help": "Log every this many steps."})
+    eval_strategy: str = field(default="steps", metadata={"help": "When to evaluate."})
+    save_strategy: str = field(default="steps", metadata={"help": "When to save a checkpoint."})
+    eval_steps: float | None = field(
+        default=None, metadata={"help": "Default: floor(len(train) / (B·grad_accum·processes) / 8) (SPEC §5)."}
+    )
+    eval_on_start: bool = field(default=True, metadata={"help": "Evaluate the untrained model first."})
+    load_best_model_at_end: bool = field(default=True, metadata={"help": "Reload the best valid NDCG@10."})
+    metric_for_best_model: str = field(default="eval_valid_ndcg@10", metadata={"help": "Model selection."})
+    greater_is_better: bool = field(default=True, metadata={"help": "Higher metric is better."})
+    save_total_limit: int | None = field(default=2, metadata={"help": "Checkpoints kept (best one kept too)."})
+    remove_unused_columns: bool = field(default=False, metadata={"help": "Keep raw sample columns."})
+    dataloader_drop_last: bool = field(default=True, metadata={"help": "Equal batches on every process."})
+    report_to: None | str | list[str] = field(default="tensorboard", metadata={"help": "Logging integrations."})
+
+    def __post_init__(self):
+        if self.gradient_checkpointing_kwargs is None:
+            # Re-entrant checkpointing breaks DDP when the same weights run twice before one backward.
+            self.gradient_checkpointing_kwargs = {"use_reentrant": False}
+        super().__post_init__()
+        checks = [
+            (self.group_size >= 1, f"--group_size {self.group_size}: must be at least 1"),
+            (self.advantage_type in ADVANTAGE_TYPES,
+             f"--advantage_type {self.advantage_type!r}: choose one of {', '.join(ADVANTAGE_TYPES)}"),
+            (self.similarity_type in SIMILARITY_TYPES,
+             f"--similarity_type {self.similarity_type!r}: choose one of {', '.join(SIMILARITY_TYPES)}"),
+            (1 <= self.trainer_relabel_topk <= self.group_size,
+             f"--trainer_relabel_topk {self.trainer_relabel_topk}: must be between 1 and --group_size "
+             f"{self.group_size}"),
+            (self.max_new_tokens >= 8, f"--max_new_tokens {self.max_new_tokens}: must be at least 8"),
+            (self.gen_temperature > 0, f"--gen_temperature {self.gen_temperature}: must be positive"),
+            (self.gen_top_k >= 0, f"--gen_top_k {self.gen_top_k}: must be 0 (off) or positive"),
+            (0 < self.gen_top_p <= 1, f"--gen_top_p {self.gen_top_p}: must be in (0, 1]"),
+            (0 <= self.beta <= 1, f"--beta {self.beta}: must be in [0, 1]"),
+            (self.reward_ndcg_k >= 1, f"--reward_ndcg_k {self.reward_ndcg_k}: must be at least 1"),
+            (self.tau > 0, f"--tau {self.tau}: must be positive"),
+            (self.micro_batch_size >= 1, f"--micro_batch_size {self.micro_batch_size}: must be at least 1"),
+            (self.num_iterations >= 1, f"--num_iterations {self.num_iterations}: must be at least 1"),
+            (self.num_iterations == 1 or self.gradient_accumulation_steps == 1,
+             "--num_iterations > 1 needs --gradient_accumulation_steps 1 (each rollout batch is one step)"),
+            (self.epsilon_low >= 0 and self.epsilon_high >= 0, "--epsilon_low/--epsilon_high must be >= 0"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise UserError(message)
+
+    @property
+    def sampling(self) -> SamplingConfig:
+        return SamplingConfig(
+            max_new_tokens=self.max_new_tokens,
+            temperature=self.gen_temperature,
+            top_k=self.gen_top_k,
+            top_p=self.gen_top_p,
+        )
+
+
+# ----------------------------------------------------------------------------------------------
+# SPEC §4 formulas, one function each
+
+
+def recpo_reward(scores: torch.Tensor, targets: torch.Tensor, beta: float, ndcg_k: int):
+    """SPEC §4.2 reward: R = (1-β)·NDCG@k + β·softmax(scores)[target].
+
+    `scores` (N, I) are already masked (history and pad at -inf); `targets` (N,).
+    Returns (R, NDCG@k, softmax probability, rank), each (N,).
+    """
+    ranks = target_rank(scores, targets)  # (N,)
+    gain = 1.0 / torch.log2(ranks.float() + 1.0)
+    ndcg = torch.where(ranks <= ndcg_k, gain, torch.zeros_like(gain))  # (N,)
+    prob = scores.float().softmax(dim=-1).gather(1, targets[:, None]).squeeze(1)  # (N,)
+    return (1 - beta) * ndcg + beta * prob, ndcg, prob, ranks
+
+
+def group_advantages(rewards: torch.Tensor, kind: str) -> torch.Tensor:
+    """SPEC §4.3 advantage per group.  rewards (B, G) -> (B, G).
+
+    gaussian: A = (R - mean)/(std + 1e-8), unbiased std, A = 1 when G = 1;
+    rloo:     A = R - mean of the other G-1 rewards (0 when G = 1).
+    """
+    group = rewards.shape[1]
+    if kind == "gaussian":
+        if group == 1:
+            return torch.ones_like(rewards)
+        mean = rewards.mean(dim=1, keepdim=True)
+        std = rewards.std(dim=1, keepdim=True, unbiased=True)
+        return (rewards - mean) / (std + 1e-8)
+    if group == 1:
+        return torch.zeros_like(rewards)
+    others_mean = (rewards.sum(dim=1, keepdim=True) - rewards) / (group - 1)
+    return rewards - others_mean
+
+
+def relabel_mask(advantages: torch.Tensor, topk: int) -> torch.Tensor:
+    """SPEC §4.4 relabel mask: 1 for the `topk` highest-advantage trajectories of each group.
+
+    advantages (B, G) -> (B, G) float; ties go to the earlier trajectory.
+    """
+    order = torch.sort(advantages, dim=1, descending=True, stable=True).indices[:, :topk]  # (B, k)
+    return torch.zeros_like(advantages).scatter(1, order, 1.0)
+
+
+def clipped_token_loss(logprobs, old_logprobs, advantages, mask, epsilon_low, epsilon_high):
+    """SPEC §4.5 token loss of one micro-batch: -min(ρA, clip(ρ, 1-ε_low, 1+ε_high)A), ρ = π_θ/π_old.
+
+    logprobs, old_logprobs, mask (M, T); advantages (M,). Summed over the masked tokens,
+    divided by their count and again by the number of trajectories M (released code).
+    Returns (loss, fraction of tokens where clipping is active, i.e. that get no gradient).
+    """
+    ratio = torch.exp(logprobs - old_logprobs)  # (M, T)
+    adv = advantages[:, None]  # (M, 1)
+    clipped = torch.clamp(ratio, 1 - epsilon_low, 1 + epsilon_high)
+    per_token = -torch.min(ratio * adv, clipped * adv)  # (M, T)
+    mask = mask.to(per_token.dtype)
+    loss = (per_token * mask).sum() / mask.sum().clamp(min=1) / logprobs.shape[0]
+    clip_fraction = ((clipped * adv < ratio * adv).to(mask.dtype) * mask).sum() / mask.sum().clamp(min=1)
+    return loss, clip_fraction.detach()
+
+
+def clipped_item_loss(logits, labels, old_probs, weighted_advantages, epsilon_low, epsilon_high, num_trajectories):
+    """SPEC §4.6 item loss: -min(qÂ, clip(q, 1-ε_low, 1+ε_high)Â), q = p/p_old, Â = A × relabel.
+
+    logits (R, I): in-batch scores of R trajectories over I target items; labels (R,);
+    old_probs (R,) or None (on-policy: q = 1 in value, gradient of p/p.detach());
+    weighted_advantages (R,). Summed over rows and divided by `num_trajectories`, the number of
+    trajectories of the whole step, so micro-batches add up to the mean over trajectories.
+    Returns (loss, p (R,) detached).
+    """
+    probs = logits.float().softmax(dim=-1).gather(1, labels[:, None]).squeeze(1)  # (R,)
+    reference = probs.detach() if old_probs is None else old_probs
+    ratio = probs / reference.clamp(min=1e-12)  # (R,)
+    clipped = torch.clamp(ratio, 1 - epsilon_low, 1 + epsilon_high)
+    per_row = -torch.min(ratio * weighted_advantages, clipped * weighted_advantages)  # (R,)
+    return per_row.sum() / num_trajectories, probs.detach()
+
+
+# ----------------------------------------------------------------------------------------------
+# Data plumbing
+
+
+class RepeatedBatchSampler(Sampler):
+    """Shuffled sample indices in which each global batch comes `repeats` times in a row.
+
+    Accelerate deals consecutive batches of B indices to processes round-robin, so a global batch
+    is B × processes indices. With repeats = 2, 2 processes, B = 2:
+
+        indices     [a b c d][a b c d][e f g h][e f g h] ...
+        process 0    a b      a b      e f      e f
+        process 1    c d      c d      g h      g h
+
+    so every process sees its rollout batch `num_iterations` times, one optimizer step each.
+    The order depends only on (seed, epoch), which makes a resumed run see the same data.
+    """
+
+    def __init__(self, num_samples: int, global_batch: int, repeats: int, seed: int):
+        self.num_samples, self.global_batch, self.repeats, self.seed = num_samples, global_batch, repeats, seed
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int):
+        self.epoch = epoch
+
+    def __len__(self):
+        return (self.num_samples // self.global_batch) * self.global_batch * self.repeats
+
+    def __iter__(self):
+        generator = torch.Generator().manual_seed(self.seed + self.epoch)
+        order = torch.randperm(self.num_samples, generator=generator).tolist()
+        for start in range(0, len(order) - self.global_batch + 1, self.global_batch):
+            for _ in range(self.repeats):
+                yield from order[start:start + self.global_batch]
+
+
+class SkipStep(RuntimeError):
+    """Raised on every process when a step must be skipped (OOM or non-finite values somewhere)."""
+
+
+def keep_rows(rows):
+    """Collator: a batch is the list of raw dataset rows (prompts are built in the trainer)."""
+    return rows
+
+
+class RecPOBatch(NamedTuple):
+    """One rollout batch of a process, handed from the scoring stages to `update`."""
+
+    rollouts: Rollouts  # N = B·G trajectories, sample j of user i at row i·G + j
+    targets: torch.Tensor  # (B,) target item ids
+    advantages: torch.Tensor  # (N,)
+    relabel: torch.Tensor  # (N,) 1 where the trajectory feeds the item loss
+    item_old_probs: torch.Tensor | None  # (N,) p_old of the item loss, set by the first update
+
+
+# ----------------------------------------------------------------------------------------------
+# The trainer
+
+
+class RecPOTrainer(Trainer):
+    """Hugging Face `Trainer` whose training step is RecPO and whose evaluation is full ranking."""
+
+    def __init__(self, model, args: RecPOConfig, tokenizer, dataset, category: str, callbacks=None):
+        super().__init__(
+            model=model,
+            args=args,
+            train_dataset=dataset["train"],
+            eval_dataset={"valid": dataset["valid"], "test": dataset["test"]},
+            processing_class=tokenizer,
+            data_collator=keep_rows,
+            callbacks=callbacks,
+        )
+        self.category = category
+        self.item_table = ItemTable(
+            dataset["item_info"], tokenizer, category, batch_size=args.item_batch_size, max_tokens=args.max_item_tokens
+        )
+        self.stop_ids = answer_stop_ids(tokenizer)
+        self._metrics = defaultdict(list)
+        self._table_is_fresh = False
+        self._buffer: RecPOBatch | None = None
+        self._rollout_calls = 0
+
+    # -- data order ----------------------------------------------------------------------------
+
+    def _get_train_sampler(self, train_dataset=None):
+        dataset = train_dataset if train_dataset is not None else self.train_dataset
+        global_batch = self.args.per_device_train_batch_size * self.accelerator.num_processes
+        if len(dataset) < global_batch:
+            raise UserError(
+                f"the train split has {len(dataset)} samples, fewer than one batch of {global_batch} "
+                "(--train_batch_size × processes) — use a smaller batch or a larger dataset"
+            )
+        return RepeatedBatchSampler(len(dataset), global_batch, self.args.num_iterations, self.args.seed)
+
+    # -- prompts -------------------------------------------------------------------------------
+
+    def tokenize_prompts(self, samples: list[dict]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Chat-formatted user prompts, left-padded.  -> ids, mask (B, P) on the device."""
+        prompts = [prompt_ids(self.processing_class, user_prompt(s, self.category, self.args.window_size),
+                              self.args.max_prompt_tokens) for s in samples]
+        ids, mask = left_pad(prompts, self.processing_class.pad_token_id)
+        return torch.tensor(ids, device=self.args.device), torch.tensor(mask, device=self.args.device)
+
+    # -- RecPO steps ---------------------------------------------------------------------------
+
+    def refresh_item_table(self, model):
+        """Re-encode every item with the current weights (SPEC §4 "Item table")."""
+        self.item_table.encode(self.accelerator.unwrap_model(model), progress=self.is_local_process_zero())
+        self._table_is_fresh = True
+
+    def rollout(self, model, samples: list[dict], sampling: SamplingConfig, num_samples: int) -> Rollouts:
+        """SPEC §4.1: `num_samples` reasonings per sample, all B·G generated together."""
+        prompt_ids, prompt_mask = self.tokenize_prompts(samples)
+        return generate_rollouts(
+            self.accelerator.unwrap_model(model), prompt_ids, prompt_mask, num_samples, sampling,
+            self.stop_ids, self.processing_class.pad_token_id,
+        )
+
+    def score_users(self, model, rollouts: Rollouts, batch_size: int) -> torch.Tensor:
+        """h_u of every trajectory (prompt + reasoning ending in <answer>), no gradient.  -> (N, D)."""
+        model = self.accelerator.unwrap_model(model)
+        was_training = model.training
+        model.eval()
+        with torch.no_grad():
+            states = [encode(model, *self._user_sequences(rollouts, rows)[:2])
+                      for rows in torch.arange(len(rollouts.prompt_ids)).split(batch_size)]
+        model.train(was_training)
+        return torch.cat(states).float()
+
+    def rank_items(self, user_states: torch.Tensor, samples: list[dict]) -> torch.Tensor:
+        """Scores of every user state over the item table, history items and pad masked.  -> (N, I)."""
+        group = len(user_states) // len(samples)
+        scores = similarity(user_states, self.item_table.embeddings, self.args.similarity_type, self.args.tau)
+        histories = [s["history_item_id"] for s in samples for _ in range(group)]
+        return mask_seen(scores, histories)
+
+    def rewards(self, user_states: torch.Tensor, samples: list[dict]):
+        """SPEC §4.2 for each trajectory, against the cached item table.  -> R, NDCG, prob (N,)."""
+        group = len(user_states) // len(samples)
+        targets = torch.tensor([s["item_id"] for s in samples], device=user_states.device).repeat_interleave(group)
+        reward, ndcg, prob, _ = recpo_reward(
+            self.rank_items(user_states, samples), targets, self.args.beta, self.args.reward_ndcg_k
+        )
+        return reward, ndcg, prob
+
+    def advantages(self, rewards: torch.Tensor) -> torch.Tensor:
+        """SPEC §4.3 per group of G.  rewards (N,) -> (N,)."""
+        return group_advantages(rewards.view(-1, self.args.group_size), self.args.advantage_type).flatten()
+
+    def relabel(self, advantages: torch.Tensor) -> torch.Tensor:
+        """SPEC §4.4 per group of G.  advantages (N,) -> (N,)."""
+        return relabel_mask(advantages.view(-1, self.args.group_size), self.args.trainer_relabel_topk).flatten()
+
+    def make_batch(self, model, samples: list[dict]) -> RecPOBatch:
+        """Rollouts, rewards, advantages and relabel mask for one batch of users (no gradient)."""
+        if not self._table_is_fresh:
+            self.refresh_item_table(model)
+        rollouts = self.rollout(model, samples, self.args.sampling, self.args.group_size)
+        user_states = self.score_users(model, rollouts, self.args.micro_batch_size)
+        reward, ndcg, prob = self.rewards(user_states, samples)
+        self._check_finite(reward, "reward")
+        advantages = self.advantages(reward)
+        rewards_by_group = reward.view(-1, self.args.group_size)
+        self._record(
+            **{
+                "reward/mean": reward.mean(),
+                "reward/ndcg": ndcg.mean(),
+                "reward/softmax": prob.mean(),
+                "reward/std_within_group": rewards_by_group.std(dim=1).nan_to_num(0).mean(),
+                "advantage/abs_mean": advantages.abs().mean(),
+                "frac_reward_zero_std": (rewards_by_group.max(1).values == rewards_by_group.min(1).values).float().mean(),
+                "completions/mean_length": rollouts.completion_mask.sum(1).float().mean(),
+            }
+        )
+        targets = torch.tensor([s["item_id"] for s in samples], device=self.args.device)
+        return RecPOBatch(rollouts, targets, advantages, self.relabel(advantages), None)
+
+    def token_loss(self, logprobs, batch: RecPOBatch, rows, completion_len):
+        """SPEC §4.5 on the micro-batch `rows`, π_old = the log-probs recorded at sampling time."""
+        rollouts = batch.rollouts
+        return clipped_token_loss(
+            logprobs, rollouts.logprobs[rows, :completion_len], batch.advantages[rows],
+            rollouts.completion_mask[rows, :completion_len], self.args.epsilon_low, self.args.epsilon_high,
+        )
+
+    def item_loss(self, user_states, item_states, batch: RecPOBatch, rows):
+        """SPEC §4.6 on the micro-batch `rows`, in-batch softmax over every process's targets.
+
+        Other processes' user and item states join detached: each process holds the gradient of
+        the full loss through its own states, so the sum over processes is the full gradient.
+        Returns (loss, p of the local rows).
+        """
+        world, rank = self.accelerator.num_processes, self.accelerator.process_index
+        users = self._gather_keeping_grad(user_states)  # (W·M, D)
+        items = self._gather_keeping_grad(item_states)  # (W·B, D)
+        num_local, num_users = len(batch.advantages), len(batch.targets)
+        group = num_local // num_users
+        local_rows = torch.as_tensor(rows, device=users.device)  # (M,)
+        labels = torch.cat([local_rows // group + q * num_users for q in range(world)])  # (W·M,)
+        global_rows = torch.cat([local_rows + q * num_local for q in range(world)])  # (W·M,)
+        weighted = gather(batch.advantages * batch.relabel)[global_rows]
+        old_probs = None if batch.item_old_probs is None else gather(batch.item_old_probs)[global_rows]
+        logits = similarity(users, items, self.args.similarity_type, self.args.tau)  # (W·M, W·B)
+        loss, probs = clipped_item_loss(
+            logits, labels, old_probs, weighted, self.args.epsilon_low, self.args.epsilon_high, world * num_local
+        )
+        mine = slice(rank * len(local_rows), (rank + 1) * len(local_rows))
+        return loss, probs[mine]
+
+    def update(self, model, batch: RecPOBatch) -> torch.Tensor:
+        """SPEC §4.7: token + item loss over micro-batches, one backward each; returns the loss.
+
+        Only the last micro-batch syncs gradients (DDP all-reduce, DeepSpeed step boundary).
+        The token loss is normalised to B = per_device_train_batch_size users, so a process
+        holding a larger batch (the single-process reference of the tests) averages over its
+        B-sized shares instead of summing them.
+        """
+        args, world = self.args, self.accelerator.num_processes
+        num_local = len(batch.advantages)
+        share = args.per_device_train_batch_size / len(batch.targets)
+        micro_batches = torch.arange(num_local, device=args.device).split(args.micro_batch_size)
+        item_probs = torch.zeros(num_local, device=args.device)
+        sync_at_end = self.accelerator.sync_gradients
+        total = torch.zeros((), device=args.device)
+        unwrapped = self.accelerator.unwrap_model(model)
+        for index, rows in enumerate(micro_batches):
+            last = index == len(micro_batches) - 1
+            # DDP must know before the forward whether this backward all-reduces.
+            defer_all_reduce = not (last or self.is_deepspeed_enabled)
+            with self.accelerator.no_sync(model) if defer_all_reduce else contextlib.nullcontext():
+                ids, mask, completion_len = self._user_sequences(batch.rollouts, rows)
+                logprobs, user_states = policy_forward(model, ids, mask, completion_len)
+                token, clip_fraction = self.token_loss(logprobs, batch, rows, completion_len)
+                # Items run on the unwrapped module: DDP allows one wrapped forward per backward.
+                item_inputs = {k: v.to(args.device) for k, v in self.item_table.batch(batch.targets).items()}
+                item_states = encode(unwrapped, **item_inputs)
+                item, probs = self.item_loss(user_states, item_states, batch, rows)
+                token = token * share
+                self._check_finite(token + item, "loss")
+                # Every process computes the same full item loss value but holds the gradient only
+                # through its own states; DDP averages gradients over processes, hence × world.
+                loss = (token + item * world) / args.gradient_accumulation_steps
+                self.accelerator.gradient_state._set_sync_gradients(sync_at_end and last)
+                backward_kwargs = {"scale_wrt_gas": False} if self.is_deepspeed_enabled else {}
+                self.accelerator.backward(loss, **backward_kwargs)
+            item_probs[rows] = probs
+            total += (token + item).detach()
+            self._record(**{"loss/token": token, "loss/item": item, "clip_ratio/token": clip_fraction})
+        self.accelerator.gradient_state._set_sync_gradients(sync_at_end)
+        self.item_table.update(batch.targets, item_states.detach())
+        if batch.item_old_probs is None:
+            self._buffer = batch._replace(item_old_probs=item_probs)
+        return total / args.gradient_accumulation_steps
+
+    # -- Trainer hooks -------------------------------------------------------------------------
+
+    def training_step(self, model, inputs, num_items_in_batch=None):
+        """One RecPO step: fresh rollouts every `num_iterations` calls, then the clipped update."""
+        model.train()
+        try:
+            if self._rollout_calls % self.args.num_iterations == 0:
+                self._buffer = None
+                self._buffer = self.make_batch(model, inputs)
+            self._rollout_calls += 1
+            self._agree_to_continue(ok=True)
+            return self.update(model, self._buffer)
+        except SkipStep as skip:
+            return self._skip_step(model, str(skip))
+        except torch.OutOfMemoryError:
+            self._buffer = None
+            torch.cuda.empty_cache() if torch.cuda.is_available() else None
+            try:
+                self._agree_to_continue(ok=False)
+            except SkipStep:
+                pass
+            return self._skip_step(model, "out of memory during rollout or update")
+
+    def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix: str = "eval") -> dict[str, float]:
+        """SPEC §5: refresh the table, greedy reasoning per sample, rank all items, NDCG/Hit@5/10/20."""
+        model = self.model
+        self.refresh_item_table(model)
+        datasets = eval_dataset if isinstance(eval_dataset, dict) else (
+            {"eval": eval_dataset} if eval_dataset is not None else self.eval_dataset
+        )
+        metrics = {}
+        for split, dataset in datasets.items():
+            split_metrics, records = self.evaluate_split(model, dataset, split)
+            metrics.update({f"{metric_key_prefix}_{split}_{name}": value for name, value in split_metrics.items()})
+            self._save_reasoning(records, split)
+        self.log(metrics)
+        self.control = self.callback_handler.on_evaluate(self.args, self.state, self.control, metrics)
+        return metrics
+
+    def evaluate_split(self, model, dataset, split: str):
+        """Greedy reasoning and full ranking of one split, shared across processes.  -> metrics, records."""
+        args = self.args
+        count = len(dataset) if args.max_eval_samples is None else min(len(dataset), args.max_eval_samples)
+        greedy = SamplingConfig(max_new_tokens=args.max_new_tokens, greedy=True)
+        ranks, lengths, records = [], [], []
+        with self.accelerator.split_between_processes(list(range(count)), apply_padding=True) as my_rows:
+            batches = [my_rows[i:i + args.per_device_eval_batch_size]
+                       for i in range(0, len(my_rows), args.per_device_eval_batch_size)]
+            for rows in tqdm(batches, desc=f"eval {split}", disable=not self.is_local_process_zero(), leave=False):
+                samples = [dataset[i] for i in rows]
+                rollouts = self.rollout(model, samples, greedy, 1)
+                user_states = self.score_users(model, rollouts, args.per_device_eval_batch_size)
+                targets = torch.tensor([s["item_id"] for s in samples], device=user_states.device)
+                batch_ranks = target_rank(self.rank_items(user_states, samples), targets)
+                ranks.append(batch_ranks)
+                lengths.append(rollouts.completion_mask.sum(1))
+                texts = self.processing_class.batch_decode(
+                    rollouts.completion_ids * rollouts.completion_mask + self.processing_class.pad_token_id
+                    * (1 - rollouts.completion_mask), skip_special_tokens=True,
+                )
+                records += [{"row": i, "user_id": s["user_id"], "item_id": s["item_id"], "rank": int(r),
+                             "reasoning": t} for i, s, r, t in zip(rows, samples, batch_ranks.tolist(), texts)]
+        ranks = gather(torch.cat(ranks))[:count] if ranks else torch.zeros(0, device=args.device)
+        lengths = gather(torch.cat(lengths))[:count] if lengths else torch.zeros(0, device=args.device)
+        records = sorted({r["row"]: r for r in gather_object(records)}.values(), key=lambda r: r["row"])
+        metrics = ranking_metrics(ranks)
+        metrics["reasoning_length"] = lengths.float().mean().item() if count else math.nan
+        return metrics, records
+
+    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        """Add the step metrics collected since the last log, averaged over steps and processes."""
+        if "loss" in logs:
+            for key, values in self._metrics.items():
+                logs[key] = gather(torch.stack(values).mean()[None]).mean().item()
+            self._metrics.clear()
+        super().log(logs, start_time)
+
+    # -- helpers -------------------------------------------------------------------------------
+
+    def _user_sequences(self, rollouts: Rollouts, rows):
+        """Prompt + reasoning of the trajectories `rows`, trimmed to their longest parts.
+
+        -> ids, mask (M, T), completion length C (the last C tokens are the reasoning).
+        """
+        prompt_mask = rollouts.prompt_mask[rows]  # (M, P)
+        first = int((prompt_mask.sum(0) > 0).nonzero()[0]) if prompt_mask.any() else 0
+        completion_len = int(rollouts.completion_mask[rows].sum(1).max())
+        ids = torch.cat([rollouts.prompt_ids[rows, first:], rollouts.completion_ids[rows, :completion_len]], 1)
+        mask = torch.cat([prompt_mask[:, first:], rollouts.completion_mask[rows, :completion_len]], 1)
+        return ids, mask, completion_len
+
+    def _gather_keeping_grad(self, local: torch.Tensor) -> torch.Tensor:
+        """All processes' rows, detached, with this process's own rows kept live.  (R, D) -> (W·R, D)."""
+        if self.accelerator.num_processes == 1:
+            return local
+        everything = gather(local.detach().contiguous())  # (W·R, D)
+        start = self.accelerator.process_index * len(local)
+        return torch.cat([everything[:start], local, everything[start + len(local):]])
+
+    def _record(self, **values):
+        for key, value in values.items():
+            self._metrics[key].append(torch.as_tensor(value, dtype=torch.float32, device=self.args.device).detach())
+
+    def _check_finite(self, value: torch.Tensor, what: str):
+        finite = torch.isfinite(value.detach()).all().float()[None]
+        if gather(finite).min() < 1:
+            raise SkipStep(f"non-finite {what} on some process")
+
+    def _agree_to_continue(self, ok: bool):
+        """All processes learn whether any of them failed, so none waits in a collective alone."""
+        flags = gather(torch.tensor([float(ok)], device=self.args.device))
+        if flags.min() < 1:
+            raise SkipStep("another process failed this step")
+
+    def _skip_step(self, model, reason: str) -> torch.Tensor:
+        """Drop this step's gradients (the optimizer skips parameters without a gradient)."""
+        warnings.warn(f"step {self.state.global_step}: skipped — {reason}", RuntimeWarning, stacklevel=2)
+        self._buffer = None
+        self._rollout_calls = 0
+        if self.is_deepspeed_enabled:
+            self.model_wrapped.zero_grad()
+        model.zero_grad(set_to_none=True)
+        self.accelerator.gradient_state._set_sync_gradients(False)
+        self._record(**{"skipped_steps": 1.0})
+        return torch.zeros((), device=self.args.device)
+
+    def _save_reasoning(self, records: list[dict], split: str):
+        if not self.is_world_process_zero():
+            return
+        folder = os.path.join(self.args.output_dir, "reasoning")
+        os.makedirs(folder, exist_ok=True)
+        with open(os.path.join(folder, f"step{self.state.global_step}_{split}.jsonl"), "w") as f:
+            for record in records:
+                f.write(json.dumps(record) + "\n")
+
