@@ -88,10 +88,9 @@ def build_trainer(config: RecPOConfig) -> RecPOTrainer:
     model, tokenizer = load_backbone(config.model, dtype=dtype, gradient_checkpointing=config.gradient_checkpointing)
     model = add_lora(model, r=config.lora_r, alpha=config.lora_alpha, dropout=config.lora_dropout,
                      target_modules=tuple(config.lora_target_modules.split(",")))
-    return RecPOTrainer(
-        model, config, tokenizer, dataset, category,
-        callbacks=[EarlyStoppingCallback(early_stopping_patience=config.early_stopping_patience)],
-    )
+    evaluates = config.eval_strategy != "no"
+    callbacks = [EarlyStoppingCallback(early_stopping_patience=config.early_stopping_patience)] if evaluates else []
+    return RecPOTrainer(model, config, tokenizer, dataset, category, callbacks=callbacks)
 
 
 def main(argv: list[str]):

@@ -114,3 +114,98 @@ def test_two_processes_equal_one_process_on_the_concatenated_batch(tmp_path):
     assert any(g.abs().sum() > 0 for g in one["grads"].values())
     for name in one["grads"]:
         torch.testing.assert_close(two["grads"][name], one["grads"][name], rtol=1e-3, atol=1e-6, msg=name)
+
+
+def tiny_dataset_dir(tmp_path) -> str:
+    folder = tmp_path / "Video_Games_0_2022-10-2023-10"
+    tiny_dataset().save_to_disk(str(folder))
+    return str(folder)
+
+
+def quick_flags(tmp_path, *extra) -> list[str]:
+    return ["--dataset_dir", tiny_dataset_dir(tmp_path), "--model", tiny_backbone("qwen2"), "--bf16", "False",
+            "--report_to", "none", "--train_batch_size", "2", "--group_size", "2", "--micro_batch_size", "2",
+            "--max_new_tokens", "10", "--eval_batch_size", "4", "--learning_rate", "1e-2", "--warmup_steps", "0",
+            "--output_dir", str(tmp_path / "out"), *extra]
+
+
+def test_deepspeed_zero2_on_two_cpu_processes_keeps_replicas_identical(tmp_path):
+    # No ACCELERATE_USE_CPU here: accelerate turns DeepSpeed off in CPU mode; train.py sets use_cpu.
+    env = dict(os.environ, OMP_NUM_THREADS="1",
+               TORCH_EXTENSIONS_DIR=os.path.join(ROOT, ".cache", "torch_extensions"))
+    flags = quick_flags(tmp_path, "--deepspeed", os.path.join(ROOT, "ds_config.json"), "--max_steps", "2",
+                        "--eval_strategy", "no", "--save_strategy", "no", "--load_best_model_at_end", "False",
+                        "--eval_on_start", "False")
+    subprocess.run([PYTHON, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+                    "--main_process_port", "29623", os.path.join(ROOT, "tests", "ds_train_worker.py"),
+                    str(tmp_path), *flags], check=True, env=env, cwd=ROOT)
+    ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in (0, 1)]
+    assert all(r["deepspeed"] and r["world"] == 2 for r in ranks)
+    for name in ranks[0]["after"]:
+        torch.testing.assert_close(ranks[0]["after"][name], ranks[1]["after"][name], rtol=0, atol=0, msg=name)
+    assert any(not torch.equal(ranks[0]["before"][n], ranks[0]["after"][n]) for n in ranks[0]["before"])
+
+
+def run_train(flags, check=True):
+    return subprocess.run([PYTHON, os.path.join(ROOT, "train.py"), *flags], cwd=ROOT, capture_output=True,
+                          text=True, check=check, env=dict(os.environ, OMP_NUM_THREADS="2"))
+
+
+def test_train_py_end_to_end_then_the_saved_folder_loads(tmp_path):
+    run_train(quick_flags(tmp_path, "--max_steps", "2", "--eval_steps", "1", "--max_eval_samples", "4"))
+    out = tmp_path / "out"
+    metrics = json.load(open(out / "final_results.json"))
+    assert 0 <= metrics["eval_test_ndcg@10"] <= 1 and metrics["eval_valid_reasoning_length"] > 0
+    assert (out / "adapter_config.json").exists() and (out / "tokenizer_config.json").exists()
+    assert sorted(os.listdir(out / "reasoning"))[:2] == ["step0_test.jsonl", "step0_valid.jsonl"]
+    from peft import PeftModel
+    base, _ = load_backbone(tiny_backbone("qwen2"), dtype=torch.float32)
+    reloaded = PeftModel.from_pretrained(base, str(out))
+    from safetensors.torch import load_file
+    best = json.load(open(out / "checkpoint-2" / "trainer_state.json"))["best_model_checkpoint"]
+    best_weights = load_file(os.path.join(best, "adapter_model.safetensors"))
+    loaded = {n.replace(".default", ""): p for n, p in reloaded.named_parameters() if "lora_" in n}
+    assert loaded.keys() == best_weights.keys()
+    for name, weight in best_weights.items():
+        torch.testing.assert_close(loaded[name], weight, msg=name)  # the best model is what was saved
+
+
+def test_resume_from_checkpoint_matches_the_uninterrupted_run(tmp_path):
+    common = ["--eval_steps", "2", "--max_eval_samples", "2", "--gen_temperature", "1.0",
+              "--load_best_model_at_end", "False", "--save_total_limit", "5"]
+    whole = quick_flags(tmp_path / "a", "--max_steps", "4", *common)
+    run_train(whole)
+    stopped = quick_flags(tmp_path / "b", "--max_steps", "2", *common)
+    run_train(stopped)  # same state as a run killed right after its step-2 checkpoint
+    resumed = quick_flags(tmp_path / "b", "--max_steps", "4", "--resume_from_checkpoint", "last", *common)
+    log = run_train(resumed)
+    assert "checkpoint-2" in log.stderr + log.stdout or (tmp_path / "b" / "out" / "checkpoint-4").exists()
+    from safetensors.torch import load_file
+    a = load_file(str(tmp_path / "a" / "out" / "checkpoint-4" / "adapter_model.safetensors"))
+    b = load_file(str(tmp_path / "b" / "out" / "checkpoint-4" / "adapter_model.safetensors"))
+    for name in a:
+        torch.testing.assert_close(b[name], a[name], rtol=1e-4, atol=1e-6, msg=name)
+    state_a = json.load(open(tmp_path / "a" / "out" / "checkpoint-4" / "trainer_state.json"))
+    state_b = json.load(open(tmp_path / "b" / "out" / "checkpoint-4" / "trainer_state.json"))
+    rewards = lambda s: [e["reward/mean"] for e in s["log_history"] if "reward/mean" in e]  # noqa: E731
+    assert rewards(state_b) == pytest.approx(rewards(state_a), rel=1e-4)
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--dataset_dir", "/nonexistent/Video_Games_0_2022-10-2023-10"], "does not exist"),
+    (["--advantage_type", "ppo"], "choose one of gaussian, rloo"),
+    (["--group_size", "0"], "--group_size 0"),
+    (["--trainer_relabel_topk", "9"], "--trainer_relabel_topk 9"),
+])
+def test_bad_input_gives_one_clear_line(tmp_path, flags, message):
+    result = run_train(quick_flags(tmp_path, *flags), check=False)
+    assert result.returncode == 2
+    assert "Traceback" not in result.stderr
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: ") and message in last
+
+
+def test_wrong_dataset_folder_is_named(tmp_path):
+    (tmp_path / "not_a_dataset").mkdir()
+    result = run_train(quick_flags(tmp_path, "--dataset_dir", str(tmp_path / "not_a_dataset")), check=False)
+    assert result.returncode == 2 and "preprocess.py" in result.stderr.strip().splitlines()[-1]

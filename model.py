@@ -1,0 +1,203 @@
+"""The R²ec model: one causal LM, two heads (SPEC §3). The LM head writes the reasoning; the
+rec head is the final normalised hidden state h at the last non-pad token, scored against the
+item table by cosine / τ.
+
+    model, tokenizer = load_backbone("gemma")        # any key, alias, folder or hub id (paths.py)
+    model = add_lora(model)                          # r=4, alpha=128 on attention and MLP
+    logprobs, h = policy_forward(model, ids, mask, n)  # one forward for both heads
+    table = ItemTable(item_info, tokenizer, "Video_Games"); table.encode(model)
+    scores = mask_seen(similarity(h, table.embeddings), history_item_ids)  # (B, N+1)
+
+There is one code path for every backbone: the model's own forward (so Gemma-2's logit
+soft-capping applies), PEFT-wrapped or not, gradient checkpointing on or off. No per-model
+classes. Tests: `pytest tests/test_model.py`.
+"""
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+from errors import UserError
+from paths import resolve_model
+from prompts import MAX_ITEM_TOKENS, item_ids, left_pad
+
+TAU = 0.02  # = τ, the temperature of the cosine score
+LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+def load_backbone(name_or_path: str, dtype: torch.dtype | None = torch.bfloat16, gradient_checkpointing: bool = False):
+    """(model, tokenizer) for a key, alias, folder or hub id; model dropout off, left padding.
+
+    Dropout probabilities are zeroed in the config before the model is built: attention
+    modules copy them at construction, so changing the config afterwards would be too late.
+    """
+    path = resolve_model(name_or_path)
+    try:
+        config = AutoConfig.from_pretrained(path)
+        tokenizer = AutoTokenizer.from_pretrained(path)
+    except (OSError, ValueError) as e:  # no config.json / unknown model_type / no tokenizer files
+        first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise UserError(f"cannot load model {name_or_path!r} from {path!r}: {first_line}") from e
+    for sub in {id(c): c for c in (config, config.get_text_config())}.values():
+        for key, value in vars(sub).items():
+            if "dropout" in key and isinstance(value, float):
+                setattr(sub, key, 0.0)
+    model = AutoModelForCausalLM.from_pretrained(path, config=config, dtype=dtype)
+    tokenizer.padding_side = "left"
+    if tokenizer.pad_token is None:  # the mask, not the id, tells padding apart, so eos is safe
+        tokenizer.pad_token = tokenizer.eos_token
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    if gradient_checkpointing:  # non-reentrant: gradients reach LoRA weights with frozen inputs
+        if hasattr(model, "activation_checkpointing_enable"):  # the new name; 5.17 has only the old
+            model.activation_checkpointing_enable({"use_reentrant": False})
+        else:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.config.use_cache = False
+    return model, tokenizer
+
+
+def add_lora(model, r: int = 4, alpha: int = 128, dropout: float = 0.05, target_modules=LORA_TARGETS):
+    """Wrap the backbone with LoRA adapters (SPEC §4 defaults); returns the PeftModel.
+
+    With gradient checkpointing on, PEFT itself makes the input embeddings require grad.
+    """
+    from peft import LoraConfig, get_peft_model  # import cost only for training
+
+    config = LoraConfig(
+        r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=list(target_modules), task_type="CAUSAL_LM"
+    )
+    return get_peft_model(model, config)
+
+
+def last_token_index(attention_mask: torch.Tensor) -> torch.Tensor:
+    """Index of the last non-pad token per row, for left or right padding."""
+    width = attention_mask.shape[1]
+    return width - 1 - attention_mask.flip(-1).long().argmax(-1)  # (B,)
+
+
+def policy_forward(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, num_logprob_tokens: int):
+    """One forward for both heads: (log-probs of the last n tokens, h).
+
+    logprobs (B, n): log π(token | prefix) at temperature 1 for the last n tokens of each
+    row, with logits computed only for those positions (`logits_to_keep`), never over the
+    prompt. Positions whose token or predicting token is padding (right-padded reasonings,
+    rows shorter than n + 1) read 0.
+    h (B, D): the decoder's output (after its final norm) at the last non-pad token.
+
+    h is caught with a forward hook on the decoder instead of `output_hidden_states=True`,
+    which would keep every layer's states alive; the decoder's output is held anyway as the
+    LM head's input. Position ids count only real tokens, so left padding changes nothing.
+    """
+    if num_logprob_tokens >= input_ids.shape[1]:
+        raise ValueError(f"num_logprob_tokens={num_logprob_tokens} needs more than {input_ids.shape[1]} input tokens")
+    position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)  # (B, T)
+    caught = {}
+    inner = model
+    while not hasattr(inner, "get_decoder") and hasattr(inner, "module"):  # DDP / DeepSpeed wrappers
+        inner = inner.module
+    hook = inner.get_decoder().register_forward_hook(lambda module, args, out: caught.update(hidden=out[0]))
+    try:
+        out = model(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            logits_to_keep=num_logprob_tokens + 1,  # 0 would mean all positions to transformers
+            use_cache=False,
+        )
+    finally:
+        hook.remove()
+    hidden = caught["hidden"]  # (B, T, D)
+    rows = torch.arange(input_ids.shape[0], device=input_ids.device)
+    h = hidden[rows, last_token_index(attention_mask)]  # (B, D)
+    n = num_logprob_tokens
+    if n == 0:
+        return hidden.new_zeros(input_ids.shape[0], 0, dtype=torch.float32), h
+    targets = input_ids[:, -n:]  # (B, n)
+    # One row at a time in float32: a (B, n, V) float32 copy of the logits is the peak memory
+    # of the whole step for 256k-token vocabularies.
+    logprobs = torch.stack([
+        torch.log_softmax(logits[:-1].float(), -1).gather(-1, target[:, None]).squeeze(-1)  # (n,)
+        for logits, target in zip(out.logits, targets)
+    ])  # (B, n)
+    valid = attention_mask[:, -n:].bool() & attention_mask[:, -n - 1 : -1].bool()  # (B, n), predictor real too
+    return torch.where(valid, logprobs, 0.0), h
+
+
+def encode(model, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """h (B, D) alone: the rec head of user or item sequences."""
+    return policy_forward(model, input_ids, attention_mask, 0)[1]
+
+
+def similarity(user_h: torch.Tensor, item_h: torch.Tensor, kind: str = "cosine", tau: float = TAU) -> torch.Tensor:
+    """Scores (B, N) of users (B, D) against items (N, D), in float32.
+
+    cosine: (u/|u|)·(v/|v|)/τ (the paper's default); dot: u·v, no τ; L2: -|u - v|, no τ
+    (higher is closer for all three).
+    """
+    user_h, item_h = user_h.float(), item_h.float()
+    if kind == "cosine":
+        return F.normalize(user_h, dim=-1) @ F.normalize(item_h, dim=-1).T / tau  # (B, N)
+    if kind == "dot":
+        return user_h @ item_h.T  # (B, N)
+    if kind == "L2":
+        return -torch.cdist(user_h, item_h)  # (B, N)
+    raise ValueError(f"unknown similarity {kind!r}: use one of cosine, dot, L2")
+
+
+def mask_seen(scores: torch.Tensor, history_item_ids: list[list[int]]) -> torch.Tensor:
+    """Copy of scores (B, N) with each row's history items and the pad item (column 0) at -inf."""
+    scores = scores.clone()
+    rows = [i for i, ids in enumerate(history_item_ids) for _ in ids]
+    cols = [j for ids in history_item_ids for j in ids]
+    scores[:, 0] = float("-inf")
+    scores[torch.tensor(rows, dtype=torch.long), torch.tensor(cols, dtype=torch.long)] = float("-inf")
+    return scores
+
+
+class ItemTable:
+    """Every item's embedding H_V, one row per item id (row 0 is the pad item).
+
+    Items are tokenised once, at construction; `encode` refreshes all embeddings with the
+    current weights (before training and at every evaluation), `update` writes the rows that
+    a training step re-encoded with gradient, and `batch` gives the sequences to re-encode.
+    """
+
+    def __init__(self, item_info, tokenizer, category: str, batch_size: int = 32, max_tokens: int = MAX_ITEM_TOKENS):
+        items = sorted(item_info, key=lambda item: item["item_id"])  # a Dataset or a list of rows
+        if [item["item_id"] for item in items] != list(range(len(items))):
+            raise ValueError(f"item_info's item ids must be 0..{len(items) - 1}, each once")
+        self.tokens = [item_ids(tokenizer, item, category, max_tokens) for item in items]
+        self.pad_id = tokenizer.pad_token_id
+        self.batch_size = batch_size
+        self.embeddings = None  # (N+1, D) float32 after encode
+
+    def __len__(self) -> int:
+        return len(self.tokens)
+
+    def batch(self, item_ids) -> dict:
+        """Left-padded item sequences of these ids: dict(input_ids, attention_mask), (K, T)."""
+        ids, mask = left_pad([self.tokens[int(i)] for i in item_ids], self.pad_id)
+        return {"input_ids": torch.tensor(ids), "attention_mask": torch.tensor(mask)}
+
+    @torch.no_grad()
+    def encode(self, model, progress: bool = True) -> None:
+        """Re-encode every item with the current weights into `.embeddings` (eval mode)."""
+        device = next(model.parameters()).device
+        was_training = model.training
+        model.eval()
+        by_length = sorted(range(len(self)), key=lambda i: len(self.tokens[i]))  # less padding
+        try:
+            for start in tqdm(range(0, len(self), self.batch_size), desc="encoding items", disable=not progress):
+                chunk = by_length[start : start + self.batch_size]
+                inputs = {k: v.to(device) for k, v in self.batch(chunk).items()}
+                h = encode(model, inputs["input_ids"], inputs["attention_mask"]).float()  # (K, D)
+                if self.embeddings is None or self.embeddings.device != h.device:
+                    self.embeddings = torch.zeros(len(self), h.shape[1], device=device)  # (N+1, D)
+                self.embeddings[torch.tensor(chunk, device=device)] = h
+        finally:
+            model.train(was_training)
+
+    def update(self, item_ids: torch.Tensor, h: torch.Tensor) -> None:
+        """Write fresh embeddings h (K, D) of `item_ids` (K,) into the table, detached."""
+        rows = torch.as_tensor(item_ids, device=self.embeddings.device)
+        self.embeddings[rows] = h.detach().to(self.embeddings.device, torch.float32)

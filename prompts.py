@@ -1,0 +1,230 @@
+"""Every string the model reads, and its token ids: user prompts, item prompts, chat templates,
+the `<answer>` marker, and the reasoning mask the token loss is taken over (SPEC §2).
+
+Layout of the two sequences (the chat template is the backbone's own):
+
+    user:  <template> user prompt <template, assistant turn opened> reasoning... <answer>
+           reasoning_mask:  0 ..................................... 0  1 ........... 1
+    item:  <template> item prompt <template, assistant turn opened> <answer>
+
+Both end inside the assistant turn, on `<answer>`: the rec head reads the hidden state there.
+`<answer>` is plain text, not a new vocabulary token. Nothing here runs on its own; the tests
+are `pytest tests/test_prompts.py`.
+"""
+import torch
+
+ANSWER = "<answer>"
+ANSWER_CLOSE = "</answer>"
+
+# Parameters that bound the sequences (SPEC §2)
+MAX_PROMPT_TOKENS = 2048  # user prompt, template included; oldest history lines go first
+MAX_ITEM_TOKENS = 768  # item sequence; the description is shortened to fit
+MAX_REASONING_TOKENS = 1024  # safety cap on reasoning + `<answer>` (rollouts stop earlier)
+DESCRIPTION_WORDS = 100  # description cut, then "..."
+
+CATEGORY_WORDS = {  # (plural, singular) for the paper's categories
+    "Video_Games": ("video games", "video game"),
+    "CDs_and_Vinyl": ("CDs and vinyl", "CD or vinyl"),
+    "Musical_Instruments": ("musical instruments", "musical instrument"),
+}
+
+USER_HEADER = (
+    "Here is a user's purchase history of {plural}. Analyse it in depth: what the user likes, "
+    "how their taste has changed over time, and what they may want next. Finally, recommend the "
+    "next {singular} the user is likely to buy, written inside " + ANSWER + " and " + ANSWER_CLOSE
+    + ", for example " + ANSWER + "a product" + ANSWER_CLOSE + ".\n"
+    "The history follows, oldest first, each with the user's rating out of 5:\n"
+)
+HEADER_LINES = USER_HEADER.count("\n")  # history lines start after these
+
+ITEM_TEMPLATE = (
+    "Summarise the key attributes of the following {singular} in a few words, written inside "
+    + ANSWER + " and " + ANSWER_CLOSE + ".\n"
+    "Title: {title}\nUser Rating: {rating}\nNumber of Buyers: {buyers}\nDescription: {description}"
+)
+
+
+def category_words(category: str) -> tuple[str, str]:
+    """(plural, singular) words for a category: the paper's three, or derived from the name.
+
+    `Toys_and_Games` -> ("toys and games", "toys and games product"), `Books` -> ("books",
+    "book"): a trailing plural `s` is dropped only from names of one or two words without
+    "and", since guessing the singular of compound names ("movies and TV") or of words like
+    "electronics" goes wrong more often than not.
+    """
+    if category in CATEGORY_WORDS:
+        return CATEGORY_WORDS[category]
+    words = [w if sum(c.isupper() for c in w) > 1 else w.lower() for w in category.split("_") if w]
+    plural = " ".join(words)
+    last = words[-1] if words else ""
+    simple_plural = last.endswith("s") and not last.endswith(("ss", "ics", "us"))
+    if len(words) <= 2 and "and" not in words and simple_plural:
+        return plural, plural[:-1]
+    return plural, f"{plural} product"
+
+
+def format_elapsed(seconds: float) -> str:
+    """Time before the target purchase: '3d 4.5h ago', '2h 3.0min ago' or '5.0min ago'."""
+    seconds = max(float(seconds), 0.0)
+    days, rest = divmod(seconds, 86400)
+    if days >= 1:
+        return f"{int(days)}d {rest / 3600:.1f}h ago"
+    hours, rest = divmod(seconds, 3600)
+    if hours >= 1:
+        return f"{int(hours)}h {rest / 60:.1f}min ago"
+    return f"{seconds / 60:.1f}min ago"
+
+
+def user_prompt(sample: dict, category: str, window_size: int = 20) -> str:
+    """User-turn text: the instruction, then one line per history item, oldest first.
+
+    `sample` is a preprocessed row; times are relative to the target's `timestamp` (ms).
+    """
+    plural, singular = category_words(category)
+    titles = sample["history_item_title"][-window_size:]
+    ratings = sample["history_rating"][-window_size:]
+    times = sample["history_timestamp"][-window_size:]
+    lines = [
+        f"{format_elapsed((sample['timestamp'] - t) / 1000)}: [{title}] ({float(rating):.1f})"
+        for title, rating, t in zip(titles, ratings, times)
+    ]
+    return USER_HEADER.format(plural=plural, singular=singular) + "\n".join(lines)
+
+
+def describe(description: list[str] | None, max_words: int = DESCRIPTION_WORDS) -> str:
+    """Description paragraphs reversed and joined; cut to `max_words` words plus '...'."""
+    text = " ".join(reversed(description or []))
+    words = text.split()
+    return " ".join(words[:max_words]) + "..." if len(words) > max_words else text
+
+
+def item_prompt(item: dict, category: str, max_words: int = DESCRIPTION_WORDS) -> str:
+    """User-turn text of one `item_info` row: the instruction and its metadata block."""
+    return ITEM_TEMPLATE.format(
+        singular=category_words(category)[1],
+        title=item.get("title") or "",
+        rating=item.get("average_rating"),
+        buyers=item.get("rating_number"),
+        description=describe(item.get("description"), max_words),
+    )
+
+
+def chat_prompt(tokenizer, user_text: str) -> str:
+    """The backbone's chat template around one user turn, with the assistant turn opened.
+
+    Tokenise the result with `add_special_tokens=False`: templates that need a BOS (Gemma)
+    already write it.
+    """
+    messages = [{"role": "user", "content": user_text}]
+    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+
+
+def item_sequence(tokenizer, user_text: str) -> str:
+    """Item sequence: the assistant turn holds `<answer>`, continued rather than closed."""
+    return chat_prompt(tokenizer, user_text) + ANSWER
+
+
+def with_answer(reasoning: str) -> str:
+    """Reasoning ending in `<answer>`: cut right after the first one, else append it."""
+    cut = reasoning.find(ANSWER)
+    return reasoning + ANSWER if cut < 0 else reasoning[: cut + len(ANSWER)]
+
+
+def _ids(tokenizer, text: str) -> list[int]:
+    return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+
+def answer_stop_ids(tokenizer) -> list[list[int]]:
+    """Token-id sequences whose generation ends a reasoning: `<answer>` as it tokenises bare,
+    after a space, a newline, a full stop or a colon (BPE merges the first piece with what
+    precedes it, e.g. ' <' or '.<'). Each sequence decodes to text ending in `<answer>`."""
+    stops = []
+    for context in ("", " ", "\n", ".", ":"):
+        prefix, full = _ids(tokenizer, context), _ids(tokenizer, context + ANSWER)
+        shared = 0
+        while shared < min(len(prefix), len(full)) and prefix[shared] == full[shared]:
+            shared += 1
+        if full[shared:] not in stops:
+            stops.append(full[shared:])
+    return stops
+
+
+def prompt_ids(tokenizer, user_text: str, max_tokens: int = MAX_PROMPT_TOKENS) -> list[int]:
+    """Token ids of the chat-formatted user prompt, at most `max_tokens`.
+
+    Too long: the oldest history lines are dropped, whole, until it fits. Cutting tokens from
+    the left instead would lose the instruction and the template's opening; the recent end of
+    the history is what predicts the next purchase best. With windows of 20 titles of at most
+    20 words (preprocessing's filter) this rarely triggers.
+    """
+    lines = user_text.split("\n")
+    ids = _ids(tokenizer, chat_prompt(tokenizer, user_text))
+    while len(ids) > max_tokens and len(lines) > HEADER_LINES:
+        excess = len(ids) - max_tokens
+        while excess > 0 and len(lines) > HEADER_LINES:  # drop enough lines in one go
+            excess -= len(_ids(tokenizer, lines.pop(HEADER_LINES))) + 1
+        ids = _ids(tokenizer, chat_prompt(tokenizer, "\n".join(lines)))
+    return ids
+
+
+def item_ids(tokenizer, item: dict, category: str, max_tokens: int = MAX_ITEM_TOKENS) -> list[int]:
+    """Token ids of one item sequence, at most `max_tokens` where shortening the description
+    can get it there (every word is at least one token, so dropping `excess` words suffices)."""
+    words = min(DESCRIPTION_WORDS, len(" ".join(item.get("description") or []).split()))
+    ids = _ids(tokenizer, item_sequence(tokenizer, item_prompt(item, category, words)))
+    while len(ids) > max_tokens and words > 0:
+        words = max(0, words - (len(ids) - max_tokens))
+        ids = _ids(tokenizer, item_sequence(tokenizer, item_prompt(item, category, words)))
+    return ids
+
+
+def reasoning_ids(tokenizer, reasoning: str, max_tokens: int = MAX_REASONING_TOKENS) -> list[int]:
+    """Token ids of the reasoning ending in `<answer>`; over `max_tokens`, the reasoning is cut
+    and `<answer>` kept, so that the rec head still reads the answer position."""
+    ids = _ids(tokenizer, with_answer(reasoning))
+    if len(ids) <= max_tokens:
+        return ids
+    answer = _ids(tokenizer, ANSWER)
+    return _ids(tokenizer, with_answer(reasoning)[: -len(ANSWER)])[: max_tokens - len(answer)] + answer
+
+
+def left_pad(sequences: list[list[int]], pad_id: int) -> tuple[list[list[int]], list[list[int]]]:
+    """Left-pad to the longest: (padded ids, attention mask)."""
+    width = max(len(s) for s in sequences)
+    ids = [[pad_id] * (width - len(s)) + list(s) for s in sequences]
+    mask = [[0] * (width - len(s)) + [1] * len(s) for s in sequences]
+    return ids, mask
+
+
+def pack_user_sequences(prompts: list[list[int]], reasonings: list[list[int]], pad_id: int) -> dict:
+    """Prompt ids + reasoning ids per row, left-padded, with the reasoning mask.
+
+    For callers that hold token ids already (a rollout's own sampled tokens): re-tokenising
+    decoded text could change the tokens whose log-probabilities were sampled.
+    """
+    ids, mask = left_pad([p + r for p, r in zip(prompts, reasonings)], pad_id)
+    width = len(ids[0])
+    reasoning_mask = [[0] * (width - len(r)) + [1] * len(r) for r in reasonings]
+    return {
+        "input_ids": torch.tensor(ids),  # (B, T)
+        "attention_mask": torch.tensor(mask),  # (B, T)
+        "reasoning_mask": torch.tensor(reasoning_mask),  # (B, T), 1 on reasoning + <answer>
+    }
+
+
+def tokenize_user_sequences(
+    tokenizer,
+    prompts: list[str],
+    reasonings: list[str],
+    max_prompt_tokens: int = MAX_PROMPT_TOKENS,
+    max_reasoning_tokens: int = MAX_REASONING_TOKENS,
+) -> dict:
+    """User sequences for scoring and the token loss, from user-turn texts and reasonings.
+
+    `prompts` are `user_prompt` texts (the chat template is applied here). Prompt and
+    reasoning are tokenised apart, so the mask boundary is exact and the prompt tokens equal
+    those the rollout generated from. Every row ends on `<answer>` (left padding).
+    """
+    prompt_tokens = [prompt_ids(tokenizer, p, max_prompt_tokens) for p in prompts]
+    reasoning_tokens = [reasoning_ids(tokenizer, r, max_reasoning_tokens) for r in reasonings]
+    return pack_user_sequences(prompt_tokens, reasoning_tokens, tokenizer.pad_token_id)

@@ -1,0 +1,216 @@
+"""model.py: both heads from one forward, under either padding, PEFT and checkpointing;
+scoring, masking, the item table, and the embedded SmolLM2 backbone."""
+import json
+import shutil
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from errors import UserError
+from model import ItemTable, add_lora, encode, load_backbone, mask_seen, policy_forward, similarity
+from paths import DEFAULT_MODEL, resolve_model
+from prompts import chat_prompt, item_ids
+from tests.backbones import FAMILIES, tiny_backbone
+
+TEXTS = ["The user plays the guitar every day and wants a tuner <answer>", "A piano for the kid? <answer>",
+         "Vinyl records of the seventies, mostly rock"]
+ITEMS = [
+    {"item_id": 0, "title": "pad_title", "average_rating": 0.0, "rating_number": 0, "description": []},
+    {"item_id": 1, "title": "Snark Clip-On Tuner", "average_rating": 4.6, "rating_number": 1523,
+     "description": ["Tunes guitars.", "Clips on."]},
+    {"item_id": 2, "title": "Yamaha Digital Piano", "average_rating": 4.8, "rating_number": 88, "description": []},
+    {"item_id": 3, "title": "Ernie Ball Strings", "average_rating": 4.7, "rating_number": 9001,
+     "description": ["Nickel wound."]},
+]
+
+
+@pytest.fixture(scope="module", params=FAMILIES)
+def backbone(request):
+    return load_backbone(tiny_backbone(request.param), dtype=torch.float32)
+
+
+def unpadded(tokenizer, text):
+    return tokenizer(text, add_special_tokens=False, return_tensors="pt")["input_ids"]  # (1, T)
+
+
+def reference(model, input_ids, n):
+    """h and log-probs of the last n tokens from a plain, unpadded, full-logits forward."""
+    out = model(input_ids, output_hidden_states=True)
+    logprobs = torch.log_softmax(out.logits[0, -n - 1 : -1], -1).gather(-1, input_ids[0, -n:, None])[:, 0]
+    return out.hidden_states[-1][0, -1], logprobs
+
+
+@pytest.mark.parametrize("side", ["left", "right"])
+def test_h_and_logprobs_equal_unpadded_forwards(backbone, side):
+    model, tokenizer = backbone
+    tokenizer.padding_side = side
+    batch = tokenizer(TEXTS, add_special_tokens=False, padding=True, return_tensors="pt")
+    tokenizer.padding_side = "left"
+    n = 4
+    with torch.no_grad():
+        logprobs, h = policy_forward(model, batch["input_ids"], batch["attention_mask"], n)
+        for row, text in enumerate(TEXTS):
+            h_ref, logprobs_ref = reference(model, unpadded(tokenizer, text), n)
+            torch.testing.assert_close(h[row], h_ref, atol=1e-5, rtol=1e-4)
+            if side == "left":  # right padding puts pads, not tokens, in the last n columns
+                torch.testing.assert_close(logprobs[row], logprobs_ref, atol=1e-5, rtol=1e-4)
+
+
+def test_left_padded_prompts_with_right_padded_reasonings(backbone):
+    """The rollout layout: [pads, prompt, reasoning, pads]; h and log-probs ignore both pads."""
+    model, tokenizer = backbone
+    prompts = [unpadded(tokenizer, text)[0].tolist() for text in ("Which tuner?", "What would this user buy next?")]
+    reasonings = [unpadded(tokenizer, text)[0].tolist() for text in ("A clip-on one <answer>", "Strings <answer>")]
+    P, C = max(map(len, prompts)), max(map(len, reasonings))
+    pad = tokenizer.pad_token_id
+    rows = [[pad] * (P - len(p)) + p + r + [pad] * (C - len(r)) for p, r in zip(prompts, reasonings)]
+    mask = [[0] * (P - len(p)) + [1] * (len(p) + len(r)) + [0] * (C - len(r)) for p, r in zip(prompts, reasonings)]
+    with torch.no_grad():
+        logprobs, h = policy_forward(model, torch.tensor(rows), torch.tensor(mask), C)
+        for row, (p, r) in enumerate(zip(prompts, reasonings)):
+            h_ref, logprobs_ref = reference(model, torch.tensor([p + r]), len(r))
+            torch.testing.assert_close(h[row], h_ref, atol=1e-5, rtol=1e-4)
+            torch.testing.assert_close(logprobs[row, : len(r)], logprobs_ref, atol=1e-5, rtol=1e-4)
+            assert (logprobs[row, len(r):] == 0).all()
+
+
+def test_padding_and_first_tokens_read_zero(backbone):
+    model, tokenizer = backbone
+    batch = tokenizer(["a", TEXTS[0]], add_special_tokens=False, padding=True, return_tensors="pt")
+    length = int(batch["attention_mask"][0].sum())
+    with torch.no_grad():
+        logprobs, _ = policy_forward(model, batch["input_ids"], batch["attention_mask"], 6)
+    assert torch.isfinite(logprobs).all() and (logprobs[1] < 0).all()
+    assert (logprobs[0, : 7 - length] == 0).all() and (logprobs[0, 7 - length :] < 0).all()
+
+
+def test_logits_only_for_the_requested_positions(backbone):
+    model, tokenizer = backbone
+    seen = []
+    hook = model.get_output_embeddings().register_forward_hook(lambda m, args, out: seen.append(out.shape[1]))
+    batch = tokenizer(TEXTS, add_special_tokens=False, padding=True, return_tensors="pt")
+    with torch.no_grad():
+        policy_forward(model, batch["input_ids"], batch["attention_mask"], 3)
+        encode(model, batch["input_ids"], batch["attention_mask"])
+    hook.remove()
+    assert seen == [4, 1]
+
+
+def test_distributed_wrappers_are_seen_through(backbone):
+    model, tokenizer = backbone
+
+    class Wrapper(torch.nn.Module):  # the shape of a DDP wrapper: `.module` and a forward
+        def __init__(self, module):
+            super().__init__()
+            self.module = module
+
+        def forward(self, **kwargs):
+            return self.module(**kwargs)
+
+    batch = tokenizer(TEXTS, add_special_tokens=False, padding=True, return_tensors="pt")
+    with torch.no_grad():
+        wrapped = policy_forward(Wrapper(model), batch["input_ids"], batch["attention_mask"], 2)
+        plain = policy_forward(model, batch["input_ids"], batch["attention_mask"], 2)
+    assert all(torch.equal(got, want) for got, want in zip(wrapped, plain))
+
+
+def test_lora_with_checkpointing_gives_the_same_heads_and_gradients(backbone):
+    model, tokenizer = backbone
+    batch = tokenizer(TEXTS, add_special_tokens=False, padding=True, return_tensors="pt")
+    with torch.no_grad():
+        logprobs, h = policy_forward(model, batch["input_ids"], batch["attention_mask"], 3)
+    trained, _ = load_backbone(model.name_or_path, dtype=torch.float32, gradient_checkpointing=True)
+    trained = add_lora(trained)
+    trained.train()
+    lora_logprobs, lora_h = policy_forward(trained, batch["input_ids"], batch["attention_mask"], 3)
+    torch.testing.assert_close(lora_h, h, atol=1e-5, rtol=1e-4)  # B = 0 at start: same function
+    torch.testing.assert_close(lora_logprobs, logprobs, atol=1e-5, rtol=1e-4)
+    (lora_logprobs.sum() + lora_h.pow(2).sum()).backward()
+    grads = [p.grad for name, p in trained.named_parameters() if "lora_B" in name]
+    assert grads and all(g is not None and torch.isfinite(g).all() for g in grads)
+    assert any(g.abs().sum() > 0 for g in grads)
+
+
+def test_similarity_by_hand():
+    u, v = torch.tensor([[3.0, 4.0], [1.0, 0.0]]), torch.tensor([[0.0, 2.0], [6.0, 8.0], [-1.0, 0.0]])
+    cosine = torch.tensor([[0.8, 1.0, -0.6], [0.0, 0.6, -1.0]])
+    torch.testing.assert_close(similarity(u, v), cosine / 0.02)
+    torch.testing.assert_close(similarity(u, v, "dot"), torch.tensor([[8.0, 50.0, -3.0], [0.0, 6.0, -1.0]]))
+    torch.testing.assert_close(similarity(u, v, "L2")[0], -torch.tensor([13.0**0.5, 5.0, 32.0**0.5]))
+    with pytest.raises(ValueError, match="cosine, dot, L2"):
+        similarity(u, v, "cos")
+
+
+def test_mask_seen():
+    scores = torch.zeros(2, 5)
+    masked = mask_seen(scores, [[2, 4], []])
+    inf = float("-inf")
+    assert masked.tolist() == [[inf, 0, inf, 0, inf], [inf, 0, 0, 0, 0]] and (scores == 0).all()
+
+
+def test_item_table_rows_follow_item_ids_and_match_single_encodes(backbone):
+    model, tokenizer = backbone
+    table = ItemTable(list(reversed(ITEMS)), tokenizer, "Musical_Instruments", batch_size=3)
+    model.train()
+    table.encode(model, progress=False)
+    assert model.training and table.embeddings.shape == (4, model.config.hidden_size)
+    assert table.embeddings.dtype == torch.float32
+    with torch.no_grad():
+        for item in ITEMS:
+            tokens = torch.tensor([item_ids(tokenizer, item, "Musical_Instruments")])
+            h = encode(model, tokens, torch.ones_like(tokens))[0]
+            torch.testing.assert_close(table.embeddings[item["item_id"]], h, atol=1e-5, rtol=1e-4)
+    batch = table.batch(torch.tensor([3, 1]))
+    assert batch["input_ids"][0, -len(table.tokens[3]):].tolist() == table.tokens[3]
+    fresh = torch.randn(2, model.config.hidden_size, requires_grad=True)
+    table.update(torch.tensor([3, 1]), fresh)
+    assert torch.equal(table.embeddings[[3, 1]], fresh.detach()) and not table.embeddings.requires_grad
+    with pytest.raises(ValueError, match="item ids"):
+        ItemTable(ITEMS[1:], tokenizer, "Musical_Instruments")
+
+
+def test_batched_and_single_scoring_agree(backbone):
+    model, tokenizer = backbone
+    table = ItemTable(ITEMS, tokenizer, "Musical_Instruments")
+    table.encode(model, progress=False)
+    prompts = [chat_prompt(tokenizer, text) for text in TEXTS]
+    batch = tokenizer(prompts, add_special_tokens=False, padding=True, return_tensors="pt")
+    with torch.no_grad():
+        scores = mask_seen(similarity(encode(model, batch["input_ids"], batch["attention_mask"]), table.embeddings),
+                           [[1], [], [2, 3]])
+        for row, prompt in enumerate(prompts):
+            tokens = unpadded(tokenizer, prompt)
+            single = similarity(encode(model, tokens, torch.ones_like(tokens)), table.embeddings)[0]
+            finite = torch.isfinite(scores[row])
+            torch.testing.assert_close(scores[row][finite], single[finite], atol=1e-3, rtol=1e-4)
+    assert torch.isfinite(scores).sum(1).tolist() == [2, 3, 1]
+
+
+def test_load_backbone_turns_dropout_off_and_pads_left(tmp_path):
+    folder = tmp_path / "dropout"
+    shutil.copytree(tiny_backbone("llama"), folder)
+    config = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps(dict(config, attention_dropout=0.3)))
+    model, tokenizer = load_backbone(str(folder), dtype=torch.float32)
+    assert model.config.attention_dropout == 0.0 and model.model.layers[0].self_attn.attention_dropout == 0.0
+    assert tokenizer.padding_side == "left" and tokenizer.pad_token_id is not None
+    assert model.dtype == torch.float32
+
+
+def test_a_folder_without_a_model_fails_in_one_line(tmp_path):
+    with pytest.raises(UserError, match=r"cannot load model .* from .*: "):
+        load_backbone(str(tmp_path))
+
+
+def test_embedded_smollm2_answers_and_its_folder_reloads():
+    folder = resolve_model(DEFAULT_MODEL)  # converts the GGUF on first use, then reuses the folder
+    assert "quantization_config" not in json.loads(open(f"{folder}/config.json").read())
+    model, tokenizer = load_backbone(DEFAULT_MODEL, dtype=torch.float32)
+    assert model.config.num_hidden_layers == 30 and model.config.hidden_size == 576
+    prompt = unpadded(tokenizer, chat_prompt(tokenizer, "What is the capital of France?"))
+    out = model.generate(prompt, max_new_tokens=8, do_sample=False)
+    assert "Paris" in tokenizer.decode(out[0, prompt.shape[1]:])
+    h = encode(model, prompt, torch.ones_like(prompt))
+    assert h.shape == (1, 576) and torch.isfinite(h).all()
+    assert F.cosine_similarity(h, h).item() == pytest.approx(1.0)

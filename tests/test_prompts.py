@@ -1,0 +1,156 @@
+"""prompts.py: rendered prompts, chat formats, `<answer>` handling and the reasoning mask."""
+import pytest
+import torch
+from transformers import AutoTokenizer
+
+from prompts import (
+    ANSWER,
+    answer_stop_ids,
+    category_words,
+    chat_prompt,
+    format_elapsed,
+    item_ids,
+    item_prompt,
+    item_sequence,
+    prompt_ids,
+    reasoning_ids,
+    tokenize_user_sequences,
+    user_prompt,
+    with_answer,
+)
+from tests.backbones import FAMILIES, tiny_backbone
+
+T = 1_700_000_000_000  # target time, ms
+SAMPLE = {
+    "history_item_title": ["Too Old", "Yamaha Pacifica Electric Guitar", "Ernie Ball Regular Slinky Strings",
+                           "Snark Clip-On Tuner"],
+    "history_rating": [1.0, 5.0, 4.0, 3.0],
+    "history_timestamp": [T - 40 * 86_400_000, T - 275_400_000, T - 7_380_000, T - 300_000],
+    "timestamp": T,
+}
+ITEM = {"item_id": 3, "title": "Snark Clip-On Tuner", "average_rating": 4.6, "rating_number": 1523,
+        "description": ["Second paragraph.", "First paragraph."]}
+
+CHAT = {  # each family's real format around the user turn "Hi"
+    "qwen2": "<|im_start|>system\nYou are Qwen, created by Alibaba Cloud. You are a helpful assistant.<|im_end|>\n"
+             "<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n",
+    "gemma2": "<bos><start_of_turn>user\nHi<end_of_turn>\n<start_of_turn>model\n",
+    "llama": "<|im_start|>system\nYou are a helpful AI assistant named SmolLM, trained by Hugging Face<|im_end|>\n"
+             "<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n",
+}
+
+
+@pytest.fixture(scope="module", params=FAMILIES)
+def family(request):
+    return request.param
+
+
+@pytest.fixture(scope="module")
+def tokenizer(family):
+    return AutoTokenizer.from_pretrained(tiny_backbone(family))
+
+
+def ids(tokenizer, text):
+    return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+
+def test_category_words():
+    assert category_words("Video_Games") == ("video games", "video game")
+    assert category_words("CDs_and_Vinyl") == ("CDs and vinyl", "CD or vinyl")
+    assert category_words("Musical_Instruments") == ("musical instruments", "musical instrument")
+    assert category_words("Books") == ("books", "book")
+    assert category_words("Movies_and_TV") == ("movies and TV", "movies and TV product")
+    assert category_words("Electronics") == ("electronics", "electronics product")
+
+
+def test_format_elapsed():
+    assert format_elapsed(3 * 86400 + 4.5 * 3600) == "3d 4.5h ago"
+    assert format_elapsed(2 * 3600 + 3 * 60) == "2h 3.0min ago"
+    assert format_elapsed(300) == "5.0min ago"
+    assert format_elapsed(86400) == "1d 0.0h ago"
+    assert format_elapsed(0) == "0.0min ago"
+
+
+def test_user_prompt_keeps_the_last_window_oldest_first():
+    assert user_prompt(SAMPLE, "Musical_Instruments", window_size=3) == (
+        "Here is a user's purchase history of musical instruments. Analyse it in depth: what the user likes, "
+        "how their taste has changed over time, and what they may want next. Finally, recommend the next "
+        "musical instrument the user is likely to buy, written inside <answer> and </answer>, for example "
+        "<answer>a product</answer>.\n"
+        "The history follows, oldest first, each with the user's rating out of 5:\n"
+        "3d 4.5h ago: [Yamaha Pacifica Electric Guitar] (5.0)\n"
+        "2h 3.0min ago: [Ernie Ball Regular Slinky Strings] (4.0)\n"
+        "5.0min ago: [Snark Clip-On Tuner] (3.0)"
+    )
+
+
+def test_item_prompt_reverses_the_description():
+    assert item_prompt(ITEM, "CDs_and_Vinyl") == (
+        "Summarise the key attributes of the following CD or vinyl in a few words, written inside "
+        "<answer> and </answer>.\n"
+        "Title: Snark Clip-On Tuner\nUser Rating: 4.6\nNumber of Buyers: 1523\n"
+        "Description: First paragraph. Second paragraph."
+    )
+
+
+def test_item_prompt_cuts_the_description_at_100_words():
+    words = [f"w{i}" for i in range(150)]
+    item = dict(ITEM, description=[" ".join(words[75:]), " ".join(words[:75])])
+    assert item_prompt(item, "Video_Games").endswith("\nDescription: " + " ".join(words[:100]) + "...")
+    assert item_prompt(dict(ITEM, description=[]), "Video_Games").endswith("\nDescription: ")
+
+
+def test_with_answer():
+    assert with_answer("They like guitars.") == "They like guitars.<answer>"
+    assert with_answer("Guitars. <answer>Tuner</answer> more") == "Guitars. <answer>"
+    assert with_answer("") == "<answer>"
+
+
+def test_chat_formats(family, tokenizer):
+    assert chat_prompt(tokenizer, "Hi") == CHAT[family]
+    assert item_sequence(tokenizer, "Hi") == CHAT[family] + ANSWER
+    assert tokenizer.decode(ids(tokenizer, CHAT[family])) == CHAT[family]  # one BOS, no more
+
+
+def test_reasoning_mask_covers_exactly_reasoning_and_answer(tokenizer):
+    prompts = [user_prompt(SAMPLE, "Video_Games"), user_prompt(SAMPLE, "Video_Games", window_size=1)]
+    reasonings = ["The user plays guitar.\nA tuner fits. <answer>Snark</answer>", "Short"]
+    batch = tokenize_user_sequences(tokenizer, prompts, reasonings)
+    for row, (prompt, reasoning) in enumerate(zip(prompts, reasonings)):
+        tokens, attention, mask = (batch[k][row] for k in ("input_ids", "attention_mask", "reasoning_mask"))
+        assert attention.tolist() == sorted(attention.tolist())  # left padding
+        assert (tokens[attention == 0] == tokenizer.pad_token_id).all()
+        width = int(mask.sum())
+        assert mask[-width:].all() and not mask[:-width].any()  # one span, at the end
+        assert tokens[-width:].tolist() == ids(tokenizer, with_answer(reasoning))
+        assert tokens[(attention == 1) & (mask == 0)].tolist() == ids(tokenizer, chat_prompt(tokenizer, prompt))
+        assert tokenizer.decode(tokens[mask == 1]).endswith(ANSWER)
+
+
+def test_answer_stop_ids_end_every_reasoning(tokenizer):
+    stops = answer_stop_ids(tokenizer)
+    assert all(tokenizer.decode(stop).endswith(ANSWER) for stop in stops)
+    for context in ("", " ", "\n", "."):
+        generated = ids(tokenizer, chat_prompt(tokenizer, "Hi")) + ids(tokenizer, "I pick a tuner" + context + ANSWER)
+        assert any(generated[-len(stop):] == stop for stop in stops), context
+
+
+def test_long_prompts_lose_their_oldest_history_lines(tokenizer):
+    sample = dict(SAMPLE, history_item_title=[f"Guitar model number {i}" for i in range(4)])
+    full = prompt_ids(tokenizer, user_prompt(sample, "Video_Games"))
+    cut = prompt_ids(tokenizer, user_prompt(sample, "Video_Games"), max_tokens=len(full) - 1)
+    assert cut == ids(tokenizer, chat_prompt(tokenizer, user_prompt(sample, "Video_Games", window_size=3)))
+
+
+def test_long_items_lose_description_words(tokenizer):
+    item = dict(ITEM, description=[" ".join(["wordy"] * 90)])
+    full = item_ids(tokenizer, item, "Video_Games")
+    cut = item_ids(tokenizer, item, "Video_Games", max_tokens=len(full) - 20)
+    assert len(cut) <= len(full) - 20 and cut[-len(ids(tokenizer, ANSWER)):] == ids(tokenizer, ANSWER)
+    assert "wordy..." in tokenizer.decode(cut)
+
+
+def test_long_reasoning_keeps_its_answer(tokenizer):
+    tokens = reasoning_ids(tokenizer, "a tuner " * 50, max_tokens=12)
+    assert len(tokens) == 12 and tokenizer.decode(tokens).endswith(ANSWER)
+    assert isinstance(tokenize_user_sequences(tokenizer, ["Hi"], [""])["input_ids"], torch.Tensor)
