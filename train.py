@@ -16,6 +16,7 @@ import torch
 from transformers import EarlyStoppingCallback, HfArgumentParser, set_seed
 from transformers.trainer_utils import get_last_checkpoint
 
+from curves import plot_training_curves
 from errors import UserError, run_cli
 from model import add_lora, load_backbone
 from paths import resolve_model
@@ -107,6 +108,8 @@ def main(argv: list[str]):
     trainer.train(resume_from_checkpoint=resume)
 
     trainer.save_model(config.output_dir)
+    if trainer.is_world_process_zero():
+        plot_training_curves(trainer.state.log_history, os.path.join(config.output_dir, "training_curves.png"))
     metrics = trainer.evaluate()
     if trainer.is_world_process_zero():
         trainer.save_metrics("final", metrics)

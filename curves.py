@@ -1,0 +1,91 @@
+"""Training curves of an R²ec run as one PNG: reward, losses, reasoning length, valid NDCG@10.
+
+train.py writes `OUTPUT_DIR/training_curves.png` when training ends. To re-plot a run, finished or
+still going, from the newest `trainer_state.json` in the folder or its `checkpoint-*` folders:
+    python curves.py outputs/r2ec                       # -> outputs/r2ec/training_curves.png
+    python curves.py outputs/r2ec --output curves.png
+Tests: `pytest tests/test_curves.py`.
+"""
+import argparse
+import glob
+import json
+import os
+import sys
+
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+
+from errors import UserError, run_cli
+
+# (panel title, log_history keys drawn in it); the keys are those RecPOTrainer logs.
+PANELS = (
+    ("reward", ("reward/mean", "reward/ndcg")),
+    ("loss", ("loss/token", "loss/item", "loss")),
+    ("reasoning length (tokens)", ("completions/mean_length",)),
+    ("valid NDCG@10", ("eval_valid_ndcg@10",)),
+)
+
+
+def series(log_history: list[dict], key: str) -> tuple[list[float], list[float]]:
+    """(steps, values) of one logged key, in logging order; entries without it are skipped."""
+    points = [(entry.get("step", i), entry[key]) for i, entry in enumerate(log_history) if key in entry]
+    return [s for s, _ in points], [v for _, v in points]
+
+
+def plot_training_curves(log_history: list[dict], path: str) -> None:
+    """Write a 2×2 PNG of the run's curves to `path`; a key never logged is left out of its panel.
+
+    Drawn on a bare Agg canvas rather than through pyplot: importing this module (train.py does)
+    then changes no global backend and leaves no figure alive in the training process.
+    """
+    figure = Figure(figsize=(10, 7), layout="constrained")
+    FigureCanvasAgg(figure)
+    for axes, (title, keys) in zip(figure.subplots(2, 2).flat, PANELS):
+        drawn = 0
+        for key in keys:
+            steps, values = series(log_history, key)
+            if steps:
+                axes.plot(steps, values, label=key, marker="o" if len(steps) < 20 else None, markersize=3)
+                drawn += 1
+        if drawn:
+            axes.legend(fontsize="small")
+        else:
+            axes.text(0.5, 0.5, "not logged", ha="center", va="center", transform=axes.transAxes, color="gray")
+        axes.set_title(title)
+        axes.set_xlabel("step")
+        axes.grid(alpha=0.3)
+    figure.savefig(path, dpi=100)
+
+
+def latest_trainer_state(output_dir: str) -> str:
+    """The newest trainer_state.json in `output_dir` or its checkpoint-* folders.
+
+    Newest by modification time, not by step number: after a resume, or with the best checkpoint
+    kept beside later ones, the last written file holds the longest history.
+    """
+    if not os.path.isdir(output_dir):
+        raise UserError(f"{output_dir!r} is not a folder — pass the --output_dir of a training run")
+    candidates = glob.glob(os.path.join(output_dir, "trainer_state.json"))
+    candidates += glob.glob(os.path.join(output_dir, "checkpoint-*", "trainer_state.json"))
+    if not candidates:
+        raise UserError(f"no trainer_state.json in {output_dir!r} or its checkpoint-* folders — the run has "
+                        "not saved a checkpoint yet (see --save_steps)")
+    return max(candidates, key=os.path.getmtime)
+
+
+def main(argv: list[str]) -> str:
+    parser = argparse.ArgumentParser(description="Plot the training curves of an R²ec run.")
+    parser.add_argument("output_dir", help="The --output_dir of a train.py run.")
+    parser.add_argument("--output", help="PNG to write (default: OUTPUT_DIR/training_curves.png).")
+    args = parser.parse_args(argv)
+    state_file = latest_trainer_state(args.output_dir)
+    with open(state_file) as f:
+        log_history = json.load(f)["log_history"]
+    path = args.output or os.path.join(args.output_dir, "training_curves.png")
+    plot_training_curves(log_history, path)
+    print(f"{path}  ({len(log_history)} log entries from {state_file})")
+    return path
+
+
+if __name__ == "__main__":
+    run_cli(main, sys.argv[1:])

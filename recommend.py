@@ -1,0 +1,264 @@
+"""Recommend with a trained R²ec model: greedy reasoning, then the full ranking of every item.
+
+Per sample, it prints the user's history, the model's reasoning and the top-K items with their
+scores, `*` marking the true next item, and that item's rank:
+    python recommend.py --output_dir outputs/r2ec --split test --samples 0 3 7
+    python recommend.py --output_dir outputs/r2ec --split valid --user_id AGKHLEW2SOWHNMFQIJGBECAF7INQ --top_k 20
+The metric table of a split (NDCG/Hit@5/10/20, mean reasoning length), as training evaluates it:
+    python recommend.py --output_dir outputs/r2ec --split test --evaluate --max_samples 500
+Any of them can also write one JSON line per sample (user_id, split, row, target_item_id,
+target_rank, reasoning, top_k: [{item_id, title, score}]):
+    python recommend.py --output_dir outputs/r2ec --split test --evaluate --output test_ranks.jsonl
+`--output_dir` is a train.py output folder (a `checkpoint-*` folder inside one works too);
+`--device auto|cpu|cuda` (bf16 on a GPU, float32 on the CPU unless `--dtype`), `--dataset_dir`
+overrides the dataset the run was trained on. Tests: `pytest tests/test_recommend.py`.
+
+The work is RecPOTrainer's own steps (`rollout`, `score_users`, `rank_items`, the item table), run
+by a trainer built for inference, so the prompts, the user state and the masking are exactly
+those of training and evaluation.
+"""
+import argparse
+import dataclasses
+import json
+import math
+import os
+import sys
+import textwrap
+
+import torch
+from tqdm.auto import tqdm
+
+from errors import UserError, run_cli
+from metrics import KS, ranking_metrics, target_rank
+from model import load_backbone
+from paths import resolve_model
+from rollouts import SamplingConfig
+from train import load_dataset_dir
+from trainer import RecPOConfig, RecPOTrainer
+
+RUN_FILE = "r2ec_run.json"  # written by train.py when a run ends
+SPLITS = ("train", "valid", "test")
+DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+CONFIG_FIELDS = {f.name for f in dataclasses.fields(RecPOConfig)}
+
+
+# ----------------------------------------------------------------------------------------------
+# Loading a trained run
+
+
+def read_run(folder: str) -> dict:
+    """The run's r2ec_run.json, from `folder` or, for a checkpoint-* folder, from its parent."""
+    if not os.path.isdir(folder):
+        raise UserError(f"--output_dir {folder!r} does not exist — pass the --output_dir of a train.py run")
+    if not os.path.isfile(os.path.join(folder, "adapter_config.json")):
+        raise UserError(f"{folder!r} holds no LoRA adapter (adapter_config.json) — pass a train.py output "
+                        "folder or one of its checkpoint-* folders")
+    for place in (folder, os.path.dirname(os.path.abspath(folder))):
+        path = os.path.join(place, RUN_FILE)
+        if os.path.isfile(path):
+            with open(path) as f:
+                return json.load(f)
+    raise UserError(f"no {RUN_FILE} in {folder!r} or its parent — train.py writes it when training ends; "
+                    "pass a finished run's --output_dir")
+
+
+def base_model_path(run: dict) -> str:
+    """The backbone the run was trained from: its `model` name as paths.py resolves it now, else the
+    folder recorded at training time (a key whose path was edited since, or a moved cache)."""
+    try:
+        return resolve_model(run["model"])
+    except UserError as e:
+        if os.path.isdir(run.get("model_path", "")):
+            return run["model_path"]
+        raise UserError(f"{e} (the run's recorded model_path {run.get('model_path')!r} is gone too)") from e
+
+
+def pick_device(name: str) -> str:
+    if name == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if name == "cuda" and not torch.cuda.is_available():
+        raise UserError("--device cuda, but no GPU is visible — use --device cpu or auto")
+    return name
+
+
+def inference_config(args, run: dict, device: str) -> RecPOConfig:
+    """RecPOConfig for inference: the run's prompt and scoring settings, no training, no logging."""
+    recorded = {key: value for key, value in run.items() if key in CONFIG_FIELDS}  # window_size, tau, ...
+    if args.dataset_dir:
+        recorded["dataset_dir"] = args.dataset_dir  # the flag wins over the run's dataset
+    return RecPOConfig(
+        **recorded, output_dir=args.output_dir, dataset_category=run["category"], use_cpu=device == "cpu",
+        bf16=False, report_to="none", eval_strategy="no", save_strategy="no", load_best_model_at_end=False,
+        eval_on_start=False, gradient_checkpointing=False, per_device_eval_batch_size=args.batch_size,
+    )
+
+
+def load_recommender(folder: str, run: dict, config: RecPOConfig, dataset, category: str, dtype) -> RecPOTrainer:
+    """Base model + the run's LoRA adapter and tokenizer, wrapped in a RecPOTrainer whose item table
+    is encoded. The trainer is never trained: it supplies the rollout, scoring and ranking steps."""
+    from peft import PeftModel
+    from transformers import AutoTokenizer
+
+    base, _ = load_backbone(base_model_path(run), dtype=dtype)
+    model = PeftModel.from_pretrained(base, folder)  # inference mode: adapters frozen, dropout off
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    tokenizer.padding_side = "left"  # not saved with the tokenizer; prompts are left-padded
+    trainer = RecPOTrainer(model, config, tokenizer, dataset, category)  # moves the model to config.device
+    trainer.refresh_item_table(trainer.model)
+    return trainer
+
+
+# ----------------------------------------------------------------------------------------------
+# Recommending
+
+
+def pick_rows(split_data, split: str, args) -> list[int]:
+    """Rows of the split to recommend for: --samples, --user_id's samples, --evaluate's first
+    --max_samples, or row 0."""
+    size = len(split_data)
+    if args.evaluate:
+        return list(range(size if args.max_samples is None else min(size, args.max_samples)))
+    if args.user_id is not None:
+        rows = [i for i, user in enumerate(split_data["user_id"]) if user == args.user_id]
+        if not rows:
+            examples = ", ".join(dict.fromkeys(split_data["user_id"][:3]))
+            raise UserError(f"user {args.user_id!r} has no sample in the {split} split — users there look like "
+                            f"{examples}; try another --split")
+        return rows
+    bad = [row for row in args.samples if not 0 <= row < size]
+    if bad:
+        raise UserError(f"--samples {' '.join(map(str, bad))}: the {split} split has {size} samples, "
+                        f"rows 0 to {size - 1}")
+    return args.samples
+
+
+def recommend_batch(trainer: RecPOTrainer, samples: list[dict], rows: list[int], split: str, top_k: int,
+                    titles: dict[int, str]) -> tuple[list[dict], torch.Tensor]:
+    """Greedy reasoning, h_u and the full ranking of a batch, with the steps of `evaluate_split`.
+
+    -> one record per sample (the JSON-lines schema) and the reasoning lengths (B,) in tokens,
+    `<answer>` included.
+    """
+    greedy = SamplingConfig(max_new_tokens=trainer.args.max_new_tokens, greedy=True)
+    rollouts = trainer.rollout(trainer.model, samples, greedy, 1)
+    user_states = trainer.score_users(trainer.model, rollouts, len(samples))  # (B, D)
+    scores = trainer.rank_items(user_states, samples)  # (B, I), history and pad at -inf
+    targets = torch.tensor([s["item_id"] for s in samples], device=scores.device)  # (B,)
+    ranks = target_rank(scores, targets).tolist()  # (B,)
+    top_scores, top_ids = scores.topk(min(top_k, scores.shape[1]), dim=1)  # (B, K)
+    tokenizer = trainer.processing_class
+    records = []
+    for i, sample in enumerate(samples):
+        reasoning = tokenizer.decode(rollouts.completion_ids[i][rollouts.completion_mask[i].bool()],
+                                     skip_special_tokens=True)
+        top = [{"item_id": item, "title": titles[item], "score": score}
+               for item, score in zip(top_ids[i].tolist(), top_scores[i].tolist())
+               if score != -math.inf]  # fewer unseen items than K: masked ones are no recommendation
+        records.append({"user_id": sample["user_id"], "split": split, "row": rows[i],
+                        "target_item_id": sample["item_id"], "target_rank": ranks[i], "reasoning": reasoning,
+                        "top_k": top})
+    return records, rollouts.completion_mask.sum(1).cpu()
+
+
+def recommend_rows(trainer, split_data, split: str, rows: list[int], top_k: int, titles: dict[int, str]):
+    """`recommend_batch` over `rows` in batches of --batch_size.  -> records, lengths (len(rows),)."""
+    size = trainer.args.per_device_eval_batch_size
+    records, lengths = [], []
+    for start in tqdm(range(0, len(rows), size), desc=f"recommend {split}", disable=len(rows) <= size):
+        batch_rows = rows[start:start + size]
+        batch_records, batch_lengths = recommend_batch(
+            trainer, [split_data[r] for r in batch_rows], batch_rows, split, top_k, titles)
+        records += batch_records
+        lengths.append(batch_lengths)
+    return records, torch.cat(lengths)
+
+
+def split_metrics(records: list[dict], lengths: torch.Tensor) -> dict[str, float]:
+    """NDCG/Hit@5/10/20 of the records' target ranks and the mean reasoning length, as training logs them."""
+    metrics = ranking_metrics(torch.tensor([r["target_rank"] for r in records]))
+    metrics["reasoning_length"] = lengths.float().mean().item()
+    return metrics
+
+
+# ----------------------------------------------------------------------------------------------
+# Printing
+
+
+def format_sample(sample: dict, record: dict, num_items: int) -> str:
+    lines = [f"== {record['split']} row {record['row']} · user {record['user_id']} ==",
+             f"history ({len(sample['history_item_id'])} items, oldest first, rating out of 5):"]
+    lines += [f"  ({float(rating):.1f}) {title}"
+              for title, rating in zip(sample["history_item_title"], sample["history_rating"])]
+    lines += ["reasoning:", textwrap.indent(record["reasoning"], "  "),
+              f"top {len(record['top_k'])} (* = the true next item):"]
+    lines += [f"  {'*' if item['item_id'] == record['target_item_id'] else ' '}{rank:>3}. {item['score']:9.3f}  "
+              f"{item['title']} (item {item['item_id']})" for rank, item in enumerate(record["top_k"], 1)]
+    lines.append(f"true next item: {sample['item_title']} (item {record['target_item_id']}), "
+                 f"rank {record['target_rank']} of {num_items}")
+    return "\n".join(lines)
+
+
+def format_metrics(metrics: dict[str, float], split: str, count: int) -> str:
+    lines = [f"{split}: {count} samples, mean reasoning length {metrics['reasoning_length']:.1f} tokens",
+             " " * 6 + "".join(f"{'@' + str(k):>9}" for k in KS)]
+    for name, label in (("ndcg", "NDCG"), ("hit", "Hit")):
+        lines.append(f"{label:<6}" + "".join(f"{metrics[f'{name}@{k}']:9.4f}" for k in KS))
+    return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------------------------
+# Entry point
+
+
+def parse_args(argv: list[str]):
+    parser = argparse.ArgumentParser(description="Recommend with a trained R²ec model (see the file docstring).")
+    parser.add_argument("--output_dir", required=True, help="A train.py output folder (or a checkpoint-* in it).")
+    parser.add_argument("--split", default="test", help=f"One of {', '.join(SPLITS)}.")
+    which = parser.add_mutually_exclusive_group()
+    which.add_argument("--samples", type=int, nargs="+", default=[0], help="Rows of the split (default: 0).")
+    which.add_argument("--user_id", help="Every sample of this user in the split.")
+    which.add_argument("--evaluate", action="store_true", help="Metric table over the split.")
+    parser.add_argument("--max_samples", type=int, help="With --evaluate: only the first N samples.")
+    parser.add_argument("--top_k", type=int, default=10, help="Items listed per sample.")
+    parser.add_argument("--output", help="Write one JSON line per sample to this file.")
+    parser.add_argument("--dataset_dir", help="Dataset folder; default: the one the run was trained on.")
+    parser.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
+    parser.add_argument("--dtype", default="auto", choices=("auto", *DTYPES),
+                        help="Default: bfloat16 on cuda, float32 on cpu.")
+    parser.add_argument("--batch_size", type=int, default=32, help="Samples per greedy-generation batch.")
+    args = parser.parse_args(argv)
+    if args.split not in SPLITS:  # checked here, not by argparse choices: one error line, not usage + line
+        raise UserError(f"--split {args.split!r}: choose one of {', '.join(SPLITS)}")
+    if args.top_k < 1 or args.batch_size < 1:
+        raise UserError(f"--top_k {args.top_k} and --batch_size {args.batch_size} must both be at least 1")
+    if args.max_samples is not None and args.max_samples < 1:
+        raise UserError(f"--max_samples {args.max_samples}: must be at least 1 (leave it out for the whole split)")
+    return args
+
+
+def main(argv: list[str]) -> list[dict]:
+    args = parse_args(argv)
+    run = read_run(args.output_dir)
+    device = pick_device(args.device)
+    dtype = DTYPES[args.dtype] if args.dtype != "auto" else torch.bfloat16 if device == "cuda" else torch.float32
+    config = inference_config(args, run, device)
+    dataset, category = load_dataset_dir(config)
+    split_data = dataset[args.split]
+    rows = pick_rows(split_data, args.split, args)  # bad rows fail here, before the model loads
+
+    trainer = load_recommender(args.output_dir, run, config, dataset, category, dtype)
+    item_info = dataset["item_info"]
+    titles = dict(zip(item_info["item_id"], item_info["title"]))  # column reads: fast for 10k+ items
+    records, lengths = recommend_rows(trainer, split_data, args.split, rows, args.top_k, titles)
+    if args.evaluate:
+        print(format_metrics(split_metrics(records, lengths), args.split, len(records)))
+    else:
+        print("\n\n".join(format_sample(split_data[r["row"]], r, len(titles) - 1) for r in records))
+    if args.output:
+        with open(args.output, "w") as f:
+            f.writelines(json.dumps(record) + "\n" for record in records)
+    return records
+
+
+if __name__ == "__main__":
+    run_cli(main, sys.argv[1:])

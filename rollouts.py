@@ -1,0 +1,577 @@
+"""Reasoning rollouts for RecPO training and greedy evaluation (SPEC §4.1, §5).
+
+This file owns the rollout interface the trainer calls, `generate_rollouts`, its typed output
+`Rollouts`, the `SamplingConfig`, and `generate_rollouts_reference`, the same contract through
+plain Hugging Face `generate`, kept for the tests and the benchmark. Nothing runs it directly:
+    python -m pytest -q tests/test_rollouts.py          # correctness, CPU
+    python bench/bench_rollout.py                        # speed against `generate`, GPU
+
+How `generate_rollouts` works. Each distinct prompt is prefilled once; its keys and values are
+shared by its G samples instead of being copied G times. Decoding then runs one token per step
+for all N = B·G rows over preallocated buffers, so on a GPU the whole step (model forward,
+sampling, the stop test) is captured once as a CUDA graph and replayed:
+
+    prompts (B, P) ──prefill once──▶ prefix K/V per layer   (B, kvh, Pcap, d)  right-aligned
+                                     decode K/V per layer   (N, kvh, T, d)     slot t = token t
+    step t:  token t-1 (N, 1) ──model──▶ every attention layer scores row i·G+j against
+             [ prefix of prompt i | its own slots 0..t-1 ]  under one softmax
+             ──▶ logits (N, V) ──▶ filter, sample, force, stop test on the device ──▶ token t
+
+The model is any Hugging Face causal LM (PEFT LoRA wrapped or not): during a call its config's
+attention implementation is switched to `r2ec_rollout`, registered below in transformers'
+`AttentionInterface`, so the model's own projections, rotary embedding, norms and LoRA run
+unchanged and only the attention itself reads our buffers. Masks are never built by
+transformers during a call (the name has no mask function, so its mask builder returns None).
+
+Limits, by choice: rows that have stopped keep computing (padding) until every row of the call
+has stopped, checked on the host every CHECK_EVERY steps, since compacting the batch would need a
+graph per batch size; the decode slots are read in full every step (masked), the price of one
+static graph. `compile_step=True` fuses the step's small kernels with `torch.compile` before
+capture: 1.7x faster decoding, about 75 s of compilation per new shape. Figures:
+bench/RESULTS.md, "Rollouts".
+"""
+import math
+import weakref
+from collections import OrderedDict
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+from transformers import AttentionInterface, GenerationConfig, StoppingCriteria, StoppingCriteriaList
+
+ATTENTION_NAME = "r2ec_rollout"
+PREFIX_BUCKET = 128  # prefix capacity grows in these steps, so varying prompt lengths reuse one graph
+MAX_CACHED_SHAPES = 3  # decode states kept per model: training, evaluation, evaluation's last batch
+CHECK_EVERY = 8  # decode steps between host checks of "every row has stopped"
+NEG = -1e30  # additive mask; finite so a fully masked score never turns into NaN
+
+
+# ----------------------------------------------------------------------------------------------
+# Interface
+
+
+@dataclass(frozen=True)
+class SamplingConfig:
+    """How the next token is chosen. Frozen: it keys the captured decode graphs."""
+
+    max_new_tokens: int  # reasoning tokens at most, the forced stop sequence included
+    temperature: float = 1.0
+    top_k: int = 0  # 0 = off
+    top_p: float = 1.0  # 1.0 = off
+    greedy: bool = False  # argmax (evaluation); temperature, top-k and top-p are then ignored
+
+    def __post_init__(self):
+        if self.max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens={self.max_new_tokens}: must be at least 1")
+        if not self.temperature > 0:
+            raise ValueError(f"temperature={self.temperature}: must be > 0 (use greedy=True for argmax)")
+        if self.top_k < 0:
+            raise ValueError(f"top_k={self.top_k}: must be >= 0 (0 turns top-k off)")
+        if not 0 < self.top_p <= 1:
+            raise ValueError(f"top_p={self.top_p}: must be in (0, 1] (1 turns top-p off)")
+
+
+class Rollouts(NamedTuple):
+    prompt_ids: torch.Tensor  # (N, P) left-padded; N = num_prompts·G, sample j of prompt i at row i·G + j
+    prompt_mask: torch.Tensor  # (N, P)
+    completion_ids: torch.Tensor  # (N, C) right-padded with pad_token_id; every row ends with a stop sequence
+    completion_mask: torch.Tensor  # (N, C) 1 on the reasoning tokens, the stop tokens included
+    logprobs: torch.Tensor  # (N, C) float32 log π(token) at temperature 1 (not the filtered sampler); 0 off the mask
+
+
+def _check_inputs(prompt_ids, prompt_mask, num_samples, sampling, stop_ids):
+    if prompt_ids.ndim != 2 or prompt_ids.shape != prompt_mask.shape:
+        raise ValueError(f"prompt_ids {tuple(prompt_ids.shape)} and prompt_mask {tuple(prompt_mask.shape)} "
+                         "must both be (num_prompts, P)")
+    if not bool(prompt_mask[:, -1].all()):
+        raise ValueError("prompts must be left-padded (prompt_mask[:, -1] all 1): tokenize with padding_side='left'")
+    if num_samples < 1:
+        raise ValueError(f"num_samples={num_samples}: must be at least 1")
+    if not stop_ids or not all(stop_ids):
+        raise ValueError(f"stop_ids={stop_ids!r}: give at least one non-empty token-id sequence of <answer>")
+    shortest = min(len(s) for s in stop_ids)
+    if sampling.max_new_tokens < shortest:
+        raise ValueError(f"max_new_tokens={sampling.max_new_tokens} cannot hold the stop sequence "
+                         f"({shortest} tokens): raise max_new_tokens")
+
+
+def _forced_stop(stop_ids: list[list[int]]) -> list[int]:
+    """The stop sequence forced on rows that have not stopped: the first of the shortest."""
+    return min(stop_ids, key=len)
+
+
+def _base_model(model):
+    """The transformers model under a PEFT wrapper (its config drives the attention dispatch)."""
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
+@contextmanager
+def _generation_mode(model, attn_implementation: str | None = None):
+    """Eval mode (dropout off, no checkpointing) for the call, every module's own mode restored after.
+
+    Recording each module's flag instead of `model.train(was_training)` keeps modules that were
+    deliberately left in eval mode (frozen parts) as they were.
+    """
+    modes = [(m, m.training) for m in model.modules()]
+    config = _base_model(model).config
+    previous = config._attn_implementation
+    model.eval()
+    if attn_implementation is not None:
+        config._attn_implementation = attn_implementation
+    try:
+        with torch.no_grad():  # not inference_mode: the trainer feeds the returned ids into autograd
+            yield
+    finally:
+        config._attn_implementation = previous
+        for m, training in modes:
+            m.training = training
+
+
+# ----------------------------------------------------------------------------------------------
+# Sampling on the device
+
+
+def _sample_tokens(logits: torch.Tensor, sampling: SamplingConfig) -> torch.Tensor:
+    """Next token per row, no host round trip.  logits (N, V) float32 -> (N,) long.
+
+    Order as in `generate`: temperature, then top-k, then top-p on the temperature-scaled
+    logits. The draw is the exponential race argmax(p / E), E ~ Exp(1), which picks token i
+    with probability p_i / sum(p) without normalising p or calling `multinomial` (whose input
+    checks can synchronise the host).
+    """
+    if sampling.greedy:
+        return logits.argmax(-1)
+    # Filtering raw logits and scaling only what survives reads the (N, V) logits once less;
+    # dividing by a positive temperature keeps the order, so top-k and the sort are unchanged.
+    if sampling.top_k > 0:  # sorted top-k values: top-p then only needs these k
+        values, index = logits.topk(min(sampling.top_k, logits.shape[-1]), dim=-1)  # (N, k)
+    elif sampling.top_p < 1:
+        values, index = logits.sort(dim=-1, descending=True)  # (N, V)
+    else:
+        values, index = logits, None
+    probs = (values / sampling.temperature).softmax(-1)  # (N, k or V)
+    if sampling.top_p < 1:  # keep a token while the mass strictly before it is below top_p
+        probs = probs * ((probs.cumsum(-1) - probs) < sampling.top_p)
+    race = torch.empty_like(probs).exponential_().clamp_min_(1e-20)  # a zero draw would give 0/0
+    choice = (probs / race).argmax(-1)  # (N,)
+    return choice if index is None else index.gather(1, choice[:, None]).squeeze(1)
+
+
+# ----------------------------------------------------------------------------------------------
+# Decode state: every tensor a step reads or writes, allocated once per shape
+
+
+class _DecodeState:
+    """Buffers for B prompts × G samples, prompts up to `prefix_capacity`, `T` new tokens.
+
+    One object serves every call with the same shape key, so a CUDA graph captured over it is
+    replayed across calls: a call only rewrites the buffers' contents, never their addresses.
+    Per-layer key/value buffers are allocated by the first prefill, which knows their shapes.
+    """
+
+    def __init__(self, num_prompts, num_samples, prefix_capacity, sampling, stop_ids, pad_token_id, device):
+        B, G, T = num_prompts, num_samples, sampling.max_new_tokens
+        N, Pcap = B * G, prefix_capacity
+        self.B, self.G, self.N, self.T, self.Pcap = B, G, N, T, Pcap
+        self.sampling, self.pad_token_id = sampling, pad_token_id
+        self.mode = "prefill"  # "prefill" or "decode": which attention `_rollout_attention` runs
+        # Key/value buffers per layer index, written by the model's attention layers
+        self.prefix_k, self.prefix_v = {}, {}  # (B, kvh, Pcap, d) each, prompts right-aligned
+        self.decode_k, self.decode_v = {}, {}  # (N, kvh, T, d) each
+        self.prompt_mask = None  # (B, P) during a prefill
+        self.prefill_masks = {}  # sliding window (None = full) -> (B, 1, P, P) bool, one prefill only
+        self.windows = set()  # sliding windows met in the model's layers
+        # Per-row facts of the call
+        self.prefix_bias = torch.full((N, Pcap), NEG, device=device)  # 0 on prompt tokens
+        self.prefix_positions = torch.zeros(N, Pcap, dtype=torch.long, device=device)
+        self.prompt_len = torch.zeros(N, 1, dtype=torch.long, device=device)  # = position of token 0
+        # Step state
+        self.step = torch.zeros(1, dtype=torch.long, device=device)  # index of the token to choose next
+        self.slot = torch.zeros(1, dtype=torch.long, device=device)  # decode slot the fed token writes
+        self.tokens = torch.zeros(N, 1, dtype=torch.long, device=device)  # last chosen token
+        self.positions = torch.zeros(N, 1, dtype=torch.long, device=device)
+        self.slots = torch.arange(T, device=device)  # (T,)
+        self.bias = {}  # sliding window (None = full) -> (N, 1, 1, Pcap + T) additive mask of the step
+        # Outputs
+        self.completion = torch.full((N, T), pad_token_id, dtype=torch.long, device=device)
+        self.logprobs = torch.zeros(N, T, device=device)
+        self.active = torch.zeros(N, T, dtype=torch.bool, device=device)
+        self.done = torch.zeros(N, dtype=torch.bool, device=device)
+        # Stop test: the last few chosen tokens against each stop sequence
+        self.stops = [torch.tensor(s, device=device) for s in stop_ids]
+        self.recent = torch.full((N, max(map(len, stop_ids))), -1, dtype=torch.long, device=device)
+        self.force = torch.tensor(_forced_stop(stop_ids), device=device)  # (L,)
+        self.force_from = T - len(self.force)  # first step at which unstopped rows are forced
+        self.graph = None  # the captured decode step (CUDA only)
+
+    def start(self, prompt_mask: torch.Tensor, positions: torch.Tensor):
+        """Load a new call's prompts (before its prefill).  prompt_mask, positions (B, P)."""
+        off = self.Pcap - prompt_mask.shape[1]
+        rows = lambda x: x.repeat_interleave(self.G, 0)  # (B, ...) -> (N, ...)
+        self.prefix_bias.fill_(NEG)
+        self.prefix_bias[:, off:] = rows(torch.where(prompt_mask.bool(), 0.0, NEG))
+        self.prefix_positions[:, off:] = rows(positions)
+        self.prompt_len.copy_(rows(prompt_mask.sum(1, keepdim=True)))
+        self.prompt_mask = prompt_mask  # read by the prefill attention to build its masks
+        self.prefill_masks.clear()
+        self.mode = "prefill"
+        self.reset_outputs()
+
+    def reset_outputs(self):
+        """Empty the outputs and the stop test (a new call, or after the capture's warm-up)."""
+        self.step.zero_()
+        self.completion.fill_(self.pad_token_id)
+        self.logprobs.zero_()
+        self.active.zero_()
+        self.done.zero_()
+        self.recent.fill_(-1)
+
+
+# ----------------------------------------------------------------------------------------------
+# The attention function transformers calls in every layer during a rollout
+
+_ACTIVE: _DecodeState | None = None  # the state of the call in progress
+
+
+def _prefill_mask(prompt_mask: torch.Tensor, window: int | None) -> torch.Tensor:
+    """Causal, padding and sliding-window mask of a prompt batch.  (B, P) -> (B, 1, P, P) bool.
+
+    Padding queries may attend to themselves, so no row is fully masked (that would give NaN
+    hidden states at padding, which would then poison every row through 0 · NaN).
+    """
+    P = prompt_mask.shape[1]
+    i = torch.arange(P, device=prompt_mask.device)
+    allowed = i[None, :] <= i[:, None]  # (P, P) causal: key j <= query i
+    if window is not None:
+        allowed &= i[:, None] - i[None, :] < window  # as transformers: kv_idx > q_idx - window
+    allowed = allowed[None] & prompt_mask.bool()[:, None, :]  # (B, P, P)
+    return (allowed | torch.eye(P, dtype=torch.bool, device=prompt_mask.device))[:, None]
+
+
+def _expand_heads(x: torch.Tensor, rep: int) -> torch.Tensor:
+    """(B, kvh, S, d) -> (B, kvh·rep, S, d): head h reads key/value head h // rep, as repeat_kv."""
+    return x.repeat_interleave(rep, dim=1) if rep > 1 else x
+
+
+def _prefill_attention(st, layer, query, key, value, scaling, softcap, window):
+    """Plain causal attention over the prompts; stores this layer's keys and values.
+
+    query (B, H, P, d), key/value (B, kvh, P, d) -> (B, P, H, d)
+    """
+    B, kvh, P, d = key.shape
+    if layer not in st.prefix_k:
+        st.prefix_k[layer] = key.new_zeros(B, kvh, st.Pcap, d)  # zeros: masked slots stay finite
+        st.prefix_v[layer] = value.new_zeros(B, kvh, st.Pcap, d)
+        st.decode_k[layer] = key.new_zeros(st.N, kvh, st.T, d)
+        st.decode_v[layer] = value.new_zeros(st.N, kvh, st.T, d)
+    st.prefix_k[layer][:, :, st.Pcap - P:] = key
+    st.prefix_v[layer][:, :, st.Pcap - P:] = value
+    if window is not None:
+        st.windows.add(window)
+    if window not in st.prefill_masks:
+        st.prefill_masks[window] = _prefill_mask(st.prompt_mask, window)
+    mask = st.prefill_masks[window]  # (B, 1, P, P)
+    rep = query.shape[1] // kvh
+    key, value = _expand_heads(key, rep), _expand_heads(value, rep)
+    if softcap is None:
+        out = F.scaled_dot_product_attention(query, key, value, attn_mask=mask, scale=scaling)
+    else:  # SDPA has no soft-capping (Gemma-2): the eager formula
+        scores = (query @ key.transpose(-1, -2)).float() * scaling  # (B, H, P, P)
+        scores = torch.tanh(scores / softcap) * softcap
+        out = scores.masked_fill(~mask, NEG).softmax(-1).to(value.dtype) @ value
+    return out.transpose(1, 2)  # (B, P, H, d)
+
+
+def _decode_attention(st, layer, query, key, value, scaling, softcap, window):
+    """One new token per row against [its prompt's shared prefix | its own decode slots].
+
+    query (N, H, 1, d), key/value (N, kvh, 1, d) -> (N, 1, H, d)
+
+    The G rows of a prompt are folded into the query dimension of the prefix product, so the
+    prefix is read once per prompt, not once per sample; both score blocks share one softmax
+    (concatenated, instead of two softmaxes merged by log-sum-exp: fewer kernels, same result).
+    """
+    B, G, N, Pcap = st.B, st.G, st.N, st.Pcap
+    kvh, d = key.shape[1], key.shape[-1]
+    rep = query.shape[1] // kvh
+    st.decode_k[layer].index_copy_(2, st.slot, key)
+    st.decode_v[layer].index_copy_(2, st.slot, value)
+    q = query.reshape(B, G, kvh, rep, d).transpose(1, 2).reshape(B, kvh, G * rep, d)
+    s_prefix = q @ st.prefix_k[layer].transpose(-1, -2)  # (B, kvh, G·rep, Pcap)
+    s_prefix = s_prefix.reshape(B, kvh, G, rep, Pcap).transpose(1, 2).reshape(N, kvh, rep, Pcap)
+    s_decode = query.reshape(N, kvh, rep, d) @ st.decode_k[layer].transpose(-1, -2)  # (N, kvh, rep, T)
+    scores = torch.cat([s_prefix, s_decode], -1).float() * scaling  # (N, kvh, rep, Pcap + T)
+    if softcap is not None:
+        scores = torch.tanh(scores / softcap) * softcap
+    probs = (scores + st.bias[window]).softmax(-1).to(value.dtype)  # (N, kvh, rep, Pcap + T)
+    p_prefix = probs[..., :Pcap].reshape(B, G, kvh, rep, Pcap).transpose(1, 2).reshape(B, kvh, G * rep, Pcap)
+    o_prefix = (p_prefix @ st.prefix_v[layer]).reshape(B, kvh, G, rep, d).transpose(1, 2)  # (B, G, kvh, rep, d)
+    o_decode = probs[..., Pcap:] @ st.decode_v[layer]  # (N, kvh, rep, d)
+    return (o_prefix.reshape(N, kvh, rep, d) + o_decode).reshape(N, 1, kvh * rep, d)
+
+
+def _rollout_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0,
+                       softcap=None, sliding_window=None, **kwargs):
+    """transformers' attention-function signature; `attention_mask` is None (we keep our own)."""
+    st = _ACTIVE
+    if st is None:
+        raise RuntimeError(f"attn_implementation={ATTENTION_NAME!r} only works inside generate_rollouts; "
+                           "set the model's attention implementation back to 'sdpa' or 'eager'")
+    scaling = module.head_dim ** -0.5 if scaling is None else scaling
+    attend = _prefill_attention if st.mode == "prefill" else _decode_attention
+    return attend(st, module.layer_idx, query, key, value, scaling, softcap, sliding_window), None
+
+
+AttentionInterface.register(ATTENTION_NAME, _rollout_attention)
+
+
+# ----------------------------------------------------------------------------------------------
+# Steps: prefill, token choice, decode
+
+
+def _choose(st: _DecodeState, logits: torch.Tensor):
+    """Pick token `step` for every row, record it, run the stop test; all on the device.
+
+    logits (N, V) float32. Rows past `force_from` that have not stopped get the forced stop
+    sequence instead of a sample; stopped rows get padding, log-prob 0 and mask 0.
+    """
+    token = _sample_tokens(logits, st.sampling)  # (N,)
+    force_index = (st.step - st.force_from).clamp(0, len(st.force) - 1)  # (1,)
+    forced = (st.step >= st.force_from) & ~st.done  # (N,)
+    token = torch.where(forced, st.force.index_select(0, force_index), token)
+    token = torch.where(st.done, st.pad_token_id, token)  # (N,)
+    logp = logits.gather(1, token[:, None]) - logits.logsumexp(-1, keepdim=True)  # (N, 1) at temperature 1
+    logp = logp.masked_fill(st.done[:, None], 0.0)
+    st.completion.index_copy_(1, st.step, token[:, None])
+    st.logprobs.index_copy_(1, st.step, logp)
+    st.active.index_copy_(1, st.step, ~st.done[:, None])
+    st.recent.copy_(torch.cat([st.recent[:, 1:], token[:, None]], 1))  # (N, Lmax)
+    for stop in st.stops:
+        st.done |= (st.recent[:, -len(stop):] == stop).all(1)
+    st.tokens.copy_(token[:, None])
+    st.step += 1
+
+
+def _decode_step(model, st: _DecodeState):
+    """Feed token `step - 1` of every row, choose token `step`. Captured as one CUDA graph."""
+    st.slot.copy_(st.step - 1)
+    st.positions.copy_(st.prompt_len + st.slot)  # (N, 1)
+    decode_bias = torch.where(st.slots < st.step, 0.0, NEG).expand(st.N, -1)  # (N, T) written slots
+    full = torch.cat([st.prefix_bias, decode_bias], 1)  # (N, Pcap + T)
+    st.bias[None].copy_(full[:, None, None])
+    if st.windows:
+        key_positions = torch.cat([st.prefix_positions, st.prompt_len + st.slots], 1)  # (N, Pcap + T)
+        for window in st.windows:
+            inside = st.positions - key_positions < window  # (N, Pcap + T)
+            st.bias[window].copy_(torch.where(inside, full, NEG)[:, None, None])
+    logits = model(input_ids=st.tokens, position_ids=st.positions, use_cache=False,
+                   logits_to_keep=1).logits[:, -1].float()  # (N, V)
+    _choose(st, logits)
+
+
+def _prefill(model, st: _DecodeState, prompt_ids, prompt_mask) -> torch.Tensor:
+    """Run the B prompts once, filling the prefix buffers.  -> logits of token 0 (N, V)."""
+    positions = (prompt_mask.long().cumsum(-1) - 1).clamp(min=0)  # (B, P) from the mask: left padding
+    st.start(prompt_mask, positions)
+    logits = model(input_ids=prompt_ids, position_ids=positions, use_cache=False,
+                   logits_to_keep=1).logits[:, -1].float()  # (B, V)
+    st.prompt_mask = None
+    st.mode = "decode"
+    for window in (None, *st.windows):
+        st.bias.setdefault(window, torch.empty(st.N, 1, 1, st.Pcap + st.T, device=logits.device))
+    return logits.repeat_interleave(st.G, 0)  # (N, V)
+
+
+def _capture(model, st: _DecodeState):
+    """Record one decode step as a CUDA graph over the state's buffers.
+
+    Warm-up runs (cuBLAS handles, lazy allocations, a torch.compile'd forward's compilation)
+    happen on a side stream first, as torch.cuda.graphs asks; they scribble on the state, which
+    `reset_outputs` clears. `step` is set to 1 so the warm-up writes stay inside the buffers.
+    """
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(2):
+            st.step.fill_(1)
+            st.step_fn(model, st)
+    torch.cuda.current_stream().wait_stream(side)
+    st.graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(st.graph):
+        st.step_fn(model, st)
+
+
+# ----------------------------------------------------------------------------------------------
+# Cached states per model
+
+_STATES: "weakref.WeakKeyDictionary[torch.nn.Module, OrderedDict]" = weakref.WeakKeyDictionary()
+
+
+def _state_for(model, num_prompts, num_samples, prompt_len, sampling, stop_ids, pad_token_id, device,
+               compile_step):
+    """The decode state of this shape, reused (with its graph) when the shape was seen before.
+
+    The key holds every parameter's address, so moving or re-allocating the weights (`.to`,
+    re-loading) drops the stale graphs; in-place updates (optimizer steps) are read live. A
+    prompt longer than the state's prefix capacity replaces the state with one of at least
+    twice the capacity, so training's varying prompt lengths settle after a few captures
+    (and compilations) instead of one per length bucket.
+    """
+    states = _STATES.setdefault(model, OrderedDict())
+    weights = tuple(p.data_ptr() for p in model.parameters())
+    key = (num_prompts, num_samples, sampling, tuple(map(tuple, stop_ids)), pad_token_id, str(device), compile_step)
+    st = states.pop(key, None)
+    capacity = prompt_len
+    if st is not None and st.weights != weights:
+        st = None
+    elif st is not None and st.Pcap < prompt_len:
+        capacity, st = max(prompt_len, 2 * st.Pcap), None
+    if st is None:
+        capacity = PREFIX_BUCKET * math.ceil(capacity / PREFIX_BUCKET)
+        st = _DecodeState(num_prompts, num_samples, capacity, sampling, stop_ids, pad_token_id, device)
+        st.weights = weights
+        st.step_fn = torch.compile(_decode_step, dynamic=False) if compile_step else _decode_step
+    states[key] = st  # most recently used last
+    while len(states) > MAX_CACHED_SHAPES:
+        states.popitem(last=False)
+    return st
+
+
+def clear_rollout_cache(model=None):
+    """Free the decode buffers and graphs kept for `model` (every model when None)."""
+    if model is None:
+        _STATES.clear()
+    else:
+        _STATES.pop(model, None)
+
+
+@contextmanager
+def _active(st: _DecodeState):
+    """Make `st` the state `_rollout_attention` reads (a global: transformers passes it nothing)."""
+    global _ACTIVE
+    _ACTIVE = st
+    try:
+        yield
+    finally:
+        _ACTIVE = None
+
+
+# ----------------------------------------------------------------------------------------------
+# Entry points
+
+
+def generate_rollouts(model, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, num_samples: int,
+                      sampling: SamplingConfig, stop_ids: list[list[int]], pad_token_id: int,
+                      *, cuda_graphs: bool = True, compile_step: bool = False) -> Rollouts:
+    """`num_samples` (= G) reasonings per prompt, each ending with a stop sequence.
+
+    prompt_ids, prompt_mask (num_prompts, P) left-padded, on the model's device. A row stops
+    when its generated tokens end with any of `stop_ids`; a row still going after
+    `max_new_tokens - len(shortest stop)` tokens gets the shortest stop forced, so every row
+    ends with one within `max_new_tokens`. `cuda_graphs=False` runs the same steps eagerly
+    (the CPU always does). `compile_step=True` runs the decode step through `torch.compile`
+    (fused kernels inside the graph; the first call of each shape pays the compilation).
+    """
+    _check_inputs(prompt_ids, prompt_mask, num_samples, sampling, stop_ids)
+    device = prompt_ids.device
+    B, P = prompt_ids.shape
+    st = _state_for(model, B, num_samples, P, sampling, stop_ids, pad_token_id, device, compile_step)
+    use_graph = cuda_graphs and device.type == "cuda"
+    with _generation_mode(model, ATTENTION_NAME), _active(st):
+        logits = _prefill(model, st, prompt_ids, prompt_mask)  # (N, V)
+        if use_graph and st.graph is None and st.T > 1:
+            _capture(model, st)
+            st.reset_outputs()  # undo the warm-up's writes
+        _choose(st, logits)
+        for step in range(1, st.T):
+            if step % CHECK_EVERY == 0 and bool(st.done.all()):
+                break
+            if use_graph:
+                st.graph.replay()
+            else:
+                st.step_fn(model, st)
+    length = int(st.active.sum(1).max())
+    return Rollouts(
+        prompt_ids.repeat_interleave(num_samples, 0),
+        prompt_mask.repeat_interleave(num_samples, 0),
+        st.completion[:, :length].clone(),
+        st.active[:, :length].to(prompt_mask.dtype),
+        st.logprobs[:, :length].clone(),
+    )
+
+
+def completion_logprobs(model, prompt_ids, prompt_mask, completion_ids, completion_mask) -> torch.Tensor:
+    """log π(completion token) from one plain forward pass (the model's own attention).
+
+    (N, P) and (N, C) -> (N, C) float32, 0 off the mask. The reference and the tests use it.
+    """
+    ids = torch.cat([prompt_ids, completion_ids], 1)  # (N, P + C)
+    mask = torch.cat([prompt_mask, completion_mask.to(prompt_mask.dtype)], 1)
+    positions = (mask.long().cumsum(-1) - 1).clamp(min=0)
+    with _generation_mode(model):
+        logits = model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=False).logits
+    logp = logits[:, prompt_ids.shape[1] - 1:-1].float().log_softmax(-1)  # (N, C, V)
+    return logp.gather(-1, completion_ids[..., None]).squeeze(-1) * completion_mask
+
+
+class _StopOnSuffix(StoppingCriteria):
+    """`generate` stopping criterion: the generated tokens end with one of the stop sequences."""
+
+    def __init__(self, stop_ids: list[list[int]], prompt_len: int):
+        self.stop_ids, self.prompt_len = stop_ids, prompt_len
+
+    def __call__(self, input_ids, scores, **kwargs) -> torch.BoolTensor:
+        new = input_ids[:, self.prompt_len:]  # (N, t)
+        hit = torch.zeros(len(input_ids), dtype=torch.bool, device=input_ids.device)
+        for stop in self.stop_ids:
+            if new.shape[1] >= len(stop):
+                hit |= (new[:, -len(stop):] == torch.tensor(stop, device=new.device)).all(1)
+        return hit
+
+
+def _cut_or_force(tokens: list[int], stop_ids: list[list[int]]) -> list[int]:
+    """Tokens up to the first completed stop; when none completes, append the forced stop one
+    token at a time until one does (as the engine does)."""
+    for end in range(1, len(tokens) + 1):
+        if any(tokens[:end][-len(s):] == s for s in stop_ids if end >= len(s)):
+            return tokens[:end]
+    out = list(tokens)
+    for token in _forced_stop(stop_ids):
+        out.append(token)
+        if any(out[-len(s):] == s for s in stop_ids if len(out) >= len(s)):
+            break
+    return out
+
+
+def generate_rollouts_reference(model, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, num_samples: int,
+                                sampling: SamplingConfig, stop_ids: list[list[int]],
+                                pad_token_id: int) -> Rollouts:
+    """The same contract through plain `generate` (tests and benchmark only: it is slow).
+
+    `generate` runs `max_new_tokens - len(forced stop)` tokens with a stop-suffix criterion; the
+    host then cuts each row after its first stop or appends the forced stop, and one forward
+    pass gives the log-probs.
+    """
+    _check_inputs(prompt_ids, prompt_mask, num_samples, sampling, stop_ids)
+    budget = sampling.max_new_tokens - len(_forced_stop(stop_ids))
+    P = prompt_ids.shape[1]
+    prompt_ids = prompt_ids.repeat_interleave(num_samples, 0)  # (N, P); rows, not num_return_sequences,
+    prompt_mask = prompt_mask.repeat_interleave(num_samples, 0)  # which greedy decoding refuses
+    generated = [[] for _ in range(len(prompt_ids))]
+    if budget > 0:
+        filters = {} if sampling.greedy else dict(temperature=sampling.temperature, top_k=sampling.top_k,
+                                                  top_p=sampling.top_p)
+        config = GenerationConfig(do_sample=not sampling.greedy, pad_token_id=pad_token_id, eos_token_id=None,
+                                  max_new_tokens=budget, **filters)
+        with _generation_mode(model):
+            out = model.generate(input_ids=prompt_ids, attention_mask=prompt_mask, generation_config=config,
+                                 stopping_criteria=StoppingCriteriaList([_StopOnSuffix(stop_ids, P)]))
+        generated = out[:, P:].tolist()
+    rows = [_cut_or_force(r, stop_ids) for r in generated]
+    width = max(map(len, rows))
+    completion = torch.tensor([r + [pad_token_id] * (width - len(r)) for r in rows], device=prompt_ids.device)
+    mask = torch.tensor([[1] * len(r) + [0] * (width - len(r)) for r in rows], device=prompt_ids.device)
+    logprobs = completion_logprobs(model, prompt_ids, prompt_mask, completion, mask)
+    return Rollouts(prompt_ids, prompt_mask, completion, mask.to(prompt_mask.dtype), logprobs)

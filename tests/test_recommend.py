@@ -1,0 +1,171 @@
+"""recommend.py on a tiny trained run: its top-K against a ranking computed here by hand, the
+JSON-lines schema, `--evaluate` against the per-sample ranks and train.py's own final evaluation,
+and one-line errors for bad input."""
+import contextlib
+import io
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.nn.functional as F
+from datasets import load_from_disk
+
+import recommend
+from errors import run_cli
+from metrics import ranking_metrics
+from model import load_backbone, policy_forward
+from prompts import answer_stop_ids, item_ids, prompt_ids, user_prompt
+from rollouts import SamplingConfig, generate_rollouts
+from tests.backbones import tiny_backbone
+from tests.tiny_run import CATEGORY, ROOT, trained_run
+
+SHOWN_ROWS = (0, 3)
+
+
+def run_recommend(*flags) -> str:
+    """recommend.py's main in this process (no second model import); returns what it printed."""
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        run_cli(recommend.main, [*flags, "--device", "cpu"])
+    return printed.getvalue()
+
+
+def read_jsonl(path) -> list[dict]:
+    with open(path) as f:
+        return [json.loads(line) for line in f]
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory):
+    return trained_run(tmp_path_factory)
+
+
+@pytest.fixture(scope="module")
+def dataset(run_dir):
+    with open(os.path.join(run_dir, "r2ec_run.json")) as f:
+        return load_from_disk(json.load(f)["dataset_dir"])
+
+
+@pytest.fixture(scope="module")
+def shown(run_dir, tmp_path_factory):
+    """Printed text and JSON records of test rows 0 and 3."""
+    output = tmp_path_factory.mktemp("shown") / "shown.jsonl"
+    printed = run_recommend("--output_dir", run_dir, "--split", "test", "--samples", *map(str, SHOWN_ROWS),
+                            "--output", str(output))
+    return printed, read_jsonl(output)
+
+
+def test_top_k_equals_a_ranking_computed_by_hand(run_dir, dataset, shown):
+    from peft import PeftModel
+
+    base, tokenizer = load_backbone(tiny_backbone("qwen2"), dtype=torch.float32)
+    model = PeftModel.from_pretrained(base, run_dir).eval()
+    with torch.no_grad():
+        items = torch.cat([
+            policy_forward(model, torch.tensor([ids]), torch.ones(1, len(ids), dtype=torch.long), 0)[1]
+            for ids in (item_ids(tokenizer, item, CATEGORY) for item in dataset["item_info"])
+        ])  # (I, D), item_info rows are in item-id order
+        for record in shown[1]:
+            sample = dataset["test"][record["row"]]
+            prompt = torch.tensor([prompt_ids(tokenizer, user_prompt(sample, CATEGORY))])  # (1, P)
+            rollout = generate_rollouts(model, prompt, torch.ones_like(prompt), 1, SamplingConfig(8, greedy=True),
+                                        answer_stop_ids(tokenizer), tokenizer.pad_token_id)
+            reasoning = rollout.completion_ids[:, rollout.completion_mask[0].bool()]  # (1, C)
+            assert tokenizer.decode(reasoning[0], skip_special_tokens=True) == record["reasoning"]
+            ids = torch.cat([prompt, reasoning], 1)  # (1, P + C)
+            user = policy_forward(model, ids, torch.ones_like(ids), reasoning.shape[1])[1]  # (1, D)
+            scores = (F.normalize(user, dim=-1) @ F.normalize(items, dim=-1).T)[0] / 0.02  # (I,) cosine / τ
+            scores[[0, *sample["history_item_id"]]] = float("-inf")
+            order = scores.argsort(descending=True)[:10]
+            assert [item["item_id"] for item in record["top_k"]] == order.tolist()
+            torch.testing.assert_close(torch.tensor([item["score"] for item in record["top_k"]]), scores[order],
+                                       rtol=1e-4, atol=1e-3)
+            assert record["target_rank"] == int((scores >= scores[sample["item_id"]]).sum())
+
+
+def test_json_lines_schema(dataset, shown):
+    records = shown[1]
+    assert [r["row"] for r in records] == list(SHOWN_ROWS)
+    for record in records:
+        sample = dataset["test"][record["row"]]
+        assert set(record) == {"user_id", "split", "row", "target_item_id", "target_rank", "reasoning", "top_k"}
+        assert (record["user_id"], record["split"], record["target_item_id"]) == (
+            sample["user_id"], "test", sample["item_id"])
+        assert record["reasoning"].endswith("<answer>") and 1 <= record["target_rank"] <= 16
+        assert len(record["top_k"]) == 10
+        for item in record["top_k"]:
+            assert set(item) == {"item_id", "title", "score"} and isinstance(item["score"], float)
+            assert item["title"] == dataset["item_info"][item["item_id"]]["title"]
+            assert item["item_id"] not in [0, *sample["history_item_id"]]
+        scores = [item["score"] for item in record["top_k"]]
+        assert scores == sorted(scores, reverse=True)
+
+
+def test_printout_shows_history_reasoning_top_k_and_the_target(dataset, shown):
+    printed, records = shown
+    for record in records:
+        sample = dataset["test"][record["row"]]
+        assert all(title in printed for title in sample["history_item_title"])
+        assert record["reasoning"] in printed
+        assert f"rank {record['target_rank']} of 16" in printed
+        if record["target_rank"] <= 10:
+            assert f"*{record['target_rank']:>3}. " in printed
+
+
+def test_evaluate_table_matches_the_per_sample_ranks_and_training(run_dir, tmp_path):
+    output = tmp_path / "eval.jsonl"
+    printed = run_recommend("--output_dir", run_dir, "--split", "test", "--evaluate", "--output", str(output))
+    table = {line.split()[0]: [float(v) for v in line.split()[1:]] for line in printed.splitlines()
+             if line.startswith(("NDCG", "Hit"))}
+    records = read_jsonl(output)
+    assert len(records) == 4 and "4 samples, mean reasoning length 8.0 tokens" in printed
+    expected = ranking_metrics(torch.tensor([r["target_rank"] for r in records]))
+    with open(os.path.join(run_dir, "final_results.json")) as f:
+        trained = json.load(f)  # train.py's last evaluation, same weights, same 4 test samples
+    for label, name in (("NDCG", "ndcg"), ("Hit", "hit")):
+        for value, k in zip(table[label], (5, 10, 20)):
+            assert value == pytest.approx(expected[f"{name}@{k}"], abs=5e-5)
+            assert value == pytest.approx(trained[f"eval_test_{name}@{k}"], abs=5e-5)
+
+
+def test_rows_by_user_and_by_max_samples(dataset):
+    test = dataset["test"]
+    by_user = recommend.parse_args(["--output_dir", "x", "--user_id", test[2]["user_id"]])
+    assert recommend.pick_rows(test, "test", by_user) == [2]
+    capped = recommend.parse_args(["--output_dir", "x", "--evaluate", "--max_samples", "3"])
+    assert recommend.pick_rows(test, "test", capped) == [0, 1, 2]
+
+
+@pytest.fixture
+def no_adapter(run_dir, tmp_path):
+    folder = tmp_path / "no_adapter"
+    folder.mkdir()
+    (folder / "r2ec_run.json").write_text(open(os.path.join(run_dir, "r2ec_run.json")).read())
+    return str(folder)
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--output_dir", "/nonexistent/run"], "does not exist"),
+    (["--output_dir", "NO_ADAPTER"], "no LoRA adapter"),
+    (["--output_dir", "RUN", "--split", "dev"], "choose one of train, valid, test"),
+    (["--output_dir", "RUN", "--samples", "0", "4"], "--samples 4: the test split has 4 samples"),
+    (["--output_dir", "RUN", "--split", "valid", "--user_id", "U999"], "user 'U999' has no sample in the valid"),
+])
+def test_bad_input_gives_one_line(run_dir, no_adapter, capsys, flags, message):
+    flags = [{"RUN": run_dir, "NO_ADAPTER": no_adapter}.get(flag, flag) for flag in flags]
+    with pytest.raises(SystemExit) as exit_info:
+        run_recommend(*flags)
+    assert exit_info.value.code == 2
+    error = capsys.readouterr().err.strip().splitlines()
+    assert error[-1].startswith("error: ") and message in error[-1], error
+
+
+def test_command_line_error_has_no_traceback(tmp_path):
+    result = subprocess.run([sys.executable, os.path.join(ROOT, "recommend.py"), "--output_dir", str(tmp_path)],
+                            cwd=ROOT, capture_output=True, text=True)
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and "no LoRA adapter" in lines[0], lines

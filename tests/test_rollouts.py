@@ -1,0 +1,183 @@
+"""Tests of rollouts.py on tiny random Qwen2-, Gemma-2- and Llama-shaped models (CPU, float32).
+
+    python -m pytest -q tests/test_rollouts.py
+
+The engine must give what plain `generate` gives: the same greedy tokens, stops and masks, and
+log-probs equal to a fresh forward pass; its sampler must follow the temperature / top-k /
+top-p distribution that `generate`'s own logits warpers define.
+"""
+import pytest
+import torch
+from peft import LoraConfig, get_peft_model
+from transformers import (
+    AutoModelForCausalLM,
+    Gemma2Config,
+    LlamaConfig,
+    Qwen2Config,
+    TemperatureLogitsWarper,
+    TopKLogitsWarper,
+    TopPLogitsWarper,
+)
+
+import rollouts
+from bench.bench_rollout import PAD, random_prompts
+from rollouts import SamplingConfig, completion_logprobs, generate_rollouts, generate_rollouts_reference
+
+VOCAB = 320
+# initializer_range 0.3 (not 0.02) makes random models write varied text instead of one repeated token
+TINY = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+            num_key_value_heads=2, max_position_embeddings=256, initializer_range=0.3, pad_token_id=PAD)
+
+
+def tiny_model(family: str, **overrides):
+    torch.manual_seed(0)
+    if family == "qwen2":
+        config = Qwen2Config(**{**TINY, **overrides}, tie_word_embeddings=True)
+    elif family == "gemma2":  # soft-capping on, sliding window shorter than prompt + reasoning
+        config = Gemma2Config(**{**TINY, **overrides}, head_dim=16, query_pre_attn_scalar=16, sliding_window=5,
+                              final_logit_softcapping=30.0, attn_logit_softcapping=50.0)
+    else:
+        config = LlamaConfig(**{**TINY, **overrides}, tie_word_embeddings=False)
+    return AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
+
+
+def lora_model():
+    """Qwen2 with LoRA on every projection, B initialised non-zero so the adapter changes outputs."""
+    config = LoraConfig(r=4, lora_alpha=8, lora_dropout=0.05, init_lora_weights=False,
+                        target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"])
+    return get_peft_model(tiny_model("qwen2"), config)
+
+
+def prompts(lengths=(9, 6, 4), seed=1, vocab=VOCAB):
+    """Left-padded batch of prompts of different lengths.  -> ids, mask (B, max(lengths))."""
+    return random_prompts(vocab, lengths, "cpu", seed)
+
+
+def natural_and_forced_stops(model, ids, mask, max_new_tokens):
+    """Stop sequences taken from the model's own greedy text: row 0 ends early on a 2-token stop,
+    and a 1-token stop from row 2's text; rows that never meet either are forced."""
+    free = generate_rollouts_reference(model, ids, mask, 1, SamplingConfig(max_new_tokens, greedy=True),
+                                       [[VOCAB - 1] * 3], PAD).completion_ids
+    return [free[0, 3:5].tolist(), [int(free[2, 10])]]
+
+
+def assert_well_formed(r, stop_ids, max_new_tokens):
+    """Every row: a block of mask 1 ending with a stop sequence, then padding with log-prob 0."""
+    lengths = r.completion_mask.sum(1)
+    assert int(lengths.max()) == r.completion_ids.shape[1] <= max_new_tokens
+    for row, n in enumerate(lengths.tolist()):
+        assert r.completion_mask[row, :n].all() and not r.completion_mask[row, n:].any()
+        tokens = r.completion_ids[row, :n].tolist()
+        assert any(tokens[-len(s):] == s for s in stop_ids), tokens
+        assert (r.completion_ids[row, n:] == PAD).all() and (r.logprobs[row, n:] == 0).all()
+
+
+def assert_same_rollouts(ours, ref):
+    for name in ("prompt_ids", "prompt_mask", "completion_ids", "completion_mask"):
+        assert torch.equal(getattr(ours, name), getattr(ref, name)), name
+    torch.testing.assert_close(ours.logprobs, ref.logprobs, atol=2e-5, rtol=0)
+
+
+@pytest.mark.parametrize("family", ["qwen2", "gemma2", "llama", "qwen2-lora"])
+def test_greedy_equals_generate(family):
+    model = lora_model() if family == "qwen2-lora" else tiny_model(family)
+    ids, mask = prompts()
+    T = 24
+    stop_ids = natural_and_forced_stops(model, ids, mask, T)
+    sampling = SamplingConfig(max_new_tokens=T, greedy=True)
+    ref = generate_rollouts_reference(model, ids, mask, 2, sampling, stop_ids, PAD)
+    ours = generate_rollouts(model, ids, mask, 2, sampling, stop_ids, PAD)
+    assert_same_rollouts(ours, ref)
+    assert_well_formed(ours, stop_ids, T)
+    lengths = ours.completion_mask.sum(1)
+    assert (lengths < T).any() and (lengths == T).any(), "want both natural and forced stops"
+
+
+def test_sampled_logprobs_equal_a_fresh_forward():
+    model = tiny_model("gemma2")
+    ids, mask = prompts((7, 3, 5, 7))
+    stop_ids = [[11, 12], [13]]
+    T = 20
+    torch.manual_seed(3)
+    r = generate_rollouts(model, ids, mask, 3, SamplingConfig(T, temperature=1.5, top_k=40), stop_ids, PAD)
+    assert_well_formed(r, stop_ids, T)
+    assert r.completion_ids.shape[0] == 12 and torch.equal(r.prompt_ids[3 * 2 + 1], ids[2])
+    fresh = completion_logprobs(model, r.prompt_ids, r.prompt_mask, r.completion_ids, r.completion_mask)
+    torch.testing.assert_close(r.logprobs, fresh, atol=2e-5, rtol=0)
+    assert len(set(map(tuple, r.completion_ids[:3].tolist()))) > 1, "G samples of one prompt should differ"
+
+
+def test_forced_stop_fills_the_budget():
+    model = tiny_model("llama")
+    ids, mask = prompts()
+    stop = [VOCAB - 1, VOCAB - 2, VOCAB - 1]  # never written by this model: every row is forced
+    for T in (3, 10):  # T = len(stop): the whole budget is the forced stop
+        r = generate_rollouts(model, ids, mask, 2, SamplingConfig(T, temperature=1.2), [stop], PAD)
+        assert r.completion_ids.shape == (6, T) and r.completion_mask.all()
+        assert (r.completion_ids[:, -3:] == torch.tensor(stop)).all()
+        fresh = completion_logprobs(model, r.prompt_ids, r.prompt_mask, r.completion_ids, r.completion_mask)
+        torch.testing.assert_close(r.logprobs, fresh, atol=2e-5, rtol=0)
+
+
+@pytest.mark.parametrize("temperature,top_k,top_p", [(1.0, 0, 1.0), (1.5, 5, 1.0), (0.7, 0, 0.8), (1.0, 8, 0.9)])
+def test_sampling_follows_the_filtered_distribution(temperature, top_k, top_p):
+    """First token of 8000 samples of one prompt against generate's warpers, chi-square."""
+    model = tiny_model("qwen2", vocab_size=24)
+    ids, mask = prompts((5,), vocab=24)
+    with torch.no_grad():
+        logits = model(input_ids=ids).logits[:, -1]  # (1, V)
+    for warper in (TemperatureLogitsWarper(temperature), TopKLogitsWarper(top_k) if top_k else None,
+                   TopPLogitsWarper(top_p) if top_p < 1 else None):
+        logits = warper(ids, logits) if warper else logits
+    expected = logits.softmax(-1)[0].double()  # (V,)
+    torch.manual_seed(7)
+    n = 8000
+    sampling = SamplingConfig(max_new_tokens=2, temperature=temperature, top_k=top_k, top_p=top_p)
+    first = generate_rollouts(model, ids, mask, n, sampling, [[23]], PAD).completion_ids[:, 0]
+    counts = torch.bincount(first, minlength=24).double()
+    support = expected > 0
+    assert counts[~support].sum() == 0, "a filtered-out token was sampled"
+    assert 2 <= support.sum() < 24 or top_k == 0 and top_p == 1, "the filter should bite"
+    chi2 = ((counts - n * expected)[support] ** 2 / (n * expected[support])).sum().item()
+    dof = int(support.sum()) - 1
+    assert chi2 < dof + 6 * (2 * dof) ** 0.5, f"chi2 {chi2:.1f} with {dof} degrees of freedom"
+
+
+def test_model_state_is_restored_and_outputs_feed_autograd():
+    model = lora_model()
+    model.train()
+    model.get_base_model().lm_head.eval()  # a module deliberately left in eval mode stays so
+    model.gradient_checkpointing_enable()
+    before = [m.training for m in model.modules()]
+    ids, mask = prompts()
+    r = generate_rollouts(model, ids, mask, 2, SamplingConfig(8), [[5]], PAD)
+    assert [m.training for m in model.modules()] == before
+    assert model.config._attn_implementation == "sdpa"
+    assert not any(torch.is_inference(t) or t.requires_grad for t in r)
+    out = model(input_ids=torch.cat([r.prompt_ids, r.completion_ids], 1)).logits
+    out.float().mean().backward()  # ids from the engine work in a training forward
+
+
+def test_one_state_serves_other_prompt_lengths():
+    """Shorter prompts reuse the first call's buffers (and CUDA graph); a prompt past the prefix
+    capacity replaces them with at least twice the capacity."""
+    model = tiny_model("qwen2")
+    rollouts.clear_rollout_cache(model)
+    sampling = SamplingConfig(max_new_tokens=12, greedy=True)
+    for lengths, capacity in (((9, 6, 4), 128), ((3, 5, 2), 128), ((140, 20, 7), 256)):
+        ids, mask = prompts(lengths, seed=sum(lengths))
+        ref = generate_rollouts_reference(model, ids, mask, 2, sampling, [[7]], PAD)
+        assert_same_rollouts(generate_rollouts(model, ids, mask, 2, sampling, [[7]], PAD), ref)
+        (state,) = rollouts._STATES[model].values()
+        assert state.Pcap == capacity
+
+
+def test_bad_inputs_are_refused():
+    model = tiny_model("qwen2")
+    ids, mask = prompts()
+    with pytest.raises(ValueError, match="left-padded"):
+        generate_rollouts(model, ids, mask.flip(1), 2, SamplingConfig(8), [[5]], PAD)
+    with pytest.raises(ValueError, match="raise max_new_tokens"):
+        generate_rollouts(model, ids, mask, 2, SamplingConfig(2), [[5, 6, 7]], PAD)
+    with pytest.raises(ValueError, match="top_p"):
+        SamplingConfig(8, top_p=0.0)
