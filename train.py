@@ -27,6 +27,7 @@ FLAG_ALIASES = {"--train_batch_size": "--per_device_train_batch_size", "--eval_b
 SPLITS = ("train", "valid", "test", "item_info")
 SAMPLE_COLUMNS = ("user_id", "history_item_id", "history_item_title", "history_rating", "history_timestamp",
                   "item_id", "timestamp")
+RUN_SETTINGS = ("window_size", "max_new_tokens", "similarity_type", "tau", "max_prompt_tokens", "max_item_tokens")
 DATASET_NAME = re.compile(r"^(?P<category>.+?)_\d+_\d{4}-\d{1,2}-\d{4}-\d{1,2}(_.*)?$")
 
 
@@ -94,6 +95,18 @@ def build_trainer(config: RecPOConfig) -> RecPOTrainer:
     return RecPOTrainer(model, config, tokenizer, dataset, category, callbacks=callbacks)
 
 
+def final_metrics(trainer: RecPOTrainer) -> dict:
+    """Metrics of the model being saved: the evaluation already logged for its step, else a new one."""
+    state = trainer.state
+    step = state.global_step
+    if trainer.args.load_best_model_at_end and state.best_model_checkpoint:
+        step = int(state.best_model_checkpoint.rstrip("/").rsplit("-", 1)[1])
+    logged = [entry for entry in state.log_history if entry.get("step") == step and "eval_test_ndcg@10" in entry]
+    if logged:  # greedy evaluation is deterministic: running it again would repeat the same numbers
+        return {key: value for key, value in logged[-1].items() if key.startswith("eval_")}
+    return trainer.evaluate()
+
+
 def main(argv: list[str]):
     config = parse_config(argv)
     trainer = build_trainer(config)
@@ -108,16 +121,14 @@ def main(argv: list[str]):
     trainer.train(resume_from_checkpoint=resume)
 
     trainer.save_model(config.output_dir)
-    if trainer.is_world_process_zero():
-        plot_training_curves(trainer.state.log_history, os.path.join(config.output_dir, "training_curves.png"))
-    metrics = trainer.evaluate()
+    metrics = final_metrics(trainer)
     if trainer.is_world_process_zero():
         trainer.save_metrics("final", metrics)
         with open(os.path.join(config.output_dir, "r2ec_run.json"), "w") as f:
             json.dump({"model": config.model, "model_path": resolve_model(config.model),
-                       "dataset_dir": config.dataset_dir, "category": trainer.category, "window_size": config.window_size,
-                       "max_new_tokens": config.max_new_tokens, "similarity_type": config.similarity_type,
-                       "tau": config.tau}, f, indent=2)
+                       "dataset_dir": config.dataset_dir, "category": trainer.category,
+                       **{key: getattr(config, key) for key in RUN_SETTINGS}}, f, indent=2)
+        plot_training_curves(trainer.state.log_history, os.path.join(config.output_dir, "training_curves.png"))
     trainer.accelerator.end_training()
     return metrics
 

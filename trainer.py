@@ -37,6 +37,7 @@ from rollouts import Rollouts, SamplingConfig, generate_rollouts
 
 ADVANTAGE_TYPES = ("gaussian", "rloo")
 SIMILARITY_TYPES = ("cosine", "dot", "L2")
+EVAL_TOP_ITEMS = 10  # recommended item ids saved per sample with each evaluation's reasoning
 
 
 # ----------------------------------------------------------------------------------------------
@@ -547,7 +548,9 @@ class RecPOTrainer(Trainer):
                 rollouts = self.rollout(model, samples, greedy, 1)
                 user_states = self.score_users(model, rollouts, args.per_device_eval_batch_size)
                 targets = torch.tensor([s["item_id"] for s in samples], device=user_states.device)
-                batch_ranks = target_rank(self.rank_items(user_states, samples), targets)
+                scores = self.rank_items(user_states, samples)  # (b, I)
+                batch_ranks = target_rank(scores, targets)
+                top_items = scores.topk(min(EVAL_TOP_ITEMS, scores.shape[1]), dim=1).indices.tolist()
                 ranks.append(batch_ranks)
                 lengths.append(rollouts.completion_mask.sum(1))
                 texts = self.processing_class.batch_decode(
@@ -555,7 +558,8 @@ class RecPOTrainer(Trainer):
                     * (1 - rollouts.completion_mask), skip_special_tokens=True,
                 )
                 records += [{"row": i, "user_id": s["user_id"], "item_id": s["item_id"], "rank": int(r),
-                             "reasoning": t} for i, s, r, t in zip(rows, samples, batch_ranks.tolist(), texts)]
+                             "reasoning": t, "top_items": top}
+                            for i, s, r, t, top in zip(rows, samples, batch_ranks.tolist(), texts, top_items)]
         ranks = gather(torch.cat(ranks))[:count] if ranks else torch.zeros(0, device=args.device)
         lengths = gather(torch.cat(lengths))[:count] if lengths else torch.zeros(0, device=args.device)
         records = sorted({r["row"]: r for r in gather_object(records)}.values(), key=lambda r: r["row"])

@@ -1,0 +1,591 @@
+"""preprocess.py against SPEC §1: filter and cleaning rules, window back-off, K-core, samples and
+split, output name and atomic save, downloads from a loopback HTTP server, one-line user errors,
+and the committed sample data. Offline; run: python -m pytest -q tests/test_preprocess.py
+"""
+import collections
+import gzip
+import http.server
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import threading
+import time
+
+import numpy as np
+import pyarrow as pa
+import pytest
+
+import preprocess as P
+from errors import UserError, run_cli
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SAMPLE = os.path.join(ROOT, "data", "sample")
+SAMPLE_FILES = ("Video_Games.csv.gz", "meta_Video_Games.jsonl.gz")
+SAMPLE_COLUMNS = ["user_id", "item_asins", "item_asin", "history_item_id", "item_id",
+                  "history_item_title", "item_title", "history_rating", "rating",
+                  "history_timestamp", "timestamp", "interaction_id"]
+ITEM_INFO_COLUMNS = ["main_category", "title", "subtitle", "average_rating", "rating_number",
+                     "features", "description", "price", "store", "categories", "details",
+                     "parent_asin", "item_id"]
+
+
+def ms(year, month, day=1):
+    return P.month_start_ms(year, month) + (day - 1) * 86_400_000
+
+
+def write_gz(path, text):
+    with gzip.open(path, "wt") as f:
+        f.write(text)
+
+
+def meta(asin, title, price=9.99, **more):
+    return json.dumps({"main_category": "Games", "title": title, "price": price,
+                       "parent_asin": asin, **more})
+
+
+def write_raw(folder, ratings, metas, category="Toy"):
+    """Raw pair in the real format: ratings = [(user, asin, rating, ms)], metas = JSON lines."""
+    os.makedirs(folder, exist_ok=True)
+    write_gz(os.path.join(folder, f"{category}.csv.gz"), "user_id,parent_asin,rating,timestamp\n"
+             + "".join(f"{u},{a},{r},{t}\n" for u, a, r, t in ratings))
+    write_gz(os.path.join(folder, f"meta_{category}.jsonl.gz"), "".join(m + "\n" for m in metas))
+
+
+def closed_port_url():
+    """A loopback URL nothing listens on: connections to it are refused at once."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return f"http://127.0.0.1:{s.getsockname()[1]}/"
+
+
+NOWHERE = closed_port_url()
+
+
+def run_main(folder, *flags, category="Toy"):
+    return P.main(["--category", category, "--data_root_dir", str(folder), "--base_url", NOWHERE,
+                   *flags])
+
+
+def user_error(capsys, argv):
+    """Run main through run_cli; return the one stderr line after checking exit code 2."""
+    with pytest.raises(SystemExit) as exit_info:
+        run_cli(P.main, argv)
+    err = capsys.readouterr().err.strip().splitlines()
+    assert exit_info.value.code == 2 and len(err) == 1 and err[0].startswith("error: "), err
+    return err[0]
+
+# ---------------------------------------------------------------------------------------------
+# Item filter and cleaning
+
+
+@pytest.mark.parametrize("title, kept", [
+    (None, None),                                                    # 1. null title
+    (123, None),                                                     # 1. not a string
+    ('<span id="a">Racing Kit</span>', None),                        # 2.
+    (" ".join(["w"] * 20), " ".join(["w"] * 20)),                    # 3. 20 words stay
+    (" ".join(["w"] * 21), None),                                    # 3. 21 words go
+    ('  "' + " ".join(["w"] * 20) + '"  ', " ".join(["w"] * 20)),   # 3. counted after stripping
+    ("a  " + " ".join(["w"] * 19), None),                           # 3. split on single spaces
+    ("&quot;A &amp; B&quot;", "A & B"),                              # entities, then quotes
+    ('"X"', None),                                                   # 4. one character left
+    ("XY", "XY"),
+    ("&lt;b&gt;Game&lt;/b&gt;", "&lt;b&gt;Game&lt;/b&gt;"),          # only &quot; and &amp; here
+])
+def test_filter_title(title, kept):
+    assert P.filter_title(title) == kept
+
+
+@pytest.mark.parametrize("price, ok", [(None, False), ("—", False), ("from 12.99", False),
+                                       ("", False), (12.99, True), ("24.50", True), (20, True)])
+def test_price_must_convert_to_float(price, ok):
+    assert P.price_is_float(price) is ok
+
+
+def test_clean_text_order():
+    # unescape; strip; tags; newline/tab -> space; squeeze spaces; non-ASCII -> space (unsqueezed)
+    assert P.clean_text("  &lt;b&gt;Caf\u00e9\tNoir&lt;/b&gt;\n") == "Caf  Noir"
+    assert P.clean_text("a\n\n b &amp;   c") == "a b & c"
+    assert P.clean_text("\u2122 Game") == "  Game"
+
+
+def test_item_row_cleans_top_level_strings_only():
+    # the title loses its leading quote only: the trailing one is followed by " \u2122"
+    line = json.dumps({
+        "main_category": " Video &amp; Games ", "title": '&quot;Turbo\tRacing&quot; \u2122',
+        "average_rating": 4.5, "rating_number": 12, "features": ["<b>fast</b>"],
+        "description": ["<p>x</p>", "y", "<p>x</p>"], "price": "24.50", "images": [1],
+        "videos": [], "store": "Sony<br/>", "categories": ["Games"], "details": {"ESRB": "\u00e9"},
+        "parent_asin": "B01", "bought_together": None, "author": {"name": "n"}})
+    assert P.item_row(line.encode()) == {
+        "main_category": "Video & Games", "title": 'Turbo Racing"  ', "subtitle": "",
+        "average_rating": 4.5, "rating_number": 12, "features": ["<b>fast</b>"],
+        "description": ["<p>x</p>", "y"], "price": 24.5, "store": "Sony",
+        "categories": ["Games"], "details": '{"ESRB": "\\u00e9"}', "parent_asin": "B01"}
+
+
+def test_item_info_types_and_defaults():
+    table = P.build_item_info([meta("B1", "Alpha", rating_number=None).encode()])
+    assert table.schema.field("rating_number").type == pa.int64()
+    assert table.to_pylist()[1]["rating_number"] == 0 and table.to_pylist()[1]["details"] == "{}"
+    with pytest.raises(UserError, match="unexpected type"):
+        P.build_item_info([meta("B1", "Alpha", average_rating="four").encode()])
+
+
+def test_scan_metadata_filters_in_file_order(tmp_path):
+    path = tmp_path / "meta_Toy.jsonl.gz"
+    write_gz(path, "\n".join([
+        meta("B3", "Gamma"), meta("B9", "Never rated"), meta("B1", None), meta("B2", "Beta", None),
+        meta("B4", "Delta", "from 12.99"), meta("B5", "Epsilon"), meta("B5", "Epsilon again"),
+        json.dumps({"parent_asin": "B6", "price": 1.0}), meta("B7", "Eta", "3.50")]) + "\n")
+    with P.GzipLines(path) as lines:
+        kept = P.scan_metadata(lines, ["B1", "B2", "B3", "B4", "B5", "B6", "B7"], path)
+    assert list(kept) == ["B3", "B5", "B7"]
+    assert json.loads(kept["B5"])["title"] == "Epsilon"  # a repeated parent_asin keeps its first line
+
+
+def test_scan_metadata_rejects_bad_lines(tmp_path):
+    path = tmp_path / "meta_Toy.jsonl.gz"
+    for text, message in [('{"title": "no asin", "price": 1}\n', "line 1 has no parent_asin"),
+                          (meta("B1", "ok") + '\n{"parent_asin": "B2", \n', "line 2 is not valid JSON")]:
+        write_gz(path, text)
+        with pytest.raises(UserError, match=message), P.GzipLines(path) as lines:
+            P.scan_metadata(lines, ["B1", "B2"], path)
+    with open(os.path.join(SAMPLE, SAMPLE_FILES[1]), "rb") as f:
+        data = f.read()
+    path.write_bytes(data[: len(data) // 2])
+    with pytest.raises(UserError, match="truncated or corrupt"), P.GzipLines(path) as lines:
+        P.scan_metadata(lines, ["B1"], path)
+
+# ---------------------------------------------------------------------------------------------
+# Window, back-off, K-core
+
+
+def window(ratings, start, end, k=0):
+    users, items, times = (np.array(c) for c in zip(*ratings))
+    mask, start = P.select_window(users, items, times, start, end, k)
+    return sorted(map(tuple, np.array(ratings)[mask].tolist())), start
+
+
+def test_window_bounds_are_inclusive():
+    ratings = [(0, 0, ms(2022, 10) - 1), (0, 1, ms(2022, 10)), (0, 2, ms(2023, 10)),
+               (0, 3, ms(2023, 10) + 1), (1, 4, ms(2022, 9))]
+    kept, start = window(ratings, (2022, 10), (2023, 10))
+    assert kept == [(0, 1, ms(2022, 10)), (0, 2, ms(2023, 10))] and start == (2022, 10)
+
+
+def test_backoff_stops_once_10000_items_are_reached():
+    # 4,000 items in the window, 4,000 more in each 3-month step back, first rating in 2015
+    ratings = [(i, i, ms(2023, 1)) for i in range(4000)]
+    ratings += [(i, i, ms(2022, 8)) for i in range(4000, 8000)]
+    ratings += [(i, i, ms(2022, 5)) for i in range(8000, 12000)]
+    ratings += [(i, i, ms(2022, 2)) for i in range(12000, 16000)] + [(0, 0, ms(2015, 6))]
+    kept, start = window(ratings, (2022, 10), (2023, 10))
+    assert start == (2022, 4) and len(kept) == 12000
+
+
+def test_backoff_reaches_the_earliest_year_and_stops_there():
+    # the earliest rating is from May 2020: the start moves back to 2020-10, not further
+    ratings = [(0, 0, ms(2020, 5)), (0, 1, ms(2020, 9, 30)), (0, 2, ms(2020, 10)), (1, 3, ms(2023, 1))]
+    kept, start = window(ratings, (2022, 10), (2023, 10))
+    assert start == (2020, 10) and [r[1] for r in kept] == [2, 3]
+
+
+def test_k_core_repeats_until_nothing_changes():
+    # K=2: u4 goes, which leaves d with one rating, then u3, then c, then u2 ... a, b with u0, u1 stay
+    a, b, c, d = range(4)
+    ratings = [(0, a), (0, b), (1, a), (1, b), (2, b), (2, c), (3, c), (3, d), (4, d)]
+    users, items = (np.array(x) for x in zip(*ratings))
+    keep = P.k_core(users, items, 2)
+    assert [r for r, k in zip(ratings, keep) if k] == [(0, a), (0, b), (1, a), (1, b)]
+    assert P.k_core(users, items, 0).all()
+
+# ---------------------------------------------------------------------------------------------
+# Samples, ids, split: a hand-built input with every expected row written out
+
+
+HAND_META = [meta("I5", "Late"), meta("I3", "Gamma"), meta("I1", "Alpha"), meta("I6", "No price", None),
+             meta("I4", "&quot;Delta&quot;"), meta("I2", "Beta")]
+T = ms(2023, 1)
+HAND_RATINGS = [  # file order matters: users by first appearance, stable sorts
+    ("uB", "I1", 4.0, T + 300), ("uA", "I2", 5.0, T + 100), ("uA", "I1", 3.0, T + 200),
+    ("uB", "I3", 2.0, T + 100), ("uA", "I6", 5.0, T + 150), ("uA", "I3", 1.0, T + 200),
+    ("uA", "I7", 4.0, T + 250), ("uA", "I4", 5.0, T + 400), ("uB", "I2", 4.0, T + 200),
+    ("uC", "I4", 3.0, T + 500), ("uC", "I5", 2.0, ms(2023, 12, 2))]
+# ids follow metadata order over window items: I3=1, I1=2, I4=3, I2=4 (I5 lies after the window,
+# I6 has no price, I7 no metadata)
+NAMES = {1: "Gamma", 2: "Alpha", 3: "Delta", 4: "Beta"}
+ASINS = {1: "I3", 2: "I1", 3: "I4", 4: "I2"}
+
+
+def row(i, user, history, target):
+    """history/target: (item id, rating, time offset)."""
+    return {"user_id": user, "item_asins": [ASINS[h[0]] for h in history],
+            "item_asin": ASINS[target[0]], "history_item_id": [h[0] for h in history],
+            "item_id": target[0], "history_item_title": [NAMES[h[0]] for h in history],
+            "item_title": NAMES[target[0]], "history_rating": [h[1] for h in history],
+            "rating": target[1], "history_timestamp": [T + h[2] for h in history],
+            "timestamp": T + target[2], "interaction_id": i}
+
+
+EXPECTED = [  # window_size 2; ties at +200 keep uB (seen first) before uA, and uA's I1 before I3
+    row(0, "uB", [(1, 2.0, 100)], (4, 4.0, 200)),
+    row(1, "uA", [(4, 5.0, 100)], (2, 3.0, 200)),
+    row(2, "uA", [(4, 5.0, 100), (2, 3.0, 200)], (1, 1.0, 200)),
+    row(3, "uB", [(1, 2.0, 100), (4, 4.0, 200)], (2, 4.0, 300)),
+    row(4, "uA", [(2, 3.0, 200), (1, 1.0, 200)], (3, 5.0, 400)),
+]  # uC has one rating in the window: no sample
+
+
+def test_samples_ids_and_split_on_a_hand_built_input(tmp_path, capsys):
+    import datasets
+
+    write_raw(tmp_path, HAND_RATINGS, HAND_META)
+    target = run_main(tmp_path, "--st_year", "2023", "--st_month", "1", "--ed_year", "2023",
+                      "--ed_month", "12", "--window_size", "2")
+    assert os.path.basename(target) == "Toy_0_2023-1-2023-12"
+    d = datasets.load_from_disk(target)
+    assert [d[s].num_rows for s in ("train", "valid", "test")] == [4, 0, 1]  # int(0.8*5), int(0.9*5)
+    rows = [r for s in ("train", "valid", "test") for r in d[s]]
+    assert rows == EXPECTED
+    info = d["item_info"]
+    assert info["item_id"] == [0, 1, 2, 3, 4]
+    assert info["parent_asin"] == ["pad_asin", "I3", "I1", "I4", "I2"]
+    assert info["title"] == ["pad_title", "Gamma", "Alpha", "Delta", "Beta"]
+    out = capsys.readouterr().out
+    assert "users: 3  items: 4  interactions: 5" in out and "train: 4  valid: 0  test: 1" in out
+
+
+@pytest.mark.parametrize("n, bounds", [(5, (4, 4)), (10, (8, 9)), (63_502, (50_801, 57_151)),
+                                       (13_435, (10_748, 12_091)), (34_373, (27_498, 30_935))])
+def test_split_bounds_match_the_paper(n, bounds):
+    assert P.split_bounds(n) == bounds  # Table 5: 50,801/6,350/6,351 and the others
+
+
+def test_output_name():
+    assert P.output_name("CDs_and_Vinyl", 0, 2022, 10, 2023, 10) == "CDs_and_Vinyl_0_2022-10-2023-10"
+    assert P.output_name("Video_Games", 5, 2022, 1, 2023, 2, "v2") == "Video_Games_5_2022-1-2023-2_v2"
+
+# ---------------------------------------------------------------------------------------------
+# Atomic output
+
+
+def write_part(fail):
+    def write(folder):
+        with open(os.path.join(folder, "part.arrow"), "w") as f:
+            f.write("new")
+        if fail:
+            raise KeyboardInterrupt  # as if the user pressed Ctrl-C half-way
+    return write
+
+
+def test_save_is_atomic_and_replaces_the_old_dataset(tmp_path):
+    target = tmp_path / "Toy_0_2022-10-2023-10"
+    target.mkdir()
+    (target / "old.arrow").write_text("old")
+    with pytest.raises(KeyboardInterrupt):
+        P.save_atomically(write_part(fail=True), str(target))
+    assert os.listdir(tmp_path) == [target.name] and os.listdir(target) == ["old.arrow"]
+    P.save_atomically(write_part(fail=False), str(target))
+    assert os.listdir(tmp_path) == [target.name] and os.listdir(target) == ["part.arrow"]
+    umask = os.umask(0o022)
+    try:
+        P.save_atomically(write_part(fail=False), str(target))
+    finally:
+        os.umask(umask)
+    assert target.stat().st_mode & 0o777 == 0o755  # as a plain mkdir would make it
+
+# ---------------------------------------------------------------------------------------------
+# Downloads from a loopback server
+
+
+class Server(http.server.ThreadingHTTPServer):
+    """Serves `files` {url path: bytes} with Range support; `drop` {path: n} cuts the first
+    response for that path after n bytes. Every request's (path, Range header) is logged."""
+
+    def __init__(self, files, drop=None):
+        self.files, self.drop, self.log = files, dict(drop or {}), []
+        super().__init__(("127.0.0.1", 0), Handler)
+        threading.Thread(target=self.serve_forever, daemon=True).start()
+
+    @property
+    def url(self):
+        return f"http://127.0.0.1:{self.server_address[1]}/data/"
+
+
+class Handler(http.server.BaseHTTPRequestHandler):
+    def log_message(self, *args):
+        pass
+
+    def do_GET(self):
+        path = self.path.removeprefix("/data/")
+        self.server.log.append((path, self.headers.get("Range")))
+        if path not in self.server.files:
+            self.send_error(404)
+            return
+        body, start = self.server.files[path], 0
+        if self.headers.get("Range"):
+            start = int(self.headers["Range"].removeprefix("bytes=").rstrip("-"))
+            self.send_response(206)
+            self.send_header("Content-Range", f"bytes {start}-{len(body) - 1}/{len(body)}")
+        else:
+            self.send_response(200)
+        self.send_header("Content-Length", str(len(body) - start))
+        self.end_headers()
+        cut = self.server.drop.pop(path, None)
+        self.wfile.write(body[start:cut])
+        if cut is not None:
+            self.wfile.flush()
+            self.connection.shutdown(socket.SHUT_RDWR)  # the rest never comes: a short body
+
+
+def sample_files():
+    files = {}
+    for (remote, local), name in zip(P.raw_files("Video_Games"), SAMPLE_FILES):
+        with open(os.path.join(SAMPLE, name), "rb") as f:
+            files[remote] = f.read()
+    return files
+
+
+@pytest.fixture
+def server():
+    servers = []
+
+    def start(files, drop=None):
+        servers.append(Server(files, drop))
+        return servers[-1]
+
+    yield start
+    for s in servers:
+        s.shutdown()
+        s.server_close()
+
+
+def test_download_full_transfer_then_no_network(tmp_path, server):
+    files = sample_files()
+    s = server(files)
+    paths = P.fetch_raw("Video_Games", str(tmp_path), s.url)
+    assert [open(p, "rb").read() for p in paths] == list(files.values())
+    assert sorted(os.listdir(tmp_path)) == sorted(SAMPLE_FILES)  # no .part left
+    s.log.clear()
+    assert P.fetch_raw("Video_Games", str(tmp_path), s.url) == paths and s.log == []
+
+
+def test_download_resumes_after_the_connection_drops(tmp_path, server):
+    files = sample_files()
+    meta_remote = P.raw_files("Video_Games")[1][0]
+    cut = len(files[meta_remote]) // 2
+    s = server(files, drop={meta_remote: cut})
+    P.fetch_raw("Video_Games", str(tmp_path), s.url)
+    with open(tmp_path / SAMPLE_FILES[1], "rb") as f:
+        assert f.read() == files[meta_remote]
+    assert [entry for entry in s.log if entry[0] == meta_remote] == [
+        (meta_remote, None), (meta_remote, f"bytes={cut}-")]
+
+
+def test_download_resumes_a_part_file_left_by_an_interrupted_run(tmp_path, server):
+    files = sample_files()
+    ratings_remote = P.raw_files("Video_Games")[0][0]
+    (tmp_path / (SAMPLE_FILES[0] + ".part")).write_bytes(files[ratings_remote][:1000])
+    s = server(files)
+    P.fetch_raw("Video_Games", str(tmp_path), s.url)
+    assert (tmp_path / SAMPLE_FILES[0]).read_bytes() == files[ratings_remote]
+    assert (ratings_remote, "bytes=1000-") in s.log
+
+
+def test_download_404_names_the_known_categories(tmp_path, server):
+    s = server(sample_files())
+    with pytest.raises(UserError, match=r"HTTP 404.*did you mean Video_Games\?.*CDs_and_Vinyl"):
+        P.fetch_raw("Video_Gmaes", str(tmp_path), s.url)
+    assert os.listdir(tmp_path) == []
+
+
+def test_download_rejects_a_corrupt_gzip_and_keeps_nothing(tmp_path, server):
+    files = sample_files()
+    for remote in files:
+        files[remote] = files[remote][:-30]  # cut short, but served as a complete response
+    s = server(files)
+    with pytest.raises(UserError, match="truncated or corrupt"):
+        P.fetch_raw("Video_Games", str(tmp_path), s.url)
+    assert os.listdir(tmp_path) == []
+
+
+def test_unreachable_host_without_local_files(tmp_path):
+    with pytest.raises(UserError, match="127.0.0.1 is unreachable.*--base_url"):
+        P.fetch_raw("Video_Games", str(tmp_path), NOWHERE)
+    with pytest.raises(UserError, match="'Vidoe_Games' is not a known category.*did you mean Video_Games"):
+        P.fetch_raw("Vidoe_Games", str(tmp_path), NOWHERE)
+
+
+def test_base_url_from_the_environment(monkeypatch):
+    monkeypatch.setenv(P.BASE_URL_ENV, "http://mirror.example/amazon_2023/")
+    assert P.parse_args([]).base_url == "http://mirror.example/amazon_2023/"
+    assert P.parse_args(["--base_url", "http://other/"]).base_url == "http://other/"
+    monkeypatch.delenv(P.BASE_URL_ENV)
+    assert P.parse_args([]).base_url == P.DEFAULT_BASE_URL
+
+# ---------------------------------------------------------------------------------------------
+# One-line user errors
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--st_month", "13"], "--st_month 13 is outside 1-12"),
+    (["--ed_month", "0"], "--ed_month 0 is outside 1-12"),
+    (["--st_year", "2024"], "ends (2023-10) before it starts (2024-10)"),
+    (["--window_size", "0"], "--window_size 0 is below 1"),
+    (["--K", "-1"], "--K -1 is negative"),
+    (["--category", "../etc"], "is not a category name"),
+])
+def test_bad_flags(tmp_path, capsys, flags, message):
+    assert message in user_error(capsys, ["--data_root_dir", str(tmp_path), *flags])
+    assert os.listdir(tmp_path) == []
+
+
+def test_window_without_samples(tmp_path, capsys):
+    write_raw(tmp_path, HAND_RATINGS, HAND_META)
+    line = user_error(capsys, ["--category", "Toy", "--data_root_dir", str(tmp_path),
+                               "--st_year", "2023", "--st_month", "1", "--K", "50"])
+    assert "leaves no samples — widen the window or lower --K" in line
+    assert sorted(os.listdir(tmp_path)) == ["Toy.csv.gz", "meta_Toy.jsonl.gz"]
+
+
+@pytest.mark.parametrize("csv, message", [
+    ("user_id,parent_asin,rating\nu,I1,5.0\n", "lacks a required column"),
+    ("user_id,parent_asin,rating,timestamp\nu,I1,5.0,1\nu,I2,5.0\n", "missing or malformed"),
+    ("user_id,parent_asin,rating,timestamp\nu,I1,5.0,1\n,I2,5.0,2\n", "line 3 has no user_id"),
+    ("user_id,parent_asin,rating,timestamp\nu,I1,5.0,soon\n", "missing or malformed"),
+])
+def test_bad_ratings_csv(tmp_path, capsys, csv, message):
+    write_raw(tmp_path, [], [meta("I1", "Alpha")])
+    write_gz(tmp_path / "Toy.csv.gz", csv)
+    assert message in user_error(capsys, ["--category", "Toy", "--data_root_dir", str(tmp_path)])
+
+
+def test_corrupt_local_raw_file_is_reported_and_kept(tmp_path, capsys):
+    for name in SAMPLE_FILES:
+        shutil.copy(os.path.join(SAMPLE, name), tmp_path / name)
+    data = (tmp_path / SAMPLE_FILES[0]).read_bytes()
+    (tmp_path / SAMPLE_FILES[0]).write_bytes(data[: len(data) // 2])
+    line = user_error(capsys, ["--category", "Video_Games", "--data_root_dir", str(tmp_path)])
+    assert "Video_Games.csv.gz is truncated or corrupt" in line and "delete it" in line
+    assert sorted(os.listdir(tmp_path)) == sorted(SAMPLE_FILES)
+
+
+def test_cli_exit_code_and_no_traceback(tmp_path):
+    result = subprocess.run([sys.executable, os.path.join(ROOT, "preprocess.py"), "--category",
+                             "Video_Gmaes", "--data_root_dir", str(tmp_path), "--base_url",
+                             NOWHERE], capture_output=True, text=True)
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert result.stderr.count("\n") == 1 and "known categories:" in result.stderr
+
+# ---------------------------------------------------------------------------------------------
+# The committed sample data
+
+
+def test_sample_data_end_to_end(tmp_path, capsys):
+    import datasets
+
+    for name in SAMPLE_FILES:
+        shutil.copy(os.path.join(SAMPLE, name), tmp_path / name)
+    target = run_main(tmp_path, category="Video_Games")
+    assert os.path.basename(target) == "Video_Games_0_2022-10-2023-10"  # the requested start
+    out = capsys.readouterr().out
+    assert "window start moved back to 2021-10-01" in out
+    assert "users: 313  items: 239  interactions: 1,666" in out
+    d = datasets.load_from_disk(target)
+    assert list(d) == ["train", "valid", "test", "item_info"]
+    assert [d[s].num_rows for s in ("train", "valid", "test")] == [1332, 167, 167]
+    for split in ("train", "valid", "test"):
+        assert d[split].column_names == SAMPLE_COLUMNS
+        assert d[split].features["timestamp"].dtype == "int64"
+        assert d[split].features["history_timestamp"].feature.dtype == "int64"
+    assert d["item_info"].column_names == ITEM_INFO_COLUMNS
+    info = d["item_info"]
+    assert info["item_id"] == list(range(240)) and info[0]["parent_asin"] == "pad_asin"
+    titles = info["title"][1:]
+    assert all(t.isascii() and "&quot;" not in t and "<" not in t and "\t" not in t for t in titles)
+    times = np.concatenate([d[s]["timestamp"] for s in ("train", "valid", "test")])
+    assert (np.diff(times) >= 0).all() and d["test"][-1]["interaction_id"] == 1665
+    assert times.min() > ms(2021, 10) and times.max() == ms(2023, 10)  # both bounds inclusive
+    assert all(0 < len(h) <= 20 for h in d["train"]["history_item_id"])
+
+
+def reference_samples(folder, category, start, end, k=0, window_size=20):
+    """SPEC §1 the plain way: dicts, lists and Python's sorted, one rating at a time. Returns
+    (samples, item asins in id order) to check the vectorised pipeline against."""
+    kept, seen = {}, set()
+    with gzip.open(os.path.join(folder, f"meta_{category}.jsonl.gz"), "rt") as f:
+        for line in f:
+            item = json.loads(line)
+            if item["parent_asin"] in seen:
+                continue
+            seen.add(item["parent_asin"])
+            title = item.get("title")
+            if title is None or "<span id" in title:
+                continue
+            title = title.replace("&quot;", '"').replace("&amp;", "&").strip(" ").strip('"')
+            if len(title.split(" ")) > 20 or len(title) <= 1:
+                continue
+            try:
+                float(item.get("price"))
+            except (TypeError, ValueError):
+                continue
+            kept[item["parent_asin"]] = P.clean_text(title)
+    with gzip.open(os.path.join(folder, f"{category}.csv.gz"), "rt") as f:
+        ratings = [(u, a, float(r), int(t)) for u, a, r, t in
+                   (line.strip().split(",") for line in list(f)[1:]) if a in kept]
+    earliest = min(time.gmtime(t // 1000).tm_year for *_, t in ratings)
+    while True:
+        lo, hi = P.month_start_ms(*start), P.month_start_ms(*end)
+        inside = [r for r in ratings if lo <= r[3] <= hi]
+        while k:
+            users = collections.Counter(r[0] for r in inside)
+            items = collections.Counter(r[1] for r in inside)
+            left = [r for r in inside if users[r[0]] >= k and items[r[1]] >= k]
+            if len(left) == len(inside):
+                break
+            inside = left
+        in_window = {r[1] for r in inside}
+        if len(in_window) >= 10_000 or start[0] <= earliest:
+            break
+        start = (start[0] - (start[1] <= 3), (start[1] - 4) % 12 + 1)
+    ids = {a: i for i, a in enumerate([a for a in kept if a in in_window], 1)}
+    by_user = {}
+    for r in inside:
+        by_user.setdefault(r[0], []).append(r)
+    samples = []
+    for user, rows in by_user.items():
+        rows = sorted(rows, key=lambda r: r[3])
+        for i in range(1, len(rows)):
+            history = rows[max(0, i - window_size):i]
+            samples.append({
+                "user_id": user, "item_asins": [r[1] for r in history], "item_asin": rows[i][1],
+                "history_item_id": [ids[r[1]] for r in history], "item_id": ids[rows[i][1]],
+                "history_item_title": [kept[r[1]] for r in history], "item_title": kept[rows[i][1]],
+                "history_rating": [r[2] for r in history], "rating": rows[i][2],
+                "history_timestamp": [r[3] for r in history], "timestamp": rows[i][3]})
+    samples = sorted(samples, key=lambda s: s["timestamp"])
+    return [{**s, "interaction_id": i} for i, s in enumerate(samples)], list(ids)
+
+
+@pytest.mark.parametrize("k", [0, 2])
+def test_sample_data_matches_a_row_by_row_reference(tmp_path, k):
+    import datasets
+
+    for name in SAMPLE_FILES:
+        shutil.copy(os.path.join(SAMPLE, name), tmp_path / name)
+    d = datasets.load_from_disk(run_main(tmp_path, "--K", str(k), category="Video_Games"))
+    samples, asins = reference_samples(tmp_path, "Video_Games", (2022, 10), (2023, 10), k)
+    assert [r for s in ("train", "valid", "test") for r in d[s]] == samples
+    assert d["item_info"]["parent_asin"] == ["pad_asin"] + asins
+
+
+def test_sample_data_is_reproducible(tmp_path):
+    subprocess.run([sys.executable, os.path.join(ROOT, "data", "make_sample.py"), "--out",
+                    str(tmp_path)], check=True, capture_output=True)
+    for name in SAMPLE_FILES:
+        with gzip.open(tmp_path / name) as new, gzip.open(os.path.join(SAMPLE, name)) as committed:
+            assert new.read() == committed.read(), name
+    assert sum(os.path.getsize(os.path.join(SAMPLE, n)) for n in SAMPLE_FILES) < 2 * 2**20
