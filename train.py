@@ -83,9 +83,8 @@ def build_trainer(config: RecPOConfig) -> RecPOTrainer:
     """Data, backbone with LoRA, and the RecPO trainer for a parsed config."""
     set_seed(config.seed)
     dataset, category = load_dataset_dir(config)
-    if config.eval_steps is None:
-        config.eval_steps = default_eval_steps(config, len(dataset["train"]))
-    config.save_steps = config.eval_steps  # the best checkpoint must exist when it is evaluated
+    if config.eval_steps_from_data:
+        config.eval_steps = config.save_steps = default_eval_steps(config, len(dataset["train"]))
     dtype = torch.bfloat16 if config.bf16 else torch.float32
     model, tokenizer = load_backbone(config.model, dtype=dtype, gradient_checkpointing=config.gradient_checkpointing)
     model = add_lora(model, r=config.lora_r, alpha=config.lora_alpha, dropout=config.lora_dropout,
@@ -122,6 +121,7 @@ def main(argv: list[str]):
 
     trainer.save_model(config.output_dir)
     metrics = final_metrics(trainer)
+    trainer.save_state()  # trainer_state.json with the whole log history, next to the adapter
     if trainer.is_world_process_zero():
         trainer.save_metrics("final", metrics)
         with open(os.path.join(config.output_dir, "r2ec_run.json"), "w") as f:

@@ -17,6 +17,7 @@ import contextlib
 import json
 import math
 import os
+import time
 import warnings
 from collections import defaultdict
 from dataclasses import dataclass, field
@@ -122,6 +123,11 @@ class RecPOConfig(TrainingArguments):
     report_to: None | str | list[str] = field(default="tensorboard", metadata={"help": "Logging integrations."})
 
     def __post_init__(self):
+        # Without --eval_steps, train.py derives the SPEC §5 interval once the data size is known
+        # (TrainingArguments would otherwise fall back to logging_steps).
+        self.eval_steps_from_data = self.eval_steps is None
+        if self.eval_steps is not None:
+            self.save_steps = self.eval_steps  # the best checkpoint must exist when it is evaluated
         if self.gradient_checkpointing_kwargs is None:
             # Re-entrant checkpointing breaks DDP when the same weights run twice before one backward.
             self.gradient_checkpointing_kwargs = {"use_reentrant": False}
@@ -397,10 +403,13 @@ class RecPOTrainer(Trainer):
     def make_batch(self, model, samples: list[dict]) -> RecPOBatch:
         """Rollouts, rewards, advantages and relabel mask for one batch of users (no gradient)."""
         if not self._table_is_fresh:
-            self.refresh_item_table(model)
-        rollouts = self.rollout(model, samples, self.args.sampling, self.args.group_size)
-        user_states = self.score_users(model, rollouts, self.args.micro_batch_size)
-        reward, ndcg, prob = self.rewards(user_states, samples)
+            with self._timed("item_table"):
+                self.refresh_item_table(model)
+        with self._timed("rollout"):
+            rollouts = self.rollout(model, samples, self.args.sampling, self.args.group_size)
+        with self._timed("reward"):
+            user_states = self.score_users(model, rollouts, self.args.micro_batch_size)
+            reward, ndcg, prob = self.rewards(user_states, samples)
         self._check_finite(reward, "reward")
         advantages = self.advantages(reward)
         rewards_by_group = reward.view(-1, self.args.group_size)
@@ -506,7 +515,8 @@ class RecPOTrainer(Trainer):
                 self._buffer = self.make_batch(model, inputs)
             self._rollout_calls += 1
             self._agree_to_continue(ok=True)
-            return self.update(model, self._buffer)
+            with self._timed("update"):
+                return self.update(model, self._buffer)
         except SkipStep as skip:
             return self._skip_step(model, str(skip))
         except torch.OutOfMemoryError:
@@ -521,6 +531,7 @@ class RecPOTrainer(Trainer):
     def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix: str = "eval") -> dict[str, float]:
         """SPEC §5: refresh the table, greedy reasoning per sample, rank all items, NDCG/Hit@5/10/20."""
         model = self.model
+        start = time.perf_counter()
         self.refresh_item_table(model)
         datasets = eval_dataset if isinstance(eval_dataset, dict) else (
             {"eval": eval_dataset} if eval_dataset is not None else self.eval_dataset
@@ -530,6 +541,7 @@ class RecPOTrainer(Trainer):
             split_metrics, records = self.evaluate_split(model, dataset, split)
             metrics.update({f"{metric_key_prefix}_{split}_{name}": value for name, value in split_metrics.items()})
             self._save_reasoning(records, split)
+        metrics[f"{metric_key_prefix}_seconds"] = time.perf_counter() - start
         self.log(metrics)
         self.control = self.callback_handler.on_evaluate(self.args, self.state, self.control, metrics)
         return metrics
@@ -573,6 +585,8 @@ class RecPOTrainer(Trainer):
             for key, values in self._metrics.items():
                 logs[key] = gather(torch.stack(values).mean()[None]).mean().item()
             self._metrics.clear()
+            if torch.cuda.is_available():
+                logs["memory/peak_gib"] = torch.cuda.max_memory_allocated() / 2**30
         super().log(logs, start_time)
 
     # -- helpers -------------------------------------------------------------------------------
@@ -596,6 +610,16 @@ class RecPOTrainer(Trainer):
         everything = gather(local.detach().contiguous())  # (W·R, D)
         start = self.accelerator.process_index * len(local)
         return torch.cat([everything[:start], local, everything[start + len(local):]])
+
+    @contextlib.contextmanager
+    def _timed(self, stage: str):
+        """Record the wall time of a stage as `time/<stage>_s` (device work included)."""
+        synchronize = torch.cuda.synchronize if torch.cuda.is_available() else (lambda: None)
+        synchronize()
+        start = time.perf_counter()
+        yield
+        synchronize()
+        self._record(**{f"time/{stage}_s": time.perf_counter() - start})
 
     def _record(self, **values):
         for key, value in values.items():

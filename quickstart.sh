@@ -1,0 +1,8 @@
+#!/usr/bin/env bash
+# Command one of the README: install (into .venv), preprocess the sample, train, evaluate, show.
+# Usage: bash quickstart.sh [--seed N] [--steps N]
+set -euo pipefail
+cd "$(dirname "$0")"
+bash setup_env.sh
+export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 HF_DATASETS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
+exec .venv/bin/python quickstart.py "$@"
