@@ -42,7 +42,9 @@ def load_backbone(name_or_path: str, dtype: torch.dtype | None = torch.bfloat16,
         for key, value in vars(sub).items():
             if "dropout" in key and isinstance(value, float):
                 setattr(sub, key, 0.0)
-    model = AutoModelForCausalLM.from_pretrained(path, config=config, dtype=dtype)
+    # Attention soft-capping (Gemma-2) is dropped by some transformers versions' SDPA path.
+    attention = "eager" if getattr(config, "attn_logit_softcapping", None) else None
+    model = AutoModelForCausalLM.from_pretrained(path, config=config, dtype=dtype, attn_implementation=attention)
     tokenizer.padding_side = "left"
     if tokenizer.pad_token is None:  # the mask, not the id, tells padding apart, so eos is safe
         tokenizer.pad_token = tokenizer.eos_token

@@ -13,7 +13,7 @@ target_rank, reasoning, top_k: [{item_id, title, score}]):
 `--device auto|cpu|cuda` (bf16 on a GPU, float32 on the CPU unless `--dtype`), `--dataset_dir`
 overrides the dataset the run was trained on. Tests: `pytest tests/test_recommend.py`.
 
-The work is RecPOTrainer's own steps (`rollout`, `score_users`, `rank_items`, the item table), run
+The work is RecPOTrainer's own steps (`rollout`, `rank_items`, the item table), run
 by a trainer built for inference, so the prompts, the user state and the masking are exactly
 those of training and evaluation.
 """
@@ -141,7 +141,7 @@ def recommend_batch(trainer: RecPOTrainer, samples: list[dict], rows: list[int],
     """
     greedy = SamplingConfig(max_new_tokens=trainer.args.max_new_tokens, greedy=True)
     rollouts = trainer.rollout(trainer.model, samples, greedy, 1)
-    user_states = trainer.score_users(trainer.model, rollouts, len(samples))  # (B, D)
+    user_states = rollouts.user_states  # (B, D), h at each reasoning's last token
     scores = trainer.rank_items(user_states, samples)  # (B, I), history and pad at -inf
     targets = torch.tensor([s["item_id"] for s in samples], device=scores.device)  # (B,)
     ranks = target_rank(scores, targets).tolist()  # (B,)

@@ -1,8 +1,9 @@
 """Reasoning rollouts for RecPO training and greedy evaluation (SPEC §4.1, §5).
 
 This file owns the rollout interface the trainer calls, `generate_rollouts`, its typed output
-`Rollouts`, the `SamplingConfig`, and `generate_rollouts_reference`, the same contract through
-plain Hugging Face `generate`, kept for the tests and the benchmark. Nothing runs it directly:
+`Rollouts` (the reasonings, their log-probs and each row's user state h), the `SamplingConfig`,
+and `generate_rollouts_reference`, the same contract through plain Hugging Face `generate`, kept
+for the tests and the benchmark. Nothing runs it directly:
     python -m pytest -q tests/test_rollouts.py          # correctness, CPU
     python bench/bench_rollout.py                        # speed against `generate`, GPU
 
@@ -16,6 +17,14 @@ sampling, the stop test) is captured once as a CUDA graph and replayed:
     step t:  token t-1 (N, 1) ──model──▶ every attention layer scores row i·G+j against
              [ prefix of prompt i | its own slots 0..t-1 ]  under one softmax
              ──▶ logits (N, V) ──▶ filter, sample, force, stop test on the device ──▶ token t
+             └─ decoder output (N, D) ──▶ user_states[i] where token t-1 is row i's last token
+
+The user state h of a row (SPEC §3: the decoder's final normalised hidden state at the last
+token, `model.encode` of prompt + reasoning) comes out of the decoding itself: a forward hook on
+the decoder keeps, for each row, the hidden state of the step that feeds the row's final stop
+token, so the trainer needs no second forward over prompt + reasoning to score users. That
+token still has to be fed once after it is chosen, so decoding runs until every row's final
+token has been fed: one step past the last stop (step T feeds token T-1 when a row ends there).
 
 The model is any Hugging Face causal LM (PEFT LoRA wrapped or not): during a call its config's
 attention implementation is switched to `r2ec_rollout`, registered below in transformers'
@@ -24,9 +33,9 @@ unchanged and only the attention itself reads our buffers. Masks are never built
 transformers during a call (the name has no mask function, so its mask builder returns None).
 
 Limits, by choice: rows that have stopped keep computing (padding) until every row of the call
-has stopped, checked on the host every CHECK_EVERY steps, since compacting the batch would need a
-graph per batch size; the decode slots are read in full every step (masked), the price of one
-static graph. `compile_step=True` fuses the step's small kernels with `torch.compile` before
+has stopped and fed its last token, checked on the host every CHECK_EVERY steps, since compacting
+the batch would need a graph per batch size; the decode slots are read in full every step
+(masked), the price of one static graph. `compile_step=True` fuses the step's small kernels with `torch.compile` before
 capture: 1.7x faster decoding, about 75 s of compilation per new shape. Figures:
 bench/RESULTS.md, "Rollouts".
 """
@@ -79,6 +88,7 @@ class Rollouts(NamedTuple):
     completion_ids: torch.Tensor  # (N, C) right-padded with pad_token_id; every row ends with a stop sequence
     completion_mask: torch.Tensor  # (N, C) 1 on the reasoning tokens, the stop tokens included
     logprobs: torch.Tensor  # (N, C) float32 log π(token) at temperature 1 (not the filtered sampler); 0 off the mask
+    user_states: torch.Tensor | None = None  # (N, D) float32, h at each row's last token (= model.encode)
 
 
 def _check_inputs(prompt_ids, prompt_mask, num_samples, sampling, stop_ids):
@@ -105,6 +115,23 @@ def _forced_stop(stop_ids: list[list[int]]) -> list[int]:
 def _base_model(model):
     """The transformers model under a PEFT wrapper (its config drives the attention dispatch)."""
     return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
+@contextmanager
+def _decoder_hook(model, hook):
+    """`hook(module, args, output)` on the model's decoder (whose output[0] is h) for the block.
+
+    The decoder is found as model.py's `policy_forward` finds it (DDP/DeepSpeed `.module`
+    unwrapped, PEFT's `get_decoder` forwarded), so h here is h there.
+    """
+    inner = model
+    while not hasattr(inner, "get_decoder") and hasattr(inner, "module"):
+        inner = inner.module
+    handle = inner.get_decoder().register_forward_hook(hook)
+    try:
+        yield
+    finally:
+        handle.remove()
 
 
 @contextmanager
@@ -183,6 +210,7 @@ class _DecodeState:
         self.prompt_mask = None  # (B, P) during a prefill
         self.prefill_masks = {}  # sliding window (None = full) -> (B, 1, P, P) bool, one prefill only
         self.windows = set()  # sliding windows met in the model's layers
+        self.user_states = None  # (N, D) float32, allocated by the first prefill (which knows D)
         # Per-row facts of the call
         self.prefix_bias = torch.full((N, Pcap), NEG, device=device)  # 0 on prompt tokens
         self.prefix_positions = torch.zeros(N, Pcap, dtype=torch.long, device=device)
@@ -194,11 +222,13 @@ class _DecodeState:
         self.positions = torch.zeros(N, 1, dtype=torch.long, device=device)
         self.slots = torch.arange(T, device=device)  # (T,)
         self.bias = {}  # sliding window (None = full) -> (N, 1, 1, Pcap + T) additive mask of the step
-        # Outputs
-        self.completion = torch.full((N, T), pad_token_id, dtype=torch.long, device=device)
-        self.logprobs = torch.zeros(N, T, device=device)
-        self.active = torch.zeros(N, T, dtype=torch.bool, device=device)
+        # Outputs. T + 1 columns: step T only feeds token T-1 (for h); the token it chooses,
+        # always padding since every row has stopped by then, lands in column T, never returned.
+        self.completion = torch.full((N, T + 1), pad_token_id, dtype=torch.long, device=device)
+        self.logprobs = torch.zeros(N, T + 1, device=device)
+        self.active = torch.zeros(N, T + 1, dtype=torch.bool, device=device)
         self.done = torch.zeros(N, dtype=torch.bool, device=device)
+        self.finished = torch.zeros(N, dtype=torch.bool, device=device)  # last chosen token ends the row
         # Stop test: the last few chosen tokens against each stop sequence
         self.stops = [torch.tensor(s, device=device) for s in stop_ids]
         self.recent = torch.full((N, max(map(len, stop_ids))), -1, dtype=torch.long, device=device)
@@ -226,7 +256,10 @@ class _DecodeState:
         self.logprobs.zero_()
         self.active.zero_()
         self.done.zero_()
+        self.finished.zero_()
         self.recent.fill_(-1)
+        if self.user_states is not None:
+            self.user_states.zero_()
 
 
 # ----------------------------------------------------------------------------------------------
@@ -327,6 +360,31 @@ def _rollout_attention(module, query, key, value, attention_mask, scaling=None, 
 AttentionInterface.register(ATTENTION_NAME, _rollout_attention)
 
 
+def _catch_user_states(module, args, output):
+    """Forward hook on the decoder during a rollout: h of the rows whose final token is fed now.
+
+    output[0] is the decoder's normalised hidden state, (B, P, D) in the prefill, (N, 1, D) in
+    a decode step. The write is a `torch.where` into the preallocated `user_states`, so a
+    captured decode step records it and every replay repeats it; no host sync.
+
+    A module-level function reading the `_ACTIVE` state (as the attention does), not a closure
+    over one state: under `compile_step`, dynamo inlines the model call and traces this hook
+    into the compiled step, but by default (`skip_nnmodule_hook_guards`) it does not guard on
+    hooks, so what it traced is reused as is; a closure would keep writing the first state's
+    buffer. Since the hook is registered around every call of the step, each trace includes it.
+    """
+    st = _ACTIVE
+    if st is None:
+        return
+    hidden = output[0]
+    if st.mode == "prefill":
+        if st.user_states is None:
+            st.user_states = hidden.new_zeros(st.N, hidden.shape[-1], dtype=torch.float32)
+        return
+    h = hidden[:, -1].float()  # (N, D) of the token fed this step
+    st.user_states.copy_(torch.where(st.finished[:, None], h, st.user_states))  # (N, D)
+
+
 # ----------------------------------------------------------------------------------------------
 # Steps: prefill, token choice, decode
 
@@ -335,7 +393,8 @@ def _choose(st: _DecodeState, logits: torch.Tensor):
     """Pick token `step` for every row, record it, run the stop test; all on the device.
 
     logits (N, V) float32. Rows past `force_from` that have not stopped get the forced stop
-    sequence instead of a sample; stopped rows get padding, log-prob 0 and mask 0.
+    sequence instead of a sample; stopped rows get padding, log-prob 0 and mask 0. `finished`
+    marks the rows this token ends, whose h the next step's decoder output is.
     """
     token = _sample_tokens(logits, st.sampling)  # (N,)
     force_index = (st.step - st.force_from).clamp(0, len(st.force) - 1)  # (1,)
@@ -348,14 +407,21 @@ def _choose(st: _DecodeState, logits: torch.Tensor):
     st.logprobs.index_copy_(1, st.step, logp)
     st.active.index_copy_(1, st.step, ~st.done[:, None])
     st.recent.copy_(torch.cat([st.recent[:, 1:], token[:, None]], 1))  # (N, Lmax)
+    hit = torch.zeros_like(st.done)  # (N,)
     for stop in st.stops:
-        st.done |= (st.recent[:, -len(stop):] == stop).all(1)
+        hit |= (st.recent[:, -len(stop):] == stop).all(1)
+    st.finished.copy_(hit & ~st.done)
+    st.done |= hit
     st.tokens.copy_(token[:, None])
     st.step += 1
 
 
 def _decode_step(model, st: _DecodeState):
-    """Feed token `step - 1` of every row, choose token `step`. Captured as one CUDA graph."""
+    """Feed token `step - 1` of every row, choose token `step`. Captured as one CUDA graph.
+
+    The model forward also runs `_catch_user_states` (a hook on its decoder), which keeps h of
+    the rows that token `step - 1` ends.
+    """
     st.slot.copy_(st.step - 1)
     st.positions.copy_(st.prompt_len + st.slot)  # (N, 1)
     decode_bias = torch.where(st.slots < st.step, 0.0, NEG).expand(st.N, -1)  # (N, T) written slots
@@ -390,6 +456,7 @@ def _capture(model, st: _DecodeState):
     Warm-up runs (cuBLAS handles, lazy allocations, a torch.compile'd forward's compilation)
     happen on a side stream first, as torch.cuda.graphs asks; they scribble on the state, which
     `reset_outputs` clears. `step` is set to 1 so the warm-up writes stay inside the buffers.
+    The decoder hook must be registered here already: its writes are part of the graph.
     """
     side = torch.cuda.Stream()
     side.wait_stream(torch.cuda.current_stream())
@@ -473,21 +540,26 @@ def generate_rollouts(model, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor
     ends with one within `max_new_tokens`. `cuda_graphs=False` runs the same steps eagerly
     (the CPU always does). `compile_step=True` runs the decode step through `torch.compile`
     (fused kernels inside the graph; the first call of each shape pays the compilation).
+    `user_states` holds each row's h at its last token, as `model.encode` of prompt + reasoning
+    gives it (in eval mode, the mode of generation), so the caller need not run that forward.
     """
     _check_inputs(prompt_ids, prompt_mask, num_samples, sampling, stop_ids)
     device = prompt_ids.device
     B, P = prompt_ids.shape
     st = _state_for(model, B, num_samples, P, sampling, stop_ids, pad_token_id, device, compile_step)
     use_graph = cuda_graphs and device.type == "cuda"
-    with _generation_mode(model, ATTENTION_NAME), _active(st):
+    # The user-state hook is registered for the whole call, outside the (possibly compiled)
+    # step, so the warm-up, the capture and every eager or compiled step run it: a captured
+    # graph records its write, dynamo traces it in (no graph break, no recompilation per call).
+    with _generation_mode(model, ATTENTION_NAME), _active(st), _decoder_hook(model, _catch_user_states):
         logits = _prefill(model, st, prompt_ids, prompt_mask)  # (N, V)
-        if use_graph and st.graph is None and st.T > 1:
+        if use_graph and st.graph is None:
             _capture(model, st)
             st.reset_outputs()  # undo the warm-up's writes
         _choose(st, logits)
-        for step in range(1, st.T):
-            if step % CHECK_EVERY == 0 and bool(st.done.all()):
-                break
+        for step in range(1, st.T + 1):  # step T only feeds token T-1, for the h of rows ending there
+            if step % CHECK_EVERY == 0 and bool((st.done & ~st.finished).all()):
+                break  # every row has stopped and its final token has been fed
             if use_graph:
                 st.graph.replay()
             else:
@@ -499,7 +571,28 @@ def generate_rollouts(model, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor
         st.completion[:, :length].clone(),
         st.active[:, :length].to(prompt_mask.dtype),
         st.logprobs[:, :length].clone(),
+        st.user_states.clone(),
     )
+
+
+def fresh_forward(model, prompt_ids, prompt_mask, completion_ids, completion_mask):
+    """One plain forward pass (the model's own attention) over prompt + completion, eval mode.
+
+    (N, P) and (N, C) -> log π(completion token) (N, C) float32, 0 off the mask, and h (N, D)
+    float32, the decoder output at each row's last non-pad token (as model.py's `encode`).
+    The reference and the benchmark use it.
+    """
+    ids = torch.cat([prompt_ids, completion_ids], 1)  # (N, P + C)
+    mask = torch.cat([prompt_mask, completion_mask.to(prompt_mask.dtype)], 1)
+    positions = (mask.long().cumsum(-1) - 1).clamp(min=0)
+    caught = {}
+    with _generation_mode(model), _decoder_hook(model, lambda m, a, out: caught.update(hidden=out[0])):
+        logits = model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=False).logits
+    logp = logits[:, prompt_ids.shape[1] - 1:-1].float().log_softmax(-1)  # (N, C, V)
+    logp = logp.gather(-1, completion_ids[..., None]).squeeze(-1) * completion_mask  # (N, C)
+    last = mask.shape[1] - 1 - mask.flip(-1).long().argmax(-1)  # (N,) last non-pad token
+    h = caught["hidden"][torch.arange(len(ids), device=ids.device), last].float()  # (N, D)
+    return logp, h
 
 
 def completion_logprobs(model, prompt_ids, prompt_mask, completion_ids, completion_mask) -> torch.Tensor:
@@ -507,13 +600,7 @@ def completion_logprobs(model, prompt_ids, prompt_mask, completion_ids, completi
 
     (N, P) and (N, C) -> (N, C) float32, 0 off the mask. The reference and the tests use it.
     """
-    ids = torch.cat([prompt_ids, completion_ids], 1)  # (N, P + C)
-    mask = torch.cat([prompt_mask, completion_mask.to(prompt_mask.dtype)], 1)
-    positions = (mask.long().cumsum(-1) - 1).clamp(min=0)
-    with _generation_mode(model):
-        logits = model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=False).logits
-    logp = logits[:, prompt_ids.shape[1] - 1:-1].float().log_softmax(-1)  # (N, C, V)
-    return logp.gather(-1, completion_ids[..., None]).squeeze(-1) * completion_mask
+    return fresh_forward(model, prompt_ids, prompt_mask, completion_ids, completion_mask)[0]
 
 
 class _StopOnSuffix(StoppingCriteria):
@@ -552,7 +639,7 @@ def generate_rollouts_reference(model, prompt_ids: torch.Tensor, prompt_mask: to
 
     `generate` runs `max_new_tokens - len(forced stop)` tokens with a stop-suffix criterion; the
     host then cuts each row after its first stop or appends the forced stop, and one forward
-    pass gives the log-probs.
+    pass over prompt + completion gives the log-probs and the user states h.
     """
     _check_inputs(prompt_ids, prompt_mask, num_samples, sampling, stop_ids)
     budget = sampling.max_new_tokens - len(_forced_stop(stop_ids))
@@ -573,5 +660,5 @@ def generate_rollouts_reference(model, prompt_ids: torch.Tensor, prompt_mask: to
     width = max(map(len, rows))
     completion = torch.tensor([r + [pad_token_id] * (width - len(r)) for r in rows], device=prompt_ids.device)
     mask = torch.tensor([[1] * len(r) + [0] * (width - len(r)) for r in rows], device=prompt_ids.device)
-    logprobs = completion_logprobs(model, prompt_ids, prompt_mask, completion, mask)
-    return Rollouts(prompt_ids, prompt_mask, completion, mask.to(prompt_mask.dtype), logprobs)
+    logprobs, user_states = fresh_forward(model, prompt_ids, prompt_mask, completion, mask)
+    return Rollouts(prompt_ids, prompt_mask, completion, mask.to(prompt_mask.dtype), logprobs, user_states)

@@ -5,4 +5,6 @@ set -euo pipefail
 cd "$(dirname "$0")"
 bash setup_env.sh
 export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 HF_DATASETS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
+# One thread per process: the tests start several processes, and 2-core machines thrash otherwise.
+export OMP_NUM_THREADS=1
 exec .venv/bin/python -m pytest -q tests "$@"

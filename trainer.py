@@ -2,8 +2,8 @@
 
 One training step, per process, on B users (`per_device_train_batch_size`):
 
-    rollout          G reasonings per user from the current policy          (SPEC §4.1)
-    score_users      h_u of every trajectory, no gradient
+    rollout          G reasonings per user from the current policy, with each
+                     trajectory's h_u from its last decode step               (SPEC §4.1)
     rewards          (1-β)·NDCG@k + β·softmax(s)[target] vs the item table   (SPEC §4.2)
     advantages       per group, gaussian or rloo                            (SPEC §4.3)
     relabel          top-k trajectories per group feed the item loss       (SPEC §4.4)
@@ -78,6 +78,10 @@ class RecPOConfig(TrainingArguments):
     gen_top_k: int = field(default=200, metadata={"help": "Top-k sampling, 0 = off (paper 200, launcher 50)."})
     gen_top_p: float = field(default=1.0, metadata={"help": "Top-p (nucleus) sampling."})
     max_new_tokens: int = field(default=640, metadata={"help": "Longest reasoning, <answer> included."})
+    compile_rollouts: bool = field(
+        default=False,
+        metadata={"help": "torch.compile the decode step on GPUs: ~1.7× faster rollouts, ~75 s per new shape."},
+    )
 
     # Parameters that control the reward, the advantage and the losses
     beta: float = field(default=0.05, metadata={"help": "Weight of the softmax reward (β)."})
@@ -362,19 +366,8 @@ class RecPOTrainer(Trainer):
         prompt_ids, prompt_mask = self.tokenize_prompts(samples)
         return generate_rollouts(
             self.accelerator.unwrap_model(model), prompt_ids, prompt_mask, num_samples, sampling,
-            self.stop_ids, self.processing_class.pad_token_id,
+            self.stop_ids, self.processing_class.pad_token_id, compile_step=self.args.compile_rollouts,
         )
-
-    def score_users(self, model, rollouts: Rollouts, batch_size: int) -> torch.Tensor:
-        """h_u of every trajectory (prompt + reasoning ending in <answer>), no gradient.  -> (N, D)."""
-        model = self.accelerator.unwrap_model(model)
-        was_training = model.training
-        model.eval()
-        with torch.no_grad():
-            states = [encode(model, *self._user_sequences(rollouts, rows)[:2])
-                      for rows in torch.arange(len(rollouts.prompt_ids)).split(batch_size)]
-        model.train(was_training)
-        return torch.cat(states).float()
 
     def rank_items(self, user_states: torch.Tensor, samples: list[dict]) -> torch.Tensor:
         """Scores of every user state over the item table, history items and pad masked.  -> (N, I)."""
@@ -408,8 +401,7 @@ class RecPOTrainer(Trainer):
         with self._timed("rollout"):
             rollouts = self.rollout(model, samples, self.args.sampling, self.args.group_size)
         with self._timed("reward"):
-            user_states = self.score_users(model, rollouts, self.args.micro_batch_size)
-            reward, ndcg, prob = self.rewards(user_states, samples)
+            reward, ndcg, prob = self.rewards(rollouts.user_states, samples)
         self._check_finite(reward, "reward")
         advantages = self.advantages(reward)
         rewards_by_group = reward.view(-1, self.args.group_size)
@@ -558,7 +550,7 @@ class RecPOTrainer(Trainer):
             for rows in tqdm(batches, desc=f"eval {split}", disable=not self.is_local_process_zero(), leave=False):
                 samples = [dataset[i] for i in rows]
                 rollouts = self.rollout(model, samples, greedy, 1)
-                user_states = self.score_users(model, rollouts, args.per_device_eval_batch_size)
+                user_states = rollouts.user_states  # (b, D)
                 targets = torch.tensor([s["item_id"] for s in samples], device=user_states.device)
                 scores = self.rank_items(user_states, samples)  # (b, I)
                 batch_ranks = target_rank(scores, targets)

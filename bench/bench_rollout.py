@@ -33,7 +33,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from rollouts import (  # noqa: E402  (the repo root joins the path first)
     SamplingConfig,
     clear_rollout_cache,
-    completion_logprobs,
+    fresh_forward,
     generate_rollouts,
     generate_rollouts_reference,
 )
@@ -150,19 +150,22 @@ def check_greedy(model, dtype, device):
     same = (a == b).all(1)
     first_diff = [int((a[i] != b[i]).nonzero()[0]) for i in range(len(a)) if not same[i]]
     lp = (ref.logprobs - ours.logprobs).abs()[same].max().item() if same.all() else float("nan")
+    h = (ref.user_states - ours.user_states).abs()[same].max().item() if same.any() else float("nan")  # fresh vs ours
     return dict(rows_identical=f"{int(same.sum())}/{len(same)}", first_divergence=first_diff,
-                max_logprob_diff=lp, lengths=ours.completion_mask.sum(1).tolist())
+                max_logprob_diff=lp, max_user_state_diff=h, lengths=ours.completion_mask.sum(1).tolist())
 
 
 def check_sampled_logprobs(model, device):
-    """Ours (sampled, bf16) against one fresh forward of the model's own attention."""
+    """Ours (sampled, bf16) against one fresh forward of the model's own attention: log-probs, and
+    the user states h as cosine (bf16 kernels differ between a decode step and a full forward)."""
     vocab = model.config.vocab_size
     ids, mask = random_prompts(vocab, [64, 40, 64, 20], device, seed=2)
     r = generate_rollouts(model, ids, mask, 4, SamplingConfig(32, temperature=2.0, top_k=50), [[vocab - 1]], PAD)
-    fresh = completion_logprobs(model, r.prompt_ids, r.prompt_mask, r.completion_ids, r.completion_mask)
+    fresh, h = fresh_forward(model, r.prompt_ids, r.prompt_mask, r.completion_ids, r.completion_mask)
     diff = (fresh - r.logprobs).abs()[r.completion_mask.bool()]
+    cosine = torch.nn.functional.cosine_similarity(r.user_states, h, dim=-1)  # (N,)
     return dict(max_abs=diff.max().item(), mean_abs=diff.mean().item(), mean_logprob=r.logprobs.sum().item()
-                / r.completion_mask.sum().item())
+                / r.completion_mask.sum().item(), min_user_state_cosine=cosine.min().item())
 
 
 def run_ours(model, shape, device, runs, compile_step=False):

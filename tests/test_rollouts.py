@@ -3,8 +3,9 @@
     python -m pytest -q tests/test_rollouts.py
 
 The engine must give what plain `generate` gives: the same greedy tokens, stops and masks, and
-log-probs equal to a fresh forward pass; its sampler must follow the temperature / top-k /
-top-p distribution that `generate`'s own logits warpers define.
+log-probs and user states h equal to a fresh forward pass (h: model.py's `encode` of prompt +
+reasoning); its sampler must follow the temperature / top-k / top-p distribution that
+`generate`'s own logits warpers define.
 """
 import pytest
 import torch
@@ -21,6 +22,7 @@ from transformers import (
 
 import rollouts
 from bench.bench_rollout import PAD, random_prompts
+from model import encode
 from rollouts import SamplingConfig, completion_logprobs, generate_rollouts, generate_rollouts_reference
 
 VOCAB = 320
@@ -76,6 +78,19 @@ def assert_same_rollouts(ours, ref):
     for name in ("prompt_ids", "prompt_mask", "completion_ids", "completion_mask"):
         assert torch.equal(getattr(ours, name), getattr(ref, name)), name
     torch.testing.assert_close(ours.logprobs, ref.logprobs, atol=2e-5, rtol=0)
+    torch.testing.assert_close(ours.user_states, ref.user_states, atol=1e-4, rtol=0)
+
+
+def assert_user_states_are_encode(model, r):
+    """h of every row = model.py's `encode` of prompt + completion in one fresh forward, eval mode
+    (what the trainer's scoring forward computes)."""
+    model.eval()  # PEFT builds its LoRA dropouts in training mode
+    ids = torch.cat([r.prompt_ids, r.completion_ids], 1)  # (N, P + C)
+    mask = torch.cat([r.prompt_mask, r.completion_mask], 1)
+    with torch.no_grad():
+        expected = encode(model, ids, mask).float()  # (N, D)
+    assert r.user_states.dtype == torch.float32 and r.user_states.shape == expected.shape
+    torch.testing.assert_close(r.user_states, expected, atol=1e-4, rtol=0)
 
 
 @pytest.mark.parametrize("family", ["qwen2", "gemma2", "llama", "qwen2-lora"])
@@ -89,7 +104,27 @@ def test_greedy_equals_generate(family):
     ours = generate_rollouts(model, ids, mask, 2, sampling, stop_ids, PAD)
     assert_same_rollouts(ours, ref)
     assert_well_formed(ours, stop_ids, T)
+    assert_user_states_are_encode(model, ours)
     lengths = ours.completion_mask.sum(1)
+    assert (lengths < T).any() and (lengths == T).any(), "want both natural and forced stops"
+
+
+@pytest.mark.parametrize("family", ["qwen2", "gemma2", "llama", "qwen2-lora"])
+def test_sampled_user_states_equal_encode(family):
+    """Sampling, G = 2, left-padded prompts; the stop is a token row 0 writes at step 4 of the same
+    draw (same seed), so row 0 stops there, and rows that never write it are forced."""
+    model = lora_model() if family == "qwen2-lora" else tiny_model(family)
+    ids, mask = prompts()
+    T = 16
+    sampling = SamplingConfig(T, temperature=1.5, top_k=40)
+    torch.manual_seed(5)
+    free = generate_rollouts(model, ids, mask, 2, sampling, [[VOCAB - 1] * 3], PAD).completion_ids
+    stop_ids = [[int(free[0, 4])]]
+    torch.manual_seed(5)
+    r = generate_rollouts(model, ids, mask, 2, sampling, stop_ids, PAD)
+    assert_well_formed(r, stop_ids, T)
+    assert_user_states_are_encode(model, r)
+    lengths = r.completion_mask.sum(1)
     assert (lengths < T).any() and (lengths == T).any(), "want both natural and forced stops"
 
 
@@ -111,12 +146,14 @@ def test_forced_stop_fills_the_budget():
     model = tiny_model("llama")
     ids, mask = prompts()
     stop = [VOCAB - 1, VOCAB - 2, VOCAB - 1]  # never written by this model: every row is forced
-    for T in (3, 10):  # T = len(stop): the whole budget is the forced stop
+    # T = len(stop): the whole budget is the forced stop; h then comes from the extra step T
+    for T, stop in ((1, stop[:1]), (3, stop), (10, stop)):
         r = generate_rollouts(model, ids, mask, 2, SamplingConfig(T, temperature=1.2), [stop], PAD)
         assert r.completion_ids.shape == (6, T) and r.completion_mask.all()
-        assert (r.completion_ids[:, -3:] == torch.tensor(stop)).all()
+        assert (r.completion_ids[:, -len(stop):] == torch.tensor(stop)).all()
         fresh = completion_logprobs(model, r.prompt_ids, r.prompt_mask, r.completion_ids, r.completion_mask)
         torch.testing.assert_close(r.logprobs, fresh, atol=2e-5, rtol=0)
+        assert_user_states_are_encode(model, r)
 
 
 @pytest.mark.parametrize("temperature,top_k,top_p", [(1.0, 0, 1.0), (1.5, 5, 1.0), (0.7, 0, 0.8), (1.0, 8, 0.9)])
@@ -153,6 +190,7 @@ def test_model_state_is_restored_and_outputs_feed_autograd():
     r = generate_rollouts(model, ids, mask, 2, SamplingConfig(8), [[5]], PAD)
     assert [m.training for m in model.modules()] == before
     assert model.config._attn_implementation == "sdpa"
+    assert not model.get_decoder()._forward_hooks, "the user-state hook must be removed"
     assert not any(torch.is_inference(t) or t.requires_grad for t in r)
     out = model(input_ids=torch.cat([r.prompt_ids, r.completion_ids], 1)).logits
     out.float().mean().backward()  # ids from the engine work in a training forward

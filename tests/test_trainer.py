@@ -209,3 +209,18 @@ def test_wrong_dataset_folder_is_named(tmp_path):
     (tmp_path / "not_a_dataset").mkdir()
     result = run_train(quick_flags(tmp_path, "--dataset_dir", str(tmp_path / "not_a_dataset")), check=False)
     assert result.returncode == 2 and "preprocess.py" in result.stderr.strip().splitlines()[-1]
+
+
+def test_warmup_is_linear_then_constant_and_tensorboard_logs_are_written(tmp_path):
+    trainer = tiny_trainer(tmp_path, max_steps=4, warmup_steps=2, learning_rate=1e-3, report_to="tensorboard")
+    trainer.train()
+    rates = [entry["learning_rate"] for entry in trainer.state.log_history if "reward/mean" in entry]
+    # The rate logged at step k is the one its optimizer step used: 0, 1/2, then the full rate.
+    assert rates == pytest.approx([0.0, 5e-4, 1e-3, 1e-3])
+    runs = tmp_path / "run" / "runs"  # the Trainer's default TensorBoard folder
+    folders = [folder for folder, _, names in os.walk(runs) if any("tfevents" in name for name in names)]
+    assert folders, "no TensorBoard event file"
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    accumulator = EventAccumulator(folders[0])
+    accumulator.Reload()
+    assert {"train/reward/mean", "train/loss/item", "train/learning_rate"} <= set(accumulator.Tags()["scalars"])
