@@ -34,7 +34,11 @@ export CUDA_VISIBLE_DEVICES
 # The Trainer sets DeepSpeed up from --deepspeed; accelerate only starts the processes.
 # --multi_gpu also makes `accelerate launch` start several processes on CPU (ACCELERATE_USE_CPU=true).
 MULTI=()
-if [ "$((NUM_PROCESSES * NUM_MACHINES))" -gt 1 ]; then MULTI=(--multi_gpu); fi
+if [ "$((NUM_PROCESSES * NUM_MACHINES))" -gt 1 ]; then
+    MULTI=(--multi_gpu)
+else  # one process: give DeepSpeed a rendezvous, or it goes looking for MPI
+    export RANK=0 LOCAL_RANK=0 WORLD_SIZE=1 MASTER_ADDR=127.0.0.1 MASTER_PORT="$MAIN_PROCESS_PORT"
+fi
 exec "$PYTHON" -m accelerate.commands.launch "${MULTI[@]}" \
     --num_processes "$((NUM_PROCESSES * NUM_MACHINES))" --num_machines "$NUM_MACHINES" \
     --machine_rank "$MACHINE_RANK" --main_process_ip "$MAIN_PROCESS_IP" --main_process_port "$MAIN_PROCESS_PORT" \

@@ -63,13 +63,14 @@ def load_dataset_dir(config: RecPOConfig):
     absent = [c for c in SAMPLE_COLUMNS if c not in dataset["train"].column_names]
     if absent:
         raise UserError(f"{folder!r} lacks the column(s) {', '.join(absent)} — rerun preprocess.py for it")
+    match = DATASET_NAME.match(os.path.basename(os.path.normpath(folder)))
     category = config.dataset_category
-    if category is None:
-        match = DATASET_NAME.match(os.path.basename(os.path.normpath(folder)))
-        if match is None:
-            raise UserError(f"cannot read the category from the folder name {folder!r} — pass --dataset_category")
-        category = match["category"]
-    return dataset, category
+    if category is None and match is None:
+        raise UserError(f"cannot read the category from the folder name {folder!r} — pass --dataset_category")
+    if category is not None and match is not None and match["category"] != category:
+        raise UserError(f"--dataset_category {category} does not match the dataset folder {folder!r} "
+                        f"({match['category']}) — fix DATASET_CAT/--dataset_category or --dataset_dir")
+    return dataset, category or match["category"]
 
 
 def default_eval_steps(config: RecPOConfig, num_train: int) -> int:

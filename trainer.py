@@ -110,6 +110,7 @@ class RecPOConfig(TrainingArguments):
     num_train_epochs: float = field(default=3, metadata={"help": "Training epochs."})
     per_device_train_batch_size: int = field(default=4, metadata={"help": "Users per step per process (B)."})
     per_device_eval_batch_size: int = field(default=32, metadata={"help": "Samples per greedy eval batch."})
+    bf16: bool = field(default=True, metadata={"help": "bfloat16 weights and autocast (SPEC §4 defaults)."})
     gradient_checkpointing: bool = field(default=True, metadata={"help": "Recompute activations."})
     logging_steps: float = field(default=1, metadata={"help": "Log every this many steps."})
     eval_strategy: str = field(default="steps", metadata={"help": "When to evaluate."})

@@ -205,6 +205,37 @@ def test_bad_input_gives_one_clear_line(tmp_path, flags, message):
     assert last.startswith("error: ") and message in last
 
 
+def test_category_that_contradicts_the_dataset_folder_is_named(tmp_path):
+    result = run_train(quick_flags(tmp_path, "--dataset_category", "CDs_and_Vinyl"), check=False)
+    last = result.stderr.strip().splitlines()[-1]
+    assert result.returncode == 2 and "CDs_and_Vinyl" in last and "Video_Games" in last
+
+
+def test_num_iterations_reuses_each_rollout_batch_with_real_old_probabilities(tmp_path, monkeypatch):
+    trainer = tiny_trainer(tmp_path, max_steps=4, num_iterations=2, learning_rate=1e-2)
+    batches, updates = [], []
+    make_batch, update = trainer.make_batch, trainer.update
+
+    def counting_make_batch(model, samples):
+        batches.append([s["user_id"] for s in samples])
+        return make_batch(model, samples)
+
+    def recording_update(model, batch):
+        updates.append(batch)
+        return update(model, batch)
+
+    monkeypatch.setattr(trainer, "make_batch", counting_make_batch)
+    monkeypatch.setattr(trainer, "update", recording_update)
+    trainer.train()
+    assert len(batches) == 2 and len(updates) == 4  # 2 rollout batches, 2 optimizer steps each
+    assert updates[0] is not updates[1] and updates[1].rollouts is updates[0].rollouts
+    assert updates[0].item_old_probs is None  # first update: on-policy
+    assert updates[1].item_old_probs is not None and updates[1].item_old_probs.shape == (4,)
+    assert batches[0] != batches[1]
+    clip = [entry["clip_ratio/token"] for entry in trainer.state.log_history if "clip_ratio/token" in entry]
+    assert len(clip) == 4 and all(0 <= c <= 1 for c in clip)
+
+
 def test_wrong_dataset_folder_is_named(tmp_path):
     (tmp_path / "not_a_dataset").mkdir()
     result = run_train(quick_flags(tmp_path, "--dataset_dir", str(tmp_path / "not_a_dataset")), check=False)

@@ -1,0 +1,23 @@
+"""The quick-start pipeline (preprocess → train → before/after table → one example) at a tiny size."""
+import os
+import subprocess
+import sys
+
+from tests.backbones import tiny_backbone
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def test_quickstart_pipeline_prints_the_table_and_an_example(tmp_path):
+    result = subprocess.run(
+        [sys.executable, "quickstart.py", "--model", tiny_backbone("qwen2"), "--steps", "1", "--eval_samples", "4",
+         "--output_dir", str(tmp_path / "quick")],
+        cwd=ROOT, capture_output=True, text=True,
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    out = result.stdout
+    for row in ("valid before", "valid after", "test before", "test after"):
+        assert row in out
+    assert "Top-5 recommendations" in out and "True next item:" in out and "Reasoning:" in out
+    assert os.path.exists(tmp_path / "quick" / "training_curves.png")
+    assert os.path.isdir(os.path.join(ROOT, "data", "sample", "Video_Games_0_2022-10-2023-10"))
