@@ -24,7 +24,6 @@ from dataclasses import dataclass, field
 from typing import NamedTuple
 
 import torch
-import torch.nn.functional as F
 from accelerate.utils import gather, gather_object
 from torch.utils.data import Sampler
 from tqdm.auto import tqdm
