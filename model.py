@@ -12,6 +12,8 @@ There is one code path for every backbone: the model's own forward (so Gemma-2's
 soft-capping applies), PEFT-wrapped or not, gradient checkpointing on or off. No per-model
 classes. Tests: `pytest tests/test_model.py`.
 """
+from contextlib import contextmanager
+
 import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
@@ -77,6 +79,21 @@ def last_token_index(attention_mask: torch.Tensor) -> torch.Tensor:
     return width - 1 - attention_mask.flip(-1).long().argmax(-1)  # (B,)
 
 
+@contextmanager
+def decoder_hook(model, hook):
+    """`hook(module, args, output)` on the model's decoder for the block; output[0] is h before
+    the LM head. DDP/DeepSpeed wrappers are unwrapped through `.module`; PEFT forwards
+    `get_decoder` to the base model."""
+    inner = model
+    while not hasattr(inner, "get_decoder") and hasattr(inner, "module"):
+        inner = inner.module
+    handle = inner.get_decoder().register_forward_hook(hook)
+    try:
+        yield
+    finally:
+        handle.remove()
+
+
 def policy_forward(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, num_logprob_tokens: int):
     """One forward for both heads: (log-probs of the last n tokens, h).
 
@@ -94,11 +111,7 @@ def policy_forward(model, input_ids: torch.Tensor, attention_mask: torch.Tensor,
         raise ValueError(f"num_logprob_tokens={num_logprob_tokens} needs more than {input_ids.shape[1]} input tokens")
     position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)  # (B, T)
     caught = {}
-    inner = model
-    while not hasattr(inner, "get_decoder") and hasattr(inner, "module"):  # DDP / DeepSpeed wrappers
-        inner = inner.module
-    hook = inner.get_decoder().register_forward_hook(lambda module, args, out: caught.update(hidden=out[0]))
-    try:
+    with decoder_hook(model, lambda module, args, out: caught.update(hidden=out[0])):
         out = model(
             input_ids=input_ids,
             attention_mask=attention_mask,
@@ -106,8 +119,6 @@ def policy_forward(model, input_ids: torch.Tensor, attention_mask: torch.Tensor,
             logits_to_keep=num_logprob_tokens + 1,  # 0 would mean all positions to transformers
             use_cache=False,
         )
-    finally:
-        hook.remove()
     hidden = caught["hidden"]  # (B, T, D)
     rows = torch.arange(input_ids.shape[0], device=input_ids.device)
     h = hidden[rows, last_token_index(attention_mask)]  # (B, D)

@@ -34,7 +34,7 @@ from model import load_backbone
 from paths import resolve_model
 from rollouts import SamplingConfig
 from train import load_dataset_dir
-from trainer import RecPOConfig, RecPOTrainer
+from trainer import RecPOConfig, RecPOTrainer, reasoning_texts
 
 RUN_FILE = "r2ec_run.json"  # written by train.py when a run ends
 SPLITS = ("train", "valid", "test")
@@ -148,9 +148,7 @@ def recommend_batch(trainer: RecPOTrainer, samples: list[dict], rows: list[int],
     top_scores, top_ids = scores.topk(min(top_k, scores.shape[1]), dim=1)  # (B, K)
     tokenizer = trainer.processing_class
     records = []
-    for i, sample in enumerate(samples):
-        reasoning = tokenizer.decode(rollouts.completion_ids[i][rollouts.completion_mask[i].bool()],
-                                     skip_special_tokens=True)
+    for i, (sample, reasoning) in enumerate(zip(samples, reasoning_texts(tokenizer, rollouts))):
         top = [{"item_id": item, "title": titles[item], "score": score}
                for item, score in zip(top_ids[i].tolist(), top_scores[i].tolist())
                if score != -math.inf]  # fewer unseen items than K: masked ones are no recommendation

@@ -50,6 +50,8 @@ import torch
 import torch.nn.functional as F
 from transformers import AttentionInterface, GenerationConfig, StoppingCriteria, StoppingCriteriaList
 
+from model import decoder_hook, policy_forward
+
 ATTENTION_NAME = "r2ec_rollout"
 PREFIX_BUCKET = 128  # prefix capacity grows in these steps, so varying prompt lengths reuse one graph
 MAX_CACHED_SHAPES = 3  # decode states kept per model: training, evaluation, evaluation's last batch
@@ -115,23 +117,6 @@ def _forced_stop(stop_ids: list[list[int]]) -> list[int]:
 def _base_model(model):
     """The transformers model under a PEFT wrapper (its config drives the attention dispatch)."""
     return model.get_base_model() if hasattr(model, "get_base_model") else model
-
-
-@contextmanager
-def _decoder_hook(model, hook):
-    """`hook(module, args, output)` on the model's decoder (whose output[0] is h) for the block.
-
-    The decoder is found as model.py's `policy_forward` finds it (DDP/DeepSpeed `.module`
-    unwrapped, PEFT's `get_decoder` forwarded), so h here is h there.
-    """
-    inner = model
-    while not hasattr(inner, "get_decoder") and hasattr(inner, "module"):
-        inner = inner.module
-    handle = inner.get_decoder().register_forward_hook(hook)
-    try:
-        yield
-    finally:
-        handle.remove()
 
 
 @contextmanager
@@ -551,7 +536,7 @@ def generate_rollouts(model, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor
     # The user-state hook is registered for the whole call, outside the (possibly compiled)
     # step, so the warm-up, the capture and every eager or compiled step run it: a captured
     # graph records its write, dynamo traces it in (no graph break, no recompilation per call).
-    with _generation_mode(model, ATTENTION_NAME), _active(st), _decoder_hook(model, _catch_user_states):
+    with _generation_mode(model, ATTENTION_NAME), _active(st), decoder_hook(model, _catch_user_states):
         logits = _prefill(model, st, prompt_ids, prompt_mask)  # (N, V)
         if use_graph and st.graph is None:
             _capture(model, st)
@@ -579,20 +564,14 @@ def fresh_forward(model, prompt_ids, prompt_mask, completion_ids, completion_mas
     """One plain forward pass (the model's own attention) over prompt + completion, eval mode.
 
     (N, P) and (N, C) -> log π(completion token) (N, C) float32, 0 off the mask, and h (N, D)
-    float32, the decoder output at each row's last non-pad token (as model.py's `encode`).
-    The reference and the benchmark use it.
+    float32: model.py's `policy_forward`, the trainer's own forward. The reference and the
+    benchmark use it.
     """
     ids = torch.cat([prompt_ids, completion_ids], 1)  # (N, P + C)
     mask = torch.cat([prompt_mask, completion_mask.to(prompt_mask.dtype)], 1)
-    positions = (mask.long().cumsum(-1) - 1).clamp(min=0)
-    caught = {}
-    with _generation_mode(model), _decoder_hook(model, lambda m, a, out: caught.update(hidden=out[0])):
-        logits = model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=False).logits
-    logp = logits[:, prompt_ids.shape[1] - 1:-1].float().log_softmax(-1)  # (N, C, V)
-    logp = logp.gather(-1, completion_ids[..., None]).squeeze(-1) * completion_mask  # (N, C)
-    last = mask.shape[1] - 1 - mask.flip(-1).long().argmax(-1)  # (N,) last non-pad token
-    h = caught["hidden"][torch.arange(len(ids), device=ids.device), last].float()  # (N, D)
-    return logp, h
+    with _generation_mode(model):
+        logp, h = policy_forward(model, ids, mask, completion_ids.shape[1])
+    return logp * completion_mask, h.float()
 
 
 def completion_logprobs(model, prompt_ids, prompt_mask, completion_ids, completion_mask) -> torch.Tensor:

@@ -30,7 +30,7 @@ from tqdm.auto import tqdm
 from transformers import Trainer, TrainingArguments
 
 from errors import UserError
-from metrics import ranking_metrics, target_rank
+from metrics import ndcg_at_k, ranking_metrics, target_rank
 from model import ItemTable, encode, mask_seen, policy_forward, similarity
 from prompts import answer_stop_ids, left_pad, prompt_ids, user_prompt
 from rollouts import Rollouts, SamplingConfig, generate_rollouts
@@ -183,8 +183,7 @@ def recpo_reward(scores: torch.Tensor, targets: torch.Tensor, beta: float, ndcg_
     Returns (R, NDCG@k, softmax probability, rank), each (N,).
     """
     ranks = target_rank(scores, targets)  # (N,)
-    gain = 1.0 / torch.log2(ranks.float() + 1.0)
-    ndcg = torch.where(ranks <= ndcg_k, gain, torch.zeros_like(gain))  # (N,)
+    ndcg = ndcg_at_k(ranks, ndcg_k).float()  # (N,)
     prob = scores.float().softmax(dim=-1).gather(1, targets[:, None]).squeeze(1)  # (N,)
     return (1 - beta) * ndcg + beta * prob, ndcg, prob, ranks
 
@@ -294,6 +293,12 @@ class SkipStep(RuntimeError):
 def keep_rows(rows):
     """Collator: a batch is the list of raw dataset rows (prompts are built in the trainer)."""
     return rows
+
+
+def reasoning_texts(tokenizer, rollouts: Rollouts) -> list[str]:
+    """Each trajectory's reasoning as text, `<answer>` included (only its masked tokens)."""
+    return [tokenizer.decode(ids[mask.bool()], skip_special_tokens=True)
+            for ids, mask in zip(rollouts.completion_ids, rollouts.completion_mask)]
 
 
 class RecPOBatch(NamedTuple):
@@ -427,11 +432,12 @@ class RecPOTrainer(Trainer):
             rollouts.completion_mask[rows, :completion_len], self.args.epsilon_low, self.args.epsilon_high,
         )
 
-    def item_loss(self, user_states, item_states, batch: RecPOBatch, rows):
+    def item_loss(self, user_states, item_states, batch: RecPOBatch, rows, weighted_advantages, old_probs):
         """SPEC §4.6 on the micro-batch `rows`, in-batch softmax over every process's targets.
 
         Other processes' user and item states join detached: each process holds the gradient of
         the full loss through its own states, so the sum over processes is the full gradient.
+        `weighted_advantages` (Â) and `old_probs` (or None) are every process's, (W·N,).
         Returns (loss, p of the local rows).
         """
         world, rank = self.accelerator.num_processes, self.accelerator.process_index
@@ -442,11 +448,11 @@ class RecPOTrainer(Trainer):
         local_rows = torch.as_tensor(rows, device=users.device)  # (M,)
         labels = torch.cat([local_rows // group + q * num_users for q in range(world)])  # (W·M,)
         global_rows = torch.cat([local_rows + q * num_local for q in range(world)])  # (W·M,)
-        weighted = gather(batch.advantages * batch.relabel)[global_rows]
-        old_probs = None if batch.item_old_probs is None else gather(batch.item_old_probs)[global_rows]
+        old_probs = None if old_probs is None else old_probs[global_rows]
         logits = similarity(users, items, self.args.similarity_type, self.args.tau)  # (W·M, W·B)
         loss, probs = clipped_item_loss(
-            logits, labels, old_probs, weighted, self.args.epsilon_low, self.args.epsilon_high, world * num_local
+            logits, labels, old_probs, weighted_advantages[global_rows], self.args.epsilon_low,
+            self.args.epsilon_high, world * num_local,
         )
         mine = slice(rank * len(local_rows), (rank + 1) * len(local_rows))
         return loss, probs[mine]
@@ -467,6 +473,8 @@ class RecPOTrainer(Trainer):
         sync_at_end = self.accelerator.sync_gradients
         total = torch.zeros((), device=args.device)
         unwrapped = self.accelerator.unwrap_model(model)
+        weighted_advantages = gather(batch.advantages * batch.relabel)  # (W·N,) Â of every process
+        old_probs = None if batch.item_old_probs is None else gather(batch.item_old_probs)  # (W·N,)
         for index, rows in enumerate(micro_batches):
             last = index == len(micro_batches) - 1
             # DDP must know before the forward whether this backward all-reduces.
@@ -478,7 +486,7 @@ class RecPOTrainer(Trainer):
                 # Items run on the unwrapped module: DDP allows one wrapped forward per backward.
                 item_inputs = {k: v.to(args.device) for k, v in self.item_table.batch(batch.targets).items()}
                 item_states = encode(unwrapped, **item_inputs)
-                item, probs = self.item_loss(user_states, item_states, batch, rows)
+                item, probs = self.item_loss(user_states, item_states, batch, rows, weighted_advantages, old_probs)
                 token = token * share
                 self._check_finite(token + item, "loss")
                 # Every process computes the same full item loss value but holds the gradient only
@@ -557,10 +565,7 @@ class RecPOTrainer(Trainer):
                 top_items = scores.topk(min(EVAL_TOP_ITEMS, scores.shape[1]), dim=1).indices.tolist()
                 ranks.append(batch_ranks)
                 lengths.append(rollouts.completion_mask.sum(1))
-                texts = self.processing_class.batch_decode(
-                    rollouts.completion_ids * rollouts.completion_mask + self.processing_class.pad_token_id
-                    * (1 - rollouts.completion_mask), skip_special_tokens=True,
-                )
+                texts = reasoning_texts(self.processing_class, rollouts)
                 records += [{"row": i, "user_id": s["user_id"], "item_id": s["item_id"], "rank": int(r),
                              "reasoning": t, "top_items": top}
                             for i, s, r, t, top in zip(rows, samples, batch_ranks.tolist(), texts, top_items)]
