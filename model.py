@@ -79,6 +79,17 @@ def last_token_index(attention_mask: torch.Tensor) -> torch.Tensor:
     return width - 1 - attention_mask.flip(-1).long().argmax(-1)  # (B,)
 
 
+def last_positions(input_ids: torch.Tensor, n: int) -> torch.Tensor:
+    """`logits_to_keep` for the last n positions, as explicit indices rather than the int n.
+
+    transformers slices the hidden states with it: indices give a contiguous copy, a slice a
+    strided view, and PyTorch's CPU matmul copies the whole LM head once per row for a strided
+    (B, n, D) input whose weight needs no gradient (seconds per call at a 49k vocabulary).
+    """
+    length = input_ids.shape[1]
+    return torch.arange(length - n, length, device=input_ids.device)
+
+
 @contextmanager
 def decoder_hook(model, hook):
     """`hook(module, args, output)` on the model's decoder for the block; output[0] is h before
@@ -116,7 +127,7 @@ def policy_forward(model, input_ids: torch.Tensor, attention_mask: torch.Tensor,
             input_ids=input_ids,
             attention_mask=attention_mask,
             position_ids=position_ids,
-            logits_to_keep=num_logprob_tokens + 1,  # 0 would mean all positions to transformers
+            logits_to_keep=last_positions(input_ids, num_logprob_tokens + 1),
             use_cache=False,
         )
     hidden = caught["hidden"]  # (B, T, D)

@@ -50,7 +50,7 @@ import torch
 import torch.nn.functional as F
 from transformers import AttentionInterface, GenerationConfig, StoppingCriteria, StoppingCriteriaList
 
-from model import decoder_hook, policy_forward
+from model import decoder_hook, last_positions, policy_forward
 
 ATTENTION_NAME = "r2ec_rollout"
 PREFIX_BUCKET = 128  # prefix capacity grows in these steps, so varying prompt lengths reuse one graph
@@ -427,7 +427,7 @@ def _prefill(model, st: _DecodeState, prompt_ids, prompt_mask) -> torch.Tensor:
     positions = (prompt_mask.long().cumsum(-1) - 1).clamp(min=0)  # (B, P) from the mask: left padding
     st.start(prompt_mask, positions)
     logits = model(input_ids=prompt_ids, position_ids=positions, use_cache=False,
-                   logits_to_keep=1).logits[:, -1].float()  # (B, V)
+                   logits_to_keep=last_positions(prompt_ids, 1)).logits[:, -1].float()  # (B, V)
     st.prompt_mask = None
     st.mode = "decode"
     for window in (None, *st.windows):
