@@ -7,7 +7,7 @@ Steps: preprocess.py on data/sample (offline) → train.py (RecPO, embedded Smol
 LoRA) with an evaluation before and after → a before/after table of valid/test NDCG and Hit,
 and one test user's history, reasoning and top-5 recommendations with the true next item marked.
 The settings are scaled down for two CPU cores (short histories and reasonings, few steps, a
-high learning rate); the full-scale defaults are train.py's own.
+high learning rate, no LoRA dropout); the full-scale defaults are train.py's own.
 """
 import argparse
 import json
@@ -44,7 +44,7 @@ def train_flags(args) -> list[str]:
         "--seed", str(args.seed), "--max_steps", str(args.steps), "--eval_steps", str(args.steps),
         "--max_eval_samples", str(args.eval_samples), "--eval_batch_size", str(args.eval_samples),
         "--window_size", "5", "--max_new_tokens", "16", "--train_batch_size", "8", "--group_size", "2",
-        "--micro_batch_size", "16", "--learning_rate", "2e-3", "--warmup_steps", "0",
+        "--micro_batch_size", "16", "--learning_rate", "2e-3", "--warmup_steps", "0", "--lora_dropout", "0",
         "--gradient_checkpointing", "False", "--load_best_model_at_end", "False",
         "--report_to", "tensorboard", "--logging_steps", "1",
     ]
