@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 from typing import NamedTuple
 
 import torch
-from accelerate.utils import AutocastKwargs, gather, gather_object
+from accelerate.utils import gather, gather_object
 from torch.utils.data import Sampler
 from tqdm.auto import tqdm
 from transformers import Trainer, TrainingArguments
@@ -363,18 +363,16 @@ class RecPOTrainer(Trainer):
 
     def refresh_item_table(self, model):
         """Re-encode every item with the current weights (SPEC §4 "Item table")."""
-        with self._autocast():
-            self.item_table.encode(self.accelerator.unwrap_model(model), progress=self.is_local_process_zero())
+        self.item_table.encode(self.accelerator.unwrap_model(model), progress=self.is_local_process_zero())
         self._table_is_fresh = True
 
     def rollout(self, model, samples: list[dict], sampling: SamplingConfig, num_samples: int) -> Rollouts:
         """SPEC §4.1: `num_samples` reasonings per sample, all B·G generated together."""
         prompt_ids, prompt_mask = self.tokenize_prompts(samples)
-        with self._autocast():
-            return generate_rollouts(
-                self.accelerator.unwrap_model(model), prompt_ids, prompt_mask, num_samples, sampling,
-                self.stop_ids, self.processing_class.pad_token_id, compile_step=self.args.compile_rollouts,
-            )
+        return generate_rollouts(
+            self.accelerator.unwrap_model(model), prompt_ids, prompt_mask, num_samples, sampling,
+            self.stop_ids, self.processing_class.pad_token_id, compile_step=self.args.compile_rollouts,
+        )
 
     def rank_items(self, user_states: torch.Tensor, samples: list[dict]) -> torch.Tensor:
         """Scores of every user state over the item table, history items and pad masked.  -> (N, I)."""
@@ -487,8 +485,7 @@ class RecPOTrainer(Trainer):
                 token, clip_fraction = self.token_loss(logprobs, batch, rows, completion_len)
                 # Items run on the unwrapped module: DDP allows one wrapped forward per backward.
                 item_inputs = {k: v.to(args.device) for k, v in self.item_table.batch(batch.targets).items()}
-                with self._autocast():
-                    item_states = encode(unwrapped, **item_inputs)
+                item_states = encode(unwrapped, **item_inputs)
                 item, probs = self.item_loss(user_states, item_states, batch, rows, weighted_advantages, old_probs)
                 token = token * share
                 self._check_finite(token + item, "loss")
@@ -610,15 +607,6 @@ class RecPOTrainer(Trainer):
         everything = gather(local.detach().contiguous())  # (W·R, D)
         start = self.accelerator.process_index * len(local)
         return torch.cat([everything[:start], local, everything[start + len(local):]])
-
-    def _autocast(self):
-        """The mixed precision of the prepared model's forward, for work on the unwrapped model.
-
-        Rollouts and items then see the numerics of the update (π_old matches π_θ), and LoRA's
-        float32 adapters stay off slow mixed-dtype CPU kernels. No autocast cache: CUDA graphs
-        are captured inside.
-        """
-        return self.accelerator.autocast(AutocastKwargs(cache_enabled=False))
 
     @contextlib.contextmanager
     def _timed(self, stage: str):

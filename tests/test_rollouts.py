@@ -196,6 +196,20 @@ def test_model_state_is_restored_and_outputs_feed_autograd():
     out.float().mean().backward()  # ids from the engine work in a training forward
 
 
+def test_lm_head_reads_contiguous_rows():
+    """The prefill keeps only the last position, as a contiguous copy (a strided view makes
+    PyTorch's CPU matmul copy the LM head once per row); decoding feeds one position."""
+    model = tiny_model("llama")
+    seen = []
+    hook = model.get_output_embeddings().register_forward_hook(
+        lambda m, args, out: seen.append((out.shape[1], args[0].is_contiguous()))
+    )
+    ids, mask = prompts()
+    generate_rollouts(model, ids, mask, 2, SamplingConfig(max_new_tokens=4, greedy=True), [[7]], PAD)
+    hook.remove()
+    assert seen and set(seen) == {(1, True)}
+
+
 def test_one_state_serves_other_prompt_lengths():
     """Shorter prompts reuse the first call's buffers (and CUDA graph); a prompt past the prefix
     capacity replaces them with at least twice the capacity."""
