@@ -25,8 +25,8 @@ def parse_args():
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--output_dir", default=os.path.join("outputs", "quickstart"))
     parser.add_argument("--seed", type=int, default=42)
-    parser.add_argument("--steps", type=int, default=8, help="RecPO steps (8 users × 2 reasonings each)")
-    parser.add_argument("--eval_samples", type=int, default=48, help="valid and test samples evaluated")
+    parser.add_argument("--steps", type=int, default=12, help="RecPO steps (8 users × 2 reasonings each)")
+    parser.add_argument("--eval_samples", type=int, default=64, help="valid and test samples evaluated")
     parser.add_argument("--model", default="SmolLM2-135M-Instruct")
     return parser.parse_args()
 
