@@ -1,15 +1,15 @@
 #!/usr/bin/env bash
 # Create .venv (if missing) and install everything R²ec needs. Safe to rerun: while
-# requirements.txt is unchanged since the last install, it returns at once (delete .venv to
-# reinstall from scratch).
+# requirements.txt and this script are unchanged since the last install, it returns at once
+# (delete .venv to reinstall from scratch).
 # Usage: bash setup_env.sh        (then: . .venv/bin/activate)
 set -euo pipefail
 cd "$(dirname "$0")"
 if [ ! -x .venv/bin/python ]; then
     python3 -m venv .venv
 fi
-installed=.venv/r2ec-requirements.txt  # a copy of requirements.txt as last installed
-if cmp -s requirements.txt "$installed"; then
+installed=.venv/r2ec-installed.txt  # requirements.txt + this script, as last installed
+if cat requirements.txt setup_env.sh | cmp -s - "$installed"; then
     exit 0
 fi
 .venv/bin/python -m pip install -q --upgrade pip
@@ -27,4 +27,4 @@ import curves, preprocess, recommend, train
     echo "error: the packages installed into .venv do not import (above) — delete .venv and rerun bash setup_env.sh" >&2
     exit 1
 fi
-cp requirements.txt "$installed"
+cat requirements.txt setup_env.sh > "$installed"
