@@ -464,6 +464,11 @@ class RecPOTrainer(Trainer):
         The token loss is normalised to B = per_device_train_batch_size users, so a process
         holding a larger batch (the single-process reference of the tests) averages over its
         B-sized shares instead of summing them.
+
+        The B target items are encoded with gradient once per update, not once per micro-batch:
+        earlier micro-batches score a detached copy and keep the item loss's gradient with
+        respect to it, and the last backward carries that gradient through the item encoder
+        along with its own (one encoder forward and backward per update).
         """
         args, world = self.args, self.accelerator.num_processes
         num_local = len(batch.advantages)
@@ -472,9 +477,13 @@ class RecPOTrainer(Trainer):
         item_probs = torch.zeros(num_local, device=args.device)
         sync_at_end = self.accelerator.sync_gradients
         total = torch.zeros((), device=args.device)
-        unwrapped = self.accelerator.unwrap_model(model)
         weighted_advantages = gather(batch.advantages * batch.relabel)  # (W·N,) Â of every process
         old_probs = None if batch.item_old_probs is None else gather(batch.item_old_probs)  # (W·N,)
+        # Items run on the unwrapped module: DDP allows one wrapped forward per backward.
+        item_inputs = {k: v.to(args.device) for k, v in self.item_table.batch(batch.targets).items()}
+        item_states = encode(self.accelerator.unwrap_model(model), **item_inputs)  # (B, D)
+        detached_items = item_states.detach().requires_grad_()
+        earlier_items_grad = torch.zeros_like(detached_items)  # d(earlier micro-batches' loss)/d(items)
         for index, rows in enumerate(micro_batches):
             last = index == len(micro_batches) - 1
             # DDP must know before the forward whether this backward all-reduces.
@@ -483,15 +492,17 @@ class RecPOTrainer(Trainer):
                 ids, mask, completion_len = self._user_sequences(batch.rollouts, rows)
                 logprobs, user_states = policy_forward(model, ids, mask, completion_len)
                 token, clip_fraction = self.token_loss(logprobs, batch, rows, completion_len)
-                # Items run on the unwrapped module: DDP allows one wrapped forward per backward.
-                item_inputs = {k: v.to(args.device) for k, v in self.item_table.batch(batch.targets).items()}
-                item_states = encode(unwrapped, **item_inputs)
-                item, probs = self.item_loss(user_states, item_states, batch, rows, weighted_advantages, old_probs)
+                items = item_states if last else detached_items
+                item, probs = self.item_loss(user_states, items, batch, rows, weighted_advantages, old_probs)
                 token = token * share
                 self._check_finite(token + item, "loss")
                 # Every process computes the same full item loss value but holds the gradient only
                 # through its own states; DDP averages gradients over processes, hence × world.
                 loss = (token + item * world) / args.gradient_accumulation_steps
+                if last:
+                    loss = loss + (item_states * earlier_items_grad).sum()
+                else:  # unscaled, unlike .grad after a backward under a loss scaler
+                    earlier_items_grad += torch.autograd.grad(loss, detached_items, retain_graph=True)[0]
                 self.accelerator.gradient_state._set_sync_gradients(sync_at_end and last)
                 backward_kwargs = {"scale_wrt_gas": False} if self.is_deepspeed_enabled else {}
                 self.accelerator.backward(loss, **backward_kwargs)

@@ -4,7 +4,8 @@
     python -m torch.distributed.run --nproc_per_node 2 tests/dist_update_worker.py OUT.pt  # 2 users each
 
 Rank 0 writes the step's loss (averaged over processes, as the Trainer logs it) and every LoRA
-gradient after the update, for the test to compare.
+gradient after the update, for the test to compare. tests/test_trainer.py also builds its
+single-process gradient check from `tiny_lora_model` and `fixed_batch`.
 """
 import os
 import sys
@@ -38,14 +39,43 @@ def fixed_completions(trainer):
 
 
 def local_rollouts(trainer, samples, model, completion_ids, completion_mask, noise):
-    """This process's rollouts, with log-probs as if sampled under slightly different weights."""
+    """This process's rollouts, with log-probs as if sampled under slightly different weights (+ noise)."""
     prompt_ids, prompt_mask = trainer.tokenize_prompts(samples)
     prompt_ids, prompt_mask = prompt_ids.repeat_interleave(GROUP, 0), prompt_mask.repeat_interleave(GROUP, 0)
     with torch.no_grad():
         logprobs, _ = policy_forward(model, torch.cat([prompt_ids, completion_ids], 1),
                                      torch.cat([prompt_mask, completion_mask], 1), completion_ids.shape[1])
-    old = (logprobs + 0.3 * noise) * completion_mask  # ratios spread around 1, some clipped
+    old = (logprobs + noise) * completion_mask  # ratios spread around 1, some clipped
     return Rollouts(prompt_ids, prompt_mask, completion_ids, completion_mask, old)
+
+
+def tiny_lora_model(gradient_checkpointing: bool = False):
+    """Tiny Qwen2 with LoRA (no dropout) whose B matrices are non-zero, identical on every process."""
+    model, tokenizer = load_backbone(tiny_backbone("qwen2"), dtype=torch.float32,
+                                     gradient_checkpointing=gradient_checkpointing)
+    torch.manual_seed(0)
+    model = add_lora(model, r=4, alpha=8, dropout=0.0)
+    with torch.no_grad():
+        for name, param in sorted(model.named_parameters()):
+            if "lora_" in name:
+                param.copy_(0.2 * torch.randn(param.shape, generator=torch.Generator().manual_seed(len(name))))
+    return model, tokenizer
+
+
+def fixed_batch(trainer, model, rank: int, world: int, noise_scale: float = 0.3) -> RecPOBatch:
+    """This process's share of a fixed global batch of USERS × GROUP trajectories.
+
+    Old log-probs are the current ones plus `noise_scale` × noise (0: exactly on-policy).
+    """
+    all_samples = [trainer.train_dataset[i] for i in range(USERS)]
+    per_process = USERS // world
+    samples = all_samples[rank * per_process:(rank + 1) * per_process]
+    mine = slice(rank * per_process * GROUP, (rank + 1) * per_process * GROUP)
+    completion_ids, completion_mask, noise = (t[mine] for t in fixed_completions(trainer))
+    rollouts = local_rollouts(trainer, samples, model, completion_ids, completion_mask, noise_scale * noise)
+    advantages = torch.randn(USERS * GROUP, generator=torch.Generator().manual_seed(2))
+    relabel = relabel_mask(advantages.view(-1, GROUP), 1).flatten()
+    return RecPOBatch(rollouts, torch.tensor([s["item_id"] for s in samples]), advantages[mine], relabel[mine], None)
 
 
 def main(out_path: str):
@@ -55,25 +85,11 @@ def main(out_path: str):
         group_size=GROUP, micro_batch_size=2, lora_dropout=0.0, gradient_checkpointing=False, eval_strategy="no",
         save_strategy="no", load_best_model_at_end=False, eval_on_start=False, max_new_tokens=8,
     )
-    model, tokenizer = load_backbone(tiny_backbone("qwen2"), dtype=torch.float32)
-    torch.manual_seed(0)
-    model = add_lora(model, r=4, alpha=8, dropout=0.0)
-    with torch.no_grad():  # non-zero LoRA B, identical on every process
-        for name, param in sorted(model.named_parameters()):
-            if "lora_" in name:
-                param.copy_(0.2 * torch.randn(param.shape, generator=torch.Generator().manual_seed(len(name))))
+    model, tokenizer = tiny_lora_model()
     trainer = RecPOTrainer(model, config, tokenizer, tiny_dataset(), "Video_Games")
     rank = trainer.accelerator.process_index
     trainer.refresh_item_table(model)
-
-    all_samples = [trainer.train_dataset[i] for i in range(USERS)]
-    per_process = USERS // world
-    samples = all_samples[rank * per_process:(rank + 1) * per_process]
-    mine = slice(rank * per_process * GROUP, (rank + 1) * per_process * GROUP)
-    rollouts = local_rollouts(trainer, samples, model, *(t[mine] for t in fixed_completions(trainer)))
-    advantages = torch.randn(USERS * GROUP, generator=torch.Generator().manual_seed(2))
-    relabel = relabel_mask(advantages.view(-1, GROUP), 1).flatten()
-    batch = RecPOBatch(rollouts, torch.tensor([s["item_id"] for s in samples]), advantages[mine], relabel[mine], None)
+    batch = fixed_batch(trainer, model, rank, world)
 
     wrapped = trainer.accelerator.prepare_model(model)
     loss = trainer.update(wrapped, batch)

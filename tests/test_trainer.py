@@ -7,8 +7,9 @@ import warnings
 
 import pytest
 import torch
+import torch.nn.functional as F
 
-from model import add_lora, load_backbone
+from model import add_lora, encode, load_backbone, policy_forward
 from tests.backbones import tiny_backbone
 from tests.tiny_data import tiny_dataset
 from trainer import RecPOConfig, RecPOTrainer
@@ -114,6 +115,42 @@ def test_two_processes_equal_one_process_on_the_concatenated_batch(tmp_path):
     assert any(g.abs().sum() > 0 for g in one["grads"].values())
     for name in one["grads"]:
         torch.testing.assert_close(two["grads"][name], one["grads"][name], rtol=1e-3, atol=1e-6, msg=name)
+
+
+@pytest.mark.parametrize("checkpointing", [False, True])
+def test_update_gradient_equals_one_backward_of_the_whole_loss(tmp_path, checkpointing):
+    """Micro-batches, and the target items encoded once per update, must add up to the full loss."""
+    from tests.dist_update_worker import GROUP, USERS, fixed_batch, tiny_lora_model
+
+    model, tokenizer = tiny_lora_model(gradient_checkpointing=checkpointing)
+    config = tiny_config(tmp_path, per_device_train_batch_size=USERS, group_size=GROUP, micro_batch_size=3,
+                         lora_dropout=0.0, gradient_checkpointing=checkpointing)
+    trainer = RecPOTrainer(model, config, tokenizer, tiny_dataset(), "Video_Games")
+    trainer.refresh_item_table(model)
+    batch = fixed_batch(trainer, model, rank=0, world=1, noise_scale=0.0)  # on-policy: ρ = q = 1
+    trainer.update(trainer.accelerator.prepare_model(model), batch)
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+
+    # The same loss written out directly, for all trajectories at once, one backward. On-policy the
+    # clipped terms have the gradients of -A·log π (token) and -Â·log p (item).
+    model.zero_grad(set_to_none=True)
+    rollouts, num = batch.rollouts, len(batch.advantages)
+    completion_len = rollouts.completion_ids.shape[1]
+    logprobs, users = policy_forward(model, torch.cat([rollouts.prompt_ids, rollouts.completion_ids], 1),
+                                     torch.cat([rollouts.prompt_mask, rollouts.completion_mask], 1), completion_len)
+    token = 0.0
+    for rows in torch.arange(num).split(3):  # released normalisation: per micro-batch of 3
+        mask = rollouts.completion_mask[rows].float()
+        token = token - (batch.advantages[rows, None] * logprobs[rows] * mask).sum() / mask.sum() / len(rows)
+    items = encode(model, **trainer.item_table.batch(batch.targets))  # (USERS, D)
+    scores = F.normalize(users, dim=-1) @ F.normalize(items, dim=-1).T / config.tau  # (N, USERS)
+    own_item = scores.log_softmax(-1)[torch.arange(num), torch.arange(num) // GROUP]
+    item = -(batch.advantages * batch.relabel * own_item).sum() / num
+    (token + item).backward()
+    assert any(g.abs().sum() > 0 for g in grads.values())
+    for name, param in model.named_parameters():
+        if param.requires_grad:
+            torch.testing.assert_close(grads[name], param.grad, rtol=1e-4, atol=1e-6, msg=name)
 
 
 def tiny_dataset_dir(tmp_path) -> str:
