@@ -99,6 +99,12 @@ def _convert_gguf(folder: str) -> None:
     print(f"converting the embedded {DEFAULT_MODEL} GGUF into {embedded_folder()} (once, ~15 s)", file=sys.stderr)
     tokenizer = AutoTokenizer.from_pretrained(gguf_folder, gguf_file=gguf_file)
     model = AutoModelForCausalLM.from_pretrained(gguf_folder, gguf_file=gguf_file)
+    # The model config's special ids are right in every version (eos = pad = <|im_end|>); the
+    # tokenizer's are not in some (transformers 5.17: eos = <|im_start|>, no pad).
+    tokenizer.bos_token, tokenizer.eos_token, tokenizer.pad_token = (
+        tokenizer.convert_ids_to_tokens(getattr(model.config, name))
+        for name in ("bos_token_id", "eos_token_id", "pad_token_id")
+    )
     # The weights are already de-quantised to float32; without these two the folder would
     # claim to be GGUF-quantised and `save_pretrained` refuses to write it.
     model.hf_quantizer = None

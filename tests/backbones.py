@@ -151,11 +151,7 @@ def _gemma2_tokenizer():
 
 
 def _llama_tokenizer():
-    converted = paths.embedded_folder()
-    if os.path.isfile(os.path.join(converted, "tokenizer.json")):  # cheaper than reading the GGUF
-        return AutoTokenizer.from_pretrained(converted)
-    folder, gguf_file = paths.embedded_gguf()
-    return AutoTokenizer.from_pretrained(folder, gguf_file=gguf_file)
+    return AutoTokenizer.from_pretrained(paths.convert_embedded())  # its special tokens set right
 
 
 def _config(family: str, tokenizer):

@@ -74,3 +74,15 @@ def test_command_line_error_is_one_line():
                          cwd=paths.os.path.dirname(paths.__file__))
     assert run.returncode == 2 and run.stdout == ""
     assert run.stderr.startswith("error: model 'Gemma-2-2b-it'") and run.stderr.count("\n") == 1
+
+
+def test_embedded_conversion_names_smollm2_instruct_special_tokens(tmp_path):
+    """SmolLM2-Instruct ends each turn with <|im_end|>: its eos and pad; bos is <|im_start|>."""
+    from transformers import AutoConfig, AutoTokenizer
+
+    paths._convert_gguf(str(tmp_path))  # into a fresh folder: the cached conversion may predate a fix
+    tokenizer, config = AutoTokenizer.from_pretrained(str(tmp_path)), AutoConfig.from_pretrained(str(tmp_path))
+    assert (tokenizer.bos_token, tokenizer.eos_token, tokenizer.pad_token) == ("<|im_start|>", "<|im_end|>", "<|im_end|>")
+    assert (tokenizer.bos_token_id, tokenizer.eos_token_id, tokenizer.pad_token_id) == (
+        config.bos_token_id, config.eos_token_id, config.pad_token_id)
+    assert tokenizer.apply_chat_template([{"role": "user", "content": "Hi"}], tokenize=False).endswith("<|im_end|>\n")

@@ -40,7 +40,9 @@ def tiny_model(family: str, **overrides):
                               final_logit_softcapping=30.0, attn_logit_softcapping=50.0)
     else:
         config = LlamaConfig(**{**TINY, **overrides}, tie_word_embeddings=False)
-    return AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
+    # As load_backbone: transformers 5.17's SDPA path drops attention soft-capping, eager keeps it.
+    attention = "eager" if family == "gemma2" else None
+    return AutoModelForCausalLM.from_config(config, dtype=torch.float32, attn_implementation=attention).eval()
 
 
 def lora_model():

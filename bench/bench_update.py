@@ -1,0 +1,103 @@
+"""Time one RecPO update (SPEC §4.5–4.7: token + item loss, forward and backward per micro-batch)
+on a fixed batch of rollouts, the way `RecPOTrainer.training_step` runs it after the rollout.
+Run from the repo root:
+
+    python bench/bench_update.py                           # CPU: SmolLM2-135M, the shipped sample
+    python bench/bench_update.py --model /tmp/qwen3b       # GPU: a make_random_backbone.py folder
+    python bench/bench_update.py --repo /tmp/old_checkout  # the same batch through another version
+
+The batch: the `--users` training samples of data/sample with the longest histories, `--group` completions each of
+`--new_tokens` random tokens ending in `<answer>`, old log-probs from one no-grad forward (so the
+ratios are 1, as on-policy), random advantages, relabel top-1. The model is LoRA-wrapped (SPEC §4
+defaults), gradient checkpointing on, bf16 with the trainer's own autocast. Each repeat is one
+`update` call, device-synchronised; the first is a warm-up and not counted.
+"""
+import argparse
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SAMPLE = os.path.join(ROOT, "data", "sample", "Video_Games_0_2022-10-2023-10")
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--model", default="smollm2", help="key, alias or folder (paths.py)")
+    p.add_argument("--repo", default=ROOT, help="checkout whose trainer.py/model.py to time")
+    p.add_argument("--users", type=int, default=4, help="B")
+    p.add_argument("--group", type=int, default=4, help="G")
+    p.add_argument("--micro_batch_size", type=int, default=4)
+    p.add_argument("--new_tokens", type=int, default=256, help="completion length of every trajectory")
+    p.add_argument("--repeats", type=int, default=3, help="timed update calls (after one warm-up)")
+    args = p.parse_args()
+
+    sys.path.insert(0, os.path.abspath(args.repo))
+    from datasets import load_from_disk
+
+    from model import add_lora, load_backbone, policy_forward
+    from rollouts import Rollouts
+    from trainer import RecPOBatch, RecPOConfig, RecPOTrainer, relabel_mask
+
+    cuda = torch.cuda.is_available()
+    model, tokenizer = load_backbone(args.model, gradient_checkpointing=True)
+    model = add_lora(model)
+    config = RecPOConfig(
+        output_dir=tempfile.mkdtemp(), use_cpu=not cuda, report_to="none", per_device_train_batch_size=args.users,
+        group_size=args.group, micro_batch_size=args.micro_batch_size, eval_strategy="no", save_strategy="no",
+        load_best_model_at_end=False, eval_on_start=False, window_size=20,
+    )
+    dataset = load_from_disk(SAMPLE)
+    trainer = RecPOTrainer(model, config, tokenizer, dataset, "Video_Games")
+    wrapped = trainer.accelerator.prepare_model(model)
+    hidden = model.config.get_text_config().hidden_size
+    trainer.item_table.embeddings = torch.zeros(len(trainer.item_table), hidden)  # `update` writes rows into it
+
+    train = dataset["train"]
+    longest = sorted(range(len(train)), key=lambda i: -len(train[i]["history_item_id"]))[:args.users]
+    samples = [train[i] for i in longest]
+    prompt_ids, prompt_mask = trainer.tokenize_prompts(samples)
+    prompt_ids, prompt_mask = (t.repeat_interleave(args.group, 0) for t in (prompt_ids, prompt_mask))
+    num = args.users * args.group
+    generator = torch.Generator().manual_seed(0)
+    stop = trainer.stop_ids[0]
+    body = torch.randint(1000, 20000, (num, args.new_tokens - len(stop)), generator=generator)
+    completion_ids = torch.cat([body, torch.tensor(stop).expand(num, -1)], 1).to(prompt_ids.device)
+    completion_mask = torch.ones_like(completion_ids)
+    with torch.no_grad():
+        old, _ = policy_forward(wrapped, torch.cat([prompt_ids, completion_ids], 1),
+                                torch.cat([prompt_mask, completion_mask], 1), args.new_tokens)
+    advantages = torch.randn(num, generator=generator).to(prompt_ids.device)
+    relabel = relabel_mask(advantages.view(-1, args.group), 1).flatten()
+    targets = torch.tensor([s["item_id"] for s in samples], device=prompt_ids.device)
+    batch = RecPOBatch(Rollouts(prompt_ids, prompt_mask, completion_ids, completion_mask, old),
+                       targets, advantages, relabel, None)
+
+    seconds = []
+    for _ in range(args.repeats + 1):
+        wrapped.zero_grad(set_to_none=True)
+        torch.cuda.synchronize() if cuda else None
+        start = time.perf_counter()
+        trainer.update(wrapped, batch)
+        torch.cuda.synchronize() if cuda else None
+        seconds.append(time.perf_counter() - start)
+    version = subprocess.run(["git", "-C", args.repo, "log", "-1", "--format=%h %s"], capture_output=True,
+                             text=True).stdout.strip()[:60]
+    tokens = num * (prompt_ids.shape[1] + args.new_tokens)
+    device = torch.cuda.get_device_name() if cuda else f"CPU, {torch.get_num_threads()} threads"
+    print(f"\n{args.model} on {device}; B {args.users} × G {args.group}, micro-batch {args.micro_batch_size}, "
+          f"prompt {prompt_ids.shape[1]} + {args.new_tokens} new tokens")
+    print("| version | update (median) | runs | trajectory tokens/s |")
+    print("|---|---|---|---|")
+    median = statistics.median(seconds[1:])
+    runs = ", ".join(f"{s:.2f}" for s in seconds[1:])
+    print(f"| {version} | {median:.2f} s | {runs} | {tokens / median:,.0f} |")
+
+
+if __name__ == "__main__":
+    main()
