@@ -10,7 +10,8 @@ The batch: the `--users` training samples of data/sample with the longest histor
 `--new_tokens` random tokens ending in `<answer>`, old log-probs from one no-grad forward (so the
 ratios are 1, as on-policy), random advantages, relabel top-1. The model is LoRA-wrapped (SPEC §4
 defaults), gradient checkpointing on, bf16 with the trainer's own autocast. Each repeat is one
-`update` call, device-synchronised; the first is a warm-up and not counted.
+`update` call, device-synchronised; the first is a warm-up and not counted. `--profile` adds
+one profiled call and prints its top operators by self time.
 """
 import argparse
 import os
@@ -35,6 +36,7 @@ def main():
     p.add_argument("--micro_batch_size", type=int, default=4)
     p.add_argument("--new_tokens", type=int, default=256, help="completion length of every trajectory")
     p.add_argument("--repeats", type=int, default=3, help="timed update calls (after one warm-up)")
+    p.add_argument("--profile", action="store_true", help="then profile one more call: its top operators")
     args = p.parse_args()
 
     sys.path.insert(0, os.path.abspath(args.repo))
@@ -97,6 +99,14 @@ def main():
     median = statistics.median(seconds[1:])
     runs = ", ".join(f"{s:.2f}" for s in seconds[1:])
     print(f"| {version} | {median:.2f} s | {runs} | {tokens / median:,.0f} |")
+    if args.profile:
+        activities = [torch.profiler.ProfilerActivity.CPU] + ([torch.profiler.ProfilerActivity.CUDA] if cuda else [])
+        with torch.profiler.profile(activities=activities) as profile:
+            wrapped.zero_grad(set_to_none=True)
+            trainer.update(wrapped, batch)
+            torch.cuda.synchronize() if cuda else None
+        sort_by = "self_cuda_time_total" if cuda else "self_cpu_time_total"
+        print(profile.key_averages().table(sort_by=sort_by, row_limit=20, max_name_column_width=60))
 
 
 if __name__ == "__main__":

@@ -4,7 +4,8 @@
 # `accelerate launch` with DeepSpeed ZeRO-2 (ds_config.json), the launcher's RecPO settings
 # (B 4, G 4, 640 new tokens, temperature 2.0, top-k 50), 4 steps and one evaluation of 64 valid
 # + 64 test samples. Random weights rarely write `<answer>`, so every rollout runs the full 640
-# tokens: the worst case.
+# tokens: the worst case. Then, while time is left, bench/bench_update.py times the update alone
+# on the same backbone and prints a profile of one call (into the log).
 #
 # On the lent GPU machine (python3 with torch/transformers/accelerate/peft, no datasets, no
 # deepspeed, no internet), from the repo root, with `.whl` (wheels) and `.gpu` (the tokenizer, and
@@ -48,10 +49,12 @@ if [ "$SMOKE" = 1 ]; then
     MODEL_FLAGS=(--tiny)
     RUN_FLAGS=(--max_new_tokens 16 --max_steps "${MAX_STEPS:-2}" --eval_steps "${MAX_STEPS:-2}"
                --max_eval_samples 8 --eval_batch_size 8)
+    UPDATE_NEW_TOKENS=16
 else
     MODEL_FLAGS=(--std 0.02)
     RUN_FLAGS=(--max_new_tokens 640 --max_steps "${MAX_STEPS:-4}" --eval_steps "${MAX_STEPS:-4}"
                --max_eval_samples 64 --eval_batch_size 32)
+    UPDATE_NEW_TOKENS=640
 fi
 
 elapsed() { echo "$(date +%s.%N) $T0" | awk '{printf "%d", $1 - $2}'; }
@@ -102,6 +105,14 @@ EOF
         rm -rf "$RUN_DIR"
         ( unset RANK LOCAL_RANK WORLD_SIZE LOCAL_WORLD_SIZE MASTER_ADDR MASTER_PORT; train "$RUN_DIR" )
         rc=$?
+    fi
+    # The update alone, with a profile of one call (where its time goes), while time is left.
+    local left=$(( DEADLINE_S - $(elapsed) - 15 ))
+    if [ "$left" -gt 45 ]; then
+        stage "bench/bench_update.py on the same backbone (stopped after ${left} s)"
+        ( unset RANK LOCAL_RANK WORLD_SIZE LOCAL_WORLD_SIZE MASTER_ADDR MASTER_PORT
+          timeout --kill-after=5 "$left" "$PY" bench/bench_update.py --model "$MODEL_DIR" --repeats 2 --profile \
+              --new_tokens "${UPDATE_NEW_TOKENS}" )
     fi
     return $rc
 }
