@@ -44,9 +44,8 @@ def load_backbone(name_or_path: str, dtype: torch.dtype | None = torch.bfloat16,
         for key, value in vars(sub).items():
             if "dropout" in key and isinstance(value, float):
                 setattr(sub, key, 0.0)
-    # Attention soft-capping (Gemma-2) is dropped by some transformers versions' SDPA path.
-    attention = "eager" if getattr(config, "attn_logit_softcapping", None) else None
-    model = AutoModelForCausalLM.from_pretrained(path, config=config, dtype=dtype, attn_implementation=attention)
+    model = AutoModelForCausalLM.from_pretrained(path, config=config, dtype=dtype,
+                                                 attn_implementation=attention_implementation(config))
     tokenizer.padding_side = "left"
     if tokenizer.pad_token is None:  # the mask, not the id, tells padding apart, so eos is safe
         tokenizer.pad_token = tokenizer.eos_token
@@ -58,6 +57,12 @@ def load_backbone(name_or_path: str, dtype: torch.dtype | None = torch.bfloat16,
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.config.use_cache = False
     return model, tokenizer
+
+
+def attention_implementation(config) -> str | None:
+    """"eager" for models with attention soft-capping (Gemma-2), whose SDPA path some transformers
+    versions (5.17) run without it; None (the default, SDPA) for the rest."""
+    return "eager" if getattr(config, "attn_logit_softcapping", None) else None
 
 
 def add_lora(model, r: int = 4, alpha: int = 128, dropout: float = 0.05, target_modules=LORA_TARGETS):

@@ -15,7 +15,9 @@ weights plus the KV cache of N separate rows at the mean length (what `generate`
 The run is budgeted (`--budget_s`): the required rows first (correctness, ours and plain
 `generate` for both models and shapes), then the ones that pay a compilation (`generate` with a
 static cache compiles its forward, ours with `--compile_step`), each only while time is left.
-Every finished row is appended to `--out` at once, so a run cut short keeps what it measured.
+Every finished row is appended to `--out` at once, so a run cut short keeps what it measured;
+`--rows` runs only some kinds of row (e.g. `--rows ours_compile hf_static_compile` for the ones a
+budgeted run skipped).
 """
 import argparse
 import datetime
@@ -30,7 +32,8 @@ import transformers
 from transformers import AutoModelForCausalLM, Gemma2Config, Qwen2Config
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from rollouts import (  # noqa: E402  (the repo root joins the path first)
+from model import attention_implementation  # noqa: E402  (the repo root joins the path first)
+from rollouts import (  # noqa: E402
     SamplingConfig,
     clear_rollout_cache,
     fresh_forward,
@@ -64,6 +67,7 @@ def gemma2_2b(tiny=False):
 
 
 MODELS = {"qwen2.5-3b": qwen25_3b, "gemma-2-2b": gemma2_2b}
+ROWS = ("greedy_fp32", "greedy_bf16", "sampled_logprobs", "ours", "hf_dynamic", "ours_compile", "hf_static_compile")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -93,10 +97,13 @@ def copy_bandwidth(device) -> float:
 
 
 def build(name, tiny, device, dtype):
-    """Random weights, built on the device (no host copy of 3B parameters)."""
+    """Random weights, built on the device (no host copy of 3B parameters), with the attention
+    implementation load_backbone would give the model (eager for Gemma-2)."""
     torch.manual_seed(0)
     with torch.device(device):
-        model = AutoModelForCausalLM.from_config(MODELS[name](tiny), dtype=dtype)
+        config = MODELS[name](tiny)
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype,
+                                                 attn_implementation=attention_implementation(config))
     return model.eval()
 
 
@@ -215,6 +222,8 @@ def main():
     parser.add_argument("--budget_s", type=float, default=290, help="stop starting rows after this many seconds")
     parser.add_argument("--runs", type=int, default=3, help="timed calls of ours (median)")
     parser.add_argument("--out", default=None, help="append one JSON line per row here")
+    parser.add_argument("--rows", nargs="+", default=list(ROWS), choices=list(ROWS),
+                        help="kinds of row to run (default: all), e.g. only the compiled ones")
     args = parser.parse_args()
     t0 = time.perf_counter()
     device = torch.device("cuda" if torch.cuda.is_available() and not args.tiny else "cpu")
@@ -237,6 +246,8 @@ def main():
 
     def attempt(what, fn, cost_s, **keys):
         """One row, skipped when its estimated cost no longer fits the budget, errors recorded."""
+        if what not in args.rows:
+            return
         left = args.budget_s - (time.perf_counter() - t0)
         if cost_s > left:
             return record({"what": what, **keys, "skipped": f"needs ~{cost_s:.0f} s, {left:.0f} s left"})

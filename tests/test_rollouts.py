@@ -22,7 +22,7 @@ from transformers import (
 
 import rollouts
 from bench.bench_rollout import PAD, random_prompts
-from model import encode
+from model import attention_implementation, encode
 from rollouts import SamplingConfig, completion_logprobs, generate_rollouts, generate_rollouts_reference
 
 VOCAB = 320
@@ -40,9 +40,8 @@ def tiny_model(family: str, **overrides):
                               final_logit_softcapping=30.0, attn_logit_softcapping=50.0)
     else:
         config = LlamaConfig(**{**TINY, **overrides}, tie_word_embeddings=False)
-    # As load_backbone: transformers 5.17's SDPA path drops attention soft-capping, eager keeps it.
-    attention = "eager" if family == "gemma2" else None
-    return AutoModelForCausalLM.from_config(config, dtype=torch.float32, attn_implementation=attention).eval()
+    return AutoModelForCausalLM.from_config(config, dtype=torch.float32,
+                                            attn_implementation=attention_implementation(config)).eval()
 
 
 def lora_model():
