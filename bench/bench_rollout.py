@@ -32,7 +32,7 @@ import transformers
 from transformers import AutoModelForCausalLM, Gemma2Config, Qwen2Config
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from model import attention_implementation  # noqa: E402  (the repo root joins the path first)
+from model import add_lora, attention_implementation  # noqa: E402  (the repo root joins the path first)
 from rollouts import (  # noqa: E402
     SamplingConfig,
     clear_rollout_cache,
@@ -67,7 +67,8 @@ def gemma2_2b(tiny=False):
 
 
 MODELS = {"qwen2.5-3b": qwen25_3b, "gemma-2-2b": gemma2_2b}
-ROWS = ("greedy_fp32", "greedy_bf16", "sampled_logprobs", "ours", "hf_dynamic", "ours_compile", "hf_static_compile")
+ROWS = ("greedy_fp32", "greedy_bf16", "sampled_logprobs", "ours", "ours_lora", "hf_dynamic", "ours_compile",
+        "hf_static_compile")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -193,6 +194,19 @@ def run_ours(model, shape, device, runs, compile_step=False):
     return dict(tok_s=tokens / t, ms_step=1e3 * t / new, first_call_s=warm, tokens=tokens)
 
 
+def run_ours_lora(model, shape, device, runs):
+    """`run_ours` on the model as training rolls out with it: LoRA (model.add_lora, r 4 on every
+    projection) and bf16 autocast around each forward, as accelerate wraps it. The difference to
+    `ours` is what the adapters' extra small kernels cost. The adapters are removed afterwards."""
+    wrapped = add_lora(model)
+    wrapped.forward = torch.autocast(device.type, dtype=torch.bfloat16)(wrapped.forward)
+    try:
+        return run_ours(wrapped, shape, device, runs)
+    finally:
+        clear_rollout_cache(wrapped)
+        wrapped.unload()
+
+
 def run_hf(model, shape, device, static, new_tokens=None):
     """Plain `generate` with the same sampling; `static`: static cache, which `generate` compiles."""
     B, G, P, new = shape
@@ -288,6 +302,7 @@ def main():
         attempt("sampled_logprobs", lambda: check_sampled_logprobs(model, device), 10, model=name)
         for shape in shapes:
             attempt("ours", lambda: run_ours(model, shape, device, args.runs), 15, **keys(name, shape))
+            attempt("ours_lora", lambda: run_ours_lora(model, shape, device, args.runs), 15, **keys(name, shape))
             attempt("hf_dynamic", lambda: run_hf(model, shape, device, False), hf_cost(shape, False),
                     **keys(name, shape))
     # Pass 2: rows that pay a compilation, in order of interest, while the budget lasts.
