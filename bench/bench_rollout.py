@@ -16,8 +16,8 @@ The run is budgeted (`--budget_s`): the required rows first (correctness, ours a
 `generate` for both models and shapes), then the ones that pay a compilation (`generate` with a
 static cache compiles its forward, ours with `--compile_step`), each only while time is left.
 Every finished row is appended to `--out` at once, so a run cut short keeps what it measured;
-`--rows` runs only some kinds of row (e.g. `--rows ours_compile hf_static_compile` for the ones a
-budgeted run skipped).
+`--rows` runs only some kinds of row, the compiled ones in the order given (e.g.
+`--rows hf_static_compile ours_compile` for the ones a budgeted run skipped).
 """
 import argparse
 import datetime
@@ -294,7 +294,8 @@ def main():
                     roofline_tok_s=roofline(load(name), N, P, new, bandwidth))
 
     # Pass 1: correctness and the rows that compile nothing, model by model.
-    for name in args.models:
+    compiled = ("ours_compile", "hf_static_compile")
+    for name in args.models if set(args.rows) - set(compiled) else []:
         model = load(name)
         attempt("greedy_fp32", lambda: check_greedy(model, torch.float32, device), 30, model=name)
         attempt("greedy_bf16", lambda: check_greedy(model, dtype, device), 20, model=name)
@@ -305,13 +306,13 @@ def main():
             attempt("ours_lora", lambda: run_ours_lora(model, shape, device, args.runs), 15, **keys(name, shape))
             attempt("hf_dynamic", lambda: run_hf(model, shape, device, False), hf_cost(shape, False),
                     **keys(name, shape))
-    # Pass 2: rows that pay a compilation, in order of interest, while the budget lasts.
+    # Pass 2: rows that pay a compilation, while the budget lasts, in the order --rows names them.
     for shape in shapes:
         for name in args.models:
-            attempt("ours_compile", lambda: run_ours(load(name), shape, device, args.runs, True), 100,
-                    **keys(name, shape))
-            attempt("hf_static_compile", lambda: run_hf(load(name), shape, device, True), hf_cost(shape, True),
-                    **keys(name, shape))
+            runs = {"ours_compile": (lambda: run_ours(load(name), shape, device, args.runs, True), 100),
+                    "hf_static_compile": (lambda: run_hf(load(name), shape, device, True), hf_cost(shape, True))}
+            for what in [row for row in args.rows if row in compiled]:
+                attempt(what, *runs[what], **keys(name, shape))
 
     print(f"\n{card}, {env['date']}, torch {torch.__version__}, transformers {transformers.__version__}, "
           f"copy {bandwidth / 1e12:.2f} TB/s, {time.perf_counter() - t0:.0f} s")
