@@ -2,11 +2,11 @@
 on a fixed batch of rollouts, the way `RecPOTrainer.training_step` runs it after the rollout.
 Run from the repo root:
 
-    python bench/bench_update.py                           # CPU: SmolLM2-135M, the shipped sample
+    python bench/bench_update.py                           # CPU: SmolLM2-135M, the sample (after the quick start)
     python bench/bench_update.py --model /tmp/qwen3b       # GPU: a make_random_backbone.py folder
     python bench/bench_update.py --repo /tmp/old_checkout  # the same batch through another version
 
-The batch: the `--users` training samples of data/sample with the longest histories, `--group` completions each of
+The batch: the `--users` training samples of `--dataset_dir` with the longest histories, `--group` completions each of
 `--new_tokens` random tokens ending in `<answer>`, old log-probs from one no-grad forward (so the
 ratios are 1, as on-policy), random advantages, relabel top-1. The model is LoRA-wrapped (SPEC §4
 defaults), gradient checkpointing on, bf16 with the trainer's own autocast. Each repeat is one
@@ -24,13 +24,16 @@ import time
 import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-SAMPLE = os.path.join(ROOT, "data", "sample", "Video_Games_0_2022-10-2023-10")
+SAMPLE = os.path.join(ROOT, "data", "sample", "Video_Games_0_2022-10-2023-10")  # written by the quick start
 
 
 def main():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--model", default="smollm2", help="key, alias or folder (paths.py)")
     p.add_argument("--repo", default=ROOT, help="checkout whose trainer.py/model.py to time")
+    p.add_argument("--dataset_dir", default=SAMPLE,
+                   help="preprocess.py output (default: the sample, after "
+                        "`python preprocess.py --category Video_Games --data_root_dir data/sample`)")
     p.add_argument("--users", type=int, default=4, help="B")
     p.add_argument("--group", type=int, default=4, help="G")
     p.add_argument("--micro_batch_size", type=int, default=4)
@@ -40,22 +43,21 @@ def main():
     args = p.parse_args()
 
     sys.path.insert(0, os.path.abspath(args.repo))
-    from datasets import load_from_disk
-
     from model import add_lora, load_backbone, policy_forward
     from rollouts import Rollouts
+    from train import load_dataset_dir
     from trainer import RecPOBatch, RecPOConfig, RecPOTrainer, relabel_mask
 
     cuda = torch.cuda.is_available()
-    model, tokenizer = load_backbone(args.model, gradient_checkpointing=True)
-    model = add_lora(model)
     config = RecPOConfig(
         output_dir=tempfile.mkdtemp(), use_cpu=not cuda, report_to="none", per_device_train_batch_size=args.users,
         group_size=args.group, micro_batch_size=args.micro_batch_size, eval_strategy="no", save_strategy="no",
-        load_best_model_at_end=False, eval_on_start=False, window_size=20,
+        load_best_model_at_end=False, eval_on_start=False, window_size=20, dataset_dir=args.dataset_dir,
     )
-    dataset = load_from_disk(SAMPLE)
-    trainer = RecPOTrainer(model, config, tokenizer, dataset, "Video_Games")
+    dataset, category = load_dataset_dir(config)
+    model, tokenizer = load_backbone(args.model, gradient_checkpointing=True)
+    model = add_lora(model)
+    trainer = RecPOTrainer(model, config, tokenizer, dataset, category)
     wrapped = trainer.accelerator.prepare_model(model)
     hidden = model.config.get_text_config().hidden_size
     trainer.item_table.embeddings = torch.zeros(len(trainer.item_table), hidden)  # `update` writes rows into it
@@ -110,4 +112,7 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    sys.path.insert(1, ROOT)  # errors.py; main() puts --repo before it
+    from errors import run_cli
+
+    run_cli(main)

@@ -111,8 +111,8 @@ EOF
     if [ "$left" -gt 45 ]; then
         stage "bench/bench_update.py on the same backbone (stopped after ${left} s)"
         ( unset RANK LOCAL_RANK WORLD_SIZE LOCAL_WORLD_SIZE MASTER_ADDR MASTER_PORT
-          timeout --kill-after=5 "$left" "$PY" bench/bench_update.py --model "$MODEL_DIR" --repeats 2 --profile \
-              --new_tokens "${UPDATE_NEW_TOKENS}" )
+          timeout --kill-after=5 "$left" "$PY" bench/bench_update.py --model "$MODEL_DIR" --dataset_dir "$DATASET_DIR" \
+              --repeats 2 --profile --new_tokens "${UPDATE_NEW_TOKENS}" )
     fi
     return $rc
 }
