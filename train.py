@@ -2,8 +2,8 @@
 
 Single process (GPU, or CPU when no GPU is found):
     python train.py --dataset_dir data/Musical_Instruments_0_2022-10-2023-10 --model gemma
-Four GPUs with DeepSpeed ZeRO-2 (what launch_train.sh runs):
-    accelerate launch --num_processes 4 train.py --deepspeed ds_config.json --dataset_dir ... --model qwen
+Three processes with DeepSpeed ZeRO-2 (what launch_train.sh runs, on GPUs 0-3 as released):
+    accelerate launch --num_processes 3 train.py --deepspeed ds_config.json --dataset_dir ... --model qwen
 `python train.py --help` lists every flag; the released launcher's spellings (`--train_batch_size`,
 `--eval_batch_size`) are accepted too.
 """

@@ -308,7 +308,8 @@ class RecPOBatch(NamedTuple):
     targets: torch.Tensor  # (B,) target item ids
     advantages: torch.Tensor  # (N,)
     relabel: torch.Tensor  # (N,) 1 where the trajectory feeds the item loss
-    item_old_probs: torch.Tensor | None  # (N,) p_old of the item loss, set by the first update
+    item_old_probs: torch.Tensor | None = None  # (N,) p_old of the item loss, set by the first update
+    token_old_logprobs: torch.Tensor | None = None  # (N, C) π_old of the token loss, set by the first update
 
 
 # ----------------------------------------------------------------------------------------------
@@ -422,14 +423,20 @@ class RecPOTrainer(Trainer):
             }
         )
         targets = torch.tensor([s["item_id"] for s in samples], device=self.args.device)
-        return RecPOBatch(rollouts, targets, advantages, self.relabel(advantages), None)
+        return RecPOBatch(rollouts, targets, advantages, self.relabel(advantages))
 
     def token_loss(self, logprobs, batch: RecPOBatch, rows, completion_len):
-        """SPEC §4.5 on the micro-batch `rows`, π_old = the log-probs recorded at sampling time."""
-        rollouts = batch.rollouts
+        """SPEC §4.5 on the micro-batch `rows`.
+
+        π_old is the policy at sampling time as the update's own forward computes it: the first
+        update of a rollout batch uses its log-probs detached (ρ = 1, REINFORCE, as SPEC states),
+        later ones (`num_iterations` > 1) what the first recorded. The sampler's log-probs are not
+        used: they come without LoRA dropout and from other kernels, so ρ would drift from 1.
+        """
+        old = logprobs.detach() if batch.token_old_logprobs is None else batch.token_old_logprobs[rows, :completion_len]
         return clipped_token_loss(
-            logprobs, rollouts.logprobs[rows, :completion_len], batch.advantages[rows],
-            rollouts.completion_mask[rows, :completion_len], self.args.epsilon_low, self.args.epsilon_high,
+            logprobs, old, batch.advantages[rows], batch.rollouts.completion_mask[rows, :completion_len],
+            self.args.epsilon_low, self.args.epsilon_high,
         )
 
     def item_loss(self, user_states, item_states, batch: RecPOBatch, rows, weighted_advantages, old_probs):
@@ -475,6 +482,7 @@ class RecPOTrainer(Trainer):
         share = args.per_device_train_batch_size / len(batch.targets)
         micro_batches = torch.arange(num_local, device=args.device).split(args.micro_batch_size)
         item_probs = torch.zeros(num_local, device=args.device)
+        token_logprobs = torch.zeros_like(batch.rollouts.logprobs)  # (N, C) π_old for later iterations
         sync_at_end = self.accelerator.sync_gradients
         total = torch.zeros((), device=args.device)
         weighted_advantages = gather(batch.advantages * batch.relabel)  # (W·N,) Â of every process
@@ -507,12 +515,15 @@ class RecPOTrainer(Trainer):
                 backward_kwargs = {"scale_wrt_gas": False} if self.is_deepspeed_enabled else {}
                 self.accelerator.backward(loss, **backward_kwargs)
             item_probs[rows] = probs
+            token_logprobs[rows, :completion_len] = logprobs.detach()
             total += (token + item).detach()
             self._record(**{"loss/token": token, "loss/item": item, "clip_ratio/token": clip_fraction})
         self.accelerator.gradient_state._set_sync_gradients(sync_at_end)
         self.item_table.update(batch.targets, item_states.detach())
         if batch.item_old_probs is None:
-            self._buffer = batch._replace(item_old_probs=item_probs)
+            self._buffer = batch._replace(item_old_probs=item_probs, token_old_logprobs=token_logprobs)
+            reasoning = batch.rollouts.completion_mask.bool()  # how far the sampler's log-probs are off
+            self._record(**{"rollout/logprob_gap": (token_logprobs - batch.rollouts.logprobs)[reasoning].abs().mean()})
         return total / args.gradient_accumulation_steps
 
     # -- Trainer hooks -------------------------------------------------------------------------

@@ -38,15 +38,14 @@ def fixed_completions(trainer):
     return completion_ids, completion_mask, torch.randn(completion_ids.shape, generator=generator)
 
 
-def local_rollouts(trainer, samples, model, completion_ids, completion_mask, noise):
-    """This process's rollouts, with log-probs as if sampled under slightly different weights (+ noise)."""
+def local_rollouts(trainer, samples, model, completion_ids, completion_mask):
+    """This process's rollouts, with the model's current log-probs."""
     prompt_ids, prompt_mask = trainer.tokenize_prompts(samples)
     prompt_ids, prompt_mask = prompt_ids.repeat_interleave(GROUP, 0), prompt_mask.repeat_interleave(GROUP, 0)
     with torch.no_grad():
         logprobs, _ = policy_forward(model, torch.cat([prompt_ids, completion_ids], 1),
                                      torch.cat([prompt_mask, completion_mask], 1), completion_ids.shape[1])
-    old = (logprobs + noise) * completion_mask  # ratios spread around 1, some clipped
-    return Rollouts(prompt_ids, prompt_mask, completion_ids, completion_mask, old)
+    return Rollouts(prompt_ids, prompt_mask, completion_ids, completion_mask, logprobs * completion_mask)
 
 
 def tiny_lora_model(gradient_checkpointing: bool = False):
@@ -65,17 +64,21 @@ def tiny_lora_model(gradient_checkpointing: bool = False):
 def fixed_batch(trainer, model, rank: int, world: int, noise_scale: float = 0.3) -> RecPOBatch:
     """This process's share of a fixed global batch of USERS × GROUP trajectories.
 
-    Old log-probs are the current ones plus `noise_scale` × noise (0: exactly on-policy).
+    With `noise_scale` > 0 it is a later update of the batch (`num_iterations` > 1): the token
+    loss's π_old is the current log-probs plus `noise_scale` × noise, so ratios spread around 1
+    and some are clipped. With 0 it is the first update (π_old set by the update, ρ = 1).
     """
     all_samples = [trainer.train_dataset[i] for i in range(USERS)]
     per_process = USERS // world
     samples = all_samples[rank * per_process:(rank + 1) * per_process]
     mine = slice(rank * per_process * GROUP, (rank + 1) * per_process * GROUP)
     completion_ids, completion_mask, noise = (t[mine] for t in fixed_completions(trainer))
-    rollouts = local_rollouts(trainer, samples, model, completion_ids, completion_mask, noise_scale * noise)
+    rollouts = local_rollouts(trainer, samples, model, completion_ids, completion_mask)
+    old_logprobs = (rollouts.logprobs + noise_scale * noise) * completion_mask if noise_scale else None
     advantages = torch.randn(USERS * GROUP, generator=torch.Generator().manual_seed(2))
     relabel = relabel_mask(advantages.view(-1, GROUP), 1).flatten()
-    return RecPOBatch(rollouts, torch.tensor([s["item_id"] for s in samples]), advantages[mine], relabel[mine], None)
+    targets = torch.tensor([s["item_id"] for s in samples])
+    return RecPOBatch(rollouts, targets, advantages[mine], relabel[mine], token_old_logprobs=old_logprobs)
 
 
 def main(out_path: str):

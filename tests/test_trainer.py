@@ -153,6 +153,31 @@ def test_update_gradient_equals_one_backward_of_the_whole_loss(tmp_path, checkpo
             torch.testing.assert_close(grads[name], param.grad, rtol=1e-4, atol=1e-6, msg=name)
 
 
+def test_first_update_is_on_policy_although_the_sampler_runs_without_lora_dropout(tmp_path):
+    """SPEC §4.5: with one update per rollout ρ = 1 (REINFORCE), so no token is clipped."""
+    model, tokenizer = load_backbone(tiny_backbone("qwen2"), dtype=torch.float32)
+    model = add_lora(model, r=4, alpha=8, dropout=0.5)
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for name, param in sorted(model.named_parameters()):
+            if "lora_B" in name:  # non-zero adapters, so dropout changes the log-probs
+                param.copy_(0.2 * torch.randn(param.shape, generator=generator))
+    trainer = RecPOTrainer(model, tiny_config(tmp_path, micro_batch_size=4, gradient_checkpointing=False),
+                           tokenizer, tiny_dataset(), "Video_Games")
+    trainer.refresh_item_table(model)
+    batch = trainer.make_batch(model, [trainer.train_dataset[i] for i in range(2)])
+    model.train()
+    trainer.update(trainer.accelerator.prepare_model(model), batch)
+    logged = {key: values[-1].item() for key, values in trainer._metrics.items()}
+    # ρ = 1 on every token: the loss is -Σ_i A_i·n_i / Σ_i n_i / M over the M = 4 trajectories.
+    lengths = batch.rollouts.completion_mask.sum(1).float()
+    expected = -(batch.advantages * lengths).sum() / lengths.sum() / 4
+    assert batch.advantages.abs().sum() > 0
+    assert logged["clip_ratio/token"] == 0
+    assert logged["loss/token"] == pytest.approx(expected.item(), rel=1e-5, abs=1e-7)
+    assert logged["rollout/logprob_gap"] > 1e-3  # the sampler's own log-probs would have given ρ ≠ 1
+
+
 def tiny_dataset_dir(tmp_path) -> str:
     folder = tmp_path / "Video_Games_0_2022-10-2023-10"
     tiny_dataset().save_to_disk(str(folder))
@@ -268,6 +293,8 @@ def test_num_iterations_reuses_each_rollout_batch_with_real_old_probabilities(tm
     assert updates[0] is not updates[1] and updates[1].rollouts is updates[0].rollouts
     assert updates[0].item_old_probs is None  # first update: on-policy
     assert updates[1].item_old_probs is not None and updates[1].item_old_probs.shape == (4,)
+    old_logprobs, reasoning = updates[1].token_old_logprobs, updates[1].rollouts.completion_mask.bool()
+    assert old_logprobs.shape == reasoning.shape and (old_logprobs[reasoning] < 0).all() and (old_logprobs[~reasoning] == 0).all()
     assert batches[0] != batches[1]
     clip = [entry["clip_ratio/token"] for entry in trainer.state.log_history if "clip_ratio/token" in entry]
     assert len(clip) == 4 and all(0 <= c <= 1 for c in clip)
