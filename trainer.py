@@ -591,8 +591,12 @@ class RecPOTrainer(Trainer):
                 records += [{"row": i, "user_id": s["user_id"], "item_id": s["item_id"], "rank": int(r),
                              "reasoning": t, "top_items": top}
                             for i, s, r, t, top in zip(rows, samples, batch_ranks.tolist(), texts, top_items)]
-        ranks = gather(torch.cat(ranks))[:count] if ranks else torch.zeros(0, device=args.device)
-        lengths = gather(torch.cat(lengths))[:count] if lengths else torch.zeros(0, device=args.device)
+        if ranks:  # processes short of samples were padded with the last one: keep each row once
+            evaluated = gather(torch.tensor(my_rows, device=args.device)).tolist()
+            keep = torch.tensor(sorted({row: i for i, row in enumerate(evaluated)}.values()), device=args.device)
+            ranks, lengths = gather(torch.cat(ranks))[keep], gather(torch.cat(lengths))[keep]
+        else:
+            ranks = lengths = torch.zeros(0, device=args.device)
         records = sorted({r["row"]: r for r in gather_object(records)}.values(), key=lambda r: r["row"])
         metrics = ranking_metrics(ranks)
         metrics["reasoning_length"] = lengths.float().mean().item() if count else math.nan

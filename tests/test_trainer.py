@@ -117,6 +117,24 @@ def test_two_processes_equal_one_process_on_the_concatenated_batch(tmp_path):
         torch.testing.assert_close(two["grads"][name], one["grads"][name], rtol=1e-3, atol=1e-6, msg=name)
 
 
+def test_evaluation_over_four_processes_counts_every_sample_once(tmp_path):
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    worker = os.path.join(ROOT, "tests", "dist_eval_worker.py")
+    single, four = tmp_path / "single.json", tmp_path / "four.json"
+    subprocess.run([PYTHON, worker, str(single)], check=True, env=env, cwd=ROOT)
+    subprocess.run([PYTHON, "-m", "torch.distributed.run", "--nproc_per_node", "4", "--master_port", "29613",
+                    worker, str(four)], check=True, env=env, cwd=ROOT)
+    one, split = json.loads(single.read_text()), json.loads(four.read_text())
+    assert [r["row"] for r in split["records"]] == list(range(9))
+    assert [r["rank"] for r in split["records"]] == [r["rank"] for r in one["records"]]
+    ranks = torch.tensor([r["rank"] for r in split["records"]], dtype=torch.float64)
+    for k in (5, 10, 20):  # SPEC §5, averaged over the 9 samples, each once
+        hit = (ranks <= k).double()
+        assert split["metrics"][f"hit@{k}"] == pytest.approx(hit.mean().item())
+        assert split["metrics"][f"ndcg@{k}"] == pytest.approx((hit / torch.log2(ranks + 1)).mean().item())
+    assert split["metrics"] == pytest.approx(one["metrics"])
+
+
 @pytest.mark.parametrize("checkpointing", [False, True])
 def test_update_gradient_equals_one_backward_of_the_whole_loss(tmp_path, checkpointing):
     """Micro-batches, and the target items encoded once per update, must add up to the full loss."""

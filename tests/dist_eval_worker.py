@@ -1,0 +1,41 @@
+"""Greedy evaluation of one split, shared across processes; run by tests/test_trainer.py.
+
+    python -m torch.distributed.run --nproc_per_node 4 tests/dist_eval_worker.py OUT.json
+
+Nine samples over four processes leave some processes short: accelerate pads them with copies
+of the last sample, which must count once. Rank 0 writes the split's metrics and records.
+"""
+import json
+import os
+import sys
+import tempfile
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from model import load_backbone  # noqa: E402
+from tests.backbones import tiny_backbone  # noqa: E402
+from tests.tiny_data import tiny_dataset  # noqa: E402
+from trainer import RecPOConfig, RecPOTrainer  # noqa: E402
+
+SAMPLES = 9
+
+
+def main(out_path: str):
+    config = RecPOConfig(
+        output_dir=tempfile.mkdtemp(), use_cpu=True, bf16=False, report_to="none", per_device_eval_batch_size=2,
+        max_new_tokens=8, eval_strategy="no", save_strategy="no", load_best_model_at_end=False, eval_on_start=False,
+    )
+    model, tokenizer = load_backbone(tiny_backbone("qwen2"), dtype=torch.float32)
+    trainer = RecPOTrainer(model, config, tokenizer, tiny_dataset(num_eval=SAMPLES), "Video_Games")
+    trainer.refresh_item_table(model)
+    metrics, records = trainer.evaluate_split(model, trainer.eval_dataset["valid"], "valid")
+    if trainer.accelerator.is_main_process:
+        with open(out_path, "w") as f:
+            json.dump({"metrics": metrics, "records": records}, f)
+    trainer.accelerator.end_training()
+
+
+if __name__ == "__main__":
+    main(sys.argv[1])
