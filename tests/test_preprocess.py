@@ -13,6 +13,7 @@ import subprocess
 import sys
 import threading
 import time
+from datetime import datetime, timezone
 
 import numpy as np
 import pyarrow as pa
@@ -33,7 +34,8 @@ ITEM_INFO_COLUMNS = ["main_category", "title", "subtitle", "average_rating", "ra
 
 
 def ms(year, month, day=1):
-    return P.month_start_ms(year, month) + (day - 1) * 86_400_000
+    """Milliseconds of a UTC midnight, computed apart from preprocess.py."""
+    return int(datetime(year, month, day, tzinfo=timezone.utc).timestamp()) * 1000
 
 
 def write_gz(path, text):
@@ -538,7 +540,7 @@ def reference_samples(folder, category, start, end, k=0, window_size=20):
                    (line.strip().split(",") for line in list(f)[1:]) if a in kept]
     earliest = min(time.gmtime(t // 1000).tm_year for *_, t in ratings)
     while True:
-        lo, hi = P.month_start_ms(*start), P.month_start_ms(*end)
+        lo, hi = ms(*start), ms(*end)
         inside = [r for r in ratings if lo <= r[3] <= hi]
         while k:
             users = collections.Counter(r[0] for r in inside)

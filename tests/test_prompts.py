@@ -98,6 +98,10 @@ def test_item_prompt_cuts_the_description_at_100_words():
     item = dict(ITEM, description=[" ".join(words[75:]), " ".join(words[:75])])
     assert item_prompt(item, "Video_Games").endswith("\nDescription: " + " ".join(words[:100]) + "...")
     assert item_prompt(dict(ITEM, description=[]), "Video_Games").endswith("\nDescription: ")
+    exactly_100 = dict(ITEM, description=[" ".join(words[:100])])
+    assert item_prompt(exactly_100, "Video_Games").endswith(" ".join(words[:100]))  # no "..." at 100
+    one_more = dict(ITEM, description=[" ".join(words[:101])])
+    assert item_prompt(one_more, "Video_Games").endswith(" ".join(words[:100]) + "...")
 
 
 def test_with_answer():

@@ -1,0 +1,67 @@
+"""The defaults a user gets without flags, and what launch_train.sh passes, are SPEC's (§4–§6)."""
+import json
+import os
+import subprocess
+
+import pytest
+
+import train
+from model import LORA_TARGETS, TAU
+from trainer import RecPOConfig
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+SPEC_DEFAULTS = {
+    # §4 RecPO
+    "per_device_train_batch_size": 4, "group_size": 4, "gen_temperature": 1.5, "gen_top_k": 200, "gen_top_p": 1.0,
+    "max_new_tokens": 640, "beta": 0.05, "reward_ndcg_k": 1000, "advantage_type": "gaussian",
+    "trainer_relabel_topk": 1, "epsilon_low": 0.2, "epsilon_high": 0.28, "num_iterations": 1, "micro_batch_size": 4,
+    "tau": 0.02, "similarity_type": "cosine",
+    # §4 Defaults
+    "lora_r": 4, "lora_alpha": 128, "lora_dropout": 0.05,
+    "lora_target_modules": "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj",
+    "learning_rate": 1e-5, "warmup_steps": 32, "lr_scheduler_type": "constant_with_warmup", "max_grad_norm": 1.0,
+    "bf16": True, "gradient_checkpointing": True, "num_train_epochs": 3, "seed": 42, "weight_decay": 0.0,
+    # §2 prompt limits, §5 evaluation
+    "window_size": 20, "max_prompt_tokens": 2048, "max_item_tokens": 768, "per_device_eval_batch_size": 32,
+    "eval_on_start": True, "load_best_model_at_end": True, "metric_for_best_model": "eval_valid_ndcg@10",
+    "greater_is_better": True, "early_stopping_patience": 8,
+}
+
+
+def test_flagless_config_has_the_spec_defaults():
+    config = train.parse_config([])
+    actual = {name: getattr(config, name) for name in SPEC_DEFAULTS}
+    actual["lr_scheduler_type"] = str(getattr(config.lr_scheduler_type, "value", config.lr_scheduler_type))
+    assert actual == SPEC_DEFAULTS
+    assert config.optim.startswith("adamw")
+    assert config.sampling.greedy is False and config.sampling.temperature == 1.5
+    assert TAU == 0.02 and ",".join(LORA_TARGETS) == SPEC_DEFAULTS["lora_target_modules"]
+
+
+@pytest.mark.parametrize("processes, expected", [(1, 859), (3, 286)])  # floor(27,498 / (4·1·W) / 8)
+def test_evaluation_interval_is_an_eighth_of_an_epoch(monkeypatch, processes, expected):
+    monkeypatch.setattr(RecPOConfig, "world_size", property(lambda self: processes))
+    assert train.default_eval_steps(train.parse_config([]), 27_498) == expected  # Musical_Instruments train
+
+
+def test_launcher_passes_the_released_settings(tmp_path):
+    result = subprocess.run(["bash", os.path.join(ROOT, "launch_train.sh"), "--max_steps", "5"], env={
+        **{k: v for k, v in os.environ.items() if k != "CUDA_VISIBLE_DEVICES"}, "PYTHON": "echo"},
+        capture_output=True, text=True, check=True)
+    words = result.stdout.split()
+    flags = {words[i]: words[i + 1] for i in range(len(words) - 1)
+             if words[i].startswith("--") and not words[i + 1].startswith("--")}
+    assert flags == {
+        "--num_processes": "3", "--num_machines": "1", "--machine_rank": "0", "--main_process_ip": "127.0.0.1",
+        "--main_process_port": "20138", "--deepspeed": "ds_config.json", "--model": "gemma",
+        "--dataset_dir": "data/Musical_Instruments_0_2022-10-2023-10", "--dataset_category": "Musical_Instruments",
+        "--train_batch_size": "4", "--eval_batch_size": "32", "--max_new_tokens": "640", "--warmup_steps": "32",
+        "--num_train_epochs": "3", "--group_size": "4", "--trainer_relabel_topk": "2", "--gen_temperature": "2.0",
+        "--gen_top_k": "50", "--seed": "42", "--run_name": "r2ec_gemma_Musical_Instruments", "--max_steps": "5",
+    }
+    assert words[:3] == ["-m", "accelerate.commands.launch", "--multi_gpu"] and "train.py" in words
+    with open(os.path.join(ROOT, "ds_config.json")) as f:
+        deepspeed = json.load(f)
+    assert deepspeed["zero_optimization"]["stage"] == 2
+    assert deepspeed["bf16"]["enabled"] == "auto" and deepspeed["gradient_clipping"] == "auto"  # from bf16, 1.0
