@@ -1,13 +1,75 @@
-"""User-facing failures: one line naming the problem and the fix, exit code 2, no traceback.
+"""Failing clearly: one line naming the problem and the fix, exit code 2, no traceback, and
+never a half-written output file.
 
-Every command-line entry point (`preprocess.py`, `train.py`, `recommend.py`) runs its `main`
-through `run_cli`, and every check that a user can fix raises `UserError`.
+Every command-line entry point (`preprocess.py`, `train.py`, `recommend.py`, ...) runs its
+`main` through `run_cli`, and every check that a user can fix raises `UserError`. Outputs are
+checked before the work that produces them, and written with `write_atomically`.
 """
+import json
+import os
 import sys
 
 
 class UserError(Exception):
     """A problem the user can fix (bad flag, missing file, placeholder path): shown as one line."""
+
+
+def first_line(error: BaseException) -> str:
+    """The first line of an exception's message (library errors run over several), or its type."""
+    text = str(error).strip()
+    return text.splitlines()[0] if text else type(error).__name__
+
+
+def read_json(path: str, fix: str):
+    """The JSON value in `path`; unreadable, truncated or not JSON: one line naming it and `fix`."""
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except (OSError, ValueError) as e:  # ValueError: not JSON, not UTF-8
+        raise UserError(f"{path!r} is not readable JSON ({first_line(e)}) — {fix}") from e
+
+
+def folder_problem(folder: str) -> str | None:
+    """Why files cannot be written into `folder`, created if missing (None: they can).
+
+    Read from the nearest part of the path that exists: a file in the way, or a folder that is
+    not writable.
+    """
+    path = os.path.abspath(folder)
+    existing = path
+    while not os.path.exists(existing) and os.path.dirname(existing) != existing:
+        existing = os.path.dirname(existing)
+    if not os.path.isdir(existing):
+        return "is a file" if existing == path else f"is inside {existing}, a file"
+    if not os.access(existing, os.W_OK | os.X_OK):
+        return "is not writable" if existing == path else f"cannot be created: {existing} is not writable"
+    return None
+
+
+def check_output_file(path: str, flag: str) -> None:
+    """`path` (given as `flag`) can be written as a file: not a folder, in a writable folder that exists."""
+    folder = os.path.dirname(os.path.abspath(path))
+    if os.path.isdir(path):
+        raise UserError(f"{flag} {path!r} is a folder — pass a file name")
+    if not os.path.isdir(folder):
+        raise UserError(f"{flag} {path!r}: folder {folder!r} does not exist — create it or pick another path")
+    if not os.access(folder, os.W_OK | os.X_OK) or (os.path.exists(path) and not os.access(path, os.W_OK)):
+        raise UserError(f"{flag} {path!r} is not writable — pick a path in a folder you can write to")
+
+
+def write_atomically(path: str, write) -> None:
+    """`write(temporary)` into a file beside `path`, then rename it into place: a failure leaves
+    neither a half-written `path` nor the temporary file, and an earlier `path` stays whole."""
+    folder, name = os.path.split(os.path.abspath(path))
+    temporary = os.path.join(folder, f".{name}.{os.getpid()}.tmp")
+    try:
+        write(temporary)
+        os.replace(temporary, path)
+    except OSError as e:  # disk full, the folder gone or made read-only meanwhile
+        raise UserError(f"cannot write {path!r} ({e.strerror or e}) — free some space or pick another path") from e
+    finally:
+        if os.path.exists(temporary):
+            os.unlink(temporary)
 
 
 def run_cli(main, *args, **kwargs):

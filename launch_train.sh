@@ -30,7 +30,35 @@ RUN_NAME=${RUN_NAME:-r2ec_${MODEL}_${DATASET_CAT}}
 DS_CONFIG=${DS_CONFIG:-ds_config.json}
 PYTHON=${PYTHON:-python}
 
+for name in NUM_PROCESSES NUM_MACHINES MACHINE_RANK MAIN_PROCESS_PORT; do
+    if ! [[ ${!name} =~ ^[0-9]+$ ]] || { [ "$name" != MACHINE_RANK ] && [ "${!name}" -lt 1 ]; }; then
+        echo "error: $name=${!name} is not a positive whole number — fix it in the environment" >&2
+        exit 2
+    fi
+done
 export CUDA_VISIBLE_DEVICES
+TRAIN_ARGS=(
+    --deepspeed "$DS_CONFIG"
+    --model "$MODEL"
+    --dataset_dir "$DATASET_DIR"
+    --dataset_category "$DATASET_CAT"
+    --train_batch_size "$TRAIN_BATCH_SIZE"
+    --eval_batch_size "$EVAL_BATCH_SIZE"
+    --max_new_tokens "$MAX_NEW_TOKENS"
+    --warmup_steps "$WARMUP_STEPS"
+    --num_train_epochs "$NUM_TRAIN_EPOCHS"
+    --group_size "$GROUP_SIZE"
+    --trainer_relabel_topk "$RELABEL_TOPK"
+    --gen_temperature "$GEN_TEMPERATURE"
+    --gen_top_k "$GEN_TOP_K"
+    --seed "$SEED"
+    --run_name "$RUN_NAME"
+    "$@"
+)
+# Bad flags, a missing dataset or a placeholder model path: one error line here, instead of one
+# per process followed by the launcher's traceback.
+OMP_NUM_THREADS=1 RANK=0 LOCAL_RANK=0 WORLD_SIZE=1 MASTER_ADDR=127.0.0.1 MASTER_PORT="$MAIN_PROCESS_PORT" \
+    "$PYTHON" train.py "${TRAIN_ARGS[@]}" --check_only True >/dev/null
 # The Trainer sets DeepSpeed up from --deepspeed; accelerate only starts the processes.
 # --multi_gpu also makes `accelerate launch` start several processes on CPU (ACCELERATE_USE_CPU=true).
 MULTI=()
@@ -42,20 +70,4 @@ fi
 exec "$PYTHON" -m accelerate.commands.launch "${MULTI[@]}" \
     --num_processes "$((NUM_PROCESSES * NUM_MACHINES))" --num_machines "$NUM_MACHINES" \
     --machine_rank "$MACHINE_RANK" --main_process_ip "$MAIN_PROCESS_IP" --main_process_port "$MAIN_PROCESS_PORT" \
-    train.py \
-    --deepspeed "$DS_CONFIG" \
-    --model "$MODEL" \
-    --dataset_dir "$DATASET_DIR" \
-    --dataset_category "$DATASET_CAT" \
-    --train_batch_size "$TRAIN_BATCH_SIZE" \
-    --eval_batch_size "$EVAL_BATCH_SIZE" \
-    --max_new_tokens "$MAX_NEW_TOKENS" \
-    --warmup_steps "$WARMUP_STEPS" \
-    --num_train_epochs "$NUM_TRAIN_EPOCHS" \
-    --group_size "$GROUP_SIZE" \
-    --trainer_relabel_topk "$RELABEL_TOPK" \
-    --gen_temperature "$GEN_TEMPERATURE" \
-    --gen_top_k "$GEN_TOP_K" \
-    --seed "$SEED" \
-    --run_name "$RUN_NAME" \
-    "$@"
+    train.py "${TRAIN_ARGS[@]}"

@@ -16,10 +16,11 @@ from contextlib import contextmanager
 
 import torch
 import torch.nn.functional as F
+from safetensors import SafetensorError
 from tqdm.auto import tqdm
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-from errors import UserError
+from errors import UserError, first_line
 from paths import resolve_model
 from prompts import MAX_ITEM_TOKENS, item_ids, left_pad
 
@@ -37,15 +38,15 @@ def load_backbone(name_or_path: str, dtype: torch.dtype | None = torch.bfloat16,
     try:
         config = AutoConfig.from_pretrained(path)
         tokenizer = AutoTokenizer.from_pretrained(path)
-    except (OSError, ValueError) as e:  # no config.json / unknown model_type / no tokenizer files
-        first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise UserError(f"cannot load model {name_or_path!r} from {path!r}: {first_line}") from e
-    for sub in {id(c): c for c in (config, config.get_text_config())}.values():
-        for key, value in vars(sub).items():
-            if "dropout" in key and isinstance(value, float):
-                setattr(sub, key, 0.0)
-    model = AutoModelForCausalLM.from_pretrained(path, config=config, dtype=dtype,
-                                                 attn_implementation=attention_implementation(config))
+        for sub in {id(c): c for c in (config, config.get_text_config())}.values():
+            for key, value in vars(sub).items():
+                if "dropout" in key and isinstance(value, float):
+                    setattr(sub, key, 0.0)
+        model = AutoModelForCausalLM.from_pretrained(path, config=config, dtype=dtype,
+                                                     attn_implementation=attention_implementation(config))
+    except (OSError, ValueError, SafetensorError) as e:  # no config/tokenizer/weights, unknown type, truncated file
+        raise UserError(f"cannot load model {name_or_path!r} from {path!r}: {first_line(e)} — "
+                        "point paths.py or --model at a complete model folder") from e
     tokenizer.padding_side = "left"
     if tokenizer.pad_token is None:  # the mask, not the id, tells padding apart, so eos is safe
         tokenizer.pad_token = tokenizer.eos_token
@@ -72,6 +73,12 @@ def add_lora(model, r: int = 4, alpha: int = 128, dropout: float = 0.05, target_
     """
     from peft import LoraConfig, get_peft_model  # import cost only for training
 
+    modules = {name.rsplit(".", 1)[-1]: module for name, module in model.named_modules()}
+    missing = [name for name in target_modules if name not in modules]
+    if missing:
+        linear = sorted(name for name, module in modules.items() if isinstance(module, torch.nn.Linear))
+        raise UserError(f"LoRA targets {', '.join(missing)} are not modules of this backbone (its linear layers: "
+                        f"{', '.join(linear)}) — fix --lora_target_modules")
     config = LoraConfig(
         r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=list(target_modules), task_type="CAUSAL_LM"
     )

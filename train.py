@@ -17,7 +17,7 @@ from transformers import EarlyStoppingCallback, HfArgumentParser, set_seed
 from transformers.trainer_utils import get_last_checkpoint
 
 from curves import plot_training_curves
-from errors import UserError, run_cli
+from errors import UserError, folder_problem, run_cli
 from model import add_lora, load_backbone
 from paths import resolve_model
 from trainer import RecPOConfig, RecPOTrainer
@@ -39,8 +39,29 @@ def parse_config(argv: list[str]) -> RecPOConfig:
         argv += ["--output_dir", os.path.join("outputs", run_name)]
     if not torch.cuda.is_available() and not any(arg.startswith("--use_cpu") for arg in argv):
         argv += ["--use_cpu", "True"]  # the Trainer (and DeepSpeed through it) needs this without a GPU
-    (config,) = HfArgumentParser(RecPOConfig).parse_args_into_dataclasses(args=argv)
+    config, unknown = HfArgumentParser(RecPOConfig).parse_args_into_dataclasses(args=argv, return_remaining_strings=True)
+    if unknown:
+        raise UserError(f"unknown argument(s) {' '.join(unknown)} — python train.py --help lists the flags")
     return config
+
+
+def check_output_dir(config: RecPOConfig) -> str | None:
+    """Fail before any work when the run's folder cannot be written or a resume has nothing to
+    read; returns the checkpoint folder to resume from (None: a fresh run)."""
+    folder = os.path.abspath(config.output_dir)
+    problem = folder_problem(folder)
+    if problem:
+        raise UserError(f"--output_dir {config.output_dir} {problem} — pass a folder you can write to")
+    resume = config.resume_from_checkpoint
+    if resume in ("last", "latest", "True", "true"):
+        resume = get_last_checkpoint(folder) if os.path.isdir(folder) else None
+        if resume is None:
+            raise UserError(f"no checkpoint-* folder in {config.output_dir!r} to resume from — drop "
+                            "--resume_from_checkpoint or pass a checkpoint folder")
+    elif resume is not None and not os.path.isfile(os.path.join(resume, "trainer_state.json")):
+        raise UserError(f"--resume_from_checkpoint {resume!r} is not a checkpoint folder (no trainer_state.json) "
+                        "— pass a checkpoint-* folder or 'last'")
+    return resume
 
 
 def load_dataset_dir(config: RecPOConfig):
@@ -51,7 +72,8 @@ def load_dataset_dir(config: RecPOConfig):
     if not folder:
         raise UserError("no --dataset_dir given — run preprocess.py and pass the folder it prints")
     if not os.path.isdir(folder):
-        raise UserError(f"dataset folder {folder!r} does not exist — run preprocess.py first or fix --dataset_dir")
+        state = "is a file" if os.path.exists(folder) else "does not exist"
+        raise UserError(f"dataset folder {folder!r} {state} — run preprocess.py first or fix --dataset_dir")
     try:
         dataset = load_from_disk(folder)
     except (FileNotFoundError, ValueError, OSError) as e:
@@ -60,9 +82,11 @@ def load_dataset_dir(config: RecPOConfig):
     missing = [s for s in SPLITS if not isinstance(dataset, DatasetDict) or s not in dataset]
     if missing:
         raise UserError(f"{folder!r} lacks the split(s) {', '.join(missing)} — rerun preprocess.py for it")
-    absent = [c for c in SAMPLE_COLUMNS if c not in dataset["train"].column_names]
-    if absent:
-        raise UserError(f"{folder!r} lacks the column(s) {', '.join(absent)} — rerun preprocess.py for it")
+    for split in SPLITS[:3]:
+        absent = [c for c in SAMPLE_COLUMNS if c not in dataset[split].column_names]
+        if absent:
+            raise UserError(f"the {split} split of {folder!r} lacks the column(s) {', '.join(absent)} — "
+                            "rerun preprocess.py for it")
     match = DATASET_NAME.match(os.path.basename(os.path.normpath(folder)))
     category = config.dataset_category
     if category is None and match is None:
@@ -109,15 +133,12 @@ def final_metrics(trainer: RecPOTrainer) -> dict:
 
 def main(argv: list[str]):
     config = parse_config(argv)
+    resume = check_output_dir(config)
+    if config.check_only:
+        _, category = load_dataset_dir(config)
+        print(f"ok: flags, {config.output_dir}, {config.dataset_dir} ({category}) and model {resolve_model(config.model)}")
+        return None
     trainer = build_trainer(config)
-    resume = config.resume_from_checkpoint
-    if resume in ("last", "latest", "True", "true"):
-        resume = get_last_checkpoint(config.output_dir)
-        if resume is None:
-            raise UserError(f"no checkpoint-* folder in {config.output_dir!r} to resume from — drop "
-                            "--resume_from_checkpoint or pass a checkpoint folder")
-    elif resume is not None and not os.path.isdir(resume):
-        raise UserError(f"--resume_from_checkpoint {resume!r} is not a folder — pass a checkpoint-* folder or 'last'")
     trainer.train(resume_from_checkpoint=resume)
 
     trainer.save_model(config.output_dir)

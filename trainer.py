@@ -29,11 +29,14 @@ from torch.utils.data import Sampler
 from tqdm.auto import tqdm
 from transformers import Trainer, TrainingArguments
 
-from errors import UserError
+from errors import UserError, first_line
 from metrics import ndcg_at_k, ranking_metrics, target_rank
 from model import ItemTable, encode, mask_seen, policy_forward, similarity
 from prompts import answer_stop_ids, left_pad, prompt_ids, user_prompt
 from rollouts import Rollouts, SamplingConfig, generate_rollouts
+
+# RecPOConfig keeps the checkpointing flags' old names, the only ones transformers 5.17 knows.
+warnings.filterwarnings("ignore", message="`gradient_checkpointing(_kwargs)?` is deprecated", category=FutureWarning)
 
 ADVANTAGE_TYPES = ("gaussian", "rloo")
 SIMILARITY_TYPES = ("cosine", "dot", "L2")
@@ -60,6 +63,11 @@ class RecPOConfig(TrainingArguments):
     window_size: int = field(default=20, metadata={"help": "History lines shown in the user prompt."})
     max_eval_samples: int | None = field(
         default=None, metadata={"help": "Evaluate on at most this many valid/test samples (quick runs)."}
+    )
+    check_only: bool = field(
+        default=False,
+        metadata={"help": "Check the flags, output folder, dataset folder and model path, then exit "
+                          "(launch_train.sh runs this once before starting its processes)."},
     )
 
     # Parameters that control LoRA
@@ -135,8 +143,30 @@ class RecPOConfig(TrainingArguments):
         if self.gradient_checkpointing_kwargs is None:
             # Re-entrant checkpointing breaks DDP when the same weights run twice before one backward.
             self.gradient_checkpointing_kwargs = {"use_reentrant": False}
-        super().__post_init__()
+        try:
+            super().__post_init__()
+        except (ValueError, ImportError) as e:  # e.g. an unknown --eval_strategy, a missing --deepspeed file
+            raise UserError(f"{first_line(e)} — fix the flag (python train.py --help lists them)") from e
+        from transformers.integrations import get_available_reporting_integrations
+
+        unavailable = sorted(set(self.report_to) - set(get_available_reporting_integrations()) - {"none"})
         checks = [
+            (not unavailable, f"--report_to {','.join(unavailable)}: not installed here — pip install it, "
+                              "or use tensorboard or none"),
+            (self.learning_rate >= 0, f"--learning_rate {self.learning_rate}: must be >= 0"),
+            (self.per_device_train_batch_size >= 1,
+             f"--per_device_train_batch_size {self.per_device_train_batch_size}: must be at least 1"),
+            (self.per_device_eval_batch_size >= 1,
+             f"--per_device_eval_batch_size {self.per_device_eval_batch_size}: must be at least 1"),
+            (self.lora_r >= 1, f"--lora_r {self.lora_r}: must be at least 1"),
+            (self.lora_alpha > 0, f"--lora_alpha {self.lora_alpha}: must be positive"),
+            (0 <= self.lora_dropout < 1, f"--lora_dropout {self.lora_dropout}: must be in [0, 1)"),
+            (self.window_size >= 1, f"--window_size {self.window_size}: must be at least 1 history line"),
+            (self.max_eval_samples is None or self.max_eval_samples >= 1,
+             f"--max_eval_samples {self.max_eval_samples}: must be at least 1 (leave it out for every sample)"),
+            (self.item_batch_size >= 1, f"--item_batch_size {self.item_batch_size}: must be at least 1"),
+            (self.early_stopping_patience >= 1,
+             f"--early_stopping_patience {self.early_stopping_patience}: must be at least 1"),
             (self.group_size >= 1, f"--group_size {self.group_size}: must be at least 1"),
             (self.advantage_type in ADVANTAGE_TYPES,
              f"--advantage_type {self.advantage_type!r}: choose one of {', '.join(ADVANTAGE_TYPES)}"),

@@ -2,6 +2,7 @@
 import json
 import os
 import subprocess
+import sys
 
 import pytest
 
@@ -65,3 +66,16 @@ def test_launcher_passes_the_released_settings(tmp_path):
         deepspeed = json.load(f)
     assert deepspeed["zero_optimization"]["stage"] == 2
     assert deepspeed["bf16"]["enabled"] == "auto" and deepspeed["gradient_clipping"] == "auto"  # from bf16, 1.0
+
+
+@pytest.mark.parametrize("variables, message", [
+    ({"NUM_PROCESSES": "abc"}, "NUM_PROCESSES=abc is not a positive whole number"),
+    ({"NUM_PROCESSES": "0"}, "NUM_PROCESSES=0 is not a positive whole number"),
+    ({"DATASET_DIR": "/nonexistent/Musical_Instruments_0_2022-10-2023-10"}, "does not exist"),
+])
+def test_launcher_stops_bad_input_with_one_line_before_starting_processes(variables, message):
+    env = {**os.environ, "PYTHON": sys.executable, "OMP_NUM_THREADS": "1", **variables}
+    result = subprocess.run(["bash", os.path.join(ROOT, "launch_train.sh")], env=env, capture_output=True, text=True)
+    assert result.returncode == 2
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0]

@@ -206,6 +206,25 @@ def test_a_folder_without_a_model_fails_in_one_line(tmp_path):
         load_backbone(str(tmp_path))
 
 
+def test_missing_or_truncated_weights_fail_in_one_line(tmp_path):
+    folder = tmp_path / "no_weights"
+    shutil.copytree(tiny_backbone("llama"), folder)
+    weights = folder / "model.safetensors"
+    data = weights.read_bytes()
+    weights.write_bytes(data[:len(data) // 2])
+    with pytest.raises(UserError, match=r"cannot load model .*complete model folder"):
+        load_backbone(str(folder), dtype=torch.float32)
+    weights.unlink()
+    with pytest.raises(UserError, match=r"cannot load model .*complete model folder"):
+        load_backbone(str(folder), dtype=torch.float32)
+
+
+def test_lora_targets_missing_from_the_backbone_are_named(backbone):
+    model, _ = backbone
+    with pytest.raises(UserError, match=r"LoRA targets c_attn are not modules .*q_proj.* — fix --lora_target_modules"):
+        add_lora(model, target_modules=("q_proj", "c_attn"))
+
+
 def test_embedded_smollm2_answers_and_its_folder_reloads():
     folder = resolve_model(DEFAULT_MODEL)  # converts the GGUF on first use, then reuses the folder
     assert "quantization_config" not in json.loads(open(f"{folder}/config.json").read())

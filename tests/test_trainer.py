@@ -9,6 +9,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+import train
+from errors import UserError
 from model import add_lora, encode, load_backbone, policy_forward
 from tests.backbones import tiny_backbone
 from tests.tiny_data import tiny_dataset
@@ -283,6 +285,60 @@ def test_bad_input_gives_one_clear_line(tmp_path, flags, message):
     assert "Traceback" not in result.stderr
     last = result.stderr.strip().splitlines()[-1]
     assert last.startswith("error: ") and message in last
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--foo", "3"], "unknown argument(s) --foo 3"),
+    (["--learning_rate", "-1"], "--learning_rate -1.0"),
+    (["--train_batch_size", "0"], "--per_device_train_batch_size 0"),
+    (["--eval_batch_size", "0"], "--per_device_eval_batch_size 0"),
+    (["--lora_r", "0"], "--lora_r 0"),
+    (["--lora_dropout", "1"], "--lora_dropout 1.0"),
+    (["--window_size", "0"], "--window_size 0"),
+    (["--max_eval_samples", "0"], "--max_eval_samples 0"),
+    (["--early_stopping_patience", "0"], "--early_stopping_patience 0"),
+    (["--eval_strategy", "sometimes"], "sometimes is not a valid"),
+    (["--deepspeed", "/nonexistent/ds.json"], "/nonexistent/ds.json"),
+    (["--report_to", "no_such_tracker"], "--report_to no_such_tracker"),
+])
+def test_bad_flags_are_named_before_any_work(flags, message):
+    with pytest.raises(UserError) as caught:
+        train.parse_config(["--dataset_dir", "/nonexistent", *flags])
+    assert message in str(caught.value) and "\n" not in str(caught.value)
+
+
+def test_cli_error_is_the_only_line_on_stderr(tmp_path):
+    result = run_train(["--dataset_dir", str(tmp_path), "--learning_rate", "-1"], check=False)
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines() == ["error: --learning_rate -1.0: must be >= 0"]
+
+
+def test_output_and_resume_folders_are_checked_before_any_work(tmp_path, monkeypatch):
+    config = lambda *flags: train.parse_config(["--output_dir", str(tmp_path / "run"), *flags])  # noqa: E731
+    assert train.check_output_dir(config()) is None
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(UserError, match="is a file"):
+        train.check_output_dir(train.parse_config(["--output_dir", str(tmp_path / "file")]))
+    with pytest.raises(UserError, match="no checkpoint-\\* folder"):
+        train.check_output_dir(config("--resume_from_checkpoint", "last"))
+    with pytest.raises(UserError, match="not a checkpoint folder"):
+        train.check_output_dir(config("--resume_from_checkpoint", str(tmp_path)))
+    for step in (2, 10):
+        (tmp_path / "run" / f"checkpoint-{step}").mkdir(parents=True)
+        (tmp_path / "run" / f"checkpoint-{step}" / "trainer_state.json").write_text("{}")
+    assert train.check_output_dir(config("--resume_from_checkpoint", "last")) == str(tmp_path / "run" / "checkpoint-10")
+    monkeypatch.setattr(os, "access", lambda path, mode: False)
+    with pytest.raises(UserError, match="is not writable"):
+        train.check_output_dir(config())
+
+
+def test_every_sample_split_is_checked_for_its_columns(tmp_path):
+    dataset = tiny_dataset()
+    dataset["valid"] = dataset["valid"].remove_columns(["history_item_title"])
+    folder = tmp_path / "Video_Games_0_2022-10-2023-10"
+    dataset.save_to_disk(str(folder))
+    with pytest.raises(UserError, match="the valid split .* lacks the column\\(s\\) history_item_title"):
+        train.load_dataset_dir(train.parse_config(["--dataset_dir", str(folder)]))
 
 
 def test_category_that_contradicts_the_dataset_folder_is_named(tmp_path):
