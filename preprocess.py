@@ -26,6 +26,7 @@ import re
 import shutil
 import tempfile
 import threading
+import urllib.parse
 import zlib
 
 import numpy as np
@@ -37,7 +38,7 @@ import requests
 import urllib3
 from tqdm import tqdm
 
-from errors import UserError, run_cli
+from errors import UserError, first_line, folder_problem, run_cli
 
 DEFAULT_BASE_URL = "https://mcauleylab.ucsd.edu/public_datasets/data/amazon_2023/"
 BASE_URL_ENV = "R2EC_AMAZON_BASE_URL"
@@ -57,6 +58,8 @@ MAX_TITLE_WORDS = 20
 RATING_COLUMNS = ("user_id", "parent_asin", "rating", "timestamp")
 CHUNK = 1 << 20
 DOWNLOAD_ATTEMPTS = 8
+MIN_YEAR, MAX_YEAR = 1970, 2100  # timestamps are ms since 1970; Amazon Reviews 2023 spans 1996-2023
+MAX_POSTFIX = 100  # keeps the output folder's name (and its temporary name) under 255 bytes
 
 # ---------------------------------------------------------------------------------------------
 # Raw files: local names, download with resume, gzip check
@@ -88,6 +91,14 @@ def gzip_is_complete(path):
         return True
     except (EOFError, OSError, zlib.error):
         return False
+
+
+def url_host(url):
+    """The host of `url` for a message; the URL itself when it has none or does not parse."""
+    try:
+        return urllib.parse.urlsplit(url).hostname or url
+    except ValueError:
+        return url
 
 
 def download(url, dest, category):
@@ -129,18 +140,21 @@ def download(url, dest, category):
                         f.write(chunk)
                         bar.update(len(chunk))
             break
-        except (requests.RequestException, urllib3.exceptions.HTTPError) as e:
+        except (requests.RequestException, urllib3.exceptions.HTTPError, ConnectionError,
+                TimeoutError) as e:  # any network failure, whatever layer raised it
             got = os.path.getsize(part) if os.path.exists(part) else 0
             if got > have:
                 continue  # dropped mid-file after some progress: resume from the new end
-            problem = (f"cannot download {name}: {urllib3.util.parse_url(url).host} is "
-                       f"unreachable ({type(e).__name__})")
+            problem = f"cannot download {name}: {url_host(url)} is unreachable ({type(e).__name__})"
             fixes = ["check your network", f"point --base_url / {BASE_URL_ENV} at a mirror",
                      f"put {name} in {os.path.dirname(dest) or '.'}"]
             if category not in KNOWN_CATEGORIES:
                 problem += f", and {category!r} is not a known category"
                 fixes.insert(0, f"check --category ({known_categories_hint(category)})")
             raise UserError(f"{problem} — {', '.join(fixes[:-1])}, or {fixes[-1]}") from e
+        except OSError as e:  # writing the .part file: disk full, permissions changed mid-run
+            raise UserError(f"cannot write {part} ({e.strerror or e}) — free some space or pass a "
+                            f"writable --data_root_dir, then rerun to resume") from e
     else:
         raise UserError(f"the connection kept dropping while downloading {url} — rerun to resume "
                         f"from {part}")
@@ -340,7 +354,7 @@ def read_ratings(path):
     except (EOFError, OSError, zlib.error) as e:
         raise corrupt_file_error(path, e) from e
     except pa.ArrowException as e:
-        detail = str(e).splitlines()[0]
+        detail = first_line(e)
         if isinstance(e, pa.ArrowKeyError):  # a column of include_columns is absent
             raise UserError(f"{path} lacks a required column — the header must be "
                             f"{','.join(RATING_COLUMNS)}: delete the file and rerun to download "
@@ -535,6 +549,10 @@ def check_args(args):
     if not re.fullmatch(r"[A-Za-z0-9_\-]+", args.category):
         raise UserError(f"--category {args.category!r} is not a category name — "
                         f"{known_categories_hint(args.category)}")
+    for flag in ("st_year", "ed_year"):
+        if not MIN_YEAR <= getattr(args, flag) <= MAX_YEAR:
+            raise UserError(f"--{flag} {getattr(args, flag)} is outside {MIN_YEAR}-{MAX_YEAR} — pass "
+                            f"a four-digit year such as 2022 (Amazon Reviews 2023 spans 1996-2023)")
     for flag in ("st_month", "ed_month"):
         if not 1 <= getattr(args, flag) <= 12:
             raise UserError(f"--{flag} {getattr(args, flag)} is outside 1-12 — pass a month number "
@@ -549,6 +567,36 @@ def check_args(args):
     if args.K < 0:
         raise UserError(f"--K {args.K} is negative — pass 0 for no K-core filter, or a positive "
                         f"count")
+    if args.postfix and not re.fullmatch(rf"[A-Za-z0-9_.\-]{{1,{MAX_POSTFIX}}}", args.postfix):
+        raise UserError(f"--postfix {args.postfix!r} is not a plain name — use up to {MAX_POSTFIX} "
+                        f"letters, digits, '_', '-' or '.' (no '/'), e.g. v2")
+    check_base_url(args.base_url)
+    check_data_root(args.data_root_dir)
+
+
+def check_base_url(url):
+    """An http(s) URL with a host and a valid port, as requests will need it."""
+    source = f"--base_url {url!r}"
+    if os.environ.get(BASE_URL_ENV) == url:
+        source += f" (from ${BASE_URL_ENV})"
+    fix = "pass the mirror's address, e.g. https://mirror.example/amazon_2023/"
+    try:
+        parts = urllib.parse.urlsplit(url)
+        if parts.port == 0:
+            raise ValueError("port 0 is outside 1-65535")
+        urllib3.util.parse_url(url)  # what requests parses it with: rejects spaces in the host too
+    except (ValueError, urllib3.exceptions.HTTPError) as e:
+        raise UserError(f"{source} is not a valid URL ({e}) — {fix}") from e
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise UserError(f"{source} is not an http(s) URL with a host — {fix}")
+
+
+def check_data_root(root):
+    """`root` is a folder we can write into, or can be created: raw files and the dataset go there."""
+    problem = folder_problem(root)
+    if problem:
+        raise UserError(f"--data_root_dir {root} {problem} — pass a folder you can write to (it is "
+                        f"created if missing)")
 
 
 def main(argv=None):
@@ -581,8 +629,12 @@ def main(argv=None):
         args.category, args.K, args.st_year, args.st_month, args.ed_year, args.ed_month,
         args.postfix))
     # one shard per split: the default writes no file at all for an empty split
-    save_atomically(lambda folder: dataset.save_to_disk(folder, num_shards={s: 1 for s in dataset}),
-                    target)
+    try:
+        save_atomically(
+            lambda folder: dataset.save_to_disk(folder, num_shards={s: 1 for s in dataset}), target)
+    except OSError as e:  # disk full, or the folder changed since check_args
+        raise UserError(f"cannot write {target} ({e.strerror or e}) — free some space or pass a "
+                        f"writable --data_root_dir") from e
 
     n_items = item_info.num_rows - 1
     if start != (args.st_year, args.st_month):

@@ -1,11 +1,14 @@
 """paths.py: keys, aliases, folders and hub ids resolve; placeholders fail in one line."""
+import errno
+import os
+import stat
 import subprocess
 import sys
 
 import pytest
 
 import paths
-from errors import UserError
+from errors import UserError, run_cli
 
 
 def test_placeholder_names_key_path_and_fix():
@@ -86,3 +89,96 @@ def test_embedded_conversion_names_smollm2_instruct_special_tokens(tmp_path):
     assert (tokenizer.bos_token_id, tokenizer.eos_token_id, tokenizer.pad_token_id) == (
         config.bos_token_id, config.eos_token_id, config.pad_token_id)
     assert tokenizer.apply_chat_template([{"role": "user", "content": "Hi"}], tokenize=False).endswith("<|im_end|>\n")
+
+
+def test_build_once_makes_the_folder_readable_by_all(tmp_path):
+    """A shared checkout: another user must be able to read what one user converted, whatever
+    the builder's umask and even when a writer (safetensors) creates its file 0600."""
+    def build(folder):
+        os.close(os.open(os.path.join(folder, "model.safetensors"), os.O_CREAT | os.O_WRONLY, 0o600))
+        os.mkdir(os.path.join(folder, "sub"), 0o700)
+        open(os.path.join(folder, "config.json"), "w").close()
+
+    umask = os.umask(0o077)
+    try:
+        target = paths.build_once(str(tmp_path / "model"), build)
+    finally:
+        os.umask(umask)
+    for path in (target, os.path.join(target, "sub")):
+        assert stat.S_IMODE(os.stat(path).st_mode) & 0o755 == 0o755, path
+    for name in ("model.safetensors", "config.json"):
+        assert stat.S_IMODE(os.stat(os.path.join(target, name)).st_mode) & 0o644 == 0o644, name
+
+
+def cache_error(capsys):
+    """Resolve the default model through run_cli; return the one stderr line (exit code 2)."""
+    with pytest.raises(SystemExit) as exit_info:
+        run_cli(paths.resolve_model, paths.DEFAULT_MODEL)
+    err = capsys.readouterr().err.splitlines()
+    assert exit_info.value.code == 2 and len(err) == 1 and err[0].startswith("error: "), err
+    return err[0]
+
+
+def no_conversion(folder):
+    raise AssertionError("the conversion must not start")
+
+
+@pytest.mark.parametrize("below, problem", [("", "afile, a file"),
+                                            ("sub", "afile, a file"),
+                                            ("locked", "cannot be created: {tmp}/locked is not writable")])
+def test_unusable_cache_dir_is_one_line(tmp_path, capsys, monkeypatch, below, problem):
+    (tmp_path / "afile").write_text("keep")
+    (tmp_path / "locked").mkdir()
+    cache = str(tmp_path / below) if below == "locked" else os.path.join(tmp_path, "afile", below)
+    monkeypatch.setenv("R2EC_CACHE_DIR", cache)
+    monkeypatch.setattr(paths, "_convert_gguf", no_conversion)
+    real_access = os.access  # root ignores file modes: tell os.access that "locked" is read-only
+    monkeypatch.setattr(paths.os, "access", lambda path, mode, **kw: (
+        os.path.basename(os.path.abspath(path)) != "locked" and real_access(path, mode, **kw)))
+    line = cache_error(capsys)
+    assert line.startswith(f"error: R2EC_CACHE_DIR={cache} ") and problem.format(tmp=tmp_path) in line
+    assert "set R2EC_CACHE_DIR to a folder you can write to" in line
+    assert sorted(p.name for p in tmp_path.rglob("*")) == ["afile", "locked"]
+
+
+def test_cache_write_failure_during_the_build_is_one_line(tmp_path, capsys, monkeypatch):
+    def denied(*args, **kwargs):
+        raise PermissionError(errno.EACCES, "Permission denied")
+
+    monkeypatch.setenv("R2EC_CACHE_DIR", str(tmp_path))
+    monkeypatch.setattr(paths, "_convert_gguf", no_conversion)
+    monkeypatch.setattr(paths.tempfile, "mkdtemp", denied)
+    line = cache_error(capsys)
+    assert line.startswith(f"error: R2EC_CACHE_DIR={tmp_path} ") and "(Permission denied)" in line
+    assert os.listdir(tmp_path) == []
+
+
+def test_built_cache_may_be_read_only(tmp_path, monkeypatch):
+    """Once converted, a cache the user cannot write to still resolves (shared checkout)."""
+    (tmp_path / paths.DEFAULT_MODEL).mkdir()
+    (tmp_path / paths.DEFAULT_MODEL / "config.json").write_text("{}")
+    monkeypatch.setenv("R2EC_CACHE_DIR", str(tmp_path))
+    monkeypatch.setattr(paths.os, "access", lambda path, mode, **kw: False)
+    assert paths.resolve_model(paths.DEFAULT_MODEL) == str(tmp_path / paths.DEFAULT_MODEL)
+
+
+def test_cache_dir_that_is_a_file_on_the_command_line(tmp_path):
+    (tmp_path / "afile").write_text("keep")
+    run = subprocess.run([sys.executable, "paths.py"], capture_output=True, text=True,
+                         cwd=os.path.dirname(paths.__file__),
+                         env={**os.environ, "R2EC_CACHE_DIR": str(tmp_path / "afile")})
+    assert run.returncode == 2 and run.stdout == "" and "Traceback" not in run.stderr
+    assert run.stderr.count("\n") == 1 and run.stderr.startswith(f"error: R2EC_CACHE_DIR={tmp_path}")
+    assert [p.name for p in tmp_path.iterdir()] == ["afile"] and (tmp_path / "afile").read_text() == "keep"
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root writes into read-only folders")
+def test_read_only_cache_dir_for_real(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("R2EC_CACHE_DIR", str(tmp_path))
+    monkeypatch.setattr(paths, "_convert_gguf", no_conversion)
+    tmp_path.chmod(0o555)
+    try:
+        assert "is not writable" in cache_error(capsys)
+    finally:
+        tmp_path.chmod(0o755)
+    assert os.listdir(tmp_path) == []

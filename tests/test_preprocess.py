@@ -3,16 +3,19 @@ split, output name and atomic save, downloads from a loopback HTTP server, one-l
 and the committed sample data. Offline; run: python -m pytest -q tests/test_preprocess.py
 """
 import collections
+import errno
 import gzip
 import http.server
 import json
 import os
+import re
 import shutil
 import socket
 import subprocess
 import sys
 import threading
 import time
+import types
 from datetime import datetime, timezone
 
 import numpy as np
@@ -481,6 +484,138 @@ def test_cli_exit_code_and_no_traceback(tmp_path):
                              NOWHERE], capture_output=True, text=True)
     assert result.returncode == 2 and "Traceback" not in result.stderr
     assert result.stderr.count("\n") == 1 and "known categories:" in result.stderr
+
+
+def copy_sample(folder):
+    for name in SAMPLE_FILES:
+        shutil.copy(os.path.join(SAMPLE, name), os.path.join(folder, name))
+
+
+def listing(folder):
+    """Every path under `folder` with its size, to show that a failed run changed nothing."""
+    return sorted((os.path.relpath(os.path.join(d, n), folder), os.path.getsize(os.path.join(d, n)))
+                  for d, dirs, files in os.walk(folder) for n in dirs + files)
+
+
+@pytest.mark.parametrize("flags, named", [
+    (["--st_year", "0", "--ed_year", "0"], "--st_year 0 "),
+    (["--st_year", "-5", "--ed_year", "-5"], "--st_year -5 "),
+    (["--ed_year", "99999999"], "--ed_year 99999999 "),
+    (["--postfix", "a/b"], "--postfix 'a/b' "),
+    (["--postfix", "../up"], "--postfix '../up' "),
+    (["--base_url", "http://127.0.0.1:99999/"], "--base_url 'http://127.0.0.1:99999/' "),
+    (["--base_url", "http://127.0.0.1:0/"], "--base_url 'http://127.0.0.1:0/' "),
+    (["--base_url", "notaurl"], "--base_url 'notaurl' "),
+    (["--base_url", "http://"], "--base_url 'http://' "),
+    (["--base_url", "ftp://127.0.0.1/"], "--base_url 'ftp://127.0.0.1/' "),
+])
+def test_bad_flags_fail_before_touching_the_raw_files(tmp_path, capsys, flags, named):
+    copy_sample(tmp_path)
+    before = listing(tmp_path)
+    line = user_error(capsys, ["--category", "Video_Games", "--data_root_dir", str(tmp_path), *flags])
+    assert named in line and " — " in line
+    assert listing(tmp_path) == before
+
+
+def test_bad_base_url_from_the_environment_names_the_variable(tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv(P.BASE_URL_ENV, "notaurl")
+    line = user_error(capsys, ["--category", "Video_Games", "--data_root_dir", str(tmp_path)])
+    assert "--base_url 'notaurl'" in line and f"${P.BASE_URL_ENV}" in line
+    assert os.listdir(tmp_path) == []
+
+
+@pytest.mark.parametrize("url", ["http://127.0.0.1:99999/x.gz", "notaurl", "http://"])
+def test_download_error_handler_survives_any_url(tmp_path, url):
+    """The handler's own message must not raise (it used to re-parse the URL with urllib3)."""
+    with pytest.raises(UserError, match="is unreachable .*--base_url"):
+        P.download(url, str(tmp_path / "x.gz"), "Video_Games")
+    assert os.listdir(tmp_path) == []
+
+
+def test_download_write_failure_is_one_line(tmp_path, server, monkeypatch):
+    def full_disk(path, *args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device", path)
+
+    monkeypatch.setattr(P, "open", full_disk, raising=False)  # preprocess's own open() only
+    with pytest.raises(UserError, match=r"cannot write .*Video_Games.csv.gz.part \(No space left "
+                                        r"on device\) — .*--data_root_dir"):
+        P.fetch_raw("Video_Games", str(tmp_path), server(sample_files()).url)
+    assert os.listdir(tmp_path) == []
+
+
+@pytest.mark.parametrize("reachable", [True, False])
+@pytest.mark.parametrize("below, message", [("", "afile is a file — "),
+                                            ("sub", "is inside .*afile, a file — ")])
+def test_data_root_that_is_a_file(tmp_path, capsys, server, reachable, below, message):
+    (tmp_path / "afile").write_text("keep")
+    root = os.path.join(tmp_path, "afile", below) if below else str(tmp_path / "afile")
+    url = server(sample_files()).url if reachable else NOWHERE
+    line = user_error(capsys, ["--category", "Video_Games", "--data_root_dir", root,
+                               "--base_url", url])
+    assert line.startswith(f"error: --data_root_dir {root} ")
+    assert re.search(message, line) and "pass a folder" in line
+    assert listing(tmp_path) == [("afile", 4)]
+
+
+@pytest.mark.parametrize("has_raw, below", [(True, ""), (False, ""), (False, "new/deeper")])
+def test_data_root_not_writable(tmp_path, capsys, monkeypatch, has_raw, below):
+    """Root ignores file modes, so os.access is told that this one folder is read-only."""
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    if has_raw:
+        copy_sample(locked)
+    before = listing(tmp_path)
+    real_access = os.access
+    monkeypatch.setattr(P.os, "access", lambda path, mode, **kw: (
+        os.path.abspath(path) != str(locked) and real_access(path, mode, **kw)))
+    root = os.path.join(locked, below) if below else str(locked)
+    line = user_error(capsys, ["--category", "Video_Games", "--data_root_dir", root,
+                               "--base_url", NOWHERE])
+    assert line.startswith(f"error: --data_root_dir {root} ") and "pass a folder you can write" in line
+    assert (f"cannot be created: {locked} is not writable" if below else "is not writable") in line
+    assert listing(tmp_path) == before
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root writes into read-only folders")
+def test_data_root_read_only_for_real(tmp_path):
+    copy_sample(tmp_path)
+    before = listing(tmp_path)
+    tmp_path.chmod(0o555)
+    try:
+        result = subprocess.run([sys.executable, os.path.join(ROOT, "preprocess.py"), "--category",
+                                 "Video_Games", "--data_root_dir", str(tmp_path)],
+                                capture_output=True, text=True)
+    finally:
+        tmp_path.chmod(0o755)
+    assert result.returncode == 2 and result.stderr.count("\n") == 1
+    assert result.stderr.startswith(f"error: --data_root_dir {tmp_path} is not writable")
+    assert listing(tmp_path) == before
+
+
+def test_dataset_write_failure_is_one_line_and_saves_nothing(tmp_path, capsys, monkeypatch):
+    copy_sample(tmp_path)
+    before = listing(tmp_path)
+
+    def full_disk(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(P, "tempfile", types.SimpleNamespace(mkdtemp=full_disk))
+    line = user_error(capsys, ["--category", "Video_Games", "--data_root_dir", str(tmp_path),
+                               "--base_url", NOWHERE])
+    assert "Video_Games_0_2022-10-2023-10 (No space left on device)" in line
+    assert "--data_root_dir" in line and listing(tmp_path) == before
+
+
+def test_cli_bad_year_after_raw_files_exist(tmp_path):
+    """The audit's case: raw files present, year 0; once a traceback after reading them."""
+    copy_sample(tmp_path)
+    result = subprocess.run([sys.executable, os.path.join(ROOT, "preprocess.py"), "--category",
+                             "Video_Games", "--data_root_dir", str(tmp_path), "--st_year", "0",
+                             "--ed_year", "0"], capture_output=True, text=True)
+    lines = result.stderr.splitlines()
+    assert result.returncode == 2 and "Traceback" not in result.stderr and len(lines) == 1
+    assert lines[0].startswith("error: --st_year 0 ")
+    assert sorted(os.listdir(tmp_path)) == sorted(SAMPLE_FILES)
 
 # ---------------------------------------------------------------------------------------------
 # The committed sample data
