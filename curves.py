@@ -8,14 +8,13 @@ Tests: `pytest tests/test_curves.py`.
 """
 import argparse
 import glob
-import json
 import os
 import sys
 
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
-from errors import UserError, run_cli
+from errors import UserError, check_output_file, read_json, run_cli, write_atomically
 
 # (panel title, log_history keys drawn in it); the keys are those RecPOTrainer logs.
 PANELS = (
@@ -54,7 +53,31 @@ def plot_training_curves(log_history: list[dict], path: str) -> None:
         axes.set_title(title)
         axes.set_xlabel("step")
         axes.grid(alpha=0.3)
-    figure.savefig(path, dpi=100)
+    write_atomically(path, lambda temporary: figure.savefig(temporary, format=image_format(path), dpi=100))
+
+
+def image_format(path: str) -> str:
+    """The file format `path`'s extension names (png without one)."""
+    return os.path.splitext(path)[1][1:].lower() or "png"
+
+
+def check_output(path: str) -> None:
+    """The image path must name a format matplotlib writes, in an existing, writable folder."""
+    formats = FigureCanvasAgg(Figure()).get_supported_filetypes()
+    if image_format(path) not in formats:
+        raise UserError(f"--output {path!r}: cannot write .{image_format(path)} images — end the name in .png "
+                        "(or .pdf, .svg, .jpg)")
+    check_output_file(path, "--output")
+
+
+def read_log_history(state_file: str) -> list[dict]:
+    """trainer_state.json's log_history, checked."""
+    fix = "retry if the run is saving right now, else delete it or pass one of the run's checkpoint-* folders"
+    state = read_json(state_file, fix)
+    history = state.get("log_history") if isinstance(state, dict) else None
+    if not isinstance(history, list) or not all(isinstance(entry, dict) for entry in history):
+        raise UserError(f"{state_file!r} has no log_history (a list of log entries) — {fix}")
+    return history
 
 
 def latest_trainer_state(output_dir: str) -> str:
@@ -76,12 +99,13 @@ def latest_trainer_state(output_dir: str) -> str:
 def main(argv: list[str]) -> str:
     parser = argparse.ArgumentParser(description="Plot the training curves of an R²ec run.")
     parser.add_argument("output_dir", help="The --output_dir of a train.py run.")
-    parser.add_argument("--output", help="PNG to write (default: OUTPUT_DIR/training_curves.png).")
+    parser.add_argument("--output", help="Image to write: .png, .pdf, .svg, ... "
+                        "(default: OUTPUT_DIR/training_curves.png).")
     args = parser.parse_args(argv)
     state_file = latest_trainer_state(args.output_dir)
-    with open(state_file) as f:
-        log_history = json.load(f)["log_history"]
     path = args.output or os.path.join(args.output_dir, "training_curves.png")
+    check_output(path)
+    log_history = read_log_history(state_file)
     plot_training_curves(log_history, path)
     print(f"{path}  ({len(log_history)} log entries from {state_file})")
     return path

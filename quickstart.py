@@ -15,20 +15,28 @@ import os
 import subprocess
 import sys
 
+from errors import UserError, run_cli
+
 ROOT = os.path.dirname(os.path.abspath(__file__))
 CATEGORY = "Video_Games"
 DATASET_DIR = os.path.join("data", "sample", f"{CATEGORY}_0_2022-10-2023-10")
 METRICS = ("ndcg@5", "ndcg@10", "ndcg@20", "hit@5", "hit@10", "hit@20")
 
 
-def parse_args():
+def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--output_dir", default=os.path.join("outputs", "quickstart"))
     parser.add_argument("--seed", type=int, default=42)
     parser.add_argument("--steps", type=int, default=12, help="RecPO steps (8 users × 2 reasonings each)")
     parser.add_argument("--eval_samples", type=int, default=64, help="valid and test samples evaluated")
     parser.add_argument("--model", default="SmolLM2-135M-Instruct")
-    return parser.parse_args()
+    args = parser.parse_args(argv)
+    # --steps becomes train.py's --max_steps, where < 1 means "train whole epochs" (hours): checked here
+    if args.steps < 1:
+        raise UserError(f"--steps {args.steps}: must be at least 1 (the default is 12)")
+    if args.eval_samples < 1:
+        raise UserError(f"--eval_samples {args.eval_samples}: must be at least 1 (the default is 64)")
+    return args
 
 
 def run(command: list[str]):
@@ -85,8 +93,8 @@ def print_example(output_dir: str):
     print(f"True next item: {titles[record['item_id']]} (rank {record['rank']} of {len(titles) - 1})")
 
 
-def main():
-    args = parse_args()
+def main(argv=None):
+    args = parse_args(argv)
     python = sys.executable
     run([python, "preprocess.py", "--category", CATEGORY, "--data_root_dir", os.path.join("data", "sample")])
     run([python, "train.py", *train_flags(args)])
@@ -98,4 +106,4 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    run_cli(main)

@@ -28,7 +28,7 @@ import textwrap
 import torch
 from tqdm.auto import tqdm
 
-from errors import UserError, run_cli
+from errors import UserError, check_output_file, read_json, run_cli, write_atomically
 from metrics import KS, ranking_metrics, target_rank
 from model import load_backbone
 from paths import resolve_model
@@ -37,6 +37,7 @@ from train import load_dataset_dir
 from trainer import RecPOConfig, RecPOTrainer, reasoning_texts
 
 RUN_FILE = "r2ec_run.json"  # written by train.py when a run ends
+RUN_KEYS = ("model", "dataset_dir", "category")  # what recommend reads from it (beyond RecPOConfig fields)
 SPLITS = ("train", "valid", "test")
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 CONFIG_FIELDS = {f.name for f in dataclasses.fields(RecPOConfig)}
@@ -56,10 +57,21 @@ def read_run(folder: str) -> dict:
     for place in (folder, os.path.dirname(os.path.abspath(folder))):
         path = os.path.join(place, RUN_FILE)
         if os.path.isfile(path):
-            with open(path) as f:
-                return json.load(f)
+            return parse_run_file(path)
     raise UserError(f"no {RUN_FILE} in {folder!r} or its parent — train.py writes it when training ends; "
                     "pass a finished run's --output_dir")
+
+
+def parse_run_file(path: str) -> dict:
+    """r2ec_run.json, checked: a JSON object with the keys recommend needs, as text."""
+    fix = "re-run train.py for this run or restore the file"
+    run = read_json(path, fix)
+    if not isinstance(run, dict):
+        raise UserError(f"{path!r} holds a JSON {type(run).__name__}, not the object train.py writes — {fix}")
+    bad = [key for key in RUN_KEYS if not isinstance(run.get(key), str) or not run[key]]
+    if bad:
+        raise UserError(f"{path!r} has no {', '.join(bad)} (or not as text) — {fix}")
+    return run
 
 
 def base_model_path(run: dict) -> str:
@@ -99,8 +111,16 @@ def load_recommender(folder: str, run: dict, config: RecPOConfig, dataset, categ
     from peft import PeftModel
     from transformers import AutoTokenizer
 
-    base, _ = load_backbone(base_model_path(run), dtype=dtype)
-    model = PeftModel.from_pretrained(base, folder)  # inference mode: adapters frozen, dropout off
+    path = base_model_path(run)
+    base, _ = load_backbone(path, dtype=dtype)
+    try:
+        model = PeftModel.from_pretrained(base, folder)  # inference mode: adapters frozen, dropout off
+    except RuntimeError as e:
+        if "size mismatch" not in str(e):
+            raise
+        raise UserError(f"the adapter in {folder!r} was trained on {run['model']!r} ({run.get('model_path')!r} "
+                        f"then), but it now resolves to {path!r}, a backbone of another size — point paths.py's "
+                        "model_names (or \"model\" in r2ec_run.json) back at the backbone it was trained on") from e
     tokenizer = AutoTokenizer.from_pretrained(folder)
     tokenizer.padding_side = "left"  # not saved with the tokenizer; prompts are left-padded
     trainer = RecPOTrainer(model, config, tokenizer, dataset, category)  # moves the model to config.device
@@ -231,7 +251,18 @@ def parse_args(argv: list[str]):
         raise UserError(f"--top_k {args.top_k} and --batch_size {args.batch_size} must both be at least 1")
     if args.max_samples is not None and args.max_samples < 1:
         raise UserError(f"--max_samples {args.max_samples}: must be at least 1 (leave it out for the whole split)")
+    if args.output is not None:
+        check_output_file(args.output, "--output")  # here, not after minutes of inference
     return args
+
+
+def write_jsonl(path: str, records: list[dict]) -> None:
+    """One JSON line per record; a failure never leaves a half-written file."""
+    def write(temporary):
+        with open(temporary, "w") as f:
+            f.writelines(json.dumps(record) + "\n" for record in records)
+
+    write_atomically(path, write)
 
 
 def main(argv: list[str]) -> list[dict]:
@@ -253,8 +284,7 @@ def main(argv: list[str]) -> list[dict]:
     else:
         print("\n\n".join(format_sample(split_data[r["row"]], r, len(titles) - 1) for r in records))
     if args.output:
-        with open(args.output, "w") as f:
-            f.writelines(json.dumps(record) + "\n" for record in records)
+        write_jsonl(args.output, records)
     return records
 
 

@@ -25,6 +25,8 @@ import numpy as np
 import pandas as pd
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(1, ROOT)  # errors.py
+from errors import UserError, run_cli  # noqa: E402
 CATEGORY = "CDs_and_Vinyl"
 N_USERS, N_RATED_ITEMS, N_RATINGS, N_META_LINES = 123_900, 89_400, 1_600_000, 320_000
 VOCABULARY = 3000  # random pseudo-words: text that compresses about as well as real descriptions
@@ -141,6 +143,8 @@ def main():
     p.add_argument("--data_dir", default="/tmp/r2ec_bench", help="where the synthetic pair lives")
     p.add_argument("--runs", type=int, default=1, help="timed runs; the best is reported")
     args = p.parse_args()
+    if args.runs < 1:
+        raise UserError(f"--runs {args.runs}: must be at least 1 (the default is 1)")
     raw = [os.path.join(args.data_dir, n) for n in (f"{CATEGORY}.csv.gz", f"meta_{CATEGORY}.jsonl.gz")]
     if not all(os.path.exists(path) for path in raw):
         t = time.perf_counter()
@@ -153,7 +157,9 @@ def main():
     walls = []
     for _ in range(args.runs):
         t = time.perf_counter()
-        subprocess.run(command, check=True)
+        if subprocess.run(command).returncode != 0:
+            raise UserError(f"preprocess.py failed on the synthetic pair in {args.data_dir!r} (its error is above) "
+                            "— fix it, or delete the folder to generate the pair again")
         walls.append(time.perf_counter() - t)
     # ru_maxrss of the children is the largest peak among the preprocess runs (KiB on Linux);
     # CPU time (user + sys, both cores) does not depend on what else the machine is running
@@ -164,4 +170,4 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    run_cli(main)

@@ -25,6 +25,8 @@ import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SAMPLE = os.path.join(ROOT, "data", "sample", "Video_Games_0_2022-10-2023-10")  # written by the quick start
+sys.path.insert(1, ROOT)  # errors.py; main() puts --repo before it
+from errors import UserError, run_cli  # noqa: E402
 
 
 def main():
@@ -41,6 +43,12 @@ def main():
     p.add_argument("--repeats", type=int, default=3, help="timed update calls (after one warm-up)")
     p.add_argument("--profile", action="store_true", help="then profile one more call: its top operators")
     args = p.parse_args()
+    small = [f"--{name} {getattr(args, name)}" for name in ("users", "group", "micro_batch_size", "new_tokens",
+                                                            "repeats") if getattr(args, name) < 1]
+    if small:
+        raise UserError(f"{', '.join(small)}: must be at least 1")
+    if not os.path.isdir(args.repo):
+        raise UserError(f"--repo {args.repo!r} is not a folder — pass a checkout of this project")
 
     sys.path.insert(0, os.path.abspath(args.repo))
     from model import add_lora, load_backbone, policy_forward
@@ -55,6 +63,9 @@ def main():
         load_best_model_at_end=False, eval_on_start=False, window_size=20, dataset_dir=args.dataset_dir,
     )
     dataset, category = load_dataset_dir(config)
+    if len(dataset["train"]) < args.users:
+        raise UserError(f"--users {args.users}: {args.dataset_dir!r} has only {len(dataset['train'])} training "
+                        "samples — lower --users")
     model, tokenizer = load_backbone(args.model, gradient_checkpointing=True)
     model = add_lora(model)
     trainer = RecPOTrainer(model, config, tokenizer, dataset, category)
@@ -70,6 +81,9 @@ def main():
     num = args.users * args.group
     generator = torch.Generator().manual_seed(0)
     stop = trainer.stop_ids[0]
+    if args.new_tokens <= len(stop):
+        raise UserError(f"--new_tokens {args.new_tokens}: the completion ends in {len(stop)} stop tokens — "
+                        f"use at least {len(stop) + 1}")
     body = torch.randint(1000, 20000, (num, args.new_tokens - len(stop)), generator=generator)
     completion_ids = torch.cat([body, torch.tensor(stop).expand(num, -1)], 1).to(prompt_ids.device)
     completion_mask = torch.ones_like(completion_ids)
@@ -112,7 +126,4 @@ def main():
 
 
 if __name__ == "__main__":
-    sys.path.insert(1, ROOT)  # errors.py; main() puts --repo before it
-    from errors import run_cli
-
     run_cli(main)

@@ -17,8 +17,13 @@ import os
 import shutil
 import time
 
+import sys
+
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, Qwen2Config
+
+sys.path.insert(1, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # errors.py
+from errors import UserError, first_line, run_cli  # noqa: E402
 
 QWEN25_3B = dict(hidden_size=2048, intermediate_size=11008, num_hidden_layers=36, num_attention_heads=16,
                  num_key_value_heads=2, vocab_size=151936, max_position_embeddings=32768, rope_theta=1e6,
@@ -36,12 +41,23 @@ def main():
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args()
+    fix = "pass the Qwen2.5 tokenizer folder tests/backbones.py prepares (see the file docstring)"
+    if not os.path.isdir(args.tokenizer):
+        raise UserError(f"--tokenizer {args.tokenizer!r} is not a folder — {fix}")
+    if os.path.exists(args.out) and not os.path.isdir(args.out):
+        raise UserError(f"--out {args.out!r} is a file — pass a folder to write the model into")
+    if args.std <= 0:
+        raise UserError(f"--std {args.std}: must be above 0")
 
     start = time.perf_counter()
-    tokenizer = AutoTokenizer.from_pretrained(args.tokenizer)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(args.tokenizer)
+    except (OSError, ValueError) as e:
+        raise UserError(f"cannot load a tokenizer from --tokenizer {args.tokenizer!r} ({first_line(e)}) — {fix}") from e
     eos = tokenizer.convert_tokens_to_ids("<|im_end|>")
     pad = tokenizer.convert_tokens_to_ids("<|endoftext|>")
-    assert tokenizer.chat_template and "<|im_start|>" in tokenizer.chat_template, "tokenizer lacks the chat template"
+    if not tokenizer.chat_template or "<|im_start|>" not in tokenizer.chat_template:
+        raise UserError(f"the tokenizer in {args.tokenizer!r} lacks Qwen2.5's ChatML chat template — {fix}")
     config = Qwen2Config(**(TINY if args.tiny else QWEN25_3B), initializer_range=args.std,
                          bos_token_id=pad, eos_token_id=eos, pad_token_id=pad)
     dtype = torch.bfloat16 if args.device.startswith("cuda") else torch.float32
@@ -74,4 +90,4 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    run_cli(main)

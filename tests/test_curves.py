@@ -1,5 +1,6 @@
 """curves.py: the PNG from a hand-made log history (series missing or not), train.py's
 training_curves.png, and `python curves.py OUTPUT_DIR` re-plotting from a checkpoint."""
+import json
 import os
 import struct
 
@@ -67,3 +68,64 @@ def test_folder_without_trainer_state_gives_one_line(tmp_path, capsys):
         run_cli(curves.main, [str(tmp_path)])
     assert exit_info.value.code == 2
     assert capsys.readouterr().err.strip().startswith("error: no trainer_state.json")
+
+
+def run_curves_error(capsys, *argv) -> str:
+    """curves.py's main exits 2; -> its last stderr line, checked to be one `error: ` line."""
+    with pytest.raises(SystemExit) as exit_info:
+        run_cli(curves.main, list(argv))
+    assert exit_info.value.code == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), lines
+    return lines[0]
+
+
+@pytest.fixture
+def run_folder(tmp_path):
+    folder = tmp_path / "run"
+    folder.mkdir()
+    (folder / "trainer_state.json").write_text(json.dumps({"global_step": 30, "log_history": hand_made_history()}))
+    return folder
+
+
+@pytest.mark.parametrize("content, message", [
+    ('{"global_step": 30, "log_history": [{"step": 1, "lo', "is not readable JSON"),  # truncated mid-write
+    ('{"global_step": 30}', "has no log_history"),
+    ('{"log_history": [1, 2]}', "has no log_history"),
+    ("[]", "has no log_history"),
+])
+def test_corrupt_trainer_state_gives_one_line(run_folder, capsys, content, message):
+    (run_folder / "trainer_state.json").write_text(content)
+    error = run_curves_error(capsys, str(run_folder))
+    assert str(run_folder / "trainer_state.json") in error and message in error and "checkpoint-*" in error
+    assert os.listdir(run_folder) == ["trainer_state.json"]
+
+
+@pytest.mark.parametrize("output, message", [
+    ("MISSING/c.png", "does not exist"),
+    ("FOLDER", "is a folder"),
+    ("FOLDER/c.xyz", "cannot write .xyz images — end the name in .png"),
+])
+def test_bad_output_gives_one_line(run_folder, tmp_path, capsys, output, message):
+    output = output.replace("MISSING", str(tmp_path / "missing")).replace("FOLDER", str(tmp_path / "out"))
+    (tmp_path / "out").mkdir()
+    error = run_curves_error(capsys, str(run_folder), "--output", output)
+    assert f"--output {output!r}" in error and message in error
+    assert os.listdir(tmp_path / "out") == [] and not (tmp_path / "missing").exists()
+
+
+def test_failed_write_leaves_no_broken_png(run_folder, capsys, monkeypatch):
+    path = run_folder / "training_curves.png"
+    curves.plot_training_curves(hand_made_history(), str(path))
+    before = path.read_bytes()
+
+    def disk_full(self, fname, **kwargs):
+        with open(fname, "wb") as f:
+            f.write(PNG_SIGNATURE)  # a partial image, then the disk fills up
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(curves.Figure, "savefig", disk_full)
+    error = run_curves_error(capsys, str(run_folder))
+    assert f"cannot write {str(path)!r} (No space left on device)" in error
+    assert sorted(os.listdir(run_folder)) == ["trainer_state.json", "training_curves.png"]
+    assert path.read_bytes() == before  # the earlier image is left whole

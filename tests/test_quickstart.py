@@ -3,6 +3,8 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 from tests.backbones import tiny_backbone
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -21,3 +23,17 @@ def test_quickstart_pipeline_prints_the_table_and_an_example(tmp_path):
     assert "Top-5 recommendations" in out and "True next item:" in out and "Reasoning:" in out
     assert os.path.exists(tmp_path / "quick" / "training_curves.png")
     assert os.path.isdir(os.path.join(ROOT, "data", "sample", "Video_Games_0_2022-10-2023-10"))
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--steps", "-1"], "--steps -1: must be at least 1"),  # train.py would take it as whole epochs (hours)
+    (["--steps", "0"], "--steps 0: must be at least 1"),
+    (["--eval_samples", "0"], "--eval_samples 0: must be at least 1"),
+])
+def test_bad_flags_give_one_line_before_anything_runs(tmp_path, flags, message):
+    result = subprocess.run([sys.executable, "quickstart.py", *flags, "--output_dir", str(tmp_path / "quick")],
+                            cwd=ROOT, capture_output=True, text=True)
+    assert result.returncode == 2 and result.stdout == ""  # no preprocess/train command started
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], lines
+    assert not (tmp_path / "quick").exists()

@@ -5,6 +5,7 @@ import contextlib
 import io
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -169,3 +170,77 @@ def test_command_line_error_has_no_traceback(tmp_path):
     assert result.returncode == 2 and "Traceback" not in result.stderr
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: ") and "no LoRA adapter" in lines[0], lines
+
+
+@pytest.fixture
+def run_copy(run_dir, tmp_path):
+    """A copy of the run's adapter folder whose r2ec_run.json a test may rewrite; -> (folder, run dict)."""
+    folder = tmp_path / "run_copy"
+    shutil.copytree(run_dir, folder, ignore=shutil.ignore_patterns("checkpoint-*", "reasoning", "runs"))
+    with open(folder / "r2ec_run.json") as f:
+        return folder, json.load(f)
+
+
+def assert_one_line_error(capsys, flags: list, *parts: str):
+    """recommend exits 2 and its last stderr line is `error: ...` holding every one of `parts`."""
+    with pytest.raises(SystemExit) as exit_info:
+        run_recommend(*flags)
+    assert exit_info.value.code == 2
+    error = capsys.readouterr().err.strip().splitlines()
+    assert error[-1].startswith("error: ") and all(part in error[-1] for part in parts), error
+
+
+@pytest.mark.parametrize("content, message", [
+    ('{"model": "x", "category": ', "is not readable JSON"),  # truncated
+    ("[1, 2]", "holds a JSON list"),
+    ("DROP category", "has no category"),
+    ("DROP model dataset_dir", "has no model, dataset_dir"),
+])
+def test_corrupt_run_file_gives_one_line(run_copy, capsys, tmp_path, content, message):
+    folder, run = run_copy
+    if content.startswith("DROP"):
+        content = json.dumps({k: v for k, v in run.items() if k not in content.split()[1:]})
+    (folder / "r2ec_run.json").write_text(content)
+    output = tmp_path / "ranks.jsonl"
+    assert_one_line_error(capsys, ["--output_dir", str(folder), "--output", str(output)],
+                          str(folder / "r2ec_run.json"), message, "re-run train.py")
+    assert not output.exists()
+
+
+@pytest.mark.parametrize("output, message", [
+    ("MISSING/ranks.jsonl", "does not exist"),
+    ("FOLDER", "is a folder"),
+])
+def test_bad_output_path_fails_before_the_model_loads(run_dir, tmp_path, capsys, monkeypatch, output, message):
+    monkeypatch.setattr(recommend, "load_recommender", lambda *a: pytest.fail("the model was loaded"))
+    output = output.replace("MISSING", str(tmp_path / "missing")).replace("FOLDER", str(tmp_path))
+    assert_one_line_error(capsys, ["--output_dir", run_dir, "--output", output], f"--output {output!r}", message)
+    assert os.listdir(tmp_path) == []
+
+
+def test_failed_write_leaves_no_file(tmp_path):
+    path = tmp_path / "ranks.jsonl"
+    path.write_text("earlier\n")
+    with pytest.raises(TypeError):  # the second record cannot be serialised: the write stops half-way
+        recommend.write_jsonl(str(path), [{"row": 0}, {"row": object()}])
+    assert os.listdir(tmp_path) == ["ranks.jsonl"] and path.read_text() == "earlier\n"
+    recommend.write_jsonl(str(path), [{"row": 0}])
+    assert read_jsonl(path) == [{"row": 0}] and os.listdir(tmp_path) == ["ranks.jsonl"]
+
+
+def test_adapter_of_another_backbone_size_gives_one_line(run_copy, tmp_path, capsys):
+    """The run's `model` now resolves to a backbone of another hidden size than the adapter's."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    folder, run = run_copy
+    other = tmp_path / "narrow_qwen2"
+    shutil.copytree(tiny_backbone("qwen2"), other)  # its tokenizer; config and weights replaced
+    config = AutoConfig.from_pretrained(other)
+    config.hidden_size, config.intermediate_size = 32, 64
+    AutoModelForCausalLM.from_config(config).save_pretrained(other)
+    (folder / "r2ec_run.json").write_text(json.dumps(dict(run, model=str(other))))
+    output = tmp_path / "ranks.jsonl"
+    assert_one_line_error(capsys, ["--output_dir", str(folder), "--output", str(output)],
+                          f"the adapter in {str(folder)!r} was trained on {str(other)!r}",
+                          f"resolves to {str(other)!r}, a backbone of another size — point paths.py")
+    assert not output.exists()
