@@ -206,7 +206,7 @@ def cell(value, fmt="{:.2f}"):
 
 stages = ("time/item_table_s", "time/rollout_s", "time/reward_s", "time/update_s")
 rows = ["| step | item_table s | rollout s | reward s | update s | total (stages) s | wall since prev. step s "
-        "| mean reasoning tokens | rollout tok/s | peak GiB |", "|" + "---|" * 10]
+        "| mean reasoning tokens | rollout tok/s | rollout log-prob gap | peak GiB |", "|" + "---|" * 11]
 for i, e in enumerate(step_logs, 1):
     total = sum(e.get(k, 0.0) for k in stages)
     wall = log_times[i] - log_times[i - 1] if i in log_times and i - 1 in log_times else None
@@ -214,7 +214,7 @@ for i, e in enumerate(step_logs, 1):
     tok_s = 16 * length / e["time/rollout_s"] if length and e.get("time/rollout_s") else None
     rows.append(f"| {e.get('step', i)} | " + " | ".join(cell(e.get(k)) for k in stages)
                 + f" | {total:.2f} | {cell(wall, '{:.1f}')} | {cell(length, '{:.0f}')} | {cell(tok_s, '{:.0f}')}"
-                + f" | {cell(e.get('memory/peak_gib'))} |")
+                + f" | {cell(e.get('rollout/logprob_gap'), '{:.3f}')} | {cell(e.get('memory/peak_gib'))} |")
 lines = [f"# RecPO train step on one GPU ({'SMOKE, tiny model, CPU/GPU dry run' if smoke else 'Qwen2.5-3B shape, random bf16 weights'})",
          "", f"train.py exit status {rc}; values from {source}."]
 if os.path.isfile(fallback):
