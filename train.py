@@ -82,7 +82,7 @@ def load_dataset_dir(config: RecPOConfig):
     missing = [s for s in SPLITS if not isinstance(dataset, DatasetDict) or s not in dataset]
     if missing:
         raise UserError(f"{folder!r} lacks the split(s) {', '.join(missing)} — rerun preprocess.py for it")
-    for split in SPLITS[:3]:
+    for split in ("train", "valid", "test"):
         absent = [c for c in SAMPLE_COLUMNS if c not in dataset[split].column_names]
         if absent:
             raise UserError(f"the {split} split of {folder!r} lacks the column(s) {', '.join(absent)} — "
