@@ -78,17 +78,15 @@ def embedded_gguf() -> tuple[str, str]:
 
 
 def share(folder: str) -> None:
-    """Make `folder` and everything in it readable by all (at least 0755 folders, 0644 files; more
-    where the umask allows): mkdtemp makes 0700 and some writers (safetensors) 0600, which would
-    leave another user of a shared checkout a model folder that exists but cannot be read."""
-    umask = os.umask(0)
-    os.umask(umask)
+    """Make `folder` and everything in it readable by all (0755 folders, 0644 files): mkdtemp
+    makes 0700 and some writers (safetensors) 0600, which would leave another user of a shared
+    checkout a model folder that exists but cannot be read."""
     for dirpath, _, filenames in os.walk(folder):
-        os.chmod(dirpath, 0o755 | (0o777 & ~umask))
+        os.chmod(dirpath, 0o755)
         for name in filenames:
             path = os.path.join(dirpath, name)
             if not os.path.islink(path):
-                os.chmod(path, 0o644 | (0o666 & ~umask))
+                os.chmod(path, 0o644)
 
 
 def check_cache_writable(folder: str) -> None:

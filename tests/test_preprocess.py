@@ -41,6 +41,11 @@ def ms(year, month, day=1):
     return int(datetime(year, month, day, tzinfo=timezone.utc).timestamp()) * 1000
 
 
+def copy_sample(folder):
+    for name in SAMPLE_FILES:
+        shutil.copy(os.path.join(SAMPLE, name), os.path.join(folder, name))
+
+
 def write_gz(path, text):
     with gzip.open(path, "wt") as f:
         f.write(text)
@@ -469,8 +474,7 @@ def test_bad_ratings_csv(tmp_path, capsys, csv, message):
 
 
 def test_corrupt_local_raw_file_is_reported_and_kept(tmp_path, capsys):
-    for name in SAMPLE_FILES:
-        shutil.copy(os.path.join(SAMPLE, name), tmp_path / name)
+    copy_sample(tmp_path)
     data = (tmp_path / SAMPLE_FILES[0]).read_bytes()
     (tmp_path / SAMPLE_FILES[0]).write_bytes(data[: len(data) // 2])
     line = user_error(capsys, ["--category", "Video_Games", "--data_root_dir", str(tmp_path)])
@@ -484,11 +488,6 @@ def test_cli_exit_code_and_no_traceback(tmp_path):
                              NOWHERE], capture_output=True, text=True)
     assert result.returncode == 2 and "Traceback" not in result.stderr
     assert result.stderr.count("\n") == 1 and "known categories:" in result.stderr
-
-
-def copy_sample(folder):
-    for name in SAMPLE_FILES:
-        shutil.copy(os.path.join(SAMPLE, name), os.path.join(folder, name))
 
 
 def listing(folder):
@@ -624,8 +623,7 @@ def test_cli_bad_year_after_raw_files_exist(tmp_path):
 def test_sample_data_end_to_end(tmp_path, capsys):
     import datasets
 
-    for name in SAMPLE_FILES:
-        shutil.copy(os.path.join(SAMPLE, name), tmp_path / name)
+    copy_sample(tmp_path)
     target = run_main(tmp_path, category="Video_Games")
     assert os.path.basename(target) == "Video_Games_0_2022-10-2023-10"  # the requested start
     out = capsys.readouterr().out
@@ -711,8 +709,7 @@ def reference_samples(folder, category, start, end, k=0, window_size=20):
 def test_sample_data_matches_a_row_by_row_reference(tmp_path, k):
     import datasets
 
-    for name in SAMPLE_FILES:
-        shutil.copy(os.path.join(SAMPLE, name), tmp_path / name)
+    copy_sample(tmp_path)
     d = datasets.load_from_disk(run_main(tmp_path, "--K", str(k), category="Video_Games"))
     samples, asins = reference_samples(tmp_path, "Video_Games", (2022, 10), (2023, 10), k)
     assert [r for s in ("train", "valid", "test") for r in d[s]] == samples
