@@ -3,7 +3,8 @@ never a half-written output file.
 
 Every command-line entry point (`preprocess.py`, `train.py`, `recommend.py`, ...) runs its
 `main` through `run_cli`, and every check that a user can fix raises `UserError`. Outputs are
-checked before the work that produces them, and written with `write_atomically`.
+checked before the work that produces them, and written with `write_atomically` (or
+`write_json` / `write_jsonl`, which use it).
 """
 import json
 import os
@@ -70,6 +71,24 @@ def write_atomically(path: str, write) -> None:
     finally:
         if os.path.exists(temporary):
             os.unlink(temporary)
+
+
+def write_jsonl(path: str, records: list[dict]) -> None:
+    """One JSON line per record, written atomically."""
+    def write(temporary):
+        with open(temporary, "w") as f:
+            f.writelines(json.dumps(record) + "\n" for record in records)
+
+    write_atomically(path, write)
+
+
+def write_json(path: str, value) -> None:
+    """`value` as indented JSON, written atomically."""
+    def write(temporary):
+        with open(temporary, "w") as f:
+            json.dump(value, f, indent=2)
+
+    write_atomically(path, write)
 
 
 def run_cli(main, *args, **kwargs):

@@ -19,7 +19,6 @@ those of training and evaluation.
 """
 import argparse
 import dataclasses
-import json
 import math
 import os
 import sys
@@ -28,7 +27,7 @@ import textwrap
 import torch
 from tqdm.auto import tqdm
 
-from errors import UserError, check_output_file, read_json, run_cli, write_atomically
+from errors import UserError, check_output_file, read_json, run_cli, write_jsonl
 from metrics import KS, ranking_metrics, target_rank
 from model import load_backbone
 from paths import resolve_model
@@ -254,15 +253,6 @@ def parse_args(argv: list[str]):
     if args.output is not None:
         check_output_file(args.output, "--output")  # here, not after minutes of inference
     return args
-
-
-def write_jsonl(path: str, records: list[dict]) -> None:
-    """One JSON line per record; a failure never leaves a half-written file."""
-    def write(temporary):
-        with open(temporary, "w") as f:
-            f.writelines(json.dumps(record) + "\n" for record in records)
-
-    write_atomically(path, write)
 
 
 def main(argv: list[str]) -> list[dict]:

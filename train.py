@@ -7,7 +7,6 @@ Three processes with DeepSpeed ZeRO-2 (what launch_train.sh runs, on GPUs 0-3 as
 `python train.py --help` lists every flag; the released launcher's spellings (`--train_batch_size`,
 `--eval_batch_size`) are accepted too.
 """
-import json
 import os
 import re
 import sys
@@ -17,7 +16,7 @@ from transformers import EarlyStoppingCallback, HfArgumentParser, set_seed
 from transformers.trainer_utils import get_last_checkpoint
 
 from curves import plot_training_curves
-from errors import UserError, folder_problem, run_cli
+from errors import UserError, folder_problem, run_cli, write_json
 from model import add_lora, load_backbone
 from paths import resolve_model
 from trainer import RecPOConfig, RecPOTrainer
@@ -33,9 +32,13 @@ DATASET_NAME = re.compile(r"^(?P<category>.+?)_\d+_\d{4}-\d{1,2}-\d{4}-\d{1,2}(_
 
 def parse_config(argv: list[str]) -> RecPOConfig:
     """Flags -> RecPOConfig, with the launcher's aliases, a default output folder and CPU fallback."""
-    argv = [FLAG_ALIASES.get(arg.split("=")[0], arg.split("=")[0]) + arg[len(arg.split("=")[0]):] for arg in argv]
-    if not any(arg.startswith("--output_dir") for arg in argv):
-        run_name = next((argv[i + 1] for i, arg in enumerate(argv[:-1]) if arg == "--run_name"), "r2ec")
+    flags = [arg.partition("=") for arg in argv]  # (flag, "=", value) or (flag, "", "")
+    argv = [FLAG_ALIASES.get(flag, flag) + equals + value for flag, equals, value in flags]
+    if not any(flag == "--output_dir" for flag, _, _ in flags):
+        run_name = "r2ec"
+        for i, (flag, equals, value) in enumerate(flags):
+            if flag == "--run_name":  # --run_name NAME or --run_name=NAME; the last one wins
+                run_name = value if equals else argv[i + 1] if i + 1 < len(argv) else run_name
         argv += ["--output_dir", os.path.join("outputs", run_name)]
     if not torch.cuda.is_available() and not any(arg.startswith("--use_cpu") for arg in argv):
         argv += ["--use_cpu", "True"]  # the Trainer (and DeepSpeed through it) needs this without a GPU
@@ -146,10 +149,10 @@ def main(argv: list[str]):
     trainer.save_state()  # trainer_state.json with the whole log history, next to the adapter
     if trainer.is_world_process_zero():
         trainer.save_metrics("final", metrics)
-        with open(os.path.join(config.output_dir, "r2ec_run.json"), "w") as f:
-            json.dump({"model": config.model, "model_path": resolve_model(config.model),
-                       "dataset_dir": config.dataset_dir, "category": trainer.category,
-                       **{key: getattr(config, key) for key in RUN_SETTINGS}}, f, indent=2)
+        write_json(os.path.join(config.output_dir, "r2ec_run.json"),
+                   {"model": config.model, "model_path": resolve_model(config.model),
+                    "dataset_dir": config.dataset_dir, "category": trainer.category,
+                    **{key: getattr(config, key) for key in RUN_SETTINGS}})
         plot_training_curves(trainer.state.log_history, os.path.join(config.output_dir, "training_curves.png"))
     trainer.accelerator.end_training()
     return metrics

@@ -14,7 +14,6 @@ ranks all items (SPEC §5). Everything a user tunes is a field of `RecPOConfig`,
 `train.py` parses from the command line.
 """
 import contextlib
-import json
 import math
 import os
 import time
@@ -29,9 +28,10 @@ from torch.utils.data import Sampler
 from tqdm.auto import tqdm
 from transformers import Trainer, TrainingArguments
 
-from errors import UserError, first_line
+from errors import UserError, first_line, write_jsonl
 from metrics import ndcg_at_k, ranking_metrics, target_rank
 from model import ItemTable, encode, mask_seen, policy_forward, similarity
+from paths import DEFAULT_MODEL
 from prompts import answer_stop_ids, left_pad, prompt_ids, user_prompt
 from rollouts import Rollouts, SamplingConfig, generate_rollouts
 
@@ -49,7 +49,12 @@ EVAL_TOP_ITEMS = 10  # recommended item ids saved per sample with each evaluatio
 
 @dataclass
 class RecPOConfig(TrainingArguments):
-    """Every RecPO knob, on top of `TrainingArguments`; defaults are the released ones (SPEC §4)."""
+    """Every RecPO knob, on top of `TrainingArguments`; defaults are SPEC §4's.
+
+    Where the paper and the released launcher differ (sampling temperature and top-k, relabel
+    top-k), the default is the paper's and launch_train.sh passes the launcher's. The default
+    backbone is the embedded SmolLM2 (paths.DEFAULT_MODEL), which runs offline on a CPU.
+    """
 
     # Parameters that control the data and the backbone
     dataset_dir: str = field(default="", metadata={"help": "Folder written by preprocess.py."})
@@ -57,7 +62,7 @@ class RecPOConfig(TrainingArguments):
         default=None, metadata={"help": "Amazon category; default: read from the dataset folder name."}
     )
     model: str = field(
-        default="SmolLM2-135M-Instruct",
+        default=DEFAULT_MODEL,
         metadata={"help": "gemma | qwen | a key of paths.model_names | a local folder | a hub id."},
     )
     window_size: int = field(default=20, metadata={"help": "History lines shown in the user prompt."})
@@ -365,9 +370,8 @@ class RecPOTrainer(Trainer):
         )
         self.stop_ids = answer_stop_ids(tokenizer)
         self._metrics = defaultdict(list)
-        self._table_is_fresh = False
+        self._table_encoded = False
         self._buffer: RecPOBatch | None = None
-        self._rollout_calls = 0
 
     # -- data order ----------------------------------------------------------------------------
 
@@ -395,13 +399,13 @@ class RecPOTrainer(Trainer):
     def refresh_item_table(self, model):
         """Re-encode every item with the current weights (SPEC §4 "Item table")."""
         self.item_table.encode(self.accelerator.unwrap_model(model), progress=self.is_local_process_zero())
-        self._table_is_fresh = True
+        self._table_encoded = True
 
     def rollout(self, model, samples: list[dict], sampling: SamplingConfig, num_samples: int) -> Rollouts:
         """SPEC §4.1: `num_samples` reasonings per sample, all B·G generated together."""
-        prompt_ids, prompt_mask = self.tokenize_prompts(samples)
+        ids, mask = self.tokenize_prompts(samples)
         return generate_rollouts(
-            self.accelerator.unwrap_model(model), prompt_ids, prompt_mask, num_samples, sampling,
+            self.accelerator.unwrap_model(model), ids, mask, num_samples, sampling,
             self.stop_ids, self.processing_class.pad_token_id, compile_step=self.args.compile_rollouts,
         )
 
@@ -431,7 +435,7 @@ class RecPOTrainer(Trainer):
 
     def make_batch(self, model, samples: list[dict]) -> RecPOBatch:
         """Rollouts, rewards, advantages and relabel mask for one batch of users (no gradient)."""
-        if not self._table_is_fresh:
+        if not self._table_encoded:
             with self._timed("item_table"):
                 self.refresh_item_table(model)
         with self._timed("rollout"):
@@ -549,7 +553,8 @@ class RecPOTrainer(Trainer):
             total += (token + item).detach()
             self._record(**{"loss/token": token, "loss/item": item, "clip_ratio/token": clip_fraction})
         self.accelerator.gradient_state._set_sync_gradients(sync_at_end)
-        self.item_table.update(batch.targets, item_states.detach())
+        # Every process writes every process's targets, so all processes score against one table.
+        self.item_table.update(gather(batch.targets), gather(item_states.detach()))
         if batch.item_old_probs is None:
             self._buffer = batch._replace(item_old_probs=item_probs, token_old_logprobs=token_logprobs)
             reasoning = batch.rollouts.completion_mask.bool()  # how far the sampler's log-probs are off
@@ -559,26 +564,31 @@ class RecPOTrainer(Trainer):
     # -- Trainer hooks -------------------------------------------------------------------------
 
     def training_step(self, model, inputs, num_items_in_batch=None):
-        """One RecPO step: fresh rollouts every `num_iterations` calls, then the clipped update."""
+        """One RecPO step: fresh rollouts every `num_iterations` steps, then the clipped update.
+
+        Running out of memory in the rollout skips the step on every process. In the update it
+        ends the run with one line: the processes would then wait in different collectives.
+        """
         model.train()
         try:
-            if self._rollout_calls % self.args.num_iterations == 0:
+            if self._buffer is None or self.state.global_step % self.args.num_iterations == 0:
                 self._buffer = None
-                self._buffer = self.make_batch(model, inputs)
-            self._rollout_calls += 1
+                try:
+                    self._buffer = self.make_batch(model, inputs)
+                except torch.OutOfMemoryError:
+                    if torch.cuda.is_available():
+                        torch.cuda.empty_cache()
+                    self._agree_to_continue(ok=False, reason="out of memory in the rollout")
             self._agree_to_continue(ok=True)
             with self._timed("update"):
                 return self.update(model, self._buffer)
         except SkipStep as skip:
             return self._skip_step(model, str(skip))
-        except torch.OutOfMemoryError:
-            self._buffer = None
-            torch.cuda.empty_cache() if torch.cuda.is_available() else None
-            try:
-                self._agree_to_continue(ok=False)
-            except SkipStep:
-                pass
-            return self._skip_step(model, "out of memory during rollout or update")
+        except torch.OutOfMemoryError as e:
+            raise UserError(
+                f"out of memory in the update at step {self.state.global_step} ({first_line(e)}) — lower "
+                "--micro_batch_size, --max_new_tokens or --max_prompt_tokens"
+            ) from e
 
     def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix: str = "eval") -> dict[str, float]:
         """SPEC §5: refresh the table, greedy reasoning per sample, rank all items, NDCG/Hit@5/10/20."""
@@ -635,8 +645,11 @@ class RecPOTrainer(Trainer):
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
         """Add the step metrics collected since the last log, averaged over steps and processes."""
         if "loss" in logs:
-            for key, values in self._metrics.items():
-                logs[key] = gather(torch.stack(values).mean()[None]).mean().item()
+            # One exchange of every process's means: after a skipped step the processes may
+            # hold different keys, and a gather per key would pair them up wrongly.
+            means = {key: torch.stack(values).mean().item() for key, values in self._metrics.items()}
+            for key, value in self._average_over_processes(means).items():
+                logs[key] = value
             self._metrics.clear()
             if torch.cuda.is_available():
                 logs["memory/peak_gib"] = torch.cuda.max_memory_allocated() / 2**30
@@ -655,6 +668,12 @@ class RecPOTrainer(Trainer):
         ids = torch.cat([rollouts.prompt_ids[rows, first:], rollouts.completion_ids[rows, :completion_len]], 1)
         mask = torch.cat([prompt_mask[:, first:], rollouts.completion_mask[rows, :completion_len]], 1)
         return ids, mask, completion_len
+
+    def _average_over_processes(self, means: dict[str, float]) -> dict[str, float]:
+        """Each key's mean over the processes that recorded it."""
+        per_process = gather_object([means])  # [means] itself with one process
+        keys = sorted(set().union(*per_process))
+        return {key: sum(m[key] for m in per_process if key in m) / sum(key in m for m in per_process) for key in keys}
 
     def _gather_keeping_grad(self, local: torch.Tensor) -> torch.Tensor:
         """All processes' rows, detached, with this process's own rows kept live.  (R, D) -> (W·R, D)."""
@@ -683,17 +702,16 @@ class RecPOTrainer(Trainer):
         if gather(finite).min() < 1:
             raise SkipStep(f"non-finite {what} on some process")
 
-    def _agree_to_continue(self, ok: bool):
+    def _agree_to_continue(self, ok: bool, reason: str = ""):
         """All processes learn whether any of them failed, so none waits in a collective alone."""
         flags = gather(torch.tensor([float(ok)], device=self.args.device))
         if flags.min() < 1:
-            raise SkipStep("another process failed this step")
+            raise SkipStep(reason if not ok else "another process failed this step")
 
     def _skip_step(self, model, reason: str) -> torch.Tensor:
         """Drop this step's gradients (the optimizer skips parameters without a gradient)."""
         warnings.warn(f"step {self.state.global_step}: skipped — {reason}", RuntimeWarning, stacklevel=2)
         self._buffer = None
-        self._rollout_calls = 0
         if self.is_deepspeed_enabled:
             self.model_wrapped.zero_grad()
         model.zero_grad(set_to_none=True)
@@ -706,7 +724,5 @@ class RecPOTrainer(Trainer):
             return
         folder = os.path.join(self.args.output_dir, "reasoning")
         os.makedirs(folder, exist_ok=True)
-        with open(os.path.join(folder, f"step{self.state.global_step}_{split}.jsonl"), "w") as f:
-            for record in records:
-                f.write(json.dumps(record) + "\n")
+        write_jsonl(os.path.join(folder, f"step{self.state.global_step}_{split}.jsonl"), records)
 

@@ -3,8 +3,9 @@
     python tests/dist_update_worker.py OUT.pt                                   # 4 users, 1 process
     python -m torch.distributed.run --nproc_per_node 2 tests/dist_update_worker.py OUT.pt  # 2 users each
 
-Rank 0 writes the step's loss (averaged over processes, as the Trainer logs it) and every LoRA
-gradient after the update, for the test to compare. tests/test_trainer.py also builds its
+Rank 0 writes the step's loss (averaged over processes, as the Trainer logs it), every LoRA
+gradient and its item table after the update, and how it averages metrics that only rank 1
+recorded, for the test to compare. tests/test_trainer.py also builds its
 single-process gradient check from `tiny_lora_model` and `fixed_batch`.
 """
 import os
@@ -94,12 +95,16 @@ def main(out_path: str):
     trainer.refresh_item_table(model)
     batch = fixed_batch(trainer, model, rank, world)
 
+    trainer.item_table.embeddings.zero_()  # so the rows the update writes stand out
     wrapped = trainer.accelerator.prepare_model(model)
     loss = trainer.update(wrapped, batch)
     loss = gather(loss.detach()[None]).mean()
     grads = {name: p.grad.detach().clone() for name, p in model.named_parameters() if p.requires_grad}
+    targets = gather(batch.targets)
+    logged = trainer._average_over_processes({"shared": float(rank), **({"only_rank_1": 5.0} if rank == 1 else {})})
     if rank == 0:
-        torch.save({"loss": loss, "grads": grads}, out_path)
+        torch.save({"loss": loss, "grads": grads, "table": trainer.item_table.embeddings,
+                    "targets": targets, "logged": logged}, out_path)
     trainer.accelerator.end_training()
 
 

@@ -86,6 +86,19 @@ def test_out_of_memory_skips_the_step_without_touching_weights(tmp_path, monkeyp
     assert all(torch.equal(before[n], after[n]) for n in before)
 
 
+def test_out_of_memory_in_the_update_ends_the_run_with_one_line(tmp_path, monkeypatch):
+    trainer = tiny_trainer(tmp_path)
+
+    def out_of_memory(*args, **kwargs):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB (simulated)")
+
+    monkeypatch.setattr(trainer, "update", out_of_memory)
+    with pytest.raises(UserError) as caught:
+        trainer.train()
+    message = str(caught.value)
+    assert "out of memory in the update" in message and "--micro_batch_size" in message and "\n" not in message
+
+
 def test_non_finite_reward_skips_the_step(tmp_path, monkeypatch):
     trainer = tiny_trainer(tmp_path)
     before = lora_state(trainer.model)
@@ -117,6 +130,13 @@ def test_two_processes_equal_one_process_on_the_concatenated_batch(tmp_path):
     assert any(g.abs().sum() > 0 for g in one["grads"].values())
     for name in one["grads"]:
         torch.testing.assert_close(two["grads"][name], one["grads"][name], rtol=1e-3, atol=1e-6, msg=name)
+    # Every process writes all 4 users' fresh target embeddings into its item table, as one process does.
+    written = two["table"].abs().sum(1) > 0
+    assert torch.equal(written.nonzero().flatten(), one["targets"].unique())
+    torch.testing.assert_close(two["table"], one["table"], rtol=1e-4, atol=1e-6)
+    # Logged means: each key over the processes that recorded it.
+    assert one["logged"] == {"shared": 0.0}
+    assert two["logged"] == {"only_rank_1": 5.0, "shared": 0.5}
 
 
 def test_evaluation_over_four_processes_counts_every_sample_once(tmp_path):
@@ -313,6 +333,16 @@ def test_cli_error_is_the_only_line_on_stderr(tmp_path):
     assert result.stderr.strip().splitlines() == ["error: --learning_rate -1.0: must be >= 0"]
 
 
+def test_output_folder_follows_the_run_name_in_either_spelling():
+    parse = lambda *flags: train.parse_config(list(flags))  # noqa: E731
+    assert parse().output_dir == os.path.join("outputs", "r2ec")
+    assert parse("--run_name", "a").output_dir == os.path.join("outputs", "a")
+    assert parse("--run_name=b").output_dir == os.path.join("outputs", "b")
+    assert parse("--run_name=b", "--output_dir=elsewhere").output_dir == "elsewhere"
+    config = parse("--train_batch_size=3", "--eval_batch_size", "5")
+    assert (config.per_device_train_batch_size, config.per_device_eval_batch_size) == (3, 5)
+
+
 def test_output_and_resume_folders_are_checked_before_any_work(tmp_path, monkeypatch):
     config = lambda *flags: train.parse_config(["--output_dir", str(tmp_path / "run"), *flags])  # noqa: E731
     assert train.check_output_dir(config()) is None
@@ -372,6 +402,38 @@ def test_num_iterations_reuses_each_rollout_batch_with_real_old_probabilities(tm
     assert batches[0] != batches[1]
     clip = [entry["clip_ratio/token"] for entry in trainer.state.log_history if "clip_ratio/token" in entry]
     assert len(clip) == 4 and all(0 <= c <= 1 for c in clip)
+
+
+def test_num_iterations_realigns_rollouts_with_their_users_after_a_skipped_step(tmp_path, monkeypatch):
+    """Sampler order [a a][b b]: a skip at the first a must not make b train on a's rollouts."""
+    from trainer import SkipStep
+
+    trainer = tiny_trainer(tmp_path, max_steps=4, num_iterations=2)
+    make_batch, update, training_step = trainer.make_batch, trainer.update, trainer.training_step
+    rollout_steps, step_targets, update_targets = [], {}, {}
+
+    def skipping_make_batch(model, samples):
+        rollout_steps.append(trainer.state.global_step)
+        if len(rollout_steps) == 1:
+            raise SkipStep("simulated")
+        return make_batch(model, samples)
+
+    def recording_update(model, batch):
+        update_targets[trainer.state.global_step] = batch.targets.tolist()
+        return update(model, batch)
+
+    def recording_training_step(model, inputs, *args, **kwargs):
+        step_targets[trainer.state.global_step] = [s["item_id"] for s in inputs]
+        return training_step(model, inputs, *args, **kwargs)
+
+    monkeypatch.setattr(trainer, "make_batch", skipping_make_batch)
+    monkeypatch.setattr(trainer, "update", recording_update)
+    monkeypatch.setattr(trainer, "training_step", recording_training_step)
+    trainer.train()
+    assert rollout_steps == [0, 1, 2]  # skipped, redone for the second copy of a, then b
+    assert sorted(update_targets) == [1, 2, 3]
+    assert all(update_targets[step] == step_targets[step] for step in update_targets)
+    assert step_targets[0] == step_targets[1] != step_targets[2] == step_targets[3]
 
 
 def test_wrong_dataset_folder_is_named(tmp_path):
