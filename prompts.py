@@ -1,25 +1,22 @@
-"""Every string the model reads, and its token ids: user prompts, item prompts, chat templates,
-the `<answer>` marker, and the reasoning mask the token loss is taken over (SPEC §2).
+"""Every string the model reads, and its token ids: user prompts, item prompts, chat templates
+and the `<answer>` marker that ends a reasoning (SPEC §2).
 
 Layout of the two sequences (the chat template is the backbone's own):
 
     user:  <template> user prompt <template, assistant turn opened> reasoning... <answer>
-           reasoning_mask:  0 ..................................... 0  1 ........... 1
+           (the rollout's completion_mask, which the token loss is taken over: 0 ... 0  1 ... 1)
     item:  <template> item prompt <template, assistant turn opened> <answer>
 
 Both end inside the assistant turn, on `<answer>`: the rec head reads the hidden state there.
 `<answer>` is plain text, not a new vocabulary token. Nothing here runs on its own; the tests
 are `pytest tests/test_prompts.py`.
 """
-import torch
-
 ANSWER = "<answer>"
 ANSWER_CLOSE = "</answer>"
 
 # Parameters that bound the sequences (SPEC §2)
 MAX_PROMPT_TOKENS = 2048  # user prompt, template included; oldest history lines go first
 MAX_ITEM_TOKENS = 768  # item sequence; the description is shortened to fit
-MAX_REASONING_TOKENS = 1024  # safety cap on reasoning + `<answer>` (rollouts stop earlier)
 DESCRIPTION_WORDS = 100  # description cut, then "..."
 
 CATEGORY_WORDS = {  # (plural, singular) for the paper's categories
@@ -124,12 +121,6 @@ def item_sequence(tokenizer, user_text: str) -> str:
     return chat_prompt(tokenizer, user_text) + ANSWER
 
 
-def with_answer(reasoning: str) -> str:
-    """Reasoning ending in `<answer>`: cut right after the first one, else append it."""
-    cut = reasoning.find(ANSWER)
-    return reasoning + ANSWER if cut < 0 else reasoning[: cut + len(ANSWER)]
-
-
 def _ids(tokenizer, text: str) -> list[int]:
     return tokenizer(text, add_special_tokens=False)["input_ids"]
 
@@ -178,53 +169,9 @@ def item_ids(tokenizer, item: dict, category: str, max_tokens: int = MAX_ITEM_TO
     return ids
 
 
-def reasoning_ids(tokenizer, reasoning: str, max_tokens: int = MAX_REASONING_TOKENS) -> list[int]:
-    """Token ids of the reasoning ending in `<answer>`; over `max_tokens`, the reasoning is cut
-    and `<answer>` kept, so that the rec head still reads the answer position."""
-    ids = _ids(tokenizer, with_answer(reasoning))
-    if len(ids) <= max_tokens:
-        return ids
-    answer = _ids(tokenizer, ANSWER)
-    return _ids(tokenizer, with_answer(reasoning)[: -len(ANSWER)])[: max_tokens - len(answer)] + answer
-
-
 def left_pad(sequences: list[list[int]], pad_id: int) -> tuple[list[list[int]], list[list[int]]]:
     """Left-pad to the longest: (padded ids, attention mask)."""
     width = max(len(s) for s in sequences)
     ids = [[pad_id] * (width - len(s)) + list(s) for s in sequences]
     mask = [[0] * (width - len(s)) + [1] * len(s) for s in sequences]
     return ids, mask
-
-
-def pack_user_sequences(prompts: list[list[int]], reasonings: list[list[int]], pad_id: int) -> dict:
-    """Prompt ids + reasoning ids per row, left-padded, with the reasoning mask.
-
-    For callers that hold token ids already (a rollout's own sampled tokens): re-tokenising
-    decoded text could change the tokens whose log-probabilities were sampled.
-    """
-    ids, mask = left_pad([p + r for p, r in zip(prompts, reasonings)], pad_id)
-    width = len(ids[0])
-    reasoning_mask = [[0] * (width - len(r)) + [1] * len(r) for r in reasonings]
-    return {
-        "input_ids": torch.tensor(ids),  # (B, T)
-        "attention_mask": torch.tensor(mask),  # (B, T)
-        "reasoning_mask": torch.tensor(reasoning_mask),  # (B, T), 1 on reasoning + <answer>
-    }
-
-
-def tokenize_user_sequences(
-    tokenizer,
-    prompts: list[str],
-    reasonings: list[str],
-    max_prompt_tokens: int = MAX_PROMPT_TOKENS,
-    max_reasoning_tokens: int = MAX_REASONING_TOKENS,
-) -> dict:
-    """User sequences for scoring and the token loss, from user-turn texts and reasonings.
-
-    `prompts` are `user_prompt` texts (the chat template is applied here). Prompt and
-    reasoning are tokenised apart, so the mask boundary is exact and the prompt tokens equal
-    those the rollout generated from. Every row ends on `<answer>` (left padding).
-    """
-    prompt_tokens = [prompt_ids(tokenizer, p, max_prompt_tokens) for p in prompts]
-    reasoning_tokens = [reasoning_ids(tokenizer, r, max_reasoning_tokens) for r in reasonings]
-    return pack_user_sequences(prompt_tokens, reasoning_tokens, tokenizer.pad_token_id)

@@ -28,15 +28,14 @@ import torch
 from tqdm.auto import tqdm
 
 from errors import UserError, check_output_file, read_json, run_cli, write_jsonl
-from metrics import KS, ranking_metrics, target_rank
+from metrics import KS, ranking_metrics
 from model import load_backbone
 from paths import resolve_model
-from rollouts import SamplingConfig
 from train import load_dataset_dir
-from trainer import RecPOConfig, RecPOTrainer, reasoning_texts
+from trainer import RecPOConfig, RecPOTrainer
 
 RUN_FILE = "r2ec_run.json"  # written by train.py when a run ends
-RUN_KEYS = ("model", "dataset_dir", "category")  # what recommend reads from it (beyond RecPOConfig fields)
+RUN_KEYS = ("model", "dataset_dir", "category")  # the keys recommend needs in it (it also reads any RecPOConfig field)
 SPLITS = ("train", "valid", "test")
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 CONFIG_FIELDS = {f.name for f in dataclasses.fields(RecPOConfig)}
@@ -153,28 +152,21 @@ def pick_rows(split_data, split: str, args) -> list[int]:
 
 def recommend_batch(trainer: RecPOTrainer, samples: list[dict], rows: list[int], split: str, top_k: int,
                     titles: dict[int, str]) -> tuple[list[dict], torch.Tensor]:
-    """Greedy reasoning, h_u and the full ranking of a batch, with the steps of `evaluate_split`.
+    """`RecPOTrainer.recommend` (the steps evaluation takes) for a batch, as records.
 
     -> one record per sample (the JSON-lines schema) and the reasoning lengths (B,) in tokens,
     `<answer>` included.
     """
-    greedy = SamplingConfig(max_new_tokens=trainer.args.max_new_tokens, greedy=True)
-    rollouts = trainer.rollout(trainer.model, samples, greedy, 1)
-    user_states = rollouts.user_states  # (B, D), h at each reasoning's last token
-    scores = trainer.rank_items(user_states, samples)  # (B, I), history and pad at -inf
-    targets = torch.tensor([s["item_id"] for s in samples], device=scores.device)  # (B,)
-    ranks = target_rank(scores, targets).tolist()  # (B,)
-    top_scores, top_ids = scores.topk(min(top_k, scores.shape[1]), dim=1)  # (B, K)
-    tokenizer = trainer.processing_class
+    batch = trainer.recommend(trainer.model, samples, top_k)
     records = []
-    for i, (sample, reasoning) in enumerate(zip(samples, reasoning_texts(tokenizer, rollouts))):
+    for i, sample in enumerate(samples):
         top = [{"item_id": item, "title": titles[item], "score": score}
-               for item, score in zip(top_ids[i].tolist(), top_scores[i].tolist())
+               for item, score in zip(batch.top_ids[i].tolist(), batch.top_scores[i].tolist())
                if score != -math.inf]  # fewer unseen items than K: masked ones are no recommendation
         records.append({"user_id": sample["user_id"], "split": split, "row": rows[i],
-                        "target_item_id": sample["item_id"], "target_rank": ranks[i], "reasoning": reasoning,
-                        "top_k": top})
-    return records, rollouts.completion_mask.sum(1).cpu()
+                        "target_item_id": sample["item_id"], "target_rank": int(batch.target_ranks[i]),
+                        "reasoning": batch.reasonings[i], "top_k": top})
+    return records, batch.lengths.cpu()
 
 
 def recommend_rows(trainer, split_data, split: str, rows: list[int], top_k: int, titles: dict[int, str]):

@@ -20,7 +20,7 @@ sampling, the stop test) is captured once as a CUDA graph and replayed:
              └─ decoder output (N, D) ──▶ user_states[i] where token t-1 is row i's last token
 
 The user state h of a row (SPEC §3: the decoder's final normalised hidden state at the last
-token, `model.encode` of prompt + reasoning) comes out of the decoding itself: a forward hook on
+token, `encode` (model.py) of prompt + reasoning) comes out of the decoding itself: a forward hook on
 the decoder keeps, for each row, the hidden state of the step that feeds the row's final stop
 token, so the trainer needs no second forward over prompt + reasoning to score users. That
 token still has to be fed once after it is chosen, so decoding runs until every row's final
@@ -90,7 +90,7 @@ class Rollouts(NamedTuple):
     completion_ids: torch.Tensor  # (N, C) right-padded with pad_token_id; every row ends with a stop sequence
     completion_mask: torch.Tensor  # (N, C) 1 on the reasoning tokens, the stop tokens included
     logprobs: torch.Tensor  # (N, C) float32 log π(token) at temperature 1 (not the filtered sampler); 0 off the mask
-    user_states: torch.Tensor | None = None  # (N, D) float32, h at each row's last token (= model.encode)
+    user_states: torch.Tensor | None = None  # (N, D) float32, h at each row's last token (= `encode` in model.py)
 
 
 def _check_inputs(prompt_ids, prompt_mask, num_samples, sampling, stop_ids):
@@ -525,7 +525,7 @@ def generate_rollouts(model, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor
     ends with one within `max_new_tokens`. `cuda_graphs=False` runs the same steps eagerly
     (the CPU always does). `compile_step=True` runs the decode step through `torch.compile`
     (fused kernels inside the graph; the first call of each shape pays the compilation).
-    `user_states` holds each row's h at its last token, as `model.encode` of prompt + reasoning
+    `user_states` holds each row's h at its last token, as `encode` (model.py) of prompt + reasoning
     gives it (in eval mode, the mode of generation), so the caller need not run that forward.
     """
     _check_inputs(prompt_ids, prompt_mask, num_samples, sampling, stop_ids)
@@ -564,22 +564,14 @@ def fresh_forward(model, prompt_ids, prompt_mask, completion_ids, completion_mas
     """One plain forward pass (the model's own attention) over prompt + completion, eval mode.
 
     (N, P) and (N, C) -> log π(completion token) (N, C) float32, 0 off the mask, and h (N, D)
-    float32: model.py's `policy_forward`, the trainer's own forward. The reference and the
-    benchmark use it.
+    float32: model.py's `policy_forward`, the trainer's own forward. The reference, the tests
+    and the benchmark use it.
     """
     ids = torch.cat([prompt_ids, completion_ids], 1)  # (N, P + C)
     mask = torch.cat([prompt_mask, completion_mask.to(prompt_mask.dtype)], 1)
     with _generation_mode(model):
         logp, h = policy_forward(model, ids, mask, completion_ids.shape[1])
     return logp * completion_mask, h.float()
-
-
-def completion_logprobs(model, prompt_ids, prompt_mask, completion_ids, completion_mask) -> torch.Tensor:
-    """log π(completion token) from one plain forward pass (the model's own attention).
-
-    (N, P) and (N, C) -> (N, C) float32, 0 off the mask. The reference and the tests use it.
-    """
-    return fresh_forward(model, prompt_ids, prompt_mask, completion_ids, completion_mask)[0]
 
 
 class _StopOnSuffix(StoppingCriteria):

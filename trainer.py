@@ -30,9 +30,9 @@ from transformers import Trainer, TrainingArguments
 
 from errors import UserError, first_line, write_jsonl
 from metrics import ndcg_at_k, ranking_metrics, target_rank
-from model import ItemTable, encode, mask_seen, policy_forward, similarity
+from model import LORA_TARGETS, TAU, ItemTable, encode, mask_seen, policy_forward, similarity
 from paths import DEFAULT_MODEL
-from prompts import answer_stop_ids, left_pad, prompt_ids, user_prompt
+from prompts import MAX_ITEM_TOKENS, MAX_PROMPT_TOKENS, answer_stop_ids, left_pad, prompt_ids, user_prompt
 from rollouts import Rollouts, SamplingConfig, generate_rollouts
 
 # RecPOConfig keeps the checkpointing flags' old names, the only ones transformers 5.17 knows.
@@ -80,8 +80,7 @@ class RecPOConfig(TrainingArguments):
     lora_alpha: int = field(default=128, metadata={"help": "LoRA alpha."})
     lora_dropout: float = field(default=0.05, metadata={"help": "LoRA dropout."})
     lora_target_modules: str = field(
-        default="q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj",
-        metadata={"help": "Comma-separated module names that get LoRA adapters."},
+        default=",".join(LORA_TARGETS), metadata={"help": "Comma-separated module names that get LoRA adapters."}
     )
 
     # Parameters that control the rollouts
@@ -106,14 +105,14 @@ class RecPOConfig(TrainingArguments):
     epsilon_high: float = field(default=0.28, metadata={"help": "Upper clip range ε_high."})
     num_iterations: int = field(default=1, metadata={"help": "Updates per rollout batch (PPO epochs)."})
     micro_batch_size: int = field(default=4, metadata={"help": "Trajectories per forward/backward."})
-    tau: float = field(default=0.02, metadata={"help": "Temperature τ of the cosine score."})
+    tau: float = field(default=TAU, metadata={"help": "Temperature τ of the cosine score."})
     similarity_type: str = field(default="cosine", metadata={"help": f"One of {SIMILARITY_TYPES}."})
 
     # Parameters that control evaluation
     item_batch_size: int = field(default=32, metadata={"help": "Items per forward when encoding the table."})
     early_stopping_patience: int = field(default=8, metadata={"help": "Evaluations without improvement."})
-    max_item_tokens: int = field(default=768, metadata={"help": "Item prompt length limit."})
-    max_prompt_tokens: int = field(default=2048, metadata={"help": "User prompt length limit."})
+    max_item_tokens: int = field(default=MAX_ITEM_TOKENS, metadata={"help": "Item prompt length limit."})
+    max_prompt_tokens: int = field(default=MAX_PROMPT_TOKENS, metadata={"help": "User prompt length limit."})
 
     # Released defaults of the training loop itself (SPEC §4 "Defaults")
     learning_rate: float = field(default=1e-5, metadata={"help": "AdamW learning rate."})
@@ -347,6 +346,16 @@ class RecPOBatch(NamedTuple):
     token_old_logprobs: torch.Tensor | None = None  # (N, C) π_old of the token loss, set by the first update
 
 
+class Recommendations(NamedTuple):
+    """What the model recommends for a batch of B samples (SPEC §3 inference)."""
+
+    target_ranks: torch.Tensor  # (B,) rank of each sample's target among the unseen items, 1 = best
+    top_ids: torch.Tensor  # (B, K) item ids, best first
+    top_scores: torch.Tensor  # (B, K) their scores; -inf where fewer than K items are unseen
+    reasonings: list[str]  # the greedy reasoning texts, `<answer>` included
+    lengths: torch.Tensor  # (B,) reasoning tokens, `<answer>` included
+
+
 # ----------------------------------------------------------------------------------------------
 # The trainer
 
@@ -432,6 +441,16 @@ class RecPOTrainer(Trainer):
     def relabel(self, advantages: torch.Tensor) -> torch.Tensor:
         """SPEC §4.4 per group of G.  advantages (N,) -> (N,)."""
         return relabel_mask(advantages.view(-1, self.args.group_size), self.args.trainer_relabel_topk).flatten()
+
+    def recommend(self, model, samples: list[dict], top_k: int) -> Recommendations:
+        """SPEC §3 inference for a batch: greedy reasoning, h_u, every item scored and ranked."""
+        greedy = SamplingConfig(max_new_tokens=self.args.max_new_tokens, greedy=True)
+        rollouts = self.rollout(model, samples, greedy, 1)
+        scores = self.rank_items(rollouts.user_states, samples)  # (B, I), history and pad at -inf
+        targets = torch.tensor([s["item_id"] for s in samples], device=scores.device)  # (B,)
+        top_scores, top_ids = scores.topk(min(top_k, scores.shape[1]), dim=1)  # (B, K)
+        return Recommendations(target_rank(scores, targets), top_ids, top_scores,
+                               reasoning_texts(self.processing_class, rollouts), rollouts.completion_mask.sum(1))
 
     def make_batch(self, model, samples: list[dict]) -> RecPOBatch:
         """Rollouts, rewards, advantages and relabel mask for one batch of users (no gradient)."""
@@ -612,25 +631,19 @@ class RecPOTrainer(Trainer):
         """Greedy reasoning and full ranking of one split, shared across processes.  -> metrics, records."""
         args = self.args
         count = len(dataset) if args.max_eval_samples is None else min(len(dataset), args.max_eval_samples)
-        greedy = SamplingConfig(max_new_tokens=args.max_new_tokens, greedy=True)
         ranks, lengths, records = [], [], []
         with self.accelerator.split_between_processes(list(range(count)), apply_padding=True) as my_rows:
             batches = [my_rows[i:i + args.per_device_eval_batch_size]
                        for i in range(0, len(my_rows), args.per_device_eval_batch_size)]
             for rows in tqdm(batches, desc=f"eval {split}", disable=not self.is_local_process_zero(), leave=False):
                 samples = [dataset[i] for i in rows]
-                rollouts = self.rollout(model, samples, greedy, 1)
-                user_states = rollouts.user_states  # (b, D)
-                targets = torch.tensor([s["item_id"] for s in samples], device=user_states.device)
-                scores = self.rank_items(user_states, samples)  # (b, I)
-                batch_ranks = target_rank(scores, targets)
-                top_items = scores.topk(min(EVAL_TOP_ITEMS, scores.shape[1]), dim=1).indices.tolist()
-                ranks.append(batch_ranks)
-                lengths.append(rollouts.completion_mask.sum(1))
-                texts = reasoning_texts(self.processing_class, rollouts)
-                records += [{"row": i, "user_id": s["user_id"], "item_id": s["item_id"], "rank": int(r),
-                             "reasoning": t, "top_items": top}
-                            for i, s, r, t, top in zip(rows, samples, batch_ranks.tolist(), texts, top_items)]
+                batch = self.recommend(model, samples, EVAL_TOP_ITEMS)
+                ranks.append(batch.target_ranks)
+                lengths.append(batch.lengths)
+                records += [{"row": i, "user_id": s["user_id"], "item_id": s["item_id"], "rank": r,
+                             "reasoning": text, "top_items": top}
+                            for i, s, r, text, top in zip(rows, samples, batch.target_ranks.tolist(),
+                                                          batch.reasonings, batch.top_ids.tolist())]
         if ranks:  # processes short of samples were padded with the last one: keep each row once
             evaluated = gather(torch.tensor(my_rows, device=args.device)).tolist()
             keep = torch.tensor(sorted({row: i for i, row in enumerate(evaluated)}.values()), device=args.device)

@@ -1,6 +1,5 @@
-"""prompts.py: rendered prompts, chat formats, `<answer>` handling and the reasoning mask."""
+"""prompts.py: rendered prompts, chat formats, `<answer>` stop sequences and length limits."""
 import pytest
-import torch
 from transformers import AutoTokenizer
 
 from prompts import (
@@ -13,10 +12,7 @@ from prompts import (
     item_prompt,
     item_sequence,
     prompt_ids,
-    reasoning_ids,
-    tokenize_user_sequences,
     user_prompt,
-    with_answer,
 )
 from tests.backbones import FAMILIES, tiny_backbone
 
@@ -104,31 +100,10 @@ def test_item_prompt_cuts_the_description_at_100_words():
     assert item_prompt(one_more, "Video_Games").endswith(" ".join(words[:100]) + "...")
 
 
-def test_with_answer():
-    assert with_answer("They like guitars.") == "They like guitars.<answer>"
-    assert with_answer("Guitars. <answer>Tuner</answer> more") == "Guitars. <answer>"
-    assert with_answer("") == "<answer>"
-
-
 def test_chat_formats(family, tokenizer):
     assert chat_prompt(tokenizer, "Hi") == CHAT[family]
     assert item_sequence(tokenizer, "Hi") == CHAT[family] + ANSWER
     assert tokenizer.decode(ids(tokenizer, CHAT[family])) == CHAT[family]  # one BOS, no more
-
-
-def test_reasoning_mask_covers_exactly_reasoning_and_answer(tokenizer):
-    prompts = [user_prompt(SAMPLE, "Video_Games"), user_prompt(SAMPLE, "Video_Games", window_size=1)]
-    reasonings = ["The user plays guitar.\nA tuner fits. <answer>Snark</answer>", "Short"]
-    batch = tokenize_user_sequences(tokenizer, prompts, reasonings)
-    for row, (prompt, reasoning) in enumerate(zip(prompts, reasonings)):
-        tokens, attention, mask = (batch[k][row] for k in ("input_ids", "attention_mask", "reasoning_mask"))
-        assert attention.tolist() == sorted(attention.tolist())  # left padding
-        assert (tokens[attention == 0] == tokenizer.pad_token_id).all()
-        width = int(mask.sum())
-        assert mask[-width:].all() and not mask[:-width].any()  # one span, at the end
-        assert tokens[-width:].tolist() == ids(tokenizer, with_answer(reasoning))
-        assert tokens[(attention == 1) & (mask == 0)].tolist() == ids(tokenizer, chat_prompt(tokenizer, prompt))
-        assert tokenizer.decode(tokens[mask == 1]).endswith(ANSWER)
 
 
 def test_answer_stop_ids_end_every_reasoning(tokenizer):
@@ -152,9 +127,3 @@ def test_long_items_lose_description_words(tokenizer):
     cut = item_ids(tokenizer, item, "Video_Games", max_tokens=len(full) - 20)
     assert len(cut) <= len(full) - 20 and cut[-len(ids(tokenizer, ANSWER)):] == ids(tokenizer, ANSWER)
     assert "wordy..." in tokenizer.decode(cut)
-
-
-def test_long_reasoning_keeps_its_answer(tokenizer):
-    tokens = reasoning_ids(tokenizer, "a tuner " * 50, max_tokens=12)
-    assert len(tokens) == 12 and tokenizer.decode(tokens).endswith(ANSWER)
-    assert isinstance(tokenize_user_sequences(tokenizer, ["Hi"], [""])["input_ids"], torch.Tensor)

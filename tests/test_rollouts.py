@@ -23,7 +23,7 @@ from transformers import (
 import rollouts
 from bench.bench_rollout import PAD, random_prompts
 from model import attention_implementation, encode
-from rollouts import SamplingConfig, completion_logprobs, generate_rollouts, generate_rollouts_reference
+from rollouts import SamplingConfig, fresh_forward, generate_rollouts, generate_rollouts_reference
 
 VOCAB = 320
 # initializer_range 0.3 (not 0.02) makes random models write varied text instead of one repeated token
@@ -138,7 +138,7 @@ def test_sampled_logprobs_equal_a_fresh_forward():
     r = generate_rollouts(model, ids, mask, 3, SamplingConfig(T, temperature=1.5, top_k=40), stop_ids, PAD)
     assert_well_formed(r, stop_ids, T)
     assert r.completion_ids.shape[0] == 12 and torch.equal(r.prompt_ids[3 * 2 + 1], ids[2])
-    fresh = completion_logprobs(model, r.prompt_ids, r.prompt_mask, r.completion_ids, r.completion_mask)
+    fresh = fresh_forward(model, r.prompt_ids, r.prompt_mask, r.completion_ids, r.completion_mask)[0]
     torch.testing.assert_close(r.logprobs, fresh, atol=2e-5, rtol=0)
     assert len(set(map(tuple, r.completion_ids[:3].tolist()))) > 1, "G samples of one prompt should differ"
 
@@ -152,7 +152,7 @@ def test_forced_stop_fills_the_budget():
         r = generate_rollouts(model, ids, mask, 2, SamplingConfig(T, temperature=1.2), [stop], PAD)
         assert r.completion_ids.shape == (6, T) and r.completion_mask.all()
         assert (r.completion_ids[:, -len(stop):] == torch.tensor(stop)).all()
-        fresh = completion_logprobs(model, r.prompt_ids, r.prompt_mask, r.completion_ids, r.completion_mask)
+        fresh = fresh_forward(model, r.prompt_ids, r.prompt_mask, r.completion_ids, r.completion_mask)[0]
         torch.testing.assert_close(r.logprobs, fresh, atol=2e-5, rtol=0)
         assert_user_states_are_encode(model, r)
 
