@@ -15,10 +15,13 @@ class UserError(Exception):
     """A problem the user can fix (bad flag, missing file, placeholder path): shown as one line."""
 
 
-def first_line(error: BaseException) -> str:
-    """The first line of an exception's message (library errors run over several), or its type."""
-    text = str(error).strip()
-    return text.splitlines()[0] if text else type(error).__name__
+def one_line(error: BaseException, limit: int = 300) -> str:
+    """An exception's message on one line (library errors run over several), cut at `limit`
+    characters, or its type when it has none."""
+    text = " ".join(line.strip() for line in str(error).splitlines() if line.strip())
+    if not text:
+        return type(error).__name__
+    return text if len(text) <= limit else text[:limit - 1] + "…"
 
 
 def read_json(path: str, fix: str):
@@ -27,7 +30,7 @@ def read_json(path: str, fix: str):
         with open(path) as f:
             return json.load(f)
     except (OSError, ValueError) as e:  # ValueError: not JSON, not UTF-8
-        raise UserError(f"{path!r} is not readable JSON ({first_line(e)}) — {fix}") from e
+        raise UserError(f"{path!r} is not readable JSON ({one_line(e)}) — {fix}") from e
 
 
 def folder_problem(folder: str) -> str | None:

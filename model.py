@@ -20,7 +20,7 @@ from safetensors import SafetensorError
 from tqdm.auto import tqdm
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-from errors import UserError, first_line
+from errors import UserError, one_line
 from paths import resolve_model
 from prompts import MAX_ITEM_TOKENS, item_ids, left_pad
 
@@ -45,7 +45,7 @@ def load_backbone(name_or_path: str, dtype: torch.dtype | None = torch.bfloat16,
         model = AutoModelForCausalLM.from_pretrained(path, config=config, dtype=dtype,
                                                      attn_implementation=attention_implementation(config))
     except (OSError, ValueError, SafetensorError) as e:  # no config/tokenizer/weights, unknown type, truncated file
-        raise UserError(f"cannot load model {name_or_path!r} from {path!r}: {first_line(e)} — "
+        raise UserError(f"cannot load model {name_or_path!r} from {path!r}: {one_line(e)} — "
                         "point paths.py or --model at a complete model folder") from e
     tokenizer.padding_side = "left"
     if tokenizer.pad_token is None:  # the mask, not the id, tells padding apart, so eos is safe

@@ -163,24 +163,29 @@ def resolve_model(name: str) -> str:
     """A key, alias, local folder or hub id -> what `from_pretrained` should load.
 
     Keys win over folders of the same name; a path in `model_names` that is not a folder is
-    accepted only when it is a hub id (`org/name`), so placeholders fail here, not deep inside
-    transformers.
+    accepted only when it is a hub id (`org/name`), and a folder only when it holds a
+    config.json, so placeholders and empty folders fail here (before `launch_train.sh` starts
+    its processes), not deep inside transformers.
     """
     key = aliases.get(name, name)
     if key in model_names:
         path = model_names[key]
         if path == EMBEDDED:
             return convert_embedded()
-        if os.path.isdir(path):
+        if os.path.isdir(path) and os.path.isfile(os.path.join(path, "config.json")):
             return path
-        if HUB_ID.fullmatch(path) and not path.startswith("."):
+        if not os.path.isdir(path) and HUB_ID.fullmatch(path) and not path.startswith("."):
             return path
-        state = "a placeholder" if path.startswith(PLACEHOLDER_PREFIX) else "not a folder"
+        state = ("a placeholder" if path.startswith(PLACEHOLDER_PREFIX)
+                 else "a folder without config.json" if os.path.isdir(path) else "not a folder")
         raise UserError(
             f"model {key!r} points to {path!r}, which is {state}: "
             f"edit paths.py so that model_names[{key!r}] is your local {key} folder"
         )
     if os.path.isdir(name):
+        if not os.path.isfile(os.path.join(name, "config.json")):
+            raise UserError(f"model folder {name!r} has no config.json — pass the folder of a Hugging Face "
+                            "model (config.json, tokenizer and weights)")
         return name
     if HUB_ID.fullmatch(name) and not name.startswith("."):
         return name

@@ -38,7 +38,7 @@ import requests
 import urllib3
 from tqdm import tqdm
 
-from errors import UserError, first_line, folder_problem, run_cli
+from errors import UserError, folder_problem, one_line, run_cli
 
 DEFAULT_BASE_URL = "https://mcauleylab.ucsd.edu/public_datasets/data/amazon_2023/"
 BASE_URL_ENV = "R2EC_AMAZON_BASE_URL"
@@ -354,7 +354,7 @@ def read_ratings(path):
     except (EOFError, OSError, zlib.error) as e:
         raise corrupt_file_error(path, e) from e
     except pa.ArrowException as e:
-        detail = first_line(e)
+        detail = one_line(e)
         if isinstance(e, pa.ArrowKeyError):  # a column of include_columns is absent
             raise UserError(f"{path} lacks a required column — the header must be "
                             f"{','.join(RATING_COLUMNS)}: delete the file and rerun to download "

@@ -193,11 +193,13 @@ def split_metrics(records: list[dict], lengths: torch.Tensor) -> dict[str, float
 # Printing
 
 
-def format_sample(sample: dict, record: dict, num_items: int) -> str:
+def format_sample(sample: dict, record: dict, num_items: int, window_size: int) -> str:
+    """One sample's history as the prompt shows it (the last `window_size` items), reasoning and top-k."""
+    shown = list(zip(sample["history_item_title"], sample["history_rating"]))[-window_size:]
     lines = [f"== {record['split']} row {record['row']} · user {record['user_id']} ==",
-             f"history ({len(sample['history_item_id'])} items, oldest first, rating out of 5):"]
-    lines += [f"  ({float(rating):.1f}) {title}"
-              for title, rating in zip(sample["history_item_title"], sample["history_rating"])]
+             f"history in the prompt ({len(shown)} of {len(sample['history_item_id'])} items, oldest first, "
+             "rating out of 5):"]
+    lines += [f"  ({float(rating):.1f}) {title}" for title, rating in shown]
     lines += ["reasoning:", textwrap.indent(record["reasoning"], "  "),
               f"top {len(record['top_k'])} (* = the true next item):"]
     lines += [f"  {'*' if item['item_id'] == record['target_item_id'] else ' '}{rank:>3}. {item['score']:9.3f}  "
@@ -264,7 +266,7 @@ def main(argv: list[str]) -> list[dict]:
     if args.evaluate:
         print(format_metrics(split_metrics(records, lengths), args.split, len(records)))
     else:
-        print("\n\n".join(format_sample(split_data[r["row"]], r, len(titles) - 1) for r in records))
+        print("\n\n".join(format_sample(split_data[r["row"]], r, len(titles) - 1, config.window_size) for r in records))
     if args.output:
         write_jsonl(args.output, records)
     return records

@@ -140,6 +140,9 @@ def main(argv: list[str]):
     if config.check_only:
         _, category = load_dataset_dir(config)
         print(f"ok: flags, {config.output_dir}, {config.dataset_dir} ({category}) and model {resolve_model(config.model)}")
+        if not torch.cuda.is_available():
+            print("warning: no GPU visible — training will run on the CPU, which takes days at full scale; "
+                  "check CUDA_VISIBLE_DEVICES and the CUDA install", file=sys.stderr)
         return None
     trainer = build_trainer(config)
     trainer.train(resume_from_checkpoint=resume)

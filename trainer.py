@@ -28,7 +28,7 @@ from torch.utils.data import Sampler
 from tqdm.auto import tqdm
 from transformers import Trainer, TrainingArguments
 
-from errors import UserError, first_line, write_jsonl
+from errors import UserError, one_line, write_jsonl
 from metrics import ndcg_at_k, ranking_metrics, target_rank
 from model import LORA_TARGETS, TAU, ItemTable, encode, mask_seen, policy_forward, similarity
 from paths import DEFAULT_MODEL
@@ -150,7 +150,7 @@ class RecPOConfig(TrainingArguments):
         try:
             super().__post_init__()
         except (ValueError, ImportError) as e:  # e.g. an unknown --eval_strategy, a missing --deepspeed file
-            raise UserError(f"{first_line(e)} — fix the flag (python train.py --help lists them)") from e
+            raise UserError(f"{one_line(e)} — fix the flag (python train.py --help lists them)") from e
         from transformers.integrations import get_available_reporting_integrations
 
         unavailable = sorted(set(self.report_to) - set(get_available_reporting_integrations()) - {"none"})
@@ -605,7 +605,7 @@ class RecPOTrainer(Trainer):
             return self._skip_step(model, str(skip))
         except torch.OutOfMemoryError as e:
             raise UserError(
-                f"out of memory in the update at step {self.state.global_step} ({first_line(e)}) — lower "
+                f"out of memory in the update at step {self.state.global_step} ({one_line(e)}) — lower "
                 "--micro_batch_size, --max_new_tokens or --max_prompt_tokens"
             ) from e
 

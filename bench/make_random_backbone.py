@@ -23,7 +23,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, Qwen2Config
 
 sys.path.insert(1, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # errors.py
-from errors import UserError, first_line, run_cli  # noqa: E402
+from errors import UserError, one_line, run_cli  # noqa: E402
 
 QWEN25_3B = dict(hidden_size=2048, intermediate_size=11008, num_hidden_layers=36, num_attention_heads=16,
                  num_key_value_heads=2, vocab_size=151936, max_position_embeddings=32768, rope_theta=1e6,
@@ -53,7 +53,7 @@ def main():
     try:
         tokenizer = AutoTokenizer.from_pretrained(args.tokenizer)
     except (OSError, ValueError) as e:
-        raise UserError(f"cannot load a tokenizer from --tokenizer {args.tokenizer!r} ({first_line(e)}) — {fix}") from e
+        raise UserError(f"cannot load a tokenizer from --tokenizer {args.tokenizer!r} ({one_line(e)}) — {fix}") from e
     eos = tokenizer.convert_tokens_to_ids("<|im_end|>")
     pad = tokenizer.convert_tokens_to_ids("<|endoftext|>")
     if not tokenizer.chat_template or "<|im_start|>" not in tokenizer.chat_template:

@@ -202,6 +202,9 @@ def test_load_backbone_turns_dropout_off_and_pads_left(tmp_path):
 
 
 def test_a_folder_without_a_model_fails_in_one_line(tmp_path):
+    with pytest.raises(UserError, match=r"has no config.json"):
+        load_backbone(str(tmp_path))
+    (tmp_path / "config.json").write_text("{}")  # a config, but no model type, tokenizer or weights
     with pytest.raises(UserError, match=r"cannot load model .* from .*: "):
         load_backbone(str(tmp_path))
 

@@ -26,7 +26,16 @@ def test_missing_folder_names_key_path_and_fix(monkeypatch, tmp_path):
         paths.resolve_model("qwen")
 
 
+def test_folders_without_config_json_are_not_models(monkeypatch, tmp_path):
+    with pytest.raises(UserError, match=r"model folder .* has no config.json — pass the folder of a Hugging Face"):
+        paths.resolve_model(str(tmp_path))
+    monkeypatch.setitem(paths.model_names, "Gemma-2-2b-it", str(tmp_path))
+    with pytest.raises(UserError, match=r"'Gemma-2-2b-it' points to .*a folder without config.json.*edit paths.py"):
+        paths.resolve_model("gemma")
+
+
 def test_keys_aliases_folders_and_hub_ids(monkeypatch, tmp_path):
+    (tmp_path / "config.json").write_text("{}")
     monkeypatch.setitem(paths.model_names, "Gemma-2-2b-it", str(tmp_path))
     assert paths.resolve_model("gemma") == str(tmp_path)
     assert paths.resolve_model("Gemma-2-2b-it") == str(tmp_path)

@@ -116,6 +116,17 @@ def test_printout_shows_history_reasoning_top_k_and_the_target(dataset, shown):
             assert f"*{record['target_rank']:>3}. " in printed
 
 
+def test_printout_shows_only_the_history_lines_the_prompt_held(dataset, shown):
+    _, records = shown
+    record = next(r for r in records if len(dataset["test"][r["row"]]["history_item_title"]) >= 2)
+    sample = dataset["test"][record["row"]]
+    titles = sample["history_item_title"]
+    text = recommend.format_sample(sample, record, 16, window_size=1)
+    history = text.split("reasoning:")[0]
+    assert f"(1 of {len(titles)} items" in history and titles[-1] in history
+    assert sum(line.startswith("  (") for line in history.splitlines()) == 1
+
+
 def test_evaluate_table_matches_the_per_sample_ranks_and_training(run_dir, tmp_path):
     output = tmp_path / "eval.jsonl"
     printed = run_recommend("--output_dir", run_dir, "--split", "test", "--evaluate", "--output", str(output))

@@ -231,6 +231,20 @@ def quick_flags(tmp_path, *extra) -> list[str]:
             "--output_dir", str(tmp_path / "out"), *extra]
 
 
+def test_check_only_validates_without_training_and_warns_without_a_gpu(tmp_path):
+    result = run_train(quick_flags(tmp_path, "--check_only", "True"), check=False)
+    assert result.returncode == 0 and result.stdout.startswith("ok: flags, ")
+    assert not (tmp_path / "out").exists()  # nothing written, no model loaded
+    warned = "warning: no GPU visible" in result.stderr
+    assert warned != torch.cuda.is_available()
+    empty_model = tmp_path / "empty_model"
+    empty_model.mkdir()
+    flags = quick_flags(tmp_path, "--check_only", "True")
+    flags[flags.index("--model") + 1] = str(empty_model)
+    result = run_train(flags, check=False)
+    assert result.returncode == 2 and "has no config.json" in result.stderr.strip().splitlines()[-1]
+
+
 def test_deepspeed_zero2_on_two_cpu_processes_keeps_replicas_identical(tmp_path):
     # No ACCELERATE_USE_CPU here: accelerate turns DeepSpeed off in CPU mode; train.py sets use_cpu.
     env = dict(os.environ, OMP_NUM_THREADS="1",
@@ -320,6 +334,7 @@ def test_bad_input_gives_one_clear_line(tmp_path, flags, message):
     (["--eval_strategy", "sometimes"], "sometimes is not a valid"),
     (["--deepspeed", "/nonexistent/ds.json"], "/nonexistent/ds.json"),
     (["--report_to", "no_such_tracker"], "--report_to no_such_tracker"),
+    (["--save_strategy", "no"], "Save strategy:"),  # the message's later lines are kept
 ])
 def test_bad_flags_are_named_before_any_work(flags, message):
     with pytest.raises(UserError) as caught:
