@@ -139,6 +139,25 @@ def test_two_processes_equal_one_process_on_the_concatenated_batch(tmp_path):
     assert two["logged"] == {"only_rank_1": 5.0, "shared": 0.5}
 
 
+def test_a_process_out_of_memory_in_its_rollout_skips_the_step_on_every_process(tmp_path):
+    out = tmp_path / "skip.json"
+    subprocess.run([PYTHON, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29615",
+                    os.path.join(ROOT, "tests", "dist_skip_worker.py"), str(out)],
+                   check=True, env=dict(os.environ, OMP_NUM_THREADS="1"), cwd=ROOT, timeout=600)
+    result = json.loads(out.read_text())
+    skips_rank0, skips_rank1 = result["skips"]
+    assert len(skips_rank0) == len(skips_rank1) == 1
+    assert "step 0: skipped" in skips_rank1[0] and "out of memory in the rollout" in skips_rank1[0]
+    assert "step 0: skipped" in skips_rank0[0]
+    steps = {entry["step"]: entry for entry in result["log_history"] if "loss" in entry}
+    assert sorted(steps) == [1, 2]
+    assert steps[1]["skipped_steps"] == 1.0 and "reward/mean" not in steps[1]
+    assert steps[1]["time/rollout_s"] > 0  # recorded by process 0 alone, still logged under its own name
+    assert "skipped_steps" not in steps[2] and "reward/mean" in steps[2] and "loss/token" in steps[2]
+    first, second = result["checksums"]
+    assert first == pytest.approx(second, rel=1e-6)  # the replicas stayed identical
+
+
 def test_evaluation_over_four_processes_counts_every_sample_once(tmp_path):
     env = dict(os.environ, OMP_NUM_THREADS="1")
     worker = os.path.join(ROOT, "tests", "dist_eval_worker.py")

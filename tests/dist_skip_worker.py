@@ -1,0 +1,60 @@
+"""Two RecPO steps on two processes, process 1 running out of memory in its first rollout; run
+by tests/test_trainer.py:
+
+    python -m torch.distributed.run --nproc_per_node 2 tests/dist_skip_worker.py OUT.json
+
+Both processes must skip step 1 and train step 2. Process 0 has recorded step 1's rollout times,
+process 1 nothing but the skip, so the logged metrics differ between them: logging must still
+pair every process's values with the right keys and leave both in step. Rank 0 writes the log
+history, each process's skip warnings and a checksum of each process's LoRA weights.
+"""
+import json
+import os
+import sys
+import tempfile
+import warnings
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from accelerate.utils import gather_object  # noqa: E402
+
+from tests.dist_update_worker import tiny_lora_model  # noqa: E402
+from tests.tiny_data import tiny_dataset  # noqa: E402
+from trainer import RecPOConfig, RecPOTrainer  # noqa: E402
+
+
+def main(out_path: str):
+    config = RecPOConfig(
+        output_dir=tempfile.mkdtemp(), use_cpu=True, bf16=False, report_to="none", per_device_train_batch_size=2,
+        group_size=2, micro_batch_size=2, max_new_tokens=8, gen_temperature=1.0, gen_top_k=0, lora_dropout=0.0,
+        gradient_checkpointing=False, eval_strategy="no", save_strategy="no", load_best_model_at_end=False,
+        eval_on_start=False, max_steps=2, learning_rate=1e-2, warmup_steps=0,
+    )
+    model, tokenizer = tiny_lora_model()
+    trainer = RecPOTrainer(model, config, tokenizer, tiny_dataset(), "Video_Games")
+    rank = trainer.accelerator.process_index
+    if rank == 1:
+        make_batch, calls = trainer.make_batch, []
+
+        def out_of_memory_once(model, samples):
+            calls.append(samples)
+            if len(calls) == 1:
+                raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
+            return make_batch(model, samples)
+
+        trainer.make_batch = out_of_memory_once
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        trainer.train()
+    skips = gather_object([[str(w.message) for w in caught if "skipped" in str(w.message)]])
+    checksums = gather_object([sum(p.double().sum().item() for n, p in model.named_parameters() if "lora_" in n)])
+    if rank == 0:
+        with open(out_path, "w") as f:
+            json.dump({"log_history": trainer.state.log_history, "skips": skips, "checksums": checksums}, f)
+    trainer.accelerator.end_training()
+
+
+if __name__ == "__main__":
+    main(sys.argv[1])
