@@ -15,8 +15,10 @@
 # line stamped with seconds since the start), gpu_step_table.md (per-step times, peak memory,
 # evaluation time), trainer_state.json, final_results.json, reasoning_sample.jsonl, nvidia_smi.csv.
 #
-# CPU dry run (tiny 2-layer Qwen2, 16 new tokens, 2 steps, 8 eval samples), e.g. here:
-#     R2EC_GPU_SMOKE=1 PYTHON=/path/to/python3 WHL_DIR=/path/to/wheels OUT=/tmp/smoke bash bench/gpu_train_step.sh
+# CPU dry run (tiny 2-layer Qwen2, 16 new tokens, 2 steps, 8 eval samples), e.g. here, where .venv
+# has datasets and deepspeed and .whl's Python 3.12 wheels do not install (1 min 45 s, 2026-11-29):
+#     mkdir -p /tmp/whl && cp .whl/hjson-*.whl /tmp/whl
+#     R2EC_GPU_SMOKE=1 PYTHON=$PWD/.venv/bin/python WHL_DIR=/tmp/whl SITE=/tmp/site OUT=/tmp/smoke bash bench/gpu_train_step.sh
 # Variables: OUT, PYTHON (python3), WHL_DIR (.whl), SITE (/tmp/site), TOKENIZER_DIR
 # (.gpu/qwen2.5-tokenizer), WORK (/tmp/r2ec_gpu: model, data, run folder), R2EC_GPU_DEADLINE_S
 # (390: training is stopped so that the script ends by then), MAX_STEPS, MASTER_PORT.
