@@ -28,9 +28,8 @@ token has been fed: one step past the last stop (step T feeds token T-1 when a r
 
 The model is any Hugging Face causal LM (PEFT LoRA wrapped or not): during a call its config's
 attention implementation is switched to `r2ec_rollout`, registered below in transformers'
-`AttentionInterface`, so the model's own projections, rotary embedding and norms run unchanged
-and only the attention itself reads our buffers. LoRA layers run as one matrix each, W + ΔW
-with the adapters of the moment (`_lora_merged`), instead of four extra kernels per projection. Masks are never built by
+`AttentionInterface`, so the model's own projections, rotary embedding, norms and LoRA run
+unchanged and only the attention itself reads our buffers. Masks are never built by
 transformers during a call (the name has no mask function, so its mask builder returns None).
 
 Limits, by choice: rows that have stopped keep computing (padding) until every row of the call
@@ -118,59 +117,6 @@ def _forced_stop(stop_ids: list[list[int]]) -> list[int]:
 def _base_model(model):
     """The transformers model under a PEFT wrapper (its config drives the attention dispatch)."""
     return model.get_base_model() if hasattr(model, "get_base_model") else model
-
-
-_MERGED: "weakref.WeakKeyDictionary[torch.nn.Module, torch.nn.Linear]" = weakref.WeakKeyDictionary()
-
-
-def _merged_linear(layer) -> torch.nn.Linear | None:
-    """The rollout stand-in of a PEFT LoRA layer: a plain Linear holding W + ΔW (None when the
-    layer is not a single, unmerged LoRA adapter on a Linear, which then runs as it is).
-
-    Kept per layer, so its weight keeps one address across calls (captured graphs read it) and
-    is only rewritten: W + ΔW with the adapters of the moment, summed in float32.
-    """
-    base = getattr(layer, "base_layer", None)
-    adapters = getattr(layer, "active_adapters", ())
-    if (not isinstance(base, torch.nn.Linear) or not hasattr(layer, "get_delta_weight") or len(adapters) != 1
-            or getattr(layer, "merged", True) or adapters[0] not in getattr(layer, "lora_A", {})):
-        return None
-    weight = base.weight
-    linear = _MERGED.get(layer)
-    if linear is None or linear.weight.shape != weight.shape or linear.weight.dtype != weight.dtype \
-            or linear.weight.device != weight.device:
-        # skip_init: no random initialisation, which would also draw from the sampling's generator
-        linear = torch.nn.utils.skip_init(torch.nn.Linear, weight.shape[1], weight.shape[0], bias=False,
-                                          device=weight.device, dtype=weight.dtype)
-        linear.weight.requires_grad_(False)
-        _MERGED[layer] = linear
-    linear.bias = base.bias  # shared, not copied
-    linear.weight.copy_(weight.float() + layer.get_delta_weight(adapters[0]).float())
-    return linear
-
-
-@contextmanager
-def _lora_merged(model):
-    """Every LoRA layer of `model` replaced, for the block, by a Linear holding W + ΔW.
-
-    A decode step is a few milliseconds of small kernels at batch sizes like training's, and
-    LoRA adds four per adapted projection (A, B, scale, add: about a thousand a step at 3B).
-    Merging in place (PEFT's `merge_adapter`) would let bf16 rounding drift the base weights
-    a little at every call; a merged copy of the adapted weights costs their memory once.
-    Eval mode, so without LoRA dropout, as generation runs anyway.
-    """
-    swaps = []
-    for name, layer in list(model.named_modules()):
-        linear = _merged_linear(layer) if name else None
-        if linear is not None:
-            parent_name, _, attribute = name.rpartition(".")
-            swaps.append((model.get_submodule(parent_name), attribute, layer))
-            setattr(swaps[-1][0], attribute, linear)
-    try:
-        yield
-    finally:
-        for parent, attribute, layer in swaps:
-            setattr(parent, attribute, layer)
 
 
 @contextmanager
@@ -590,8 +536,7 @@ def generate_rollouts(model, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor
     # The user-state hook is registered for the whole call, outside the (possibly compiled)
     # step, so the warm-up, the capture and every eager or compiled step run it: a captured
     # graph records its write, dynamo traces it in (no graph break, no recompilation per call).
-    with _generation_mode(model, ATTENTION_NAME), _lora_merged(model), _active(st), \
-            decoder_hook(model, _catch_user_states):
+    with _generation_mode(model, ATTENTION_NAME), _active(st), decoder_hook(model, _catch_user_states):
         logits = _prefill(model, st, prompt_ids, prompt_mask)  # (N, V)
         if use_graph and st.graph is None:
             _capture(model, st)
