@@ -68,7 +68,7 @@ def gemma2_2b(tiny=False):
 
 MODELS = {"qwen2.5-3b": qwen25_3b, "gemma-2-2b": gemma2_2b}
 ROWS = ("greedy_fp32", "greedy_bf16", "sampled_logprobs", "ours", "ours_lora", "hf_dynamic", "ours_compile",
-        "hf_static_compile")
+        "hf_static_compile", "ours_lora_compile")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -194,14 +194,15 @@ def run_ours(model, shape, device, runs, compile_step=False):
     return dict(tok_s=tokens / t, ms_step=1e3 * t / new, first_call_s=warm, tokens=tokens)
 
 
-def run_ours_lora(model, shape, device, runs):
+def run_ours_lora(model, shape, device, runs, compile_step=False):
     """`run_ours` on the model as training rolls out with it: LoRA (model.add_lora, r 4 on every
     projection) and bf16 autocast around each forward, as accelerate wraps it. The difference to
-    `ours` is what the adapters' extra small kernels cost. The adapters are removed afterwards."""
+    `ours` is what the adapters' extra small kernels cost; `compile_step` (training's
+    `--compile_rollouts`) fuses some of them. The adapters are removed afterwards."""
     wrapped = add_lora(model)
     wrapped.forward = torch.autocast(device.type, dtype=torch.bfloat16)(wrapped.forward)
     try:
-        return run_ours(wrapped, shape, device, runs)
+        return run_ours(wrapped, shape, device, runs, compile_step)
     finally:
         clear_rollout_cache(wrapped)
         wrapped.unload()
@@ -294,7 +295,7 @@ def main():
                     roofline_tok_s=roofline(load(name), N, P, new, bandwidth))
 
     # Pass 1: correctness and the rows that compile nothing, model by model.
-    compiled = ("ours_compile", "hf_static_compile")
+    compiled = ("ours_compile", "hf_static_compile", "ours_lora_compile")
     for name in args.models if set(args.rows) - set(compiled) else []:
         model = load(name)
         attempt("greedy_fp32", lambda: check_greedy(model, torch.float32, device), 30, model=name)
@@ -310,7 +311,8 @@ def main():
     for shape in shapes:
         for name in args.models:
             runs = {"ours_compile": (lambda: run_ours(load(name), shape, device, args.runs, True), 100),
-                    "hf_static_compile": (lambda: run_hf(load(name), shape, device, True), hf_cost(shape, True))}
+                    "hf_static_compile": (lambda: run_hf(load(name), shape, device, True), hf_cost(shape, True)),
+                    "ours_lora_compile": (lambda: run_ours_lora(load(name), shape, device, args.runs, True), 120)}
             for what in [row for row in args.rows if row in compiled]:
                 attempt(what, *runs[what], **keys(name, shape))
 
