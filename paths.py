@@ -97,13 +97,18 @@ def check_cache_writable(folder: str) -> None:
                         "set R2EC_CACHE_DIR to a folder you can write to")
 
 
+def is_model_folder(path: str) -> bool:
+    """A Hugging Face model folder: one holding a config.json."""
+    return os.path.isfile(os.path.join(path, "config.json"))
+
+
 def build_once(target: str, build) -> str:
     """Return folder `target`, first calling `build(tmp_folder)` to fill it if it is missing.
 
     The folder is written under a temporary name and renamed into place, so a run that is
     interrupted, or two runs building at the same time, never leave a half-written model.
     """
-    if os.path.isfile(os.path.join(target, "config.json")):
+    if is_model_folder(target):
         return target
     parent = os.path.dirname(os.path.abspath(target))
     os.makedirs(parent, exist_ok=True)
@@ -113,7 +118,7 @@ def build_once(target: str, build) -> str:
         share(tmp)
         os.rename(tmp, target)
     except OSError:
-        if not os.path.isfile(os.path.join(target, "config.json")):  # not a lost race with another run
+        if not is_model_folder(target):  # not a lost race with another run
             raise
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -146,7 +151,7 @@ def convert_embedded() -> str:
     """The embedded backbone as a Hugging Face folder, converted from its GGUF on first use."""
     embedded_gguf()  # a missing package fails here with the install line, converted or not
     folder = embedded_folder()
-    if not os.path.isfile(os.path.join(folder, "config.json")):  # a read-only cache is fine once built
+    if not is_model_folder(folder):  # a read-only cache is fine once built
         check_cache_writable(folder)
     try:
         return build_once(folder, _convert_gguf)
@@ -172,7 +177,7 @@ def resolve_model(name: str) -> str:
         path = model_names[key]
         if path == EMBEDDED:
             return convert_embedded()
-        if os.path.isdir(path) and os.path.isfile(os.path.join(path, "config.json")):
+        if is_model_folder(path):
             return path
         if not os.path.isdir(path) and HUB_ID.fullmatch(path) and not path.startswith("."):
             return path
@@ -183,7 +188,7 @@ def resolve_model(name: str) -> str:
             f"edit paths.py so that model_names[{key!r}] is your local {key} folder"
         )
     if os.path.isdir(name):
-        if not os.path.isfile(os.path.join(name, "config.json")):
+        if not is_model_folder(name):
             raise UserError(f"model folder {name!r} has no config.json — pass the folder of a Hugging Face "
                             "model (config.json, tokenizer and weights)")
         return name

@@ -266,7 +266,8 @@ def main(argv: list[str]) -> list[dict]:
     if args.evaluate:
         print(format_metrics(split_metrics(records, lengths), args.split, len(records)))
     else:
-        print("\n\n".join(format_sample(split_data[r["row"]], r, len(titles) - 1, config.window_size) for r in records))
+        print("\n\n".join(format_sample(split_data[r["row"]], r, len(titles) - 1, config.window_size)
+                            for r in records))
     if args.output:
         write_jsonl(args.output, records)
     return records

@@ -37,9 +37,9 @@ has stopped and fed its last token, checked on the host every CHECK_EVERY steps,
 the batch would need a graph per batch size; the decode slots are read in full every step
 (masked), the price of one static graph; LoRA layers run unmerged, as PEFT runs them (a merged
 bf16 copy of W + ΔW rounds away the small updates RL makes: tried, the quick start's trained
-valid NDCG@10 fell from 0.166 to 0.112). `compile_step=True` fuses the step's small kernels with `torch.compile` before
-capture: 1.7x faster decoding, about 75 s of compilation per new shape. Figures:
-bench/RESULTS.md, "Rollouts".
+valid NDCG@10 fell from 0.166 to 0.112). `compile_step=True` fuses the step's small kernels
+with `torch.compile` before capture: 1.7x faster decoding, about 75 s of compilation per new
+shape. Figures: bench/RESULTS.md, "Rollouts".
 """
 import math
 import weakref

@@ -661,8 +661,7 @@ class RecPOTrainer(Trainer):
             # One exchange of every process's means: after a skipped step the processes may
             # hold different keys, and a gather per key would pair them up wrongly.
             means = {key: torch.stack(values).mean().item() for key, values in self._metrics.items()}
-            for key, value in self._average_over_processes(means).items():
-                logs[key] = value
+            logs.update(self._average_over_processes(means))
             self._metrics.clear()
             if torch.cuda.is_available():
                 logs["memory/peak_gib"] = torch.cuda.max_memory_allocated() / 2**30
