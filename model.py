@@ -117,11 +117,12 @@ def decoder_hook(model, hook):
         handle.remove()
 
 
-def policy_forward(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, num_logprob_tokens: int):
+def policy_forward(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, num_logprob_tokens: int,
+                   temperature: float = 1.0):
     """One forward for both heads: (log-probs of the last n tokens, h).
 
-    logprobs (B, n): log π(token | prefix) at temperature 1 for the last n tokens of each
-    row, with logits computed only for those positions (`logits_to_keep`), never over the
+    logprobs (B, n): log π(token | prefix) for the last n tokens of each row, π = softmax(logits
+    / temperature), with logits computed only for those positions (`logits_to_keep`), never over the
     prompt. Positions whose token or predicting token is padding (right-padded reasonings,
     rows shorter than n + 1) read 0.
     h (B, D): the decoder's output (after its final norm) at the last non-pad token.
@@ -152,7 +153,7 @@ def policy_forward(model, input_ids: torch.Tensor, attention_mask: torch.Tensor,
     # One row at a time in float32: a (B, n, V) float32 copy of the logits is the peak memory
     # of the whole step for 256k-token vocabularies.
     logprobs = torch.stack([
-        torch.log_softmax(logits[:-1].float(), -1).gather(-1, target[:, None]).squeeze(-1)  # (n,)
+        torch.log_softmax(logits[:-1].float() / temperature, -1).gather(-1, target[:, None]).squeeze(-1)  # (n,)
         for logits, target in zip(out.logits, targets)
     ])  # (B, n)
     valid = attention_mask[:, -n:].bool() & attention_mask[:, -n - 1 : -1].bool()  # (B, n), predictor real too

@@ -85,13 +85,22 @@ class SamplingConfig:
         if not 0 < self.top_p <= 1:
             raise ValueError(f"top_p={self.top_p}: must be in (0, 1] (1 turns top-p off)")
 
+    @property
+    def policy_temperature(self) -> float:
+        """T of the policy softmax(logits / T) whose log-probs a rollout returns (1 when greedy).
+
+        RL trains the policy that sampled, so its log-probs carry the sampling temperature, as in
+        TRL's GRPO; top-k and top-p only truncate what is drawn and are left out, as there.
+        """
+        return 1.0 if self.greedy else self.temperature
+
 
 class Rollouts(NamedTuple):
     prompt_ids: torch.Tensor  # (N, P) left-padded; N = num_prompts·G, sample j of prompt i at row i·G + j
     prompt_mask: torch.Tensor  # (N, P)
     completion_ids: torch.Tensor  # (N, C) right-padded with pad_token_id; every row ends with a stop sequence
     completion_mask: torch.Tensor  # (N, C) 1 on the reasoning tokens, the stop tokens included
-    logprobs: torch.Tensor  # (N, C) float32 log π(token) at temperature 1 (not the filtered sampler); 0 off the mask
+    logprobs: torch.Tensor  # (N, C) float32 log π(token), π = softmax(logits / policy_temperature); 0 off the mask
     user_states: torch.Tensor | None = None  # (N, D) float32, h at each row's last token (= `encode` in model.py)
 
 
@@ -388,7 +397,8 @@ def _choose(st: _DecodeState, logits: torch.Tensor):
     forced = (st.step >= st.force_from) & ~st.done  # (N,)
     token = torch.where(forced, st.force.index_select(0, force_index), token)
     token = torch.where(st.done, st.pad_token_id, token)  # (N,)
-    logp = logits.gather(1, token[:, None]) - logits.logsumexp(-1, keepdim=True)  # (N, 1) at temperature 1
+    scaled = logits / st.sampling.policy_temperature  # (N, V)
+    logp = scaled.gather(1, token[:, None]) - scaled.logsumexp(-1, keepdim=True)  # (N, 1)
     logp = logp.masked_fill(st.done[:, None], 0.0)
     st.completion.index_copy_(1, st.step, token[:, None])
     st.logprobs.index_copy_(1, st.step, logp)
@@ -562,17 +572,17 @@ def generate_rollouts(model, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor
     )
 
 
-def fresh_forward(model, prompt_ids, prompt_mask, completion_ids, completion_mask):
+def fresh_forward(model, prompt_ids, prompt_mask, completion_ids, completion_mask, temperature=1.0):
     """One plain forward pass (the model's own attention) over prompt + completion, eval mode.
 
-    (N, P) and (N, C) -> log π(completion token) (N, C) float32, 0 off the mask, and h (N, D)
-    float32: model.py's `policy_forward`, the trainer's own forward. The reference, the tests
-    and the benchmark use it.
+    (N, P) and (N, C) -> log π(completion token) (N, C) float32 with π = softmax(logits /
+    temperature), 0 off the mask, and h (N, D) float32: model.py's `policy_forward`, the
+    trainer's own forward. The reference, the tests and the benchmark use it.
     """
     ids = torch.cat([prompt_ids, completion_ids], 1)  # (N, P + C)
     mask = torch.cat([prompt_mask, completion_mask.to(prompt_mask.dtype)], 1)
     with _generation_mode(model):
-        logp, h = policy_forward(model, ids, mask, completion_ids.shape[1])
+        logp, h = policy_forward(model, ids, mask, completion_ids.shape[1], temperature)
     return logp * completion_mask, h.float()
 
 
@@ -633,5 +643,5 @@ def generate_rollouts_reference(model, prompt_ids: torch.Tensor, prompt_mask: to
     width = max(map(len, rows))
     completion = torch.tensor([r + [pad_token_id] * (width - len(r)) for r in rows], device=prompt_ids.device)
     mask = torch.tensor([[1] * len(r) + [0] * (width - len(r)) for r in rows], device=prompt_ids.device)
-    logprobs, user_states = fresh_forward(model, prompt_ids, prompt_mask, completion, mask)
+    logprobs, user_states = fresh_forward(model, prompt_ids, prompt_mask, completion, mask, sampling.policy_temperature)
     return Rollouts(prompt_ids, prompt_mask, completion, mask.to(prompt_mask.dtype), logprobs, user_states)

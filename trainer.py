@@ -481,7 +481,8 @@ class RecPOTrainer(Trainer):
     def token_loss(self, logprobs, batch: RecPOBatch, rows, completion_len):
         """SPEC §4.5 on the micro-batch `rows`.
 
-        π_old is the policy at sampling time as the update's own forward computes it: the first
+        π is the policy that sampled, softmax(logits / --gen_temperature) (as TRL's GRPO; `update`
+        computes it so). π_old is the policy at sampling time as the update's own forward computes it: the first
         update of a rollout batch uses its log-probs detached (ρ = 1, REINFORCE, as SPEC states),
         later ones (`num_iterations` > 1) what the first recorded. The sampler's log-probs are not
         used: they come without LoRA dropout and from other kernels, so ρ would drift from 1.
@@ -551,7 +552,8 @@ class RecPOTrainer(Trainer):
             defer_all_reduce = not (last or self.is_deepspeed_enabled)
             with self.accelerator.no_sync(model) if defer_all_reduce else contextlib.nullcontext():
                 ids, mask, completion_len = self._user_sequences(batch.rollouts, rows)
-                logprobs, user_states = policy_forward(model, ids, mask, completion_len)
+                logprobs, user_states = policy_forward(model, ids, mask, completion_len,
+                                                       args.sampling.policy_temperature)
                 token, clip_fraction = self.token_loss(logprobs, batch, rows, completion_len)
                 items = item_states if last else detached_items
                 item, probs = self.item_loss(user_states, items, batch, rows, weighted_advantages, old_probs)

@@ -168,8 +168,10 @@ def check_sampled_logprobs(model, device):
     the user states h as cosine (bf16 kernels differ between a decode step and a full forward)."""
     vocab = model.config.vocab_size
     ids, mask = random_prompts(vocab, [64, 40, 64, 20], device, seed=2)
-    r = generate_rollouts(model, ids, mask, 4, SamplingConfig(32, temperature=2.0, top_k=50), [[vocab - 1]], PAD)
-    fresh, h = fresh_forward(model, r.prompt_ids, r.prompt_mask, r.completion_ids, r.completion_mask)
+    sampling = SamplingConfig(32, temperature=2.0, top_k=50)
+    r = generate_rollouts(model, ids, mask, 4, sampling, [[vocab - 1]], PAD)
+    fresh, h = fresh_forward(model, r.prompt_ids, r.prompt_mask, r.completion_ids, r.completion_mask,
+                             sampling.policy_temperature)
     diff = (fresh - r.logprobs).abs()[r.completion_mask.bool()]
     cosine = torch.nn.functional.cosine_similarity(r.user_states, h, dim=-1)  # (N,)
     return dict(max_abs=diff.max().item(), mean_abs=diff.mean().item(), mean_logprob=r.logprobs.sum().item()

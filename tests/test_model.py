@@ -41,6 +41,18 @@ def reference(model, input_ids, n):
     return out.hidden_states[-1][0, -1], logprobs
 
 
+def test_logprobs_at_a_temperature_are_those_of_the_scaled_softmax(backbone):
+    """log softmax(z / T)[y] = z_y / T - log Σ_v exp(z_v / T), written out from the plain logits."""
+    model, tokenizer = backbone
+    ids = unpadded(tokenizer, TEXTS[0])  # (1, L)
+    n, T = 5, 2.0
+    with torch.no_grad():
+        logits = model(ids).logits[0, -n - 1 : -1].double()  # (n, V) predicting the last n tokens
+        expected = logits.gather(-1, ids[0, -n:, None])[:, 0] / T - torch.logsumexp(logits / T, -1)
+        logprobs, _ = policy_forward(model, ids, torch.ones_like(ids), n, temperature=T)
+    torch.testing.assert_close(logprobs[0].double(), expected, atol=1e-5, rtol=1e-5)
+
+
 @pytest.mark.parametrize("side", ["left", "right"])
 def test_h_and_logprobs_equal_unpadded_forwards(backbone, side):
     model, tokenizer = backbone

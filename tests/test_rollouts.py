@@ -138,8 +138,11 @@ def test_sampled_logprobs_equal_a_fresh_forward():
     r = generate_rollouts(model, ids, mask, 3, SamplingConfig(T, temperature=1.5, top_k=40), stop_ids, PAD)
     assert_well_formed(r, stop_ids, T)
     assert r.completion_ids.shape[0] == 12 and torch.equal(r.prompt_ids[3 * 2 + 1], ids[2])
-    fresh = fresh_forward(model, r.prompt_ids, r.prompt_mask, r.completion_ids, r.completion_mask)[0]
+    # log-probs of the sampling policy softmax(logits / 1.5), top-k left out
+    fresh = fresh_forward(model, r.prompt_ids, r.prompt_mask, r.completion_ids, r.completion_mask, 1.5)[0]
     torch.testing.assert_close(r.logprobs, fresh, atol=2e-5, rtol=0)
+    untempered = fresh_forward(model, r.prompt_ids, r.prompt_mask, r.completion_ids, r.completion_mask)[0]
+    assert (r.logprobs - untempered).abs().max() > 1e-2
     assert len(set(map(tuple, r.completion_ids[:3].tolist()))) > 1, "G samples of one prompt should differ"
 
 
@@ -152,7 +155,7 @@ def test_forced_stop_fills_the_budget():
         r = generate_rollouts(model, ids, mask, 2, SamplingConfig(T, temperature=1.2), [stop], PAD)
         assert r.completion_ids.shape == (6, T) and r.completion_mask.all()
         assert (r.completion_ids[:, -len(stop):] == torch.tensor(stop)).all()
-        fresh = fresh_forward(model, r.prompt_ids, r.prompt_mask, r.completion_ids, r.completion_mask)[0]
+        fresh = fresh_forward(model, r.prompt_ids, r.prompt_mask, r.completion_ids, r.completion_mask, 1.2)[0]
         torch.testing.assert_close(r.logprobs, fresh, atol=2e-5, rtol=0)
         assert_user_states_are_encode(model, r)
 

@@ -183,7 +183,7 @@ def test_update_gradient_equals_one_backward_of_the_whole_loss(tmp_path, checkpo
 
     model, tokenizer = tiny_lora_model(gradient_checkpointing=checkpointing)
     config = tiny_config(tmp_path, per_device_train_batch_size=USERS, group_size=GROUP, micro_batch_size=3,
-                         lora_dropout=0.0, gradient_checkpointing=checkpointing)
+                         lora_dropout=0.0, gradient_checkpointing=checkpointing, gen_temperature=2.0)
     trainer = RecPOTrainer(model, config, tokenizer, tiny_dataset(), "Video_Games")
     trainer.refresh_item_table(model)
     batch = fixed_batch(trainer, model, rank=0, world=1, noise_scale=0.0)  # on-policy: ρ = q = 1
@@ -191,12 +191,14 @@ def test_update_gradient_equals_one_backward_of_the_whole_loss(tmp_path, checkpo
     grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
 
     # The same loss written out directly, for all trajectories at once, one backward. On-policy the
-    # clipped terms have the gradients of -A·log π (token) and -Â·log p (item).
+    # clipped terms have the gradients of -A·log π (token, π = softmax(logits / 2), the sampling
+    # policy) and -Â·log p (item).
     model.zero_grad(set_to_none=True)
     rollouts, num = batch.rollouts, len(batch.advantages)
     completion_len = rollouts.completion_ids.shape[1]
     logprobs, users = policy_forward(model, torch.cat([rollouts.prompt_ids, rollouts.completion_ids], 1),
-                                     torch.cat([rollouts.prompt_mask, rollouts.completion_mask], 1), completion_len)
+                                     torch.cat([rollouts.prompt_mask, rollouts.completion_mask], 1), completion_len,
+                                     temperature=2.0)
     token = 0.0
     for rows in torch.arange(num).split(3):  # released normalisation: per micro-batch of 3
         mask = rollouts.completion_mask[rows].float()
@@ -235,6 +237,17 @@ def test_first_update_is_on_policy_although_the_sampler_runs_without_lora_dropou
     assert logged["clip_ratio/token"] == 0
     assert logged["loss/token"] == pytest.approx(expected.item(), rel=1e-5, abs=1e-7)
     assert logged["rollout/logprob_gap"] > 1e-3  # the sampler's own log-probs would have given ρ ≠ 1
+
+
+def test_sampler_and_update_score_tokens_under_the_same_temperature(tmp_path):
+    """Without dropout the update's forward recomputes the sampler's log-probs of softmax(z / T)."""
+    trainer = tiny_trainer(tmp_path, gen_temperature=2.0, lora_dropout=0.0)
+    model = trainer.model
+    trainer.refresh_item_table(model)
+    batch = trainer.make_batch(model, [trainer.train_dataset[i] for i in range(2)])
+    model.train()
+    trainer.update(trainer.accelerator.prepare_model(model), batch)
+    assert trainer._metrics["rollout/logprob_gap"][-1].item() < 1e-4
 
 
 def tiny_dataset_dir(tmp_path) -> str:
