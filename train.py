@@ -107,12 +107,20 @@ def default_eval_steps(config: RecPOConfig, num_train: int) -> int:
     return max(1, steps_per_epoch // 8)
 
 
+def set_intervals(config: RecPOConfig, num_train: int):
+    """SPEC §5's evaluation interval unless --eval_steps is given; checkpoints follow it unless
+    --save_steps is given."""
+    if config.eval_steps_from_data:
+        config.eval_steps = default_eval_steps(config, num_train)
+    if config.save_steps_from_eval:
+        config.save_steps = config.eval_steps
+
+
 def build_trainer(config: RecPOConfig) -> RecPOTrainer:
     """Data, backbone with LoRA, and the RecPO trainer for a parsed config."""
     set_seed(config.seed)
     dataset, category = load_dataset_dir(config)
-    if config.eval_steps_from_data:
-        config.eval_steps = config.save_steps = default_eval_steps(config, len(dataset["train"]))
+    set_intervals(config, len(dataset["train"]))
     dtype = torch.bfloat16 if config.bf16 else torch.float32
     model, tokenizer = load_backbone(config.model, dtype=dtype, gradient_checkpointing=config.gradient_checkpointing)
     model = add_lora(model, r=config.lora_r, alpha=config.lora_alpha, dropout=config.lora_dropout,

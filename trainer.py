@@ -129,6 +129,10 @@ class RecPOConfig(TrainingArguments):
     eval_steps: float | None = field(
         default=None, metadata={"help": "Default: floor(len(train) / (B·grad_accum·processes) / 8) (SPEC §5)."}
     )
+    save_steps: float | None = field(
+        default=None,
+        metadata={"help": "Checkpoint interval; default --eval_steps, which --load_best_model_at_end needs."},
+    )
     eval_on_start: bool = field(default=True, metadata={"help": "Evaluate the untrained model first."})
     load_best_model_at_end: bool = field(default=True, metadata={"help": "Reload the best valid NDCG@10."})
     metric_for_best_model: str = field(default="eval_valid_ndcg@10", metadata={"help": "Model selection."})
@@ -140,10 +144,16 @@ class RecPOConfig(TrainingArguments):
 
     def __post_init__(self):
         # Without --eval_steps, train.py derives the SPEC §5 interval once the data size is known
-        # (TrainingArguments would otherwise fall back to logging_steps).
+        # (TrainingArguments would otherwise fall back to logging_steps); checkpoints follow it
+        # unless --save_steps is given, so the best one exists when it is evaluated.
+        if self.save_steps is not None and self.load_best_model_at_end and self.save_steps != self.eval_steps:
+            raise UserError(f"--save_steps {self.save_steps:g}: with --load_best_model_at_end (the default) a checkpoint "
+                            "is saved at every evaluation — drop --save_steps (--save_total_limit keeps fewer), "
+                            "or pass --load_best_model_at_end False")
         self.eval_steps_from_data = self.eval_steps is None
-        if self.eval_steps is not None:
-            self.save_steps = self.eval_steps  # the best checkpoint must exist when it is evaluated
+        self.save_steps_from_eval = self.save_steps is None
+        if self.save_steps is None:
+            self.save_steps = self.eval_steps or self.logging_steps  # until train.py knows the interval
         if self.gradient_checkpointing_kwargs is None:
             # Re-entrant checkpointing breaks DDP when the same weights run twice before one backward.
             self.gradient_checkpointing_kwargs = {"use_reentrant": False}

@@ -367,11 +367,26 @@ def test_bad_input_gives_one_clear_line(tmp_path, flags, message):
     (["--deepspeed", "/nonexistent/ds.json"], "/nonexistent/ds.json"),
     (["--report_to", "no_such_tracker"], "--report_to no_such_tracker"),
     (["--save_strategy", "no"], "Save strategy:"),  # the message's later lines are kept
+    (["--save_steps", "7"], "--save_steps 7: with --load_best_model_at_end"),
+    (["--save_steps", "7", "--eval_steps", "5"], "drop --save_steps"),
 ])
 def test_bad_flags_are_named_before_any_work(flags, message):
     with pytest.raises(UserError) as caught:
         train.parse_config(["--dataset_dir", "/nonexistent", *flags])
     assert message in str(caught.value) and "\n" not in str(caught.value)
+
+
+@pytest.mark.parametrize("flags, eval_steps, save_steps", [
+    ([], 3, 3),  # from the data: 48 train samples / (B = 2 · accum 1 · 1 process) / 8 = 3
+    (["--eval_steps", "5"], 5, 5),
+    (["--eval_steps", "5", "--save_steps", "5"], 5, 5),
+    (["--eval_steps", "5", "--save_steps", "7", "--load_best_model_at_end", "False"], 5, 7),
+    (["--save_steps", "7", "--load_best_model_at_end", "False"], 3, 7),
+])
+def test_checkpoints_follow_evaluations_unless_asked_otherwise(flags, eval_steps, save_steps):
+    config = train.parse_config(["--dataset_dir", "/nonexistent", "--train_batch_size", "2", *flags])
+    train.set_intervals(config, num_train=48)
+    assert (config.eval_steps, config.save_steps) == (eval_steps, save_steps)
 
 
 def test_cli_error_is_the_only_line_on_stderr(tmp_path):
