@@ -74,6 +74,7 @@ class SamplingConfig:
     top_k: int = 0  # 0 = off
     top_p: float = 1.0  # 1.0 = off
     greedy: bool = False  # argmax (evaluation); temperature, top-k and top-p are then ignored
+    tempered_logprobs: bool = False  # log-probs of softmax(logits / temperature) instead of softmax(logits)
 
     def __post_init__(self):
         if self.max_new_tokens < 1:
@@ -87,12 +88,12 @@ class SamplingConfig:
 
     @property
     def policy_temperature(self) -> float:
-        """T of the policy softmax(logits / T) whose log-probs a rollout returns (1 when greedy).
+        """T of the policy softmax(logits / T) whose log-probs a rollout returns.
 
-        RL trains the policy that sampled, so its log-probs carry the sampling temperature, as in
-        TRL's GRPO; top-k and top-p only truncate what is drawn and are left out, as there.
+        1 by default; the sampling temperature with `tempered_logprobs` (TRL's GRPO convention:
+        the log-probs of the policy that sampled). Top-k and top-p are left out either way.
         """
-        return 1.0 if self.greedy else self.temperature
+        return self.temperature if self.tempered_logprobs and not self.greedy else 1.0
 
 
 class Rollouts(NamedTuple):

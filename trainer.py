@@ -89,6 +89,11 @@ class RecPOConfig(TrainingArguments):
     gen_top_k: int = field(default=200, metadata={"help": "Top-k sampling, 0 = off (paper 200, launcher 50)."})
     gen_top_p: float = field(default=1.0, metadata={"help": "Top-p (nucleus) sampling."})
     max_new_tokens: int = field(default=640, metadata={"help": "Longest reasoning, <answer> included."})
+    tempered_logprobs: bool = field(
+        default=False,
+        metadata={"help": "Token loss on log softmax(logits / --gen_temperature), TRL GRPO's convention, "
+                          "instead of log softmax(logits)."},
+    )
     compile_rollouts: bool = field(
         default=False,
         metadata={"help": "torch.compile the decode step on GPUs: ~1.7× faster rollouts, ~75 s per new shape."},
@@ -146,10 +151,11 @@ class RecPOConfig(TrainingArguments):
         # Without --eval_steps, train.py derives the SPEC §5 interval once the data size is known
         # (TrainingArguments would otherwise fall back to logging_steps); checkpoints follow it
         # unless --save_steps is given, so the best one exists when it is evaluated.
-        if self.save_steps is not None and self.load_best_model_at_end and self.save_steps != self.eval_steps:
-            raise UserError(f"--save_steps {self.save_steps:g}: with --load_best_model_at_end (the default) a checkpoint "
-                            "is saved at every evaluation — drop --save_steps (--save_total_limit keeps fewer), "
-                            "or pass --load_best_model_at_end False")
+        by_steps = self.save_strategy == "steps" and self.eval_strategy == "steps"
+        if by_steps and self.load_best_model_at_end and self.save_steps not in (None, self.eval_steps):
+            raise UserError(f"--save_steps {self.save_steps:g}: with --load_best_model_at_end (the default) a "
+                            "checkpoint is saved at every evaluation — drop --save_steps (--save_total_limit "
+                            "keeps fewer), or pass --load_best_model_at_end False")
         self.eval_steps_from_data = self.eval_steps is None
         self.save_steps_from_eval = self.save_steps is None
         if self.save_steps is None:
@@ -213,6 +219,7 @@ class RecPOConfig(TrainingArguments):
             temperature=self.gen_temperature,
             top_k=self.gen_top_k,
             top_p=self.gen_top_p,
+            tempered_logprobs=self.tempered_logprobs,
         )
 
 
@@ -491,11 +498,12 @@ class RecPOTrainer(Trainer):
     def token_loss(self, logprobs, batch: RecPOBatch, rows, completion_len):
         """SPEC §4.5 on the micro-batch `rows`.
 
-        π is the policy that sampled, softmax(logits / --gen_temperature) (as TRL's GRPO; `update`
-        computes it so). π_old is the policy at sampling time as the update's own forward computes it: the first
-        update of a rollout batch uses its log-probs detached (ρ = 1, REINFORCE, as SPEC states),
-        later ones (`num_iterations` > 1) what the first recorded. The sampler's log-probs are not
-        used: they come without LoRA dropout and from other kernels, so ρ would drift from 1.
+        π = softmax(logits), or softmax(logits / --gen_temperature) with --tempered_logprobs (the
+        policy that sampled, as in TRL's GRPO); `update` computes it so. π_old is the policy at
+        sampling time as the update's own forward computes it: the first update of a rollout batch
+        uses its log-probs detached (ρ = 1, REINFORCE, as SPEC states), later ones
+        (`num_iterations` > 1) what the first recorded. The sampler's log-probs are not used: they
+        come without LoRA dropout and from other kernels, so ρ would drift from 1.
         """
         old = logprobs.detach() if batch.token_old_logprobs is None else batch.token_old_logprobs[rows, :completion_len]
         return clipped_token_loss(

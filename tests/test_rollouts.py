@@ -129,20 +129,23 @@ def test_sampled_user_states_equal_encode(family):
     assert (lengths < T).any() and (lengths == T).any(), "want both natural and forced stops"
 
 
-def test_sampled_logprobs_equal_a_fresh_forward():
+@pytest.mark.parametrize("tempered", [False, True])
+def test_sampled_logprobs_equal_a_fresh_forward(tempered):
     model = tiny_model("gemma2")
     ids, mask = prompts((7, 3, 5, 7))
     stop_ids = [[11, 12], [13]]
     T = 20
     torch.manual_seed(3)
-    r = generate_rollouts(model, ids, mask, 3, SamplingConfig(T, temperature=1.5, top_k=40), stop_ids, PAD)
+    sampling = SamplingConfig(T, temperature=1.5, top_k=40, tempered_logprobs=tempered)
+    r = generate_rollouts(model, ids, mask, 3, sampling, stop_ids, PAD)
     assert_well_formed(r, stop_ids, T)
     assert r.completion_ids.shape[0] == 12 and torch.equal(r.prompt_ids[3 * 2 + 1], ids[2])
-    # log-probs of the sampling policy softmax(logits / 1.5), top-k left out
-    fresh = fresh_forward(model, r.prompt_ids, r.prompt_mask, r.completion_ids, r.completion_mask, 1.5)[0]
-    torch.testing.assert_close(r.logprobs, fresh, atol=2e-5, rtol=0)
-    untempered = fresh_forward(model, r.prompt_ids, r.prompt_mask, r.completion_ids, r.completion_mask)[0]
-    assert (r.logprobs - untempered).abs().max() > 1e-2
+    # log-probs of softmax(logits), or of the sampling policy softmax(logits / 1.5); top-k left out
+    fresh = {t: fresh_forward(model, r.prompt_ids, r.prompt_mask, r.completion_ids, r.completion_mask, t)[0]
+             for t in (1.0, 1.5)}
+    expected, other = (fresh[1.5], fresh[1.0]) if tempered else (fresh[1.0], fresh[1.5])
+    torch.testing.assert_close(r.logprobs, expected, atol=2e-5, rtol=0)
+    assert (r.logprobs - other).abs().max() > 1e-2
     assert len(set(map(tuple, r.completion_ids[:3].tolist()))) > 1, "G samples of one prompt should differ"
 
 
@@ -155,7 +158,7 @@ def test_forced_stop_fills_the_budget():
         r = generate_rollouts(model, ids, mask, 2, SamplingConfig(T, temperature=1.2), [stop], PAD)
         assert r.completion_ids.shape == (6, T) and r.completion_mask.all()
         assert (r.completion_ids[:, -len(stop):] == torch.tensor(stop)).all()
-        fresh = fresh_forward(model, r.prompt_ids, r.prompt_mask, r.completion_ids, r.completion_mask, 1.2)[0]
+        fresh = fresh_forward(model, r.prompt_ids, r.prompt_mask, r.completion_ids, r.completion_mask)[0]
         torch.testing.assert_close(r.logprobs, fresh, atol=2e-5, rtol=0)
         assert_user_states_are_encode(model, r)
 

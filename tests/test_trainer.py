@@ -12,6 +12,7 @@ import torch.nn.functional as F
 import train
 from errors import UserError
 from model import add_lora, encode, load_backbone, policy_forward
+from rollouts import fresh_forward
 from tests.backbones import tiny_backbone
 from tests.tiny_data import tiny_dataset
 from trainer import RecPOConfig, RecPOTrainer
@@ -176,14 +177,15 @@ def test_evaluation_over_four_processes_counts_every_sample_once(tmp_path):
     assert split["metrics"] == pytest.approx(one["metrics"])
 
 
-@pytest.mark.parametrize("checkpointing", [False, True])
-def test_update_gradient_equals_one_backward_of_the_whole_loss(tmp_path, checkpointing):
+@pytest.mark.parametrize("checkpointing, tempered", [(False, True), (True, False)])
+def test_update_gradient_equals_one_backward_of_the_whole_loss(tmp_path, checkpointing, tempered):
     """Micro-batches, and the target items encoded once per update, must add up to the full loss."""
     from tests.dist_update_worker import GROUP, USERS, fixed_batch, tiny_lora_model
 
     model, tokenizer = tiny_lora_model(gradient_checkpointing=checkpointing)
     config = tiny_config(tmp_path, per_device_train_batch_size=USERS, group_size=GROUP, micro_batch_size=3,
-                         lora_dropout=0.0, gradient_checkpointing=checkpointing, gen_temperature=2.0)
+                         lora_dropout=0.0, gradient_checkpointing=checkpointing, gen_temperature=2.0,
+                         tempered_logprobs=tempered)
     trainer = RecPOTrainer(model, config, tokenizer, tiny_dataset(), "Video_Games")
     trainer.refresh_item_table(model)
     batch = fixed_batch(trainer, model, rank=0, world=1, noise_scale=0.0)  # on-policy: ρ = q = 1
@@ -191,14 +193,14 @@ def test_update_gradient_equals_one_backward_of_the_whole_loss(tmp_path, checkpo
     grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
 
     # The same loss written out directly, for all trajectories at once, one backward. On-policy the
-    # clipped terms have the gradients of -A·log π (token, π = softmax(logits / 2), the sampling
-    # policy) and -Â·log p (item).
+    # clipped terms have the gradients of -A·log π (token; π = softmax(logits), or softmax(logits / 2)
+    # tempered) and -Â·log p (item).
     model.zero_grad(set_to_none=True)
     rollouts, num = batch.rollouts, len(batch.advantages)
     completion_len = rollouts.completion_ids.shape[1]
     logprobs, users = policy_forward(model, torch.cat([rollouts.prompt_ids, rollouts.completion_ids], 1),
                                      torch.cat([rollouts.prompt_mask, rollouts.completion_mask], 1), completion_len,
-                                     temperature=2.0)
+                                     temperature=2.0 if tempered else 1.0)
     token = 0.0
     for rows in torch.arange(num).split(3):  # released normalisation: per micro-batch of 3
         mask = rollouts.completion_mask[rows].float()
@@ -239,12 +241,18 @@ def test_first_update_is_on_policy_although_the_sampler_runs_without_lora_dropou
     assert logged["rollout/logprob_gap"] > 1e-3  # the sampler's own log-probs would have given ρ ≠ 1
 
 
-def test_sampler_and_update_score_tokens_under_the_same_temperature(tmp_path):
-    """Without dropout the update's forward recomputes the sampler's log-probs of softmax(z / T)."""
-    trainer = tiny_trainer(tmp_path, gen_temperature=2.0, lora_dropout=0.0)
+@pytest.mark.parametrize("tempered", [False, True])
+def test_sampler_and_update_score_tokens_under_the_same_temperature(tmp_path, tempered):
+    """The update's forward recomputes the sampler's log-probs, of softmax(z) by default and of
+    softmax(z / T) with --tempered_logprobs (fresh LoRA: B = 0, so LoRA dropout changes nothing)."""
+    trainer = tiny_trainer(tmp_path, gen_temperature=2.0, tempered_logprobs=tempered)
     model = trainer.model
     trainer.refresh_item_table(model)
     batch = trainer.make_batch(model, [trainer.train_dataset[i] for i in range(2)])
+    r = batch.rollouts
+    untempered = fresh_forward(model, r.prompt_ids, r.prompt_mask, r.completion_ids, r.completion_mask)[0]
+    distance = (r.logprobs - untempered).abs().max().item()
+    assert distance > 1e-2 if tempered else distance < 1e-4
     model.train()
     trainer.update(trainer.accelerator.prepare_model(model), batch)
     assert trainer._metrics["rollout/logprob_gap"][-1].item() < 1e-4
@@ -382,6 +390,7 @@ def test_bad_flags_are_named_before_any_work(flags, message):
     (["--eval_steps", "5", "--save_steps", "5"], 5, 5),
     (["--eval_steps", "5", "--save_steps", "7", "--load_best_model_at_end", "False"], 5, 7),
     (["--save_steps", "7", "--load_best_model_at_end", "False"], 3, 7),
+    (["--save_steps", "7", "--eval_strategy", "epoch", "--save_strategy", "epoch"], 3, 7),  # unused: allowed
 ])
 def test_checkpoints_follow_evaluations_unless_asked_otherwise(flags, eval_steps, save_steps):
     config = train.parse_config(["--dataset_dir", "/nonexistent", "--train_batch_size", "2", *flags])
