@@ -151,11 +151,14 @@ def policy_forward(model, input_ids: torch.Tensor, attention_mask: torch.Tensor,
         return hidden.new_zeros(input_ids.shape[0], 0, dtype=torch.float32), h
     targets = input_ids[:, -n:]  # (B, n)
     # One row at a time in float32: a (B, n, V) float32 copy of the logits is the peak memory
-    # of the whole step for 256k-token vocabularies.
-    logprobs = torch.stack([
-        torch.log_softmax(logits[:-1].float() / temperature, -1).gather(-1, target[:, None]).squeeze(-1)  # (n,)
-        for logits, target in zip(out.logits, targets)
-    ])  # (B, n)
+    # of the whole step for 256k-token vocabularies (and temperature 1 adds no second copy).
+    rows_logprobs = []
+    for logits, target in zip(out.logits, targets):
+        scores = logits[:-1].float()  # (n, V)
+        if temperature != 1:
+            scores = scores / temperature
+        rows_logprobs.append(torch.log_softmax(scores, -1).gather(-1, target[:, None]).squeeze(-1))  # (n,)
+    logprobs = torch.stack(rows_logprobs)  # (B, n)
     valid = attention_mask[:, -n:].bool() & attention_mask[:, -n - 1 : -1].bool()  # (B, n), predictor real too
     return torch.where(valid, logprobs, 0.0), h
 

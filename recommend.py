@@ -158,13 +158,14 @@ def recommend_batch(trainer: RecPOTrainer, samples: list[dict], rows: list[int],
     `<answer>` included.
     """
     batch = trainer.recommend(trainer.model, samples, top_k)
+    ranks, top_ids, top_scores = batch.target_ranks.tolist(), batch.top_ids.tolist(), batch.top_scores.tolist()
     records = []
     for i, sample in enumerate(samples):
         top = [{"item_id": item, "title": titles[item], "score": score}
-               for item, score in zip(batch.top_ids[i].tolist(), batch.top_scores[i].tolist())
+               for item, score in zip(top_ids[i], top_scores[i])
                if score != -math.inf]  # fewer unseen items than K: masked ones are no recommendation
         records.append({"user_id": sample["user_id"], "split": split, "row": rows[i],
-                        "target_item_id": sample["item_id"], "target_rank": int(batch.target_ranks[i]),
+                        "target_item_id": sample["item_id"], "target_rank": ranks[i],
                         "reasoning": batch.reasonings[i], "top_k": top})
     return records, batch.lengths.cpu()
 

@@ -398,7 +398,8 @@ def _choose(st: _DecodeState, logits: torch.Tensor):
     forced = (st.step >= st.force_from) & ~st.done  # (N,)
     token = torch.where(forced, st.force.index_select(0, force_index), token)
     token = torch.where(st.done, st.pad_token_id, token)  # (N,)
-    scaled = logits / st.sampling.policy_temperature  # (N, V)
+    temperature = st.sampling.policy_temperature
+    scaled = logits if temperature == 1 else logits / temperature  # (N, V); no copy by default
     logp = scaled.gather(1, token[:, None]) - scaled.logsumexp(-1, keepdim=True)  # (N, 1)
     logp = logp.masked_fill(st.done[:, None], 0.0)
     st.completion.index_copy_(1, st.step, token[:, None])

@@ -435,6 +435,10 @@ class RecPOTrainer(Trainer):
             self.stop_ids, self.processing_class.pad_token_id, compile_step=self.args.compile_rollouts,
         )
 
+    def target_ids(self, samples: list[dict]) -> torch.Tensor:
+        """Each sample's target item id.  -> (B,) on the device."""
+        return torch.tensor([s["item_id"] for s in samples], device=self.args.device)
+
     def rank_items(self, user_states: torch.Tensor, samples: list[dict]) -> torch.Tensor:
         """Scores of every user state over the item table, history items and pad masked.  -> (N, I)."""
         group = len(user_states) // len(samples)
@@ -442,12 +446,12 @@ class RecPOTrainer(Trainer):
         histories = [s["history_item_id"] for s in samples for _ in range(group)]
         return mask_seen(scores, histories)
 
-    def rewards(self, user_states: torch.Tensor, samples: list[dict]):
-        """SPEC §4.2 for each trajectory, against the cached item table.  -> R, NDCG, prob (N,)."""
+    def rewards(self, user_states: torch.Tensor, samples: list[dict], targets: torch.Tensor):
+        """SPEC §4.2 for each trajectory, against the cached item table.  targets (B,) -> R, NDCG, prob (N,)."""
         group = len(user_states) // len(samples)
-        targets = torch.tensor([s["item_id"] for s in samples], device=user_states.device).repeat_interleave(group)
         reward, ndcg, prob, _ = recpo_reward(
-            self.rank_items(user_states, samples), targets, self.args.beta, self.args.reward_ndcg_k
+            self.rank_items(user_states, samples), targets.repeat_interleave(group), self.args.beta,
+            self.args.reward_ndcg_k,
         )
         return reward, ndcg, prob
 
@@ -464,9 +468,8 @@ class RecPOTrainer(Trainer):
         greedy = SamplingConfig(max_new_tokens=self.args.max_new_tokens, greedy=True)
         rollouts = self.rollout(model, samples, greedy, 1)
         scores = self.rank_items(rollouts.user_states, samples)  # (B, I), history and pad at -inf
-        targets = torch.tensor([s["item_id"] for s in samples], device=scores.device)  # (B,)
         top_scores, top_ids = scores.topk(min(top_k, scores.shape[1]), dim=1)  # (B, K)
-        return Recommendations(target_rank(scores, targets), top_ids, top_scores,
+        return Recommendations(target_rank(scores, self.target_ids(samples)), top_ids, top_scores,
                                reasoning_texts(self.processing_class, rollouts), rollouts.completion_mask.sum(1))
 
     def make_batch(self, model, samples: list[dict]) -> RecPOBatch:
@@ -476,8 +479,9 @@ class RecPOTrainer(Trainer):
                 self.refresh_item_table(model)
         with self._timed("rollout"):
             rollouts = self.rollout(model, samples, self.args.sampling, self.args.group_size)
+        targets = self.target_ids(samples)  # (B,)
         with self._timed("reward"):
-            reward, ndcg, prob = self.rewards(rollouts.user_states, samples)
+            reward, ndcg, prob = self.rewards(rollouts.user_states, samples, targets)
         self._check_finite(reward, "reward")
         advantages = self.advantages(reward)
         rewards_by_group = reward.view(-1, self.args.group_size)
@@ -492,7 +496,6 @@ class RecPOTrainer(Trainer):
                 "completions/mean_length": rollouts.completion_mask.sum(1).float().mean(),
             }
         )
-        targets = torch.tensor([s["item_id"] for s in samples], device=self.args.device)
         return RecPOBatch(rollouts, targets, advantages, self.relabel(advantages))
 
     def token_loss(self, logprobs, batch: RecPOBatch, rows, completion_len):
