@@ -60,6 +60,14 @@ def load_backbone(name_or_path: str, dtype: torch.dtype | None = torch.bfloat16,
     return model, tokenizer
 
 
+def end_of_turn_ids(model, tokenizer) -> set[int]:
+    """Token ids that end the assistant's turn: the tokenizer's eos and the generation config's
+    (Gemma-2-it's `<end_of_turn>`, Qwen2.5-Instruct's `<|im_end|>` and `<|endoftext|>`)."""
+    configured = model.generation_config.eos_token_id
+    ids = configured if isinstance(configured, list) else [configured]
+    return {i for i in (tokenizer.eos_token_id, *ids) if i is not None}
+
+
 def attention_implementation(config) -> str | None:
     """"eager" for models with attention soft-capping (Gemma-2), whose SDPA path some transformers
     versions (5.17) run without it; None (the default, SDPA) for the rest."""

@@ -11,6 +11,8 @@ Both end inside the assistant turn, on `<answer>`: the rec head reads the hidden
 `<answer>` is plain text, not a new vocabulary token. Nothing here runs on its own; the tests
 are `pytest tests/test_prompts.py`.
 """
+from dataclasses import dataclass
+
 ANSWER = "<answer>"
 ANSWER_CLOSE = "</answer>"
 
@@ -125,19 +127,76 @@ def _ids(tokenizer, text: str) -> list[int]:
     return tokenizer(text, add_special_tokens=False)["input_ids"]
 
 
-def answer_stop_ids(tokenizer) -> list[list[int]]:
-    """Token-id sequences whose generation ends a reasoning: `<answer>` as it tokenises bare,
-    after a space, a newline, a full stop or a colon (BPE merges the first piece with what
-    precedes it, e.g. ' <' or '.<'). Each sequence decodes to text ending in `<answer>`."""
-    stops = []
+@dataclass(frozen=True)
+class StopRule:
+    """How a reasoning ends, in token ids (SPEC §2, §4.1: at `<answer>`, appended when missing).
+
+    A row ends when its last tokens match one of `patterns`; `patterns[p][j]` holds the tokens
+    allowed at position j of pattern p. The row's last token is then replaced by `last_ids[p]`
+    (`>` for a sampled `>[`), so the reasoning ends exactly where the pattern's text does. A row
+    that writes one of `end_ids` (its turn ends) gets `forced` from that token on, in place of
+    it; so does a row still going `len(forced)` tokens before max_new_tokens. Frozen and
+    hashable: it keys the rollout engine's captured decode graphs.
+    """
+
+    patterns: tuple[tuple[frozenset, ...], ...]
+    last_ids: tuple[int, ...]
+    forced: tuple[int, ...]
+    end_ids: frozenset = frozenset()
+
+    @classmethod
+    def exact(cls, sequences: list[list[int]], end_ids=()) -> "StopRule":
+        """Rows end on any of these token sequences; the first of the shortest is forced."""
+        patterns = tuple(tuple(frozenset([t]) for t in s) for s in sequences)
+        return cls(patterns, tuple(s[-1] for s in sequences), tuple(min(sequences, key=len)), frozenset(end_ids))
+
+    def match(self, tokens: list[int]) -> int | None:
+        """`last_ids` of the first pattern that `tokens` end with, or None."""
+        for pattern, last in zip(self.patterns, self.last_ids):
+            tail = tokens[len(tokens) - len(pattern):]
+            if len(tail) == len(pattern) and all(t in allowed for t, allowed in zip(tail, pattern)):
+                return last
+        return None
+
+
+def answer_stop(tokenizer, end_ids=()) -> StopRule:
+    """The `StopRule` of `<answer>` in this tokenizer: a reasoning ends at the first `<answer>`
+    it writes, or gets it appended when its turn ends (`end_ids`) or its tokens run out.
+
+    BPE merges the first piece of `<answer>` with the text before it ('?<', ' <') and the last
+    piece with the text after it ('>[', '>\\n'). So the first position of a pattern takes every
+    token whose text ends with the first piece, and the last every token whose text starts with
+    the last piece. Patterns come from `<answer>` tokenised bare and after a space, a newline, a
+    full stop and a colon; the bare one is forced.
+    """
+    raw = tokenizer.convert_ids_to_tokens(list(range(len(tokenizer))))
+
+    def tokens_whose_text(piece, test):
+        candidates = [i for i, r in enumerate(raw) if r is not None and piece in r]  # cheap pre-filter
+        texts = tokenizer.batch_decode([[i] for i in candidates])
+        return frozenset(i for i, text in zip(candidates, texts) if test(text, piece))
+
+    patterns, last_ids = [], []
     for context in ("", " ", "\n", ".", ":"):
         prefix, full = _ids(tokenizer, context), _ids(tokenizer, context + ANSWER)
         shared = 0
         while shared < min(len(prefix), len(full)) and prefix[shared] == full[shared]:
             shared += 1
-        if full[shared:] not in stops:
-            stops.append(full[shared:])
-    return stops
+        ids = full[shared:]
+        if len(ids) == 1:  # `<answer>` is one token: only that token
+            pattern = (frozenset(ids),)
+        else:
+            first_text, last = tokenizer.decode(ids[:1]), tokenizer.decode(ids[-1:])
+            first = next((first_text[k:] for k in range(len(first_text)) if ANSWER.startswith(first_text[k:])), None)
+            heads = tokens_whose_text(first, str.endswith) if first else frozenset(ids[:1])
+            tails = tokens_whose_text(last, str.startswith) if last and ANSWER.endswith(last) else frozenset(ids[-1:])
+            pattern = (heads, *(frozenset([t]) for t in ids[1:-1]), tails)
+        if pattern not in patterns:
+            patterns.append(pattern)
+            last_ids.append(ids[-1])
+        if context == "":
+            forced = tuple(ids)
+    return StopRule(tuple(patterns), tuple(last_ids), forced, frozenset(end_ids))
 
 
 def prompt_ids(tokenizer, user_text: str, max_tokens: int = MAX_PROMPT_TOKENS) -> list[int]:

@@ -53,6 +53,7 @@ import torch.nn.functional as F
 from transformers import AttentionInterface, GenerationConfig, StoppingCriteria, StoppingCriteriaList
 
 from model import decoder_hook, last_positions, policy_forward
+from prompts import StopRule
 
 ATTENTION_NAME = "r2ec_rollout"
 PREFIX_BUCKET = 128  # prefix capacity grows in these steps, so varying prompt lengths reuse one graph
@@ -105,7 +106,7 @@ class Rollouts(NamedTuple):
     user_states: torch.Tensor | None = None  # (N, D) float32, h at each row's last token (= `encode` in model.py)
 
 
-def _check_inputs(prompt_ids, prompt_mask, num_samples, sampling, stop_ids):
+def _check_inputs(prompt_ids, prompt_mask, num_samples, sampling, stop: StopRule):
     if prompt_ids.ndim != 2 or prompt_ids.shape != prompt_mask.shape:
         raise ValueError(f"prompt_ids {tuple(prompt_ids.shape)} and prompt_mask {tuple(prompt_mask.shape)} "
                          "must both be (num_prompts, P)")
@@ -113,17 +114,11 @@ def _check_inputs(prompt_ids, prompt_mask, num_samples, sampling, stop_ids):
         raise ValueError("prompts must be left-padded (prompt_mask[:, -1] all 1): tokenize with padding_side='left'")
     if num_samples < 1:
         raise ValueError(f"num_samples={num_samples}: must be at least 1")
-    if not stop_ids or not all(stop_ids):
-        raise ValueError(f"stop_ids={stop_ids!r}: give at least one non-empty token-id sequence of <answer>")
-    shortest = min(len(s) for s in stop_ids)
-    if sampling.max_new_tokens < shortest:
+    if not stop.forced or stop.match(list(stop.forced)) != stop.forced[-1]:
+        raise ValueError(f"stop.forced={stop.forced!r} must be a non-empty sequence that ends a pattern of the rule")
+    if sampling.max_new_tokens < len(stop.forced):
         raise ValueError(f"max_new_tokens={sampling.max_new_tokens} cannot hold the stop sequence "
-                         f"({shortest} tokens): raise max_new_tokens")
-
-
-def _forced_stop(stop_ids: list[list[int]]) -> list[int]:
-    """The stop sequence forced on rows that have not stopped: the first of the shortest."""
-    return min(stop_ids, key=len)
+                         f"({len(stop.forced)} tokens): raise max_new_tokens")
 
 
 def _base_model(model):
@@ -195,7 +190,7 @@ class _DecodeState:
     Per-layer key/value buffers are allocated by the first prefill, which knows their shapes.
     """
 
-    def __init__(self, num_prompts, num_samples, prefix_capacity, sampling, stop_ids, pad_token_id, device):
+    def __init__(self, num_prompts, num_samples, prefix_capacity, sampling, stop, pad_token_id, vocab_size, device):
         B, G, T = num_prompts, num_samples, sampling.max_new_tokens
         N, Pcap = B * G, prefix_capacity
         self.B, self.G, self.N, self.T, self.Pcap = B, G, N, T, Pcap
@@ -226,11 +221,26 @@ class _DecodeState:
         self.active = torch.zeros(N, T + 1, dtype=torch.bool, device=device)
         self.done = torch.zeros(N, dtype=torch.bool, device=device)
         self.finished = torch.zeros(N, dtype=torch.bool, device=device)  # last chosen token ends the row
-        # Stop test: the last few chosen tokens against each stop sequence
-        self.stops = [torch.tensor(s, device=device) for s in stop_ids]
-        self.recent = torch.full((N, max(map(len, stop_ids))), -1, dtype=torch.long, device=device)
-        self.force = torch.tensor(_forced_stop(stop_ids), device=device)  # (L,)
+        # Stop test (StopRule): pattern p matches when allowed[p, j, window[j]] for every j of
+        # the window of the last L tokens; shorter patterns are padded with all-True positions on
+        # the left, and the extra column V stands for "no token yet".
+        L = max(map(len, stop.patterns))
+        allowed = torch.ones(len(stop.patterns), L, vocab_size + 1, dtype=torch.bool)
+        for p, pattern in enumerate(stop.patterns):
+            for j, ids in enumerate(pattern, L - len(pattern)):
+                allowed[p, j] = False
+                allowed[p, j, sorted(ids)] = True
+        self.stop_allowed = allowed.to(device)  # (P, L, V + 1)
+        self.stop_last = torch.tensor(stop.last_ids, device=device)  # (P,)
+        self.window_index = torch.arange(L, device=device)[None]  # (1, L)
+        self.no_token = vocab_size
+        self.recent = torch.full((N, L - 1), self.no_token, dtype=torch.long, device=device)  # tokens before this one
+        self.is_end = torch.zeros(vocab_size, dtype=torch.bool, device=device)  # (V,) tokens that end a turn
+        self.is_end[sorted(i for i in stop.end_ids if i < vocab_size)] = True
+        self.force = torch.tensor(stop.forced, device=device)  # (F,)
         self.force_from = T - len(self.force)  # first step at which unstopped rows are forced
+        # each row's first forced step: force_from, or the step at which it wrote an end of turn
+        self.force_start = torch.full((N,), self.force_from, dtype=torch.long, device=device)
         self.graph = None  # the captured decode step (CUDA only)
 
     def start(self, prompt_mask: torch.Tensor, positions: torch.Tensor):
@@ -254,7 +264,8 @@ class _DecodeState:
         self.active.zero_()
         self.done.zero_()
         self.finished.zero_()
-        self.recent.fill_(-1)
+        self.recent.fill_(self.no_token)
+        self.force_start.fill_(self.force_from)
         if self.user_states is not None:
             self.user_states.zero_()
 
@@ -389,14 +400,21 @@ def _catch_user_states(module, args, output):
 def _choose(st: _DecodeState, logits: torch.Tensor):
     """Pick token `step` for every row, record it, run the stop test; all on the device.
 
-    logits (N, V) float32. Rows past `force_from` that have not stopped get the forced stop
-    sequence instead of a sample; stopped rows get padding, log-prob 0 and mask 0. `finished`
-    marks the rows this token ends, whose h the next step's decoder output is.
+    logits (N, V) float32. A row that samples an end of turn, or is still going at `force_from`,
+    gets the forced stop sequence from there on instead of samples; a token that completes a
+    stop pattern is replaced by the pattern's last id; stopped rows get padding, log-prob 0 and
+    mask 0. `finished` marks the rows this token ends, whose h the next step's decoder output is.
     """
     token = _sample_tokens(logits, st.sampling)  # (N,)
-    force_index = (st.step - st.force_from).clamp(0, len(st.force) - 1)  # (1,)
-    forced = (st.step >= st.force_from) & ~st.done  # (N,)
-    token = torch.where(forced, st.force.index_select(0, force_index), token)
+    ends_turn = st.is_end[token] & ~st.done & (st.step < st.force_start)  # (N,)
+    st.force_start.copy_(torch.where(ends_turn, st.step, st.force_start))
+    forced = (st.step >= st.force_start) & ~st.done  # (N,)
+    force_index = (st.step - st.force_start).clamp(0, len(st.force) - 1)  # (N,)
+    token = torch.where(forced, st.force[force_index], token)
+    window = torch.cat([st.recent, token[:, None]], 1)  # (N, L)
+    matches = st.stop_allowed[:, st.window_index, window].all(-1)  # (P, N)
+    hit = matches.any(0) & ~st.done  # (N,)
+    token = torch.where(hit, st.stop_last[matches.int().argmax(0)], token)
     token = torch.where(st.done, st.pad_token_id, token)  # (N,)
     temperature = st.sampling.policy_temperature
     scaled = logits if temperature == 1 else logits / temperature  # (N, V); no copy by default
@@ -405,11 +423,8 @@ def _choose(st: _DecodeState, logits: torch.Tensor):
     st.completion.index_copy_(1, st.step, token[:, None])
     st.logprobs.index_copy_(1, st.step, logp)
     st.active.index_copy_(1, st.step, ~st.done[:, None])
-    st.recent.copy_(torch.cat([st.recent[:, 1:], token[:, None]], 1))  # (N, Lmax)
-    hit = torch.zeros_like(st.done)  # (N,)
-    for stop in st.stops:
-        hit |= (st.recent[:, -len(stop):] == stop).all(1)
-    st.finished.copy_(hit & ~st.done)
+    st.recent.copy_(torch.cat([st.recent, token[:, None]], 1)[:, 1:])  # (N, L - 1)
+    st.finished.copy_(hit)
     st.done |= hit
     st.tokens.copy_(token[:, None])
     st.step += 1
@@ -475,7 +490,7 @@ def _capture(model, st: _DecodeState):
 _STATES: "weakref.WeakKeyDictionary[torch.nn.Module, OrderedDict]" = weakref.WeakKeyDictionary()
 
 
-def _state_for(model, num_prompts, num_samples, prompt_len, sampling, stop_ids, pad_token_id, device,
+def _state_for(model, num_prompts, num_samples, prompt_len, sampling, stop, pad_token_id, device,
                compile_step):
     """The decode state of this shape, reused (with its graph) when the shape was seen before.
 
@@ -487,7 +502,7 @@ def _state_for(model, num_prompts, num_samples, prompt_len, sampling, stop_ids, 
     """
     states = _STATES.setdefault(model, OrderedDict())
     weights = tuple(p.data_ptr() for p in model.parameters())
-    key = (num_prompts, num_samples, sampling, tuple(map(tuple, stop_ids)), pad_token_id, str(device), compile_step)
+    key = (num_prompts, num_samples, sampling, stop, pad_token_id, str(device), compile_step)
     st = states.pop(key, None)
     capacity = prompt_len
     if st is not None and st.weights != weights:
@@ -496,7 +511,8 @@ def _state_for(model, num_prompts, num_samples, prompt_len, sampling, stop_ids, 
         capacity, st = max(prompt_len, 2 * st.Pcap), None
     if st is None:
         capacity = PREFIX_BUCKET * math.ceil(capacity / PREFIX_BUCKET)
-        st = _DecodeState(num_prompts, num_samples, capacity, sampling, stop_ids, pad_token_id, device)
+        vocab_size = _base_model(model).get_output_embeddings().weight.shape[0]
+        st = _DecodeState(num_prompts, num_samples, capacity, sampling, stop, pad_token_id, vocab_size, device)
         st.weights = weights
         st.step_fn = torch.compile(_decode_step, dynamic=False) if compile_step else _decode_step
     states[key] = st  # most recently used last
@@ -529,23 +545,23 @@ def _active(st: _DecodeState):
 
 
 def generate_rollouts(model, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, num_samples: int,
-                      sampling: SamplingConfig, stop_ids: list[list[int]], pad_token_id: int,
+                      sampling: SamplingConfig, stop: StopRule, pad_token_id: int,
                       *, cuda_graphs: bool = True, compile_step: bool = False) -> Rollouts:
-    """`num_samples` (= G) reasonings per prompt, each ending with a stop sequence.
+    """`num_samples` (= G) reasonings per prompt, each ending as `stop` says.
 
     prompt_ids, prompt_mask (num_prompts, P) left-padded, on the model's device. A row stops
-    when its generated tokens end with any of `stop_ids`; a row still going after
-    `max_new_tokens - len(shortest stop)` tokens gets the shortest stop forced, so every row
-    ends with one within `max_new_tokens`. `cuda_graphs=False` runs the same steps eagerly
+    when its generated tokens end with a pattern of `stop`; a row that ends its turn, or is
+    still going after `max_new_tokens - len(stop.forced)` tokens, gets `stop.forced`, so every
+    row ends with a stop within `max_new_tokens`. `cuda_graphs=False` runs the same steps eagerly
     (the CPU always does). `compile_step=True` runs the decode step through `torch.compile`
     (fused kernels inside the graph; the first call of each shape pays the compilation).
     `user_states` holds each row's h at its last token, as `encode` (model.py) of prompt + reasoning
     gives it (in eval mode, the mode of generation), so the caller need not run that forward.
     """
-    _check_inputs(prompt_ids, prompt_mask, num_samples, sampling, stop_ids)
+    _check_inputs(prompt_ids, prompt_mask, num_samples, sampling, stop)
     device = prompt_ids.device
     B, P = prompt_ids.shape
-    st = _state_for(model, B, num_samples, P, sampling, stop_ids, pad_token_id, device, compile_step)
+    st = _state_for(model, B, num_samples, P, sampling, stop, pad_token_id, device, compile_step)
     use_graph = cuda_graphs and device.type == "cuda"
     # The user-state hook is registered for the whole call, outside the (possibly compiled)
     # step, so the warm-up, the capture and every eager or compiled step run it: a captured
@@ -588,46 +604,48 @@ def fresh_forward(model, prompt_ids, prompt_mask, completion_ids, completion_mas
     return logp * completion_mask, h.float()
 
 
-class _StopOnSuffix(StoppingCriteria):
-    """`generate` stopping criterion: the generated tokens end with one of the stop sequences."""
+class _StopCriterion(StoppingCriteria):
+    """`generate` stopping criterion: the generated tokens end with a stop pattern or an end of turn."""
 
-    def __init__(self, stop_ids: list[list[int]], prompt_len: int):
-        self.stop_ids, self.prompt_len = stop_ids, prompt_len
+    def __init__(self, stop: StopRule, prompt_len: int):
+        self.stop, self.prompt_len = stop, prompt_len
 
     def __call__(self, input_ids, scores, **kwargs) -> torch.BoolTensor:
-        new = input_ids[:, self.prompt_len:]  # (N, t)
-        hit = torch.zeros(len(input_ids), dtype=torch.bool, device=input_ids.device)
-        for stop in self.stop_ids:
-            if new.shape[1] >= len(stop):
-                hit |= (new[:, -len(stop):] == torch.tensor(stop, device=new.device)).all(1)
-        return hit
+        new = input_ids[:, self.prompt_len:].tolist()  # (N, t)
+        ended = [row[-1] in self.stop.end_ids or self.stop.match(row) is not None for row in new]
+        return torch.tensor(ended, device=input_ids.device)
 
 
-def _cut_or_force(tokens: list[int], stop_ids: list[list[int]]) -> list[int]:
-    """Tokens up to the first completed stop; when none completes, append the forced stop one
-    token at a time until one does (as the engine does)."""
-    for end in range(1, len(tokens) + 1):
-        if any(tokens[:end][-len(s):] == s for s in stop_ids if end >= len(s)):
-            return tokens[:end]
-    out = list(tokens)
-    for token in _forced_stop(stop_ids):
+def _cut_or_force(tokens: list[int], stop: StopRule) -> list[int]:
+    """Tokens up to the first completed stop pattern, its last token replaced as the rule says;
+    at an end of turn, or when none completes, the forced stop instead, one token at a time
+    until a pattern completes (as the engine does)."""
+    out = []
+    for token in tokens:
+        if token in stop.end_ids:
+            break
         out.append(token)
-        if any(out[-len(s):] == s for s in stop_ids if len(out) >= len(s)):
+        last = stop.match(out)
+        if last is not None:
+            return out[:-1] + [last]
+    for token in stop.forced:
+        out.append(token)
+        if stop.match(out) is not None:
             break
     return out
 
 
 def generate_rollouts_reference(model, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, num_samples: int,
-                                sampling: SamplingConfig, stop_ids: list[list[int]],
+                                sampling: SamplingConfig, stop: StopRule,
                                 pad_token_id: int) -> Rollouts:
     """The same contract through plain `generate` (tests and benchmark only: it is slow).
 
-    `generate` runs `max_new_tokens - len(forced stop)` tokens with a stop-suffix criterion; the
+    `generate` runs `max_new_tokens - len(stop.forced)` tokens with the rule as its criterion; the
     host then cuts each row after its first stop or appends the forced stop, and one forward
     pass over prompt + completion gives the log-probs and the user states h.
     """
-    _check_inputs(prompt_ids, prompt_mask, num_samples, sampling, stop_ids)
-    budget = sampling.max_new_tokens - len(_forced_stop(stop_ids))
+    _check_inputs(prompt_ids, prompt_mask, num_samples, sampling, stop)
+    budget = sampling.max_new_tokens - len(stop.forced)
     P = prompt_ids.shape[1]
     prompt_ids = prompt_ids.repeat_interleave(num_samples, 0)  # (N, P); rows, not num_return_sequences,
     prompt_mask = prompt_mask.repeat_interleave(num_samples, 0)  # which greedy decoding refuses
@@ -639,9 +657,9 @@ def generate_rollouts_reference(model, prompt_ids: torch.Tensor, prompt_mask: to
                                   max_new_tokens=budget, **filters)
         with _generation_mode(model):
             out = model.generate(input_ids=prompt_ids, attention_mask=prompt_mask, generation_config=config,
-                                 stopping_criteria=StoppingCriteriaList([_StopOnSuffix(stop_ids, P)]))
+                                 stopping_criteria=StoppingCriteriaList([_StopCriterion(stop, P)]))
         generated = out[:, P:].tolist()
-    rows = [_cut_or_force(r, stop_ids) for r in generated]
+    rows = [_cut_or_force(r, stop) for r in generated]
     width = max(map(len, rows))
     completion = torch.tensor([r + [pad_token_id] * (width - len(r)) for r in rows], device=prompt_ids.device)
     mask = torch.tensor([[1] * len(r) + [0] * (width - len(r)) for r in rows], device=prompt_ids.device)

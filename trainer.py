@@ -30,9 +30,9 @@ from transformers import Trainer, TrainingArguments
 
 from errors import UserError, one_line, write_jsonl
 from metrics import ndcg_at_k, ranking_metrics, target_rank
-from model import LORA_TARGETS, TAU, ItemTable, encode, mask_seen, policy_forward, similarity
+from model import LORA_TARGETS, TAU, ItemTable, encode, end_of_turn_ids, mask_seen, policy_forward, similarity
 from paths import DEFAULT_MODEL
-from prompts import MAX_ITEM_TOKENS, MAX_PROMPT_TOKENS, answer_stop_ids, left_pad, prompt_ids, user_prompt
+from prompts import MAX_ITEM_TOKENS, MAX_PROMPT_TOKENS, answer_stop, left_pad, prompt_ids, user_prompt
 from rollouts import Rollouts, SamplingConfig, generate_rollouts
 
 # RecPOConfig keeps the checkpointing flags' old names, the only ones transformers 5.17 knows.
@@ -394,7 +394,7 @@ class RecPOTrainer(Trainer):
         self.item_table = ItemTable(
             dataset["item_info"], tokenizer, category, batch_size=args.item_batch_size, max_tokens=args.max_item_tokens
         )
-        self.stop_ids = answer_stop_ids(tokenizer)
+        self.stop = answer_stop(tokenizer, end_of_turn_ids(model, tokenizer))
         self._metrics = defaultdict(list)
         self._table_encoded = False
         self._buffer: RecPOBatch | None = None
@@ -432,7 +432,7 @@ class RecPOTrainer(Trainer):
         ids, mask = self.tokenize_prompts(samples)
         return generate_rollouts(
             self.accelerator.unwrap_model(model), ids, mask, num_samples, sampling,
-            self.stop_ids, self.processing_class.pad_token_id, compile_step=self.args.compile_rollouts,
+            self.stop, self.processing_class.pad_token_id, compile_step=self.args.compile_rollouts,
         )
 
     def target_ids(self, samples: list[dict]) -> torch.Tensor:

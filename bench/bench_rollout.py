@@ -33,6 +33,7 @@ from transformers import AutoModelForCausalLM, Gemma2Config, Qwen2Config
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from model import add_lora, attention_implementation  # noqa: E402  (the repo root joins the path first)
+from prompts import StopRule  # noqa: E402
 from rollouts import (  # noqa: E402
     SamplingConfig,
     clear_rollout_cache,
@@ -146,10 +147,11 @@ def check_greedy(model, dtype, device):
     vocab = model.config.vocab_size
     ids, mask = random_prompts(vocab, [48, 30, 64, 17], device, seed=1)
     greedy = SamplingConfig(max_new_tokens=32, greedy=True)
-    free = generate_rollouts_reference(model, ids, mask, 1, greedy, [[vocab - 1] * 3], PAD).completion_ids
+    never = StopRule.exact([[vocab - 1] * 3])
+    free = generate_rollouts_reference(model, ids, mask, 1, greedy, never, PAD).completion_ids
     row = free[0].tolist()
     stop = next((t for i, t in enumerate(row) if i >= 8 and t not in row[:i]), vocab - 1)
-    stops = [[stop]]  # row 0 stops after ~8 tokens on a token it writes; the others may be forced
+    stops = StopRule.exact([[stop]])  # row 0 stops after ~8 tokens on a token it writes; the others may be forced
     ref = generate_rollouts_reference(model, ids, mask, 2, greedy, stops, PAD)
     ours = generate_rollouts(model, ids, mask, 2, greedy, stops, PAD)
     width = max(ref.completion_ids.shape[1], ours.completion_ids.shape[1])
@@ -169,7 +171,7 @@ def check_sampled_logprobs(model, device):
     vocab = model.config.vocab_size
     ids, mask = random_prompts(vocab, [64, 40, 64, 20], device, seed=2)
     sampling = SamplingConfig(32, temperature=2.0, top_k=50)
-    r = generate_rollouts(model, ids, mask, 4, sampling, [[vocab - 1]], PAD)
+    r = generate_rollouts(model, ids, mask, 4, sampling, StopRule.exact([[vocab - 1]]), PAD)
     fresh, h = fresh_forward(model, r.prompt_ids, r.prompt_mask, r.completion_ids, r.completion_mask,
                              sampling.policy_temperature)
     diff = (fresh - r.logprobs).abs()[r.completion_mask.bool()]
@@ -183,7 +185,8 @@ def run_ours(model, shape, device, runs, compile_step=False):
     vocab = model.config.vocab_size
     ids, mask = random_prompts(vocab, [P] * B, device)
     sampling = SamplingConfig(max_new_tokens=new, temperature=2.0, top_k=50)
-    call = lambda: generate_rollouts(model, ids, mask, G, sampling, [[vocab - 1, vocab - 2]], PAD,
+    stop = StopRule.exact([[vocab - 1, vocab - 2]])
+    call = lambda: generate_rollouts(model, ids, mask, G, sampling, stop, PAD,
                                      compile_step=compile_step)
     first, warm = timed(call, device)  # prefill + capture (+ compilation) + one full rollout
     times = []

@@ -80,7 +80,7 @@ def main():
     prompt_ids, prompt_mask = (t.repeat_interleave(args.group, 0) for t in (prompt_ids, prompt_mask))
     num = args.users * args.group
     generator = torch.Generator().manual_seed(0)
-    stop = trainer.stop_ids[0]
+    stop = list(trainer.stop.forced)
     if args.new_tokens <= len(stop):
         raise UserError(f"--new_tokens {args.new_tokens}: the completion ends in {len(stop)} stop tokens — "
                         f"use at least {len(stop) + 1}")

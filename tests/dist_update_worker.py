@@ -30,7 +30,7 @@ USERS, GROUP = 4, 2  # the global batch
 def fixed_completions(trainer):
     """G random completions per user of the global batch, each ending in <answer>, and noise."""
     generator = torch.Generator().manual_seed(1)
-    stop, pad = trainer.stop_ids[0], trainer.processing_class.pad_token_id
+    stop, pad = list(trainer.stop.forced), trainer.processing_class.pad_token_id
     rows = [torch.randint(300, 2000, (int(torch.randint(2, 6, (1,), generator=generator)),),
                           generator=generator).tolist() + stop for _ in range(USERS * GROUP)]
     width = max(map(len, rows))

@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from errors import UserError
-from model import ItemTable, add_lora, encode, load_backbone, mask_seen, policy_forward, similarity
+from model import ItemTable, add_lora, encode, end_of_turn_ids, load_backbone, mask_seen, policy_forward, similarity
 from paths import DEFAULT_MODEL, resolve_model
 from prompts import chat_prompt, item_ids
 from tests.backbones import FAMILIES, tiny_backbone
@@ -211,6 +211,16 @@ def test_load_backbone_turns_dropout_off_and_pads_left(tmp_path):
     assert model.config.attention_dropout == 0.0 and model.model.layers[0].self_attn.attention_dropout == 0.0
     assert tokenizer.padding_side == "left" and tokenizer.pad_token_id is not None
     assert model.dtype == torch.float32
+
+
+def test_end_of_turn_ids_join_the_tokenizer_and_the_generation_config():
+    """Gemma-2-it ends its turn with <end_of_turn>, which only its generation config names; SmolLM2
+    with <|im_end|>, its eos."""
+    gemma, gemma_tokenizer = load_backbone(tiny_backbone("gemma2"), dtype=torch.float32)
+    names = gemma_tokenizer.convert_ids_to_tokens(sorted(end_of_turn_ids(gemma, gemma_tokenizer)))
+    assert sorted(names) == ["<end_of_turn>", "<eos>"]
+    smol, smol_tokenizer = load_backbone(tiny_backbone("llama"), dtype=torch.float32)
+    assert smol_tokenizer.convert_ids_to_tokens(sorted(end_of_turn_ids(smol, smol_tokenizer))) == ["<|im_end|>"]
 
 
 def test_a_folder_without_a_model_fails_in_one_line(tmp_path):

@@ -4,7 +4,7 @@ from transformers import AutoTokenizer
 
 from prompts import (
     ANSWER,
-    answer_stop_ids,
+    answer_stop,
     category_words,
     chat_prompt,
     format_elapsed,
@@ -106,12 +106,33 @@ def test_chat_formats(family, tokenizer):
     assert tokenizer.decode(ids(tokenizer, CHAT[family])) == CHAT[family]  # one BOS, no more
 
 
-def test_answer_stop_ids_end_every_reasoning(tokenizer):
-    stops = answer_stop_ids(tokenizer)
-    assert all(tokenizer.decode(stop).endswith(ANSWER) for stop in stops)
-    for context in ("", " ", "\n", "."):
-        generated = ids(tokenizer, chat_prompt(tokenizer, "Hi")) + ids(tokenizer, "I pick a tuner" + context + ANSWER)
-        assert any(generated[-len(stop):] == stop for stop in stops), context
+def first_stop(stop, tokens):
+    """(index of the token that ends the reasoning, its replacement) by the rule, or None."""
+    return next(((end, stop.match(tokens[:end + 1])) for end in range(len(tokens))
+                 if stop.match(tokens[:end + 1]) is not None), None)
+
+
+@pytest.mark.parametrize("before,after", [
+    ("", ""), (" ", ""), ("\n", ""), (".", ""), (":", ""),  # the contexts the patterns come from
+    ("?", ""), (")", ""), ('"', ""), ("**", ""), ("\n\n", ""),  # BPE merges '?<', ')<', ...
+    ("", "[Snark Tuner]</answer>"), ("", "\nSnark"), ("", '"Snark"'), ("", "(Snark)"), (".", " Snark"),  # '>[', ...
+])
+def test_answer_stop_ends_at_the_first_answer_marker(tokenizer, before, after):
+    """However BPE splits the text around it, the reasoning ends at its first `<answer>`, cut
+    back to the marker itself: the decoded reasoning is the text up to and including it."""
+    stop = answer_stop(tokenizer)
+    reasoning = "I pick a tuner" + before + ANSWER
+    generated = ids(tokenizer, chat_prompt(tokenizer, "Hi") + reasoning + after)
+    start = len(ids(tokenizer, chat_prompt(tokenizer, "Hi")))
+    end, replacement = first_stop(stop, generated[start:])
+    kept = generated[start:start + end] + [replacement]
+    assert tokenizer.decode(kept) == reasoning
+    assert tokenizer.decode(list(stop.forced)) == ANSWER
+
+
+@pytest.mark.parametrize("text", ["I pick a tuner < answer>", "I pick <answer", "<answe r>", "the answer> is"])
+def test_answer_stop_ignores_text_without_the_marker(tokenizer, text):
+    assert first_stop(answer_stop(tokenizer), ids(tokenizer, text)) is None
 
 
 def test_long_prompts_lose_their_oldest_history_lines(tokenizer):

@@ -17,8 +17,8 @@ from datasets import load_from_disk
 import recommend
 from errors import run_cli
 from metrics import ranking_metrics
-from model import load_backbone, policy_forward
-from prompts import answer_stop_ids, item_ids, prompt_ids, user_prompt
+from model import end_of_turn_ids, load_backbone, policy_forward
+from prompts import answer_stop, item_ids, prompt_ids, user_prompt
 from rollouts import SamplingConfig, generate_rollouts
 from tests.backbones import tiny_backbone
 from tests.tiny_run import CATEGORY, ROOT, trained_run
@@ -73,7 +73,8 @@ def test_top_k_equals_a_ranking_computed_by_hand(run_dir, dataset, shown):
             sample = dataset["test"][record["row"]]
             prompt = torch.tensor([prompt_ids(tokenizer, user_prompt(sample, CATEGORY))])  # (1, P)
             rollout = generate_rollouts(model, prompt, torch.ones_like(prompt), 1, SamplingConfig(8, greedy=True),
-                                        answer_stop_ids(tokenizer), tokenizer.pad_token_id)
+                                        answer_stop(tokenizer, end_of_turn_ids(model, tokenizer)),
+                                        tokenizer.pad_token_id)
             reasoning = rollout.completion_ids[:, rollout.completion_mask[0].bool()]  # (1, C)
             assert tokenizer.decode(reasoning[0], skip_special_tokens=True) == record["reasoning"]
             ids = torch.cat([prompt, reasoning], 1)  # (1, P + C)

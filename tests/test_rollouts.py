@@ -23,6 +23,7 @@ from transformers import (
 import rollouts
 from bench.bench_rollout import PAD, random_prompts
 from model import attention_implementation, encode
+from prompts import StopRule
 from rollouts import SamplingConfig, fresh_forward, generate_rollouts, generate_rollouts_reference
 
 VOCAB = 320
@@ -56,22 +57,25 @@ def prompts(lengths=(9, 6, 4), seed=1, vocab=VOCAB):
     return random_prompts(vocab, lengths, "cpu", seed)
 
 
+NEVER = StopRule.exact([[VOCAB - 1] * 3])  # a stop these models never write: every row is forced
+
+
 def natural_and_forced_stops(model, ids, mask, max_new_tokens):
     """Stop sequences taken from the model's own greedy text: row 0 ends early on a 2-token stop,
     and a 1-token stop from row 2's text; rows that never meet either are forced."""
     free = generate_rollouts_reference(model, ids, mask, 1, SamplingConfig(max_new_tokens, greedy=True),
-                                       [[VOCAB - 1] * 3], PAD).completion_ids
-    return [free[0, 3:5].tolist(), [int(free[2, 10])]]
+                                       NEVER, PAD).completion_ids
+    return StopRule.exact([free[0, 3:5].tolist(), [int(free[2, 10])]])
 
 
-def assert_well_formed(r, stop_ids, max_new_tokens):
+def assert_well_formed(r, stop, max_new_tokens):
     """Every row: a block of mask 1 ending with a stop sequence, then padding with log-prob 0."""
     lengths = r.completion_mask.sum(1)
     assert int(lengths.max()) == r.completion_ids.shape[1] <= max_new_tokens
     for row, n in enumerate(lengths.tolist()):
         assert r.completion_mask[row, :n].all() and not r.completion_mask[row, n:].any()
         tokens = r.completion_ids[row, :n].tolist()
-        assert any(tokens[-len(s):] == s for s in stop_ids), tokens
+        assert stop.match(tokens) == tokens[-1], tokens
         assert (r.completion_ids[row, n:] == PAD).all() and (r.logprobs[row, n:] == 0).all()
 
 
@@ -99,12 +103,12 @@ def test_greedy_equals_generate(family):
     model = lora_model() if family == "qwen2-lora" else tiny_model(family)
     ids, mask = prompts()
     T = 24
-    stop_ids = natural_and_forced_stops(model, ids, mask, T)
+    stop = natural_and_forced_stops(model, ids, mask, T)
     sampling = SamplingConfig(max_new_tokens=T, greedy=True)
-    ref = generate_rollouts_reference(model, ids, mask, 2, sampling, stop_ids, PAD)
-    ours = generate_rollouts(model, ids, mask, 2, sampling, stop_ids, PAD)
+    ref = generate_rollouts_reference(model, ids, mask, 2, sampling, stop, PAD)
+    ours = generate_rollouts(model, ids, mask, 2, sampling, stop, PAD)
     assert_same_rollouts(ours, ref)
-    assert_well_formed(ours, stop_ids, T)
+    assert_well_formed(ours, stop, T)
     assert_user_states_are_encode(model, ours)
     lengths = ours.completion_mask.sum(1)
     assert (lengths < T).any() and (lengths == T).any(), "want both natural and forced stops"
@@ -119,11 +123,11 @@ def test_sampled_user_states_equal_encode(family):
     T = 16
     sampling = SamplingConfig(T, temperature=1.5, top_k=40)
     torch.manual_seed(5)
-    free = generate_rollouts(model, ids, mask, 2, sampling, [[VOCAB - 1] * 3], PAD).completion_ids
-    stop_ids = [[int(free[0, 4])]]
+    free = generate_rollouts(model, ids, mask, 2, sampling, NEVER, PAD).completion_ids
+    stop = StopRule.exact([[int(free[0, 4])]])
     torch.manual_seed(5)
-    r = generate_rollouts(model, ids, mask, 2, sampling, stop_ids, PAD)
-    assert_well_formed(r, stop_ids, T)
+    r = generate_rollouts(model, ids, mask, 2, sampling, stop, PAD)
+    assert_well_formed(r, stop, T)
     assert_user_states_are_encode(model, r)
     lengths = r.completion_mask.sum(1)
     assert (lengths < T).any() and (lengths == T).any(), "want both natural and forced stops"
@@ -133,12 +137,12 @@ def test_sampled_user_states_equal_encode(family):
 def test_sampled_logprobs_equal_a_fresh_forward(tempered):
     model = tiny_model("gemma2")
     ids, mask = prompts((7, 3, 5, 7))
-    stop_ids = [[11, 12], [13]]
+    stop = StopRule.exact([[11, 12], [13]])
     T = 20
     torch.manual_seed(3)
     sampling = SamplingConfig(T, temperature=1.5, top_k=40, tempered_logprobs=tempered)
-    r = generate_rollouts(model, ids, mask, 3, sampling, stop_ids, PAD)
-    assert_well_formed(r, stop_ids, T)
+    r = generate_rollouts(model, ids, mask, 3, sampling, stop, PAD)
+    assert_well_formed(r, stop, T)
     assert r.completion_ids.shape[0] == 12 and torch.equal(r.prompt_ids[3 * 2 + 1], ids[2])
     # log-probs of softmax(logits), or of the sampling policy softmax(logits / 1.5); top-k left out
     fresh = {t: fresh_forward(model, r.prompt_ids, r.prompt_mask, r.completion_ids, r.completion_mask, t)[0]
@@ -155,12 +159,47 @@ def test_forced_stop_fills_the_budget():
     stop = [VOCAB - 1, VOCAB - 2, VOCAB - 1]  # never written by this model: every row is forced
     # T = len(stop): the whole budget is the forced stop; h then comes from the extra step T
     for T, stop in ((1, stop[:1]), (3, stop), (10, stop)):
-        r = generate_rollouts(model, ids, mask, 2, SamplingConfig(T, temperature=1.2), [stop], PAD)
+        r = generate_rollouts(model, ids, mask, 2, SamplingConfig(T, temperature=1.2), StopRule.exact([stop]), PAD)
         assert r.completion_ids.shape == (6, T) and r.completion_mask.all()
         assert (r.completion_ids[:, -len(stop):] == torch.tensor(stop)).all()
         fresh = fresh_forward(model, r.prompt_ids, r.prompt_mask, r.completion_ids, r.completion_mask)[0]
         torch.testing.assert_close(r.logprobs, fresh, atol=2e-5, rtol=0)
         assert_user_states_are_encode(model, r)
+
+
+@pytest.mark.parametrize("family", ["qwen2", "gemma2", "llama"])
+def test_stop_rule_token_sets_replacement_and_end_of_turn(family):
+    """What `answer_stop` relies on, greedy, engine against `generate`: a pattern position
+    allows a set of tokens (a BPE merge like '?<' or '>['), the token completing a pattern is
+    replaced by the pattern's last id ('>' for '>['), and a row that writes an end of turn
+    gets the forced stop in its place. Expected rows: a walk over the free greedy text."""
+    model = tiny_model(family)
+    ids, mask = prompts()
+    T = 24
+    free = generate_rollouts_reference(model, ids, mask, 1, SamplingConfig(T + 3, greedy=True), NEVER, PAD)
+    rows = [row[:T] for row in free.completion_ids.tolist()]  # before NEVER's forced 3 tokens
+    unused = sorted(set(range(VOCAB)) - {t for row in rows for t in row})
+    first, second = {unused[0], rows[0][3]}, {unused[1], rows[0][4]}
+    end = rows[2][6]
+    replacement, forced = unused[2], unused[3:5]
+    stop = StopRule(patterns=((frozenset(first), frozenset(second)), (frozenset(forced[:1]), frozenset(forced[1:]))),
+                    last_ids=(replacement, forced[1]), forced=tuple(forced), end_ids=frozenset({end}))
+
+    def expected(row):
+        for i, token in enumerate(row[:T - len(forced)]):
+            if token == end:
+                return row[:i] + forced, "end of turn"
+            if i > 0 and row[i - 1] in first and token in second:
+                return row[:i] + [replacement], "pattern"
+        return row[:T - len(forced)] + forced, "budget"
+
+    sampling = SamplingConfig(max_new_tokens=T, greedy=True)
+    ours = generate_rollouts(model, ids, mask, 1, sampling, stop, PAD)
+    assert_same_rollouts(ours, generate_rollouts_reference(model, ids, mask, 1, sampling, stop, PAD))
+    assert_user_states_are_encode(model, ours)
+    lengths = ours.completion_mask.sum(1).tolist()
+    assert [ours.completion_ids[i, :n].tolist() for i, n in enumerate(lengths)] == [expected(r)[0] for r in rows]
+    assert {"pattern", "end of turn"} <= {expected(r)[1] for r in rows}, "want both kinds of stop"
 
 
 @pytest.mark.parametrize("temperature,top_k,top_p", [(1.0, 0, 1.0), (1.5, 5, 1.0), (0.7, 0, 0.8), (1.0, 8, 0.9)])
@@ -177,7 +216,7 @@ def test_sampling_follows_the_filtered_distribution(temperature, top_k, top_p):
     torch.manual_seed(7)
     n = 8000
     sampling = SamplingConfig(max_new_tokens=2, temperature=temperature, top_k=top_k, top_p=top_p)
-    first = generate_rollouts(model, ids, mask, n, sampling, [[23]], PAD).completion_ids[:, 0]
+    first = generate_rollouts(model, ids, mask, n, sampling, StopRule.exact([[23]]), PAD).completion_ids[:, 0]
     counts = torch.bincount(first, minlength=24).double()
     support = expected > 0
     assert counts[~support].sum() == 0, "a filtered-out token was sampled"
@@ -194,7 +233,7 @@ def test_model_state_is_restored_and_outputs_feed_autograd():
     model.gradient_checkpointing_enable()
     before = [m.training for m in model.modules()]
     ids, mask = prompts()
-    r = generate_rollouts(model, ids, mask, 2, SamplingConfig(8), [[5]], PAD)
+    r = generate_rollouts(model, ids, mask, 2, SamplingConfig(8), StopRule.exact([[5]]), PAD)
     assert [m.training for m in model.modules()] == before
     assert model.config._attn_implementation == "sdpa"
     assert not model.get_decoder()._forward_hooks, "the user-state hook must be removed"
@@ -212,7 +251,7 @@ def test_lm_head_reads_contiguous_rows():
         lambda m, args, out: seen.append((out.shape[1], args[0].is_contiguous()))
     )
     ids, mask = prompts()
-    generate_rollouts(model, ids, mask, 2, SamplingConfig(max_new_tokens=4, greedy=True), [[7]], PAD)
+    generate_rollouts(model, ids, mask, 2, SamplingConfig(max_new_tokens=4, greedy=True), StopRule.exact([[7]]), PAD)
     hook.remove()
     assert seen and set(seen) == {(1, True)}
 
@@ -225,8 +264,8 @@ def test_one_state_serves_other_prompt_lengths():
     sampling = SamplingConfig(max_new_tokens=12, greedy=True)
     for lengths, capacity in (((9, 6, 4), 128), ((3, 5, 2), 128), ((140, 20, 7), 256)):
         ids, mask = prompts(lengths, seed=sum(lengths))
-        ref = generate_rollouts_reference(model, ids, mask, 2, sampling, [[7]], PAD)
-        assert_same_rollouts(generate_rollouts(model, ids, mask, 2, sampling, [[7]], PAD), ref)
+        ref = generate_rollouts_reference(model, ids, mask, 2, sampling, StopRule.exact([[7]]), PAD)
+        assert_same_rollouts(generate_rollouts(model, ids, mask, 2, sampling, StopRule.exact([[7]]), PAD), ref)
         (state,) = rollouts._STATES[model].values()
         assert state.Pcap == capacity
 
@@ -235,8 +274,8 @@ def test_bad_inputs_are_refused():
     model = tiny_model("qwen2")
     ids, mask = prompts()
     with pytest.raises(ValueError, match="left-padded"):
-        generate_rollouts(model, ids, mask.flip(1), 2, SamplingConfig(8), [[5]], PAD)
+        generate_rollouts(model, ids, mask.flip(1), 2, SamplingConfig(8), StopRule.exact([[5]]), PAD)
     with pytest.raises(ValueError, match="raise max_new_tokens"):
-        generate_rollouts(model, ids, mask, 2, SamplingConfig(2), [[5, 6, 7]], PAD)
+        generate_rollouts(model, ids, mask, 2, SamplingConfig(2), StopRule.exact([[5, 6, 7]]), PAD)
     with pytest.raises(ValueError, match="top_p"):
         SamplingConfig(8, top_p=0.0)
