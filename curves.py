@@ -14,7 +14,7 @@ import sys
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
-from errors import UserError, check_output_file, read_json, run_cli, write_atomically
+from errors import UserError, check_output_file, one_line_parser_errors, read_json, run_cli, write_atomically
 
 # (panel title, log_history keys drawn in it); the keys are those RecPOTrainer logs.
 PANELS = (
@@ -98,6 +98,7 @@ def latest_trainer_state(output_dir: str) -> str:
 
 def main(argv: list[str]) -> str:
     parser = argparse.ArgumentParser(description="Plot the training curves of an R²ec run.")
+    one_line_parser_errors(parser, "python curves.py --help")
     parser.add_argument("output_dir", help="The --output_dir of a train.py run.")
     parser.add_argument("--output", help="Image to write: .png, .pdf, .svg, ... "
                         "(default: OUTPUT_DIR/training_curves.png).")

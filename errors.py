@@ -104,3 +104,13 @@ def run_cli(main, *args, **kwargs):
     except KeyboardInterrupt:
         print("error: interrupted", file=sys.stderr)
         sys.exit(130)
+
+
+def one_line_parser_errors(parser, help_command: str):
+    """`parser` (argparse) raises UserError on a bad flag, shown as one line by `run_cli`,
+    instead of printing its whole usage; returns it."""
+    def error(message):
+        raise UserError(f"{message} — {help_command} lists the flags")
+
+    parser.error = error
+    return parser

@@ -58,7 +58,7 @@ TRAIN_ARGS=(
 # Bad flags, a missing dataset or a placeholder model path: one error line here, instead of one
 # per process followed by the launcher's traceback.
 OMP_NUM_THREADS=1 RANK=0 LOCAL_RANK=0 WORLD_SIZE=1 MASTER_ADDR=127.0.0.1 MASTER_PORT="$MAIN_PROCESS_PORT" \
-    "$PYTHON" train.py "${TRAIN_ARGS[@]}" --check_only True >/dev/null
+    R2EC_PROCESSES="$((NUM_PROCESSES * NUM_MACHINES))" "$PYTHON" train.py "${TRAIN_ARGS[@]}" --check_only True >/dev/null
 # The Trainer sets DeepSpeed up from --deepspeed; accelerate only starts the processes.
 # --multi_gpu also makes `accelerate launch` start several processes on CPU (ACCELERATE_USE_CPU=true).
 MULTI=()

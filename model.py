@@ -47,6 +47,9 @@ def load_backbone(name_or_path: str, dtype: torch.dtype | None = torch.bfloat16,
     except (OSError, ValueError, SafetensorError) as e:  # no config/tokenizer/weights, unknown type, truncated file
         raise UserError(f"cannot load model {name_or_path!r} from {path!r}: {one_line(e)} — "
                         "point paths.py or --model at a complete model folder") from e
+    if not tokenizer.chat_template:
+        raise UserError(f"model {name_or_path!r} ({path!r}) has no chat template — R²ec needs an instruction-tuned "
+                        "backbone (…-it, …-Instruct) with the tokenizer files it was released with")
     tokenizer.padding_side = "left"
     if tokenizer.pad_token is None:  # the mask, not the id, tells padding apart, so eos is safe
         tokenizer.pad_token = tokenizer.eos_token

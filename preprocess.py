@@ -38,7 +38,7 @@ import requests
 import urllib3
 from tqdm import tqdm
 
-from errors import UserError, folder_problem, one_line, run_cli
+from errors import UserError, folder_problem, one_line, one_line_parser_errors, run_cli
 
 DEFAULT_BASE_URL = "https://mcauleylab.ucsd.edu/public_datasets/data/amazon_2023/"
 BASE_URL_ENV = "R2EC_AMAZON_BASE_URL"
@@ -530,6 +530,7 @@ def save_atomically(write, target):
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    one_line_parser_errors(p, "python preprocess.py --help")
     p.add_argument("--category", default="Musical_Instruments",
                    help="Amazon Reviews 2023 category, e.g. Video_Games, CDs_and_Vinyl")
     p.add_argument("--K", type=int, default=0, help="K-core threshold inside the window (0: none)")
@@ -605,7 +606,13 @@ def main(argv=None):
     import datasets  # slow import: only once the flags are known to be good
 
     datasets.disable_progress_bars()  # four "Saving the dataset" bars would bury the statistics
-    ratings_path, meta_path = fetch_raw(args.category, args.data_root_dir, args.base_url)
+    root_existed = os.path.isdir(args.data_root_dir)
+    try:
+        ratings_path, meta_path = fetch_raw(args.category, args.data_root_dir, args.base_url)
+    except UserError:
+        if not root_existed and os.path.isdir(args.data_root_dir) and not os.listdir(args.data_root_dir):
+            os.rmdir(args.data_root_dir)  # created for a download that failed: leave nothing behind
+        raise
 
     with GzipLines(meta_path) as meta_lines:  # decompresses while the ratings are read
         ratings = read_ratings(ratings_path)
@@ -619,6 +626,10 @@ def main(argv=None):
         raise UserError(f"the window {start[0]}-{start[1]} .. {args.ed_year}-{args.ed_month} with "
                         f"K={args.K} leaves no samples — widen the window or lower --K")
     a, b = split_bounds(n)
+    if a == b or b == n:
+        raise UserError(f"the window {start[0]}-{start[1]} .. {args.ed_year}-{args.ed_month} with K={args.K} "
+                        f"leaves {n} samples, too few for the 80/10/10 split to give valid and test any — "
+                        "widen the window or lower --K")
     dataset = datasets.DatasetDict({
         "train": datasets.Dataset(samples.slice(0, a)),
         "valid": datasets.Dataset(samples.slice(a, b - a)),

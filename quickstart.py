@@ -15,7 +15,7 @@ import os
 import subprocess
 import sys
 
-from errors import UserError, run_cli
+from errors import UserError, one_line_parser_errors, run_cli
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 CATEGORY = "Video_Games"
@@ -25,6 +25,7 @@ METRICS = ("ndcg@5", "ndcg@10", "ndcg@20", "hit@5", "hit@10", "hit@20")
 
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    one_line_parser_errors(parser, "python quickstart.py --help")
     parser.add_argument("--output_dir", default=os.path.join("outputs", "quickstart"))
     parser.add_argument("--seed", type=int, default=42)
     parser.add_argument("--steps", type=int, default=12, help="RecPO steps (8 users × 2 reasonings each)")
@@ -54,7 +55,7 @@ def train_flags(args) -> list[str]:
         "--window_size", "5", "--max_new_tokens", "16", "--train_batch_size", "8", "--group_size", "2",
         "--micro_batch_size", "16", "--learning_rate", "2e-3", "--warmup_steps", "0", "--lora_dropout", "0",
         "--gradient_checkpointing", "False", "--load_best_model_at_end", "False",
-        "--report_to", "tensorboard", "--logging_steps", "1",
+        "--report_to", "tensorboard", "--logging_steps", "1", "--overwrite_output_dir", "True",
     ]
 
 

@@ -27,7 +27,7 @@ import textwrap
 import torch
 from tqdm.auto import tqdm
 
-from errors import UserError, check_output_file, read_json, run_cli, write_jsonl
+from errors import UserError, check_output_file, one_line, one_line_parser_errors, read_json, run_cli, write_jsonl
 from metrics import KS, ranking_metrics
 from model import load_backbone
 from paths import resolve_model
@@ -96,11 +96,15 @@ def inference_config(args, run: dict, device: str) -> RecPOConfig:
     recorded = {key: value for key, value in run.items() if key in CONFIG_FIELDS}  # window_size, tau, ...
     if args.dataset_dir:
         recorded["dataset_dir"] = args.dataset_dir  # the flag wins over the run's dataset
-    return RecPOConfig(
-        **recorded, output_dir=args.output_dir, dataset_category=run["category"], use_cpu=device == "cpu",
-        bf16=False, report_to="none", eval_strategy="no", save_strategy="no", load_best_model_at_end=False,
-        eval_on_start=False, gradient_checkpointing=False, per_device_eval_batch_size=args.batch_size,
-    )
+    try:
+        return RecPOConfig(
+            **recorded, output_dir=args.output_dir, dataset_category=run["category"], use_cpu=device == "cpu",
+            bf16=False, report_to="none", eval_strategy="no", save_strategy="no", load_best_model_at_end=False,
+            eval_on_start=False, gradient_checkpointing=False, per_device_eval_batch_size=args.batch_size,
+        )
+    except TypeError as e:  # a setting of the wrong type, e.g. "window_size": "abc"
+        raise UserError(f"r2ec_run.json in {args.output_dir!r} holds a setting of the wrong type ({one_line(e)}) — "
+                        "re-run train.py for this run or restore the file") from e
 
 
 def load_recommender(folder: str, run: dict, config: RecPOConfig, dataset, category: str, dtype) -> RecPOTrainer:
@@ -111,15 +115,21 @@ def load_recommender(folder: str, run: dict, config: RecPOConfig, dataset, categ
 
     path = base_model_path(run)
     base, _ = load_backbone(path, dtype=dtype)
+    damaged = f"re-run train.py for {folder!r} or restore its files"
     try:
         model = PeftModel.from_pretrained(base, folder)  # inference mode: adapters frozen, dropout off
     except RuntimeError as e:
         if "size mismatch" not in str(e):
-            raise
+            raise UserError(f"the adapter in {folder!r} cannot be loaded ({one_line(e)}) — {damaged}") from e
         raise UserError(f"the adapter in {folder!r} was trained on {run['model']!r} ({run.get('model_path')!r} "
                         f"then), but it now resolves to {path!r}, a backbone of another size — point paths.py's "
                         "model_names (or \"model\" in r2ec_run.json) back at the backbone it was trained on") from e
-    tokenizer = AutoTokenizer.from_pretrained(folder)
+    except Exception as e:  # truncated weights, a config that is not JSON: the libraries raise many kinds
+        raise UserError(f"the adapter in {folder!r} cannot be loaded ({one_line(e)}) — {damaged}") from e
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(folder)
+    except (OSError, ValueError) as e:
+        raise UserError(f"the tokenizer in {folder!r} cannot be loaded ({one_line(e)}) — {damaged}") from e
     tokenizer.padding_side = "left"  # not saved with the tokenizer; prompts are left-padded
     trainer = RecPOTrainer(model, config, tokenizer, dataset, category)  # moves the model to config.device
     trainer.refresh_item_table(trainer.model)
@@ -224,6 +234,7 @@ def format_metrics(metrics: dict[str, float], split: str, count: int) -> str:
 
 def parse_args(argv: list[str]):
     parser = argparse.ArgumentParser(description="Recommend with a trained R²ec model (see the file docstring).")
+    one_line_parser_errors(parser, "python recommend.py --help")
     parser.add_argument("--output_dir", required=True, help="A train.py output folder (or a checkpoint-* in it).")
     parser.add_argument("--split", default="test", help=f"One of {', '.join(SPLITS)}.")
     which = parser.add_mutually_exclusive_group()

@@ -7,19 +7,23 @@ Three processes with DeepSpeed ZeRO-2 (what launch_train.sh runs, on GPUs 0-3 as
 `python train.py --help` lists every flag; the released launcher's spellings (`--train_batch_size`,
 `--eval_batch_size`) are accepted too.
 """
+import glob
 import os
 import re
+import shutil
 import sys
+import zipfile
 
+import pyarrow.compute as pc
 import torch
 from transformers import EarlyStoppingCallback, HfArgumentParser, set_seed
 from transformers.trainer_utils import get_last_checkpoint
 
 from curves import plot_training_curves
-from errors import UserError, folder_problem, run_cli, write_json
+from errors import UserError, folder_problem, one_line, one_line_parser_errors, read_json, run_cli, write_json
 from model import add_lora, load_backbone
 from paths import resolve_model
-from trainer import RecPOConfig, RecPOTrainer
+from trainer import RecPOConfig, RecPOTrainer, check_train_size
 
 # Spellings of the released launcher -> TrainingArguments names.
 FLAG_ALIASES = {"--train_batch_size": "--per_device_train_batch_size", "--eval_batch_size": "--per_device_eval_batch_size"}
@@ -42,15 +46,17 @@ def parse_config(argv: list[str]) -> RecPOConfig:
         argv += ["--output_dir", os.path.join("outputs", run_name)]
     if not torch.cuda.is_available() and not any(arg.startswith("--use_cpu") for arg in argv):
         argv += ["--use_cpu", "True"]  # the Trainer (and DeepSpeed through it) needs this without a GPU
-    config, unknown = HfArgumentParser(RecPOConfig).parse_args_into_dataclasses(args=argv, return_remaining_strings=True)
+    parser = one_line_parser_errors(HfArgumentParser(RecPOConfig), "python train.py --help")
+    config, unknown = parser.parse_args_into_dataclasses(args=argv, return_remaining_strings=True)
     if unknown:
         raise UserError(f"unknown argument(s) {' '.join(unknown)} — python train.py --help lists the flags")
     return config
 
 
 def check_output_dir(config: RecPOConfig) -> str | None:
-    """Fail before any work when the run's folder cannot be written or a resume has nothing to
-    read; returns the checkpoint folder to resume from (None: a fresh run)."""
+    """Fail before any work when the run's folder cannot be written, holds another run, or a
+    resume has nothing whole to read; returns the checkpoint folder to resume from (None: a
+    fresh run)."""
     folder = os.path.abspath(config.output_dir)
     problem = folder_problem(folder)
     if problem:
@@ -61,10 +67,48 @@ def check_output_dir(config: RecPOConfig) -> str | None:
         if resume is None:
             raise UserError(f"no checkpoint-* folder in {config.output_dir!r} to resume from — drop "
                             "--resume_from_checkpoint or pass a checkpoint folder")
-    elif resume is not None and not os.path.isfile(os.path.join(resume, "trainer_state.json")):
-        raise UserError(f"--resume_from_checkpoint {resume!r} is not a checkpoint folder (no trainer_state.json) "
-                        "— pass a checkpoint-* folder or 'last'")
+    elif resume is not None and not (re.fullmatch(r"checkpoint-\d+", os.path.basename(os.path.normpath(resume)))
+                                     and os.path.isfile(os.path.join(resume, "trainer_state.json"))):
+        raise UserError(f"--resume_from_checkpoint {resume!r} is not a checkpoint folder (checkpoint-N with a "
+                        "trainer_state.json) — pass a checkpoint-* folder or 'last'")
+    if resume is not None:
+        check_checkpoint(resume, config)
+    elif earlier_run(folder):
+        if not config.overwrite_output_dir:
+            raise UserError(f"--output_dir {config.output_dir} holds an earlier run — continue it with "
+                            "--resume_from_checkpoint last, pick another --output_dir, or pass "
+                            "--overwrite_output_dir True to replace it")
+        if not config.check_only:
+            for old in glob.glob(os.path.join(folder, "checkpoint-*")) + [os.path.join(folder, "reasoning")]:
+                shutil.rmtree(old, ignore_errors=True)  # `last` and checkpoint rotation must see only this run's
     return resume
+
+
+def earlier_run(folder: str) -> bool:
+    return any(os.path.exists(os.path.join(folder, name)) for name in ("trainer_state.json", "r2ec_run.json")) \
+        or bool(glob.glob(os.path.join(folder, "checkpoint-*")))
+
+
+def check_checkpoint(checkpoint: str, config: RecPOConfig):
+    """The checkpoint's files are whole and its LoRA shape is this run's, so resuming cannot fail halfway."""
+    fix = "resume from another checkpoint-* folder, or start afresh in another --output_dir"
+    read_json(os.path.join(checkpoint, "trainer_state.json"), fix)
+    adapter = read_json(os.path.join(checkpoint, "adapter_config.json"), fix)
+    saved = {"lora_r": adapter.get("r"), "lora_alpha": adapter.get("lora_alpha")}
+    for flag, value in saved.items():
+        if value != getattr(config, flag):
+            raise UserError(f"{checkpoint} was trained with --{flag} {value}, not {getattr(config, flag)} — "
+                            f"resume with --{flag} {value}")
+    try:
+        from safetensors import safe_open
+
+        with safe_open(os.path.join(checkpoint, "adapter_model.safetensors"), "pt"):
+            pass
+    except Exception as e:  # missing, truncated or not safetensors: the library raises several kinds
+        raise UserError(f"{checkpoint}'s adapter weights cannot be read ({one_line(e)}) — {fix}") from e
+    optimizer = os.path.join(checkpoint, "optimizer.pt")  # DeepSpeed keeps its own global_step* folder instead
+    if os.path.exists(optimizer) and not zipfile.is_zipfile(optimizer):
+        raise UserError(f"{optimizer} is truncated or corrupt — {fix}")
 
 
 def load_dataset_dir(config: RecPOConfig):
@@ -79,7 +123,7 @@ def load_dataset_dir(config: RecPOConfig):
         raise UserError(f"dataset folder {folder!r} {state} — run preprocess.py first or fix --dataset_dir")
     try:
         dataset = load_from_disk(folder)
-    except (FileNotFoundError, ValueError, OSError) as e:
+    except (FileNotFoundError, ValueError, OSError, IndexError) as e:
         raise UserError(f"{folder!r} is not a dataset saved by preprocess.py ({e}) — point --dataset_dir at "
                         "the folder preprocess.py wrote, e.g. data/Video_Games_0_2022-10-2023-10") from e
     missing = [s for s in SPLITS if not isinstance(dataset, DatasetDict) or s not in dataset]
@@ -90,6 +134,10 @@ def load_dataset_dir(config: RecPOConfig):
         if absent:
             raise UserError(f"the {split} split of {folder!r} lacks the column(s) {', '.join(absent)} — "
                             "rerun preprocess.py for it")
+        if len(dataset[split]) == 0:
+            raise UserError(f"the {split} split of {folder!r} is empty — preprocess a wider window (or a "
+                            "smaller --K) so that every split holds samples")
+    check_item_ids(dataset, folder)
     match = DATASET_NAME.match(os.path.basename(os.path.normpath(folder)))
     category = config.dataset_category
     if category is None and match is None:
@@ -98,6 +146,20 @@ def load_dataset_dir(config: RecPOConfig):
         raise UserError(f"--dataset_category {category} does not match the dataset folder {folder!r} "
                         f"({match['category']}) — fix DATASET_CAT/--dataset_category or --dataset_dir")
     return dataset, category or match["category"]
+
+
+def check_item_ids(dataset, folder: str):
+    """item_info holds ids 0..N-1 in order (0 = pad), and every sample's ids are among them."""
+    ids = dataset["item_info"].data.column("item_id").to_pylist()
+    if ids != list(range(len(ids))):
+        raise UserError(f"the item_info split of {folder!r} does not hold item ids 0..{len(ids) - 1} in order "
+                        "(0 = the pad item) — rerun preprocess.py for it")
+    for split in ("train", "valid", "test"):
+        table = dataset[split].data
+        used = [pc.min_max(table.column("item_id")), pc.min_max(pc.list_flatten(table.column("history_item_id")))]
+        if any(m["min"].is_valid and (m["min"].as_py() < 1 or m["max"].as_py() >= len(ids)) for m in used):
+            raise UserError(f"the {split} split of {folder!r} names item ids outside 1..{len(ids) - 1} of its "
+                            "item_info — rerun preprocess.py for it")
 
 
 def default_eval_steps(config: RecPOConfig, num_train: int) -> int:
@@ -146,7 +208,9 @@ def main(argv: list[str]):
     config = parse_config(argv)
     resume = check_output_dir(config)
     if config.check_only:
-        _, category = load_dataset_dir(config)
+        dataset, category = load_dataset_dir(config)
+        processes = int(os.environ.get("R2EC_PROCESSES", "1"))  # set by launch_train.sh
+        check_train_size(len(dataset["train"]), config.per_device_train_batch_size * processes)
         print(f"ok: flags, {config.output_dir}, {config.dataset_dir} ({category}) and model {resolve_model(config.model)}")
         if not torch.cuda.is_available():
             print("warning: no GPU visible — training will run on the CPU, which takes days at full scale; "

@@ -74,6 +74,10 @@ class RecPOConfig(TrainingArguments):
         metadata={"help": "Check the flags, output folder, dataset folder and model path, then exit "
                           "(launch_train.sh runs this once before starting its processes)."},
     )
+    overwrite_output_dir: bool = field(
+        default=False,
+        metadata={"help": "Train into an --output_dir that holds an earlier run (its checkpoints are deleted)."},
+    )
 
     # Parameters that control LoRA
     lora_r: int = field(default=4, metadata={"help": "LoRA rank."})
@@ -148,6 +152,10 @@ class RecPOConfig(TrainingArguments):
     report_to: None | str | list[str] = field(default="tensorboard", metadata={"help": "Logging integrations."})
 
     def __post_init__(self):
+        for flag in ("eval_steps", "save_steps", "logging_steps"):
+            value = getattr(self, flag)
+            if value is not None and not value > 0:
+                raise UserError(f"--{flag} {value:g}: must be positive (steps, or a fraction of the run below 1)")
         # Without --eval_steps, train.py derives the SPEC §5 interval once the data size is known
         # (TrainingArguments would otherwise fall back to logging_steps); checkpoints follow it
         # unless --save_steps is given, so the best one exists when it is evaluated.
@@ -174,11 +182,20 @@ class RecPOConfig(TrainingArguments):
             (not unavailable, f"--report_to {','.join(unavailable)}: not installed here — pip install it, "
                               "or use tensorboard or none"),
             (self.learning_rate >= 0, f"--learning_rate {self.learning_rate}: must be >= 0"),
+            (self.max_steps > 0 or self.num_train_epochs > 0,
+             f"--max_steps {self.max_steps} and --num_train_epochs {self.num_train_epochs:g} train no step — "
+             "give one of them a positive value"),
+            (self.gradient_accumulation_steps >= 1,
+             f"--gradient_accumulation_steps {self.gradient_accumulation_steps}: must be at least 1"),
+            (0 <= self.seed < 2**32, f"--seed {self.seed}: must be between 0 and 2**32 - 1"),
             (self.per_device_train_batch_size >= 1,
              f"--per_device_train_batch_size {self.per_device_train_batch_size}: must be at least 1"),
             (self.per_device_eval_batch_size >= 1,
              f"--per_device_eval_batch_size {self.per_device_eval_batch_size}: must be at least 1"),
             (self.lora_r >= 1, f"--lora_r {self.lora_r}: must be at least 1"),
+            (all(self.lora_target_modules.split(",")),
+             f"--lora_target_modules {self.lora_target_modules!r}: give comma-separated module names, "
+             f"e.g. {','.join(LORA_TARGETS)}"),
             (self.lora_alpha > 0, f"--lora_alpha {self.lora_alpha}: must be positive"),
             (0 <= self.lora_dropout < 1, f"--lora_dropout {self.lora_dropout}: must be in [0, 1)"),
             (self.window_size >= 1, f"--window_size {self.window_size}: must be at least 1 history line"),
@@ -201,7 +218,7 @@ class RecPOConfig(TrainingArguments):
             (0 < self.gen_top_p <= 1, f"--gen_top_p {self.gen_top_p}: must be in (0, 1]"),
             (0 <= self.beta <= 1, f"--beta {self.beta}: must be in [0, 1]"),
             (self.reward_ndcg_k >= 1, f"--reward_ndcg_k {self.reward_ndcg_k}: must be at least 1"),
-            (self.tau > 0, f"--tau {self.tau}: must be positive"),
+            (0 < self.tau < math.inf, f"--tau {self.tau}: must be positive and finite"),
             (self.micro_batch_size >= 1, f"--micro_batch_size {self.micro_batch_size}: must be at least 1"),
             (self.num_iterations >= 1, f"--num_iterations {self.num_iterations}: must be at least 1"),
             (self.num_iterations == 1 or self.gradient_accumulation_steps == 1,
@@ -305,6 +322,12 @@ def clipped_item_loss(logits, labels, old_probs, weighted_advantages, epsilon_lo
 # Data plumbing
 
 
+def check_train_size(num_train: int, global_batch: int):
+    if num_train < global_batch:
+        raise UserError(f"the train split has {num_train} samples, fewer than one batch of {global_batch} "
+                        "(--train_batch_size × processes) — use a smaller batch or a larger dataset")
+
+
 class RepeatedBatchSampler(Sampler):
     """Shuffled sample indices in which each global batch comes `repeats` times in a row.
 
@@ -404,11 +427,7 @@ class RecPOTrainer(Trainer):
     def _get_train_sampler(self, train_dataset=None):
         dataset = train_dataset if train_dataset is not None else self.train_dataset
         global_batch = self.args.per_device_train_batch_size * self.accelerator.num_processes
-        if len(dataset) < global_batch:
-            raise UserError(
-                f"the train split has {len(dataset)} samples, fewer than one batch of {global_batch} "
-                "(--train_batch_size × processes) — use a smaller batch or a larger dataset"
-            )
+        check_train_size(len(dataset), global_batch)
         return RepeatedBatchSampler(len(dataset), global_batch, self.args.num_iterations, self.args.seed)
 
     # -- prompts -------------------------------------------------------------------------------

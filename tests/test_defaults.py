@@ -72,6 +72,7 @@ def test_launcher_passes_the_released_settings(tmp_path):
     ({"NUM_PROCESSES": "abc"}, "NUM_PROCESSES=abc is not a positive whole number"),
     ({"NUM_PROCESSES": "0"}, "NUM_PROCESSES=0 is not a positive whole number"),
     ({"DATASET_DIR": "/nonexistent/Musical_Instruments_0_2022-10-2023-10"}, "does not exist"),
+    ({"TRAIN_BATCH_SIZE": "many"}, "--per-device-train-batch-size: invalid int value: 'many'"),
 ])
 def test_launcher_stops_bad_input_with_one_line_before_starting_processes(variables, message):
     env = {**os.environ, "PYTHON": sys.executable, "OMP_NUM_THREADS": "1", **variables}
@@ -79,3 +80,18 @@ def test_launcher_stops_bad_input_with_one_line_before_starting_processes(variab
     assert result.returncode == 2
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0]
+
+
+def test_launcher_checks_the_train_split_against_every_process_batch(tmp_path):
+    """8 train samples hold one batch of 3 users on one process, not on three."""
+    from tests.tiny_data import tiny_dataset
+
+    folder = tmp_path / "Musical_Instruments_0_2022-10-2023-10"
+    tiny_dataset().save_to_disk(str(folder))
+    env = {**os.environ, "PYTHON": sys.executable, "OMP_NUM_THREADS": "1", "DATASET_DIR": str(folder),
+           "TRAIN_BATCH_SIZE": "3", "NUM_PROCESSES": "3", "RUN_NAME": str(tmp_path / "run")}
+    result = subprocess.run(["bash", os.path.join(ROOT, "launch_train.sh")], env=env, capture_output=True, text=True)
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines() == [
+        "error: the train split has 8 samples, fewer than one batch of 9 (--train_batch_size × processes) — "
+        "use a smaller batch or a larger dataset"]

@@ -1,6 +1,7 @@
 """model.py: both heads from one forward, under either padding, PEFT and checkpointing;
 scoring, masking, the item table, and the embedded SmolLM2 backbone."""
 import json
+import os
 import shutil
 
 import pytest
@@ -229,6 +230,16 @@ def test_a_folder_without_a_model_fails_in_one_line(tmp_path):
     (tmp_path / "config.json").write_text("{}")  # a config, but no model type, tokenizer or weights
     with pytest.raises(UserError, match=r"cannot load model .* from .*: "):
         load_backbone(str(tmp_path))
+
+
+def test_a_backbone_without_a_chat_template_is_named(tmp_path):
+    folder = tmp_path / "base_model"
+    shutil.copytree(tiny_backbone("llama"), folder)
+    os.remove(folder / "chat_template.jinja")
+    config = json.loads((folder / "tokenizer_config.json").read_text())
+    (folder / "tokenizer_config.json").write_text(json.dumps({k: v for k, v in config.items() if k != "chat_template"}))
+    with pytest.raises(UserError, match="has no chat template — R²ec needs an instruction-tuned backbone"):
+        load_backbone(str(folder))
 
 
 def test_missing_or_truncated_weights_fail_in_one_line(tmp_path):

@@ -252,20 +252,21 @@ EXPECTED = [  # window_size 2; ties at +200 keep uB (seen first) before uA, and 
 def test_samples_ids_and_split_on_a_hand_built_input(tmp_path, capsys):
     import datasets
 
-    write_raw(tmp_path, HAND_RATINGS, HAND_META)
+    late_user = [("uD", "I3", 3.0, T + 550), ("uD", "I1", 5.0, T + 600)]  # one more sample, the latest
+    write_raw(tmp_path, HAND_RATINGS + late_user, HAND_META)
     target = run_main(tmp_path, "--st_year", "2023", "--st_month", "1", "--ed_year", "2023",
                       "--ed_month", "12", "--window_size", "2")
     assert os.path.basename(target) == "Toy_0_2023-1-2023-12"
     d = datasets.load_from_disk(target)
-    assert [d[s].num_rows for s in ("train", "valid", "test")] == [4, 0, 1]  # int(0.8*5), int(0.9*5)
+    assert [d[s].num_rows for s in ("train", "valid", "test")] == [4, 1, 1]  # int(0.8*6), int(0.9*6)
     rows = [r for s in ("train", "valid", "test") for r in d[s]]
-    assert rows == EXPECTED
+    assert rows == EXPECTED + [row(5, "uD", [(1, 3.0, 550)], (2, 5.0, 600))]
     info = d["item_info"]
     assert info["item_id"] == [0, 1, 2, 3, 4]
     assert info["parent_asin"] == ["pad_asin", "I3", "I1", "I4", "I2"]
     assert info["title"] == ["pad_title", "Gamma", "Alpha", "Delta", "Beta"]
     out = capsys.readouterr().out
-    assert "users: 3  items: 4  interactions: 5" in out and "train: 4  valid: 0  test: 1" in out
+    assert "users: 4  items: 4  interactions: 6" in out and "train: 4  valid: 1  test: 1" in out
 
 
 @pytest.mark.parametrize("n, bounds", [(5, (4, 4)), (10, (8, 9)), (63_502, (50_801, 57_151)),
@@ -459,6 +460,30 @@ def test_window_without_samples(tmp_path, capsys):
                                "--st_year", "2023", "--st_month", "1", "--K", "50"])
     assert "leaves no samples — widen the window or lower --K" in line
     assert sorted(os.listdir(tmp_path)) == ["Toy.csv.gz", "meta_Toy.jsonl.gz"]
+
+
+def test_too_few_samples_for_valid_and_test(tmp_path, capsys):
+    ratings = [("uA", "I1", 4.0, T + 100), ("uA", "I2", 5.0, T + 200), ("uA", "I3", 3.0, T + 300),
+               ("uB", "I4", 2.0, T + 100), ("uB", "I2", 4.0, T + 400)]  # 2 + 1 samples: 80/10/10 gives 2/0/1
+    write_raw(tmp_path, ratings, HAND_META)
+    line = user_error(capsys, ["--category", "Toy", "--data_root_dir", str(tmp_path)])
+    assert "leaves 3 samples, too few for the 80/10/10 split to give valid and test any" in line
+    assert sorted(os.listdir(tmp_path)) == ["Toy.csv.gz", "meta_Toy.jsonl.gz"]
+
+
+def test_a_data_root_made_for_a_failed_download_is_removed(tmp_path, capsys, server):
+    files = {remote: content[:-30] for remote, content in sample_files().items()}  # fail the gzip check
+    s = server(files)
+    with pytest.raises(SystemExit) as exit_info:
+        run_cli(P.main, ["--category", "Video_Games", "--data_root_dir", str(tmp_path / "new"), "--base_url", s.url])
+    last = capsys.readouterr().err.strip().splitlines()[-1]  # after the download's progress bar
+    assert exit_info.value.code == 2 and last.startswith("error: ") and "truncated or corrupt" in last
+    assert not (tmp_path / "new").exists()
+
+
+def test_a_flag_of_the_wrong_type_is_one_line(tmp_path, capsys):
+    line = user_error(capsys, ["--data_root_dir", str(tmp_path), "--K", "many"])
+    assert "argument --K: invalid int value: 'many' — python preprocess.py --help lists the flags" in line
 
 
 @pytest.mark.parametrize("csv, message", [

@@ -219,6 +219,23 @@ def test_corrupt_run_file_gives_one_line(run_copy, capsys, tmp_path, content, me
     assert not output.exists()
 
 
+@pytest.mark.parametrize("damage, message", [
+    (lambda f: (f / "adapter_model.safetensors").write_bytes(b"\x10\x00"), "the adapter in"),
+    (lambda f: (f / "adapter_config.json").write_text("{not json"), "the adapter in"),
+    (lambda f: [os.remove(f / name) for name in os.listdir(f) if name.startswith(("tokenizer", "chat_template"))],
+     "the tokenizer in"),
+    (lambda f: (f / "r2ec_run.json").write_text(json.dumps({**json.loads((f / "r2ec_run.json").read_text()),
+                                                             "window_size": "abc"})),
+     "r2ec_run.json in"),
+])
+def test_damaged_run_folder_gives_one_line(run_copy, capsys, tmp_path, damage, message):
+    folder, _ = run_copy
+    damage(folder)
+    output = tmp_path / "ranks.jsonl"
+    assert_one_line_error(capsys, ["--output_dir", str(folder), "--output", str(output)], message, "re-run train.py")
+    assert not output.exists()
+
+
 @pytest.mark.parametrize("output, message", [
     ("MISSING/ranks.jsonl", "does not exist"),
     ("FOLDER", "is a folder"),

@@ -1,6 +1,7 @@
 """RecPO trainer on tiny backbones: a real step, several processes, DeepSpeed, resume, failures."""
 import json
 import os
+import re
 import subprocess
 import sys
 import warnings
@@ -377,6 +378,17 @@ def test_bad_input_gives_one_clear_line(tmp_path, flags, message):
     (["--save_strategy", "no"], "Save strategy:"),  # the message's later lines are kept
     (["--save_steps", "7"], "--save_steps 7: with --load_best_model_at_end"),
     (["--save_steps", "7", "--eval_steps", "5"], "drop --save_steps"),
+    (["--gradient_accumulation_steps", "0"], "--gradient_accumulation_steps 0: must be at least 1"),
+    (["--seed", "-1"], "--seed -1: must be between 0 and 2**32 - 1"),
+    (["--tau", "inf"], "--tau inf: must be positive and finite"),
+    (["--eval_steps", "0"], "--eval_steps 0: must be positive"),
+    (["--eval_steps", "-1"], "--eval_steps -1: must be positive"),
+    (["--save_steps", "-2", "--load_best_model_at_end", "False"], "--save_steps -2: must be positive"),
+    (["--logging_steps", "-1"], "--logging_steps -1: must be positive"),
+    (["--max_steps", "0", "--num_train_epochs", "0"], "train no step"),
+    (["--lora_target_modules", ""], "--lora_target_modules '': give comma-separated module names"),
+    (["--learning_rate", "abc"], "invalid float value: 'abc' — python train.py --help lists the flags"),
+    (["--bf16", "maybe"], "argument --bf16: Truthy value expected: got maybe"),
 ])
 def test_bad_flags_are_named_before_any_work(flags, message):
     with pytest.raises(UserError) as caught:
@@ -414,6 +426,15 @@ def test_output_folder_follows_the_run_name_in_either_spelling():
     assert (config.per_device_train_batch_size, config.per_device_eval_batch_size) == (3, 5)
 
 
+def fake_checkpoint(folder, lora_r=4):
+    """The files check_checkpoint reads, whole: state, adapter config and adapter weights."""
+    from safetensors.torch import save_file
+    folder.mkdir(parents=True)
+    (folder / "trainer_state.json").write_text("{}")
+    (folder / "adapter_config.json").write_text(json.dumps({"r": lora_r, "lora_alpha": 128}))
+    save_file({"lora_A": torch.zeros(lora_r, 2)}, str(folder / "adapter_model.safetensors"))
+
+
 def test_output_and_resume_folders_are_checked_before_any_work(tmp_path, monkeypatch):
     config = lambda *flags: train.parse_config(["--output_dir", str(tmp_path / "run"), *flags])  # noqa: E731
     assert train.check_output_dir(config()) is None
@@ -425,12 +446,64 @@ def test_output_and_resume_folders_are_checked_before_any_work(tmp_path, monkeyp
     with pytest.raises(UserError, match="not a checkpoint folder"):
         train.check_output_dir(config("--resume_from_checkpoint", str(tmp_path)))
     for step in (2, 10):
-        (tmp_path / "run" / f"checkpoint-{step}").mkdir(parents=True)
-        (tmp_path / "run" / f"checkpoint-{step}" / "trainer_state.json").write_text("{}")
+        fake_checkpoint(tmp_path / "run" / f"checkpoint-{step}")
     assert train.check_output_dir(config("--resume_from_checkpoint", "last")) == str(tmp_path / "run" / "checkpoint-10")
+    (tmp_path / "run" / "trainer_state.json").write_text("{}")  # a run's output folder is not a checkpoint
+    with pytest.raises(UserError, match="not a checkpoint folder"):
+        train.check_output_dir(config("--resume_from_checkpoint", str(tmp_path / "run")))
     monkeypatch.setattr(os, "access", lambda path, mode: False)
     with pytest.raises(UserError, match="is not writable"):
         train.check_output_dir(config())
+
+
+def test_an_earlier_run_is_kept_unless_replaced_on_purpose(tmp_path):
+    """Training into a run's folder would mix its checkpoints with the new run's (rotation deletes
+    some, `last` resumes the old one): refused, also by --check_only; --overwrite_output_dir True
+    clears the old checkpoints."""
+    run = tmp_path / "run"
+    fake_checkpoint(run / "checkpoint-3")
+    (run / "trainer_state.json").write_text("{}")
+    config = lambda *flags: train.parse_config(["--output_dir", str(run), *flags])  # noqa: E731
+    for flags in ([], ["--check_only", "True"]):
+        with pytest.raises(UserError, match="holds an earlier run — continue it with --resume_from_checkpoint last"):
+            train.check_output_dir(config(*flags))
+    assert train.check_output_dir(config("--overwrite_output_dir", "True", "--check_only", "True")) is None
+    assert (run / "checkpoint-3").exists()  # the check alone deletes nothing
+    assert train.check_output_dir(config("--overwrite_output_dir", "True")) is None
+    assert not (run / "checkpoint-3").exists()
+
+
+@pytest.mark.parametrize("damage, message", [
+    (lambda c: (c / "trainer_state.json").write_text('{"log_hist'), "trainer_state.json' is not readable JSON"),
+    (lambda c: (c / "adapter_config.json").write_text(json.dumps({"r": 8, "lora_alpha": 128})),
+     "was trained with --lora_r 8, not 4 — resume with --lora_r 8"),
+    (lambda c: (c / "adapter_model.safetensors").write_bytes(b"\x10\x00"), "adapter weights cannot be read"),
+    (lambda c: (c / "optimizer.pt").write_bytes(b"garbage"), "optimizer.pt is truncated or corrupt"),
+])
+def test_a_damaged_or_mismatched_checkpoint_is_named_before_resuming(tmp_path, damage, message):
+    checkpoint = tmp_path / "run" / "checkpoint-2"
+    fake_checkpoint(checkpoint)
+    damage(checkpoint)
+    with pytest.raises(UserError, match=re.escape(message)) as caught:
+        train.check_output_dir(train.parse_config(["--output_dir", str(tmp_path / "run"),
+                                                   "--resume_from_checkpoint", "last"]))
+    assert "\n" not in str(caught.value)
+
+
+@pytest.mark.parametrize("change, message", [
+    (lambda d: d.update(valid=d["valid"].select([])), "the valid split of .* is empty"),
+    (lambda d: d.update(item_info=d["item_info"].select(range(1, len(d["item_info"])))),
+     "does not hold item ids 0..[0-9]+ in order"),
+    (lambda d: d.update(test=d["test"].map(lambda s: {"item_id": 999})), "the test split .* names item ids outside"),
+    (lambda d: d.update(train=d["train"].map(lambda s: {"history_item_id": [0]})), "the train split .* names item ids"),
+])
+def test_empty_splits_and_unknown_item_ids_are_named(tmp_path, change, message):
+    dataset = tiny_dataset()
+    change(dataset)
+    folder = tmp_path / "Video_Games_0_2022-10-2023-10"
+    dataset.save_to_disk(str(folder), num_shards={split: 1 for split in dataset})  # as preprocess.py saves
+    with pytest.raises(UserError, match=message):
+        train.load_dataset_dir(train.parse_config(["--dataset_dir", str(folder)]))
 
 
 def test_every_sample_split_is_checked_for_its_columns(tmp_path):
