@@ -26,8 +26,10 @@ PANELS = (
 
 
 def series(log_history: list[dict], key: str) -> tuple[list[float], list[float]]:
-    """(steps, values) of one logged key, in logging order; entries without it are skipped."""
-    points = [(entry.get("step", i), entry[key]) for i, entry in enumerate(log_history) if key in entry]
+    """(steps, values) of one logged key, in logging order; entries without it, or with a value
+    that is not a number, are skipped."""
+    points = [(entry.get("step", i), entry[key]) for i, entry in enumerate(log_history)
+              if isinstance(entry.get(key), (int, float)) and not isinstance(entry[key], bool)]
     return [s for s, _ in points], [v for _, v in points]
 
 
@@ -77,6 +79,8 @@ def read_log_history(state_file: str) -> list[dict]:
     history = state.get("log_history") if isinstance(state, dict) else None
     if not isinstance(history, list) or not all(isinstance(entry, dict) for entry in history):
         raise UserError(f"{state_file!r} has no log_history (a list of log entries) — {fix}")
+    if not any(series(history, key)[0] for _, keys in PANELS for key in keys):
+        raise UserError(f"{state_file!r} logs none of the plotted values yet — rerun once the run has logged a step")
     return history
 
 

@@ -310,12 +310,14 @@ def clipped_item_loss(logits, labels, old_probs, weighted_advantages, epsilon_lo
     trajectories of the whole step, so micro-batches add up to the mean over trajectories.
     Returns (loss, p (R,) detached).
     """
-    probs = logits.float().softmax(dim=-1).gather(1, labels[:, None]).squeeze(1)  # (R,)
-    reference = probs.detach() if old_probs is None else old_probs
-    ratio = probs / reference.clamp(min=1e-12)  # (R,)
+    # q in log space: on-policy it is exactly 1 however small p is (a quotient of probabilities
+    # would underflow below float32's range)
+    logprobs = logits.float().log_softmax(dim=-1).gather(1, labels[:, None]).squeeze(1)  # (R,)
+    reference = logprobs.detach() if old_probs is None else old_probs.clamp(min=torch.finfo(torch.float32).tiny).log()
+    ratio = torch.exp(logprobs - reference)  # (R,)
     clipped = torch.clamp(ratio, 1 - epsilon_low, 1 + epsilon_high)
     per_row = -torch.min(ratio * weighted_advantages, clipped * weighted_advantages)  # (R,)
-    return per_row.sum() / num_trajectories, probs.detach()
+    return per_row.sum() / num_trajectories, logprobs.exp().detach()
 
 
 # ----------------------------------------------------------------------------------------------

@@ -93,11 +93,13 @@ def run_folder(tmp_path):
     ('{"global_step": 30}', "has no log_history"),
     ('{"log_history": [1, 2]}', "has no log_history"),
     ("[]", "has no log_history"),
+    ('{"log_history": []}', "logs none of the plotted values yet"),
+    ('{"log_history": [{"step": 1, "reward/mean": [0.5], "loss": {"a": 1}}]}', "logs none of the plotted values yet"),
 ])
 def test_corrupt_trainer_state_gives_one_line(run_folder, capsys, content, message):
     (run_folder / "trainer_state.json").write_text(content)
     error = run_curves_error(capsys, str(run_folder))
-    assert str(run_folder / "trainer_state.json") in error and message in error and "checkpoint-*" in error
+    assert str(run_folder / "trainer_state.json") in error and message in error
     assert os.listdir(run_folder) == ["trainer_state.json"]
 
 

@@ -93,6 +93,21 @@ def test_item_loss_by_hand():
     assert on_policy.item() == pytest.approx((-2.0 + 1.0) / 2)
 
 
+def test_on_policy_item_loss_is_exact_for_tiny_probabilities():
+    """q = 1 on-policy even where p underflows a quotient (p ≈ e^-60 here): the loss is -Â and
+    its gradient that of -Â·log p, i.e. -Â·(onehot - softmax) on the logits."""
+    logits = torch.tensor([[0.0, 60.0], [0.0, 0.0]], requires_grad=True)
+    labels = torch.tensor([0, 1])
+    advantages = torch.tensor([1.5, -0.5])
+    loss, probs = clipped_item_loss(logits, labels, None, advantages, 0.2, 0.28, num_trajectories=2)
+    assert loss.item() == pytest.approx(-(1.5 - 0.5) / 2)
+    assert probs[0].item() == pytest.approx(math.exp(-60), rel=1e-4)
+    loss.backward()
+    softmax = torch.tensor([[math.exp(-60), 1.0], [0.5, 0.5]])
+    onehot = torch.tensor([[1.0, 0.0], [0.0, 1.0]])
+    torch.testing.assert_close(logits.grad, -advantages[:, None] * (onehot - softmax) / 2)
+
+
 def test_ranking_metrics_on_a_crafted_score_matrix():
     scores = torch.tensor([
         [NEG] + [float(30 - i) for i in range(30)],  # target item 1 is the best: rank 1
