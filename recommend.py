@@ -254,6 +254,9 @@ def parse_args(argv: list[str]):
         raise UserError(f"--split {args.split!r}: choose one of {', '.join(SPLITS)}")
     if args.top_k < 1 or args.batch_size < 1:
         raise UserError(f"--top_k {args.top_k} and --batch_size {args.batch_size} must both be at least 1")
+    if args.max_samples is not None and not args.evaluate:
+        raise UserError(f"--max_samples {args.max_samples} only applies with --evaluate — add --evaluate, or "
+                        "choose rows with --samples or --user_id")
     if args.max_samples is not None and args.max_samples < 1:
         raise UserError(f"--max_samples {args.max_samples}: must be at least 1 (leave it out for the whole split)")
     if args.output is not None:

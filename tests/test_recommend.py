@@ -166,6 +166,8 @@ def no_adapter(run_dir, tmp_path):
     (["--output_dir", "RUN", "--split", "dev"], "choose one of train, valid, test"),
     (["--output_dir", "RUN", "--samples", "0", "4"], "--samples 4: the test split has 4 samples"),
     (["--output_dir", "RUN", "--split", "valid", "--user_id", "U999"], "user 'U999' has no sample in the valid"),
+    (["--output_dir", "RUN", "--max_samples", "3"], "--max_samples 3 only applies with --evaluate"),
+    (["--output_dir", "RUN", "--top_k", "ten"], "argument --top_k: invalid int value: 'ten'"),
 ])
 def test_bad_input_gives_one_line(run_dir, no_adapter, capsys, flags, message):
     flags = [{"RUN": run_dir, "NO_ADAPTER": no_adapter}.get(flag, flag) for flag in flags]
