@@ -136,7 +136,7 @@ train() {
         --train_batch_size 4 --group_size 4 --micro_batch_size 4 --trainer_relabel_topk 2 \
         --gen_temperature 2.0 --gen_top_k 50 --warmup_steps 32 --seed 42 \
         --eval_on_start False --report_to none --logging_steps 1 --disable_tqdm True \
-        --output_dir "$run_dir" "${RUN_FLAGS[@]}"
+        --output_dir "$run_dir" --overwrite_output_dir True "${RUN_FLAGS[@]}"
     local rc=$?
     [ -n "$monitor" ] && kill "$monitor" 2>/dev/null
     stage "train.py exited with $rc$([ "$rc" = 124 ] && echo ' (stopped by the time budget)')"
