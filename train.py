@@ -92,7 +92,11 @@ def earlier_run(folder: str) -> bool:
 def check_checkpoint(checkpoint: str, config: RecPOConfig):
     """The checkpoint's files are whole and its LoRA shape is this run's, so resuming cannot fail halfway."""
     fix = "resume from another checkpoint-* folder, or start afresh in another --output_dir"
-    read_json(os.path.join(checkpoint, "trainer_state.json"), fix)
+    state = read_json(os.path.join(checkpoint, "trainer_state.json"), fix)
+    step = state.get("global_step", 0) if isinstance(state, dict) else 0
+    if 0 < config.max_steps <= step:  # the Trainer would still train one more step
+        raise UserError(f"{checkpoint} has already trained {step} steps, --max_steps {config.max_steps} — "
+                        "raise --max_steps to continue")
     adapter = read_json(os.path.join(checkpoint, "adapter_config.json"), fix)
     saved = {"lora_r": adapter.get("r"), "lora_alpha": adapter.get("lora_alpha")}
     for flag, value in saved.items():

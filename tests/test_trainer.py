@@ -479,13 +479,15 @@ def test_an_earlier_run_is_kept_unless_replaced_on_purpose(tmp_path):
      "was trained with --lora_r 8, not 4 — resume with --lora_r 8"),
     (lambda c: (c / "adapter_model.safetensors").write_bytes(b"\x10\x00"), "adapter weights cannot be read"),
     (lambda c: (c / "optimizer.pt").write_bytes(b"garbage"), "optimizer.pt is truncated or corrupt"),
+    (lambda c: (c / "trainer_state.json").write_text('{"global_step": 5}'),
+     "has already trained 5 steps, --max_steps 5 — raise --max_steps to continue"),
 ])
 def test_a_damaged_or_mismatched_checkpoint_is_named_before_resuming(tmp_path, damage, message):
     checkpoint = tmp_path / "run" / "checkpoint-2"
     fake_checkpoint(checkpoint)
     damage(checkpoint)
     with pytest.raises(UserError, match=re.escape(message)) as caught:
-        train.check_output_dir(train.parse_config(["--output_dir", str(tmp_path / "run"),
+        train.check_output_dir(train.parse_config(["--output_dir", str(tmp_path / "run"), "--max_steps", "5",
                                                    "--resume_from_checkpoint", "last"]))
     assert "\n" not in str(caught.value)
 
