@@ -32,7 +32,7 @@ from errors import UserError, one_line, write_jsonl
 from metrics import ndcg_at_k, ranking_metrics, target_rank
 from model import LORA_TARGETS, TAU, ItemTable, encode, end_of_turn_ids, mask_seen, policy_forward, similarity
 from paths import DEFAULT_MODEL
-from prompts import MAX_ITEM_TOKENS, MAX_PROMPT_TOKENS, answer_stop, left_pad, prompt_ids, user_prompt
+from prompts import MAX_ITEM_TOKENS, MAX_PROMPT_TOKENS, answer_stop, item_ids, left_pad, prompt_ids, user_prompt
 from rollouts import Rollouts, SamplingConfig, generate_rollouts
 
 # RecPOConfig keeps the checkpointing flags' old names, the only ones transformers 5.17 knows.
@@ -420,9 +420,21 @@ class RecPOTrainer(Trainer):
             dataset["item_info"], tokenizer, category, batch_size=args.item_batch_size, max_tokens=args.max_item_tokens
         )
         self.stop = answer_stop(tokenizer, end_of_turn_ids(model, tokenizer))
+        self._check_length_limits(tokenizer, category)
         self._metrics = defaultdict(list)
         self._table_encoded = False
         self._buffer: RecPOBatch | None = None
+
+    def _check_length_limits(self, tokenizer, category: str):
+        """The limits must hold a prompt's instruction and an item sequence's fixed text."""
+        unbounded = 10**9
+        no_history = {"history_item_title": [], "history_rating": [], "history_timestamp": [], "timestamp": 0}
+        fixed = {"--max_prompt_tokens": len(prompt_ids(tokenizer, user_prompt(no_history, category), unbounded)),
+                 "--max_item_tokens": len(item_ids(tokenizer, {}, category, unbounded))}
+        for (flag, needed), limit in zip(fixed.items(), (self.args.max_prompt_tokens, self.args.max_item_tokens)):
+            if limit <= needed:
+                raise UserError(f"{flag} {limit} cannot hold the {needed} tokens of text every sequence starts with "
+                                "— raise it (SPEC §2: 2048 for prompts, 768 for items)")
 
     # -- data order ----------------------------------------------------------------------------
 

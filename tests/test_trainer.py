@@ -44,6 +44,17 @@ def tiny_trainer(tmp_path, family="qwen2", **overrides):
     return RecPOTrainer(model, tiny_config(tmp_path, **overrides), tokenizer, tiny_dataset(), "Video_Games")
 
 
+@pytest.mark.parametrize("flag", ["max_prompt_tokens", "max_item_tokens"])
+def test_length_limits_must_hold_the_text_every_sequence_starts_with(tmp_path, flag):
+    with pytest.raises(UserError, match=f"--{flag} 10 cannot hold the [0-9]+ tokens") as caught:
+        tiny_trainer(tmp_path, **{flag: 10})
+    needed = int(re.search(r"the (\d+) tokens", str(caught.value))[1])
+    assert needed > 10
+    with pytest.raises(UserError):
+        tiny_trainer(tmp_path, **{flag: needed})
+    tiny_trainer(tmp_path, **{flag: needed + 1})  # room for one token more: accepted
+
+
 @pytest.mark.parametrize("family", ["qwen2", "gemma2"])
 def test_one_step_changes_lora_and_logs_finite_metrics(tmp_path, family):
     trainer = tiny_trainer(tmp_path, family)
