@@ -2,7 +2,8 @@
 
 This file owns the rollout interface the trainer calls, `generate_rollouts`, its typed output
 `Rollouts` (the reasonings, their log-probs and each row's user state h), the `SamplingConfig`
-(how a token is chosen; `prompts.StopRule` says when a row ends), and `generate_rollouts_reference`, the same contract through plain Hugging Face `generate`, kept
+(how a token is chosen; `prompts.StopRule` says when a row ends), and
+`generate_rollouts_reference`, the same contract through plain Hugging Face `generate`, kept
 for the tests and the benchmark. Nothing runs it directly:
     python -m pytest -q tests/test_rollouts.py          # correctness, CPU
     python bench/bench_rollout.py                        # speed against `generate`, GPU
