@@ -11,6 +11,7 @@ Both end inside the assistant turn, on `<answer>`: the rec head reads the hidden
 `<answer>` is plain text, not a new vocabulary token. Nothing here runs on its own; the tests
 are `pytest tests/test_prompts.py`.
 """
+import functools
 from dataclasses import dataclass
 
 ANSWER = "<answer>"
@@ -171,6 +172,7 @@ def answer_stop(tokenizer, end_ids=()) -> StopRule:
     """
     raw = tokenizer.convert_ids_to_tokens(list(range(len(tokenizer))))
 
+    @functools.cache  # the contexts mostly share their pieces ('<' and '>'): one vocabulary scan each
     def tokens_whose_text(piece, test):
         candidates = [i for i, r in enumerate(raw) if r is not None and piece in r]  # cheap pre-filter
         texts = tokenizer.batch_decode([[i] for i in candidates])

@@ -118,13 +118,11 @@ def load_recommender(folder: str, run: dict, config: RecPOConfig, dataset, categ
     damaged = f"re-run train.py for {folder!r} or restore its files"
     try:
         model = PeftModel.from_pretrained(base, folder)  # inference mode: adapters frozen, dropout off
-    except RuntimeError as e:
-        if "size mismatch" not in str(e):
-            raise UserError(f"the adapter in {folder!r} cannot be loaded ({one_line(e)}) — {damaged}") from e
-        raise UserError(f"the adapter in {folder!r} was trained on {run['model']!r} ({run.get('model_path')!r} "
-                        f"then), but it now resolves to {path!r}, a backbone of another size — point paths.py's "
-                        "model_names (or \"model\" in r2ec_run.json) back at the backbone it was trained on") from e
-    except Exception as e:  # truncated weights, a config that is not JSON: the libraries raise many kinds
+    except Exception as e:  # another backbone size, truncated weights, a config that is not JSON, ...
+        if isinstance(e, RuntimeError) and "size mismatch" in str(e):
+            raise UserError(f"the adapter in {folder!r} was trained on {run['model']!r} ({run.get('model_path')!r} "
+                            f"then), but it now resolves to {path!r}, a backbone of another size — point paths.py's "
+                            "model_names (or \"model\" in r2ec_run.json) back at the backbone it was trained on") from e
         raise UserError(f"the adapter in {folder!r} cannot be loaded ({one_line(e)}) — {damaged}") from e
     try:
         tokenizer = AutoTokenizer.from_pretrained(folder)

@@ -85,8 +85,8 @@ def check_output_dir(config: RecPOConfig) -> str | None:
 
 
 def earlier_run(folder: str) -> bool:
-    return any(os.path.exists(os.path.join(folder, name)) for name in ("trainer_state.json", "r2ec_run.json")) \
-        or bool(glob.glob(os.path.join(folder, "checkpoint-*")))
+    saved = [os.path.join(folder, name) for name in ("trainer_state.json", "r2ec_run.json")]
+    return any(map(os.path.exists, saved)) or bool(glob.glob(os.path.join(folder, "checkpoint-*")))
 
 
 def check_checkpoint(checkpoint: str, config: RecPOConfig):

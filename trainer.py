@@ -429,9 +429,12 @@ class RecPOTrainer(Trainer):
         """The limits must hold a prompt's instruction and an item sequence's fixed text."""
         unbounded = 10**9
         no_history = {"history_item_title": [], "history_rating": [], "history_timestamp": [], "timestamp": 0}
-        fixed = {"--max_prompt_tokens": len(prompt_ids(tokenizer, user_prompt(no_history, category), unbounded)),
-                 "--max_item_tokens": len(item_ids(tokenizer, {}, category, unbounded))}
-        for (flag, needed), limit in zip(fixed.items(), (self.args.max_prompt_tokens, self.args.max_item_tokens)):
+        limits = {  # flag: (limit, tokens of the fixed text)
+            "--max_prompt_tokens": (self.args.max_prompt_tokens,
+                                    len(prompt_ids(tokenizer, user_prompt(no_history, category), unbounded))),
+            "--max_item_tokens": (self.args.max_item_tokens, len(item_ids(tokenizer, {}, category, unbounded))),
+        }
+        for flag, (limit, needed) in limits.items():
             if limit <= needed:
                 raise UserError(f"{flag} {limit} cannot hold the {needed} tokens of text every sequence starts with "
                                 "— raise it (SPEC §2: 2048 for prompts, 768 for items)")
