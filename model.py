@@ -28,7 +28,7 @@ TAU = 0.02  # = τ, the temperature of the cosine score
 LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
-def load_backbone(name_or_path: str, dtype: torch.dtype | None = torch.bfloat16, gradient_checkpointing: bool = False):
+def load_backbone(name_or_path: str, dtype: torch.dtype | None = torch.bfloat16):
     """(model, tokenizer) for a key, alias, folder or hub id; model dropout off, left padding.
 
     Dropout probabilities are zeroed in the config before the model is built: attention
@@ -54,13 +54,14 @@ def load_backbone(name_or_path: str, dtype: torch.dtype | None = torch.bfloat16,
     if tokenizer.pad_token is None:  # the mask, not the id, tells padding apart, so eos is safe
         tokenizer.pad_token = tokenizer.eos_token
     model.generation_config.pad_token_id = tokenizer.pad_token_id
-    if gradient_checkpointing:  # non-reentrant: gradients reach LoRA weights with frozen inputs
-        if hasattr(model, "activation_checkpointing_enable"):  # the new name; 5.17 has only the old
-            model.activation_checkpointing_enable({"use_reentrant": False})
-        else:
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        model.config.use_cache = False
     return model, tokenizer
+
+
+def enable_checkpointing(model):
+    """Non-reentrant activation checkpointing, as Trainer turns it on when train() starts with
+    --gradient_checkpointing; for code that runs the update outside train() (tests, benchmarks)."""
+    enable = getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable
+    enable({"use_reentrant": False})  # 5.17 has only the old name
 
 
 def end_of_turn_ids(model, tokenizer) -> set[int]:

@@ -188,7 +188,7 @@ def build_trainer(config: RecPOConfig) -> RecPOTrainer:
     dataset, category = load_dataset_dir(config)
     set_intervals(config, len(dataset["train"]))
     dtype = torch.bfloat16 if config.bf16 else torch.float32
-    model, tokenizer = load_backbone(config.model, dtype=dtype, gradient_checkpointing=config.gradient_checkpointing)
+    model, tokenizer = load_backbone(config.model, dtype=dtype)
     model = add_lora(model, r=config.lora_r, alpha=config.lora_alpha, dropout=config.lora_dropout,
                      target_modules=tuple(config.lora_target_modules.split(",")))
     evaluates = config.eval_strategy != "no"

@@ -51,7 +51,7 @@ def main():
         raise UserError(f"--repo {args.repo!r} is not a folder — pass a checkout of this project")
 
     sys.path.insert(0, os.path.abspath(args.repo))
-    from model import add_lora, load_backbone, policy_forward
+    from model import add_lora, enable_checkpointing, load_backbone, policy_forward
     from rollouts import Rollouts
     from train import load_dataset_dir
     from trainer import RecPOBatch, RecPOConfig, RecPOTrainer, relabel_mask
@@ -66,8 +66,9 @@ def main():
     if len(dataset["train"]) < args.users:
         raise UserError(f"--users {args.users}: {args.dataset_dir!r} has only {len(dataset['train'])} training "
                         "samples — lower --users")
-    model, tokenizer = load_backbone(args.model, gradient_checkpointing=True)
+    model, tokenizer = load_backbone(args.model)
     model = add_lora(model)
+    enable_checkpointing(model)
     trainer = RecPOTrainer(model, config, tokenizer, dataset, category)
     wrapped = trainer.accelerator.prepare_model(model)
     hidden = model.config.get_text_config().hidden_size

@@ -18,7 +18,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from accelerate.utils import gather  # noqa: E402
 
-from model import add_lora, load_backbone, policy_forward  # noqa: E402
+from model import add_lora, enable_checkpointing, load_backbone, policy_forward  # noqa: E402
 from rollouts import Rollouts  # noqa: E402
 from tests.backbones import tiny_backbone  # noqa: E402
 from tests.tiny_data import tiny_dataset  # noqa: E402
@@ -52,14 +52,15 @@ def local_rollouts(trainer, samples, model, completion_ids, completion_mask):
 
 def tiny_lora_model(gradient_checkpointing: bool = False):
     """Tiny Qwen2 with LoRA (no dropout) whose B matrices are non-zero, identical on every process."""
-    model, tokenizer = load_backbone(tiny_backbone("qwen2"), dtype=torch.float32,
-                                     gradient_checkpointing=gradient_checkpointing)
+    model, tokenizer = load_backbone(tiny_backbone("qwen2"), dtype=torch.float32)
     torch.manual_seed(0)
     model = add_lora(model, r=4, alpha=8, dropout=0.0)
     with torch.no_grad():
         for name, param in sorted(model.named_parameters()):
             if "lora_" in name:
                 param.copy_(0.2 * torch.randn(param.shape, generator=torch.Generator().manual_seed(len(name))))
+    if gradient_checkpointing:
+        enable_checkpointing(model)
     return model, tokenizer
 
 

@@ -9,7 +9,8 @@ import torch
 import torch.nn.functional as F
 
 from errors import UserError
-from model import ItemTable, add_lora, encode, end_of_turn_ids, load_backbone, mask_seen, policy_forward, similarity
+from model import (ItemTable, add_lora, enable_checkpointing, encode, end_of_turn_ids, load_backbone, mask_seen,
+                   policy_forward, similarity)
 from paths import DEFAULT_MODEL, resolve_model
 from prompts import chat_prompt, item_ids
 from tests.backbones import FAMILIES, tiny_backbone
@@ -136,8 +137,9 @@ def test_lora_with_checkpointing_gives_the_same_heads_and_gradients(backbone):
     batch = tokenizer(TEXTS, add_special_tokens=False, padding=True, return_tensors="pt")
     with torch.no_grad():
         logprobs, h = policy_forward(model, batch["input_ids"], batch["attention_mask"], 3)
-    trained, _ = load_backbone(model.name_or_path, dtype=torch.float32, gradient_checkpointing=True)
+    trained, _ = load_backbone(model.name_or_path, dtype=torch.float32)
     trained = add_lora(trained)
+    enable_checkpointing(trained)
     trained.train()
     lora_logprobs, lora_h = policy_forward(trained, batch["input_ids"], batch["attention_mask"], 3)
     torch.testing.assert_close(lora_h, h, atol=1e-5, rtol=1e-4)  # B = 0 at start: same function

@@ -39,7 +39,7 @@ def lora_state(model) -> dict:
 
 
 def tiny_trainer(tmp_path, family="qwen2", **overrides):
-    model, tokenizer = load_backbone(tiny_backbone(family), dtype=torch.float32, gradient_checkpointing=True)
+    model, tokenizer = load_backbone(tiny_backbone(family), dtype=torch.float32)
     model = add_lora(model, r=4, alpha=8)
     return RecPOTrainer(model, tiny_config(tmp_path, **overrides), tokenizer, tiny_dataset(), "Video_Games")
 
@@ -59,9 +59,11 @@ def test_length_limits_must_hold_the_text_every_sequence_starts_with(tmp_path, f
 def test_one_step_changes_lora_and_logs_finite_metrics(tmp_path, family):
     trainer = tiny_trainer(tmp_path, family)
     before = lora_state(trainer.model)
+    assert not trainer.model.is_gradient_checkpointing
     trainer.train()
     after = lora_state(trainer.model)
     assert any(not torch.equal(before[n], after[n]) for n in before), "LoRA weights did not move"
+    assert trainer.model.is_gradient_checkpointing  # Trainer turns it on (--gradient_checkpointing)
     logged = next(entry for entry in trainer.state.log_history if "reward/mean" in entry)
     for key in ("loss", "reward/mean", "reward/ndcg", "reward/softmax", "advantage/abs_mean", "loss/token",
                 "loss/item", "completions/mean_length", "learning_rate"):
