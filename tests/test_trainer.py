@@ -2,6 +2,7 @@
 import json
 import os
 import re
+import socket
 import subprocess
 import sys
 import warnings
@@ -20,6 +21,13 @@ from trainer import RecPOConfig, RecPOTrainer
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PYTHON = sys.executable
+
+
+def free_port() -> str:
+    """A port nobody listens on now, so concurrent or back-to-back launches never collide."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return str(probe.getsockname()[1])
 
 
 def tiny_config(tmp_path, **overrides) -> RecPOConfig:
@@ -136,7 +144,7 @@ def test_two_processes_equal_one_process_on_the_concatenated_batch(tmp_path):
     single, double = tmp_path / "single.pt", tmp_path / "double.pt"
     worker = os.path.join(ROOT, "tests", "dist_update_worker.py")
     subprocess.run([PYTHON, worker, str(single)], check=True, env=env, cwd=ROOT)
-    subprocess.run([PYTHON, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29611",
+    subprocess.run([PYTHON, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", free_port(),
                     worker, str(double)], check=True, env=env, cwd=ROOT)
     one, two = torch.load(single), torch.load(double)
     assert one["loss"].item() != 0
@@ -156,7 +164,7 @@ def test_two_processes_equal_one_process_on_the_concatenated_batch(tmp_path):
 
 def test_a_process_out_of_memory_in_its_rollout_skips_the_step_on_every_process(tmp_path):
     out = tmp_path / "skip.json"
-    subprocess.run([PYTHON, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29615",
+    subprocess.run([PYTHON, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", free_port(),
                     os.path.join(ROOT, "tests", "dist_skip_worker.py"), str(out)],
                    check=True, env=dict(os.environ, OMP_NUM_THREADS="1"), cwd=ROOT, timeout=600)
     result = json.loads(out.read_text())
@@ -178,7 +186,7 @@ def test_evaluation_over_four_processes_counts_every_sample_once(tmp_path):
     worker = os.path.join(ROOT, "tests", "dist_eval_worker.py")
     single, four = tmp_path / "single.json", tmp_path / "four.json"
     subprocess.run([PYTHON, worker, str(single)], check=True, env=env, cwd=ROOT)
-    subprocess.run([PYTHON, "-m", "torch.distributed.run", "--nproc_per_node", "4", "--master_port", "29613",
+    subprocess.run([PYTHON, "-m", "torch.distributed.run", "--nproc_per_node", "4", "--master_port", free_port(),
                     worker, str(four)], check=True, env=env, cwd=ROOT)
     one, split = json.loads(single.read_text()), json.loads(four.read_text())
     assert [r["row"] for r in split["records"]] == list(range(9))
@@ -307,7 +315,7 @@ def test_deepspeed_zero2_on_two_cpu_processes_keeps_replicas_identical(tmp_path)
                         "--eval_strategy", "no", "--save_strategy", "no", "--load_best_model_at_end", "False",
                         "--eval_on_start", "False")
     subprocess.run([PYTHON, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-                    "--main_process_port", "29623", os.path.join(ROOT, "tests", "ds_train_worker.py"),
+                    "--main_process_port", free_port(), os.path.join(ROOT, "tests", "ds_train_worker.py"),
                     str(tmp_path), *flags], check=True, env=env, cwd=ROOT)
     ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in (0, 1)]
     assert all(r["deepspeed"] and r["world"] == 2 for r in ranks)
