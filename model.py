@@ -5,7 +5,7 @@ item table by cosine / τ.
     model, tokenizer = load_backbone("gemma")        # any key, alias, folder or hub id (paths.py)
     model = add_lora(model)                          # r=4, alpha=128 on attention and MLP
     logprobs, h = policy_forward(model, ids, mask, n)  # one forward for both heads
-    table = ItemTable(item_info, tokenizer, "Video_Games"); table.encode(model)
+    table = ItemTable(item_info, tokenizer, "Video_Games"); table.encode_all(model)
     scores = mask_seen(similarity(h, table.embeddings), history_item_ids)  # (B, N+1)
 
 There is one code path for every backbone: the model's own forward (so Gemma-2's logit
@@ -22,7 +22,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
 from errors import UserError, one_line
 from paths import resolve_model
-from prompts import MAX_ITEM_TOKENS, item_ids, left_pad
+from prompts import MAX_ITEM_TOKENS, item_prompt_tokens, left_pad
 
 TAU = 0.02  # = τ, the temperature of the cosine score
 LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -79,10 +79,7 @@ def attention_implementation(config) -> str | None:
 
 
 def add_lora(model, r: int = 4, alpha: int = 128, dropout: float = 0.05, target_modules=LORA_TARGETS):
-    """Wrap the backbone with LoRA adapters (SPEC §4 defaults); returns the PeftModel.
-
-    With gradient checkpointing on, PEFT itself makes the input embeddings require grad.
-    """
+    """Wrap the backbone with LoRA adapters (SPEC §4 defaults); returns the PeftModel."""
     from peft import LoraConfig, get_peft_model  # import cost only for training
 
     modules = {name.rsplit(".", 1)[-1]: module for name, module in model.named_modules()}
@@ -209,7 +206,7 @@ def mask_seen(scores: torch.Tensor, history_item_ids: list[list[int]]) -> torch.
 class ItemTable:
     """Every item's embedding H_V, one row per item id (row 0 is the pad item).
 
-    Items are tokenised once, at construction; `encode` refreshes all embeddings with the
+    Items are tokenised once, at construction; `encode_all` refreshes all embeddings with the
     current weights (before training and at every evaluation), `update` writes the rows that
     a training step re-encoded with gradient, and `batch` gives the sequences to re-encode.
     """
@@ -218,10 +215,10 @@ class ItemTable:
         items = sorted(item_info, key=lambda item: item["item_id"])  # a Dataset or a list of rows
         if [item["item_id"] for item in items] != list(range(len(items))):
             raise ValueError(f"item_info's item ids must be 0..{len(items) - 1}, each once")
-        self.tokens = [item_ids(tokenizer, item, category, max_tokens) for item in items]
+        self.tokens = [item_prompt_tokens(tokenizer, item, category, max_tokens) for item in items]
         self.pad_id = tokenizer.pad_token_id
         self.batch_size = batch_size
-        self.embeddings = None  # (N+1, D) float32 after encode
+        self.embeddings = None  # (N+1, D) float32 after encode_all
 
     def __len__(self) -> int:
         return len(self.tokens)
@@ -232,7 +229,7 @@ class ItemTable:
         return {"input_ids": torch.tensor(ids), "attention_mask": torch.tensor(mask)}
 
     @torch.no_grad()
-    def encode(self, model, progress: bool = True) -> None:
+    def encode_all(self, model, progress: bool = True) -> None:
         """Re-encode every item with the current weights into `.embeddings` (eval mode)."""
         device = next(model.parameters()).device
         was_training = model.training

@@ -177,7 +177,7 @@ def fetch_raw(category, root, base_url):
 
 
 def corrupt_file_error(path, e):
-    return UserError(f"{path} is truncated or corrupt ({type(e).__name__}: {e}) — delete it and "
+    return UserError(f"{path} is truncated or corrupt ({type(e).__name__}: {one_line(e)}) — delete it and "
                      f"rerun to download it again")
 
 # ---------------------------------------------------------------------------------------------
@@ -282,7 +282,7 @@ def scan_metadata(lines, rated, path):
         try:
             meta = json.loads(line)
         except ValueError as e:
-            raise UserError(f"{path} line {number} is not valid JSON ({e}) — delete the file and "
+            raise UserError(f"{path} line {number} is not valid JSON ({one_line(e)}) — delete the file and "
                             f"rerun to download it again") from e
         if not isinstance(meta, dict) or not isinstance(meta.get("parent_asin"), str):
             raise UserError(f"{path} line {number} has no parent_asin — every metadata line needs "
@@ -337,7 +337,7 @@ def build_item_info(lines):
         rows = [{**row, "item_id": item_id} for item_id, row in enumerate(rows)]
         return pa.Table.from_pylist(rows, schema=ITEM_INFO_SCHEMA)
     except (TypeError, ValueError, pa.ArrowException) as e:
-        raise UserError(f"a metadata line holds a field of an unexpected type ({e}) — delete the "
+        raise UserError(f"a metadata line holds a field of an unexpected type ({one_line(e)}) — delete the "
                         f"metadata file and rerun to download it again") from e
 
 # ---------------------------------------------------------------------------------------------
@@ -587,7 +587,7 @@ def check_base_url(url):
             raise ValueError("port 0 is outside 1-65535")
         urllib3.util.parse_url(url)  # what requests parses it with: rejects spaces in the host too
     except (ValueError, urllib3.exceptions.HTTPError) as e:
-        raise UserError(f"{source} is not a valid URL ({e}) — {fix}") from e
+        raise UserError(f"{source} is not a valid URL ({one_line(e)}) — {fix}") from e
     if parts.scheme not in ("http", "https") or not parts.hostname:
         raise UserError(f"{source} is not an http(s) URL with a host — {fix}")
 

@@ -201,7 +201,7 @@ def answer_stop(tokenizer, end_ids=()) -> StopRule:
     return StopRule(tuple(patterns), tuple(last_ids), forced, frozenset(end_ids))
 
 
-def prompt_ids(tokenizer, user_text: str, max_tokens: int = MAX_PROMPT_TOKENS) -> list[int]:
+def user_prompt_tokens(tokenizer, user_text: str, max_tokens: int = MAX_PROMPT_TOKENS) -> list[int]:
     """Token ids of the chat-formatted user prompt, at most `max_tokens`.
 
     Too long: the oldest history lines are dropped, whole, until it fits. Cutting tokens from
@@ -219,7 +219,7 @@ def prompt_ids(tokenizer, user_text: str, max_tokens: int = MAX_PROMPT_TOKENS) -
     return ids
 
 
-def item_ids(tokenizer, item: dict, category: str, max_tokens: int = MAX_ITEM_TOKENS) -> list[int]:
+def item_prompt_tokens(tokenizer, item: dict, category: str, max_tokens: int = MAX_ITEM_TOKENS) -> list[int]:
     """Token ids of one item sequence, at most `max_tokens` where shortening the description
     can get it there (every word is at least one token, so dropping `excess` words suffices)."""
     words = min(DESCRIPTION_WORDS, len(" ".join(item.get("description") or []).split()))

@@ -13,7 +13,7 @@ target_rank, reasoning, top_k: [{item_id, title, score}]):
 `--device auto|cpu|cuda` (bf16 on a GPU, float32 on the CPU unless `--dtype`), `--dataset_dir`
 overrides the dataset the run was trained on. Tests: `pytest tests/test_recommend.py`.
 
-The work is RecPOTrainer's own steps (`rollout`, `rank_items`, the item table), run
+The work is RecPOTrainer's own steps (`rollout`, `masked_scores`, the item table), run
 by a trainer built for inference, so the prompts, the user state and the masking are exactly
 those of training and evaluation.
 """

@@ -103,7 +103,9 @@ class Rollouts(NamedTuple):
     prompt_mask: torch.Tensor  # (N, P)
     completion_ids: torch.Tensor  # (N, C) right-padded with pad_token_id; every row ends with a stop sequence
     completion_mask: torch.Tensor  # (N, C) 1 on the reasoning tokens, the stop tokens included
-    logprobs: torch.Tensor  # (N, C) float32 log π(token), π = softmax(logits / policy_temperature); 0 off the mask
+    # (N, C) float32 log π(token), π = softmax(logits / policy_temperature); 0 off the mask. The trainer
+    # takes π_old from its own forward instead (see RecPOTrainer.token_loss) and logs the gap to these.
+    logprobs: torch.Tensor
     user_states: torch.Tensor | None = None  # (N, D) float32, h at each row's last token (= `encode` in model.py)
 
 

@@ -128,7 +128,7 @@ def load_dataset_dir(config: RecPOConfig):
     try:
         dataset = load_from_disk(folder)
     except (FileNotFoundError, ValueError, OSError, IndexError) as e:
-        raise UserError(f"{folder!r} is not a dataset saved by preprocess.py ({e}) — point --dataset_dir at "
+        raise UserError(f"{folder!r} is not a dataset saved by preprocess.py ({one_line(e)}) — point --dataset_dir at "
                         "the folder preprocess.py wrote, e.g. data/Video_Games_0_2022-10-2023-10") from e
     missing = [s for s in SPLITS if not isinstance(dataset, DatasetDict) or s not in dataset]
     if missing:

@@ -32,7 +32,8 @@ from errors import UserError, one_line, write_jsonl
 from metrics import ndcg_at_k, ranking_metrics, target_rank
 from model import LORA_TARGETS, TAU, ItemTable, encode, end_of_turn_ids, mask_seen, policy_forward, similarity
 from paths import DEFAULT_MODEL
-from prompts import MAX_ITEM_TOKENS, MAX_PROMPT_TOKENS, answer_stop, item_ids, left_pad, prompt_ids, user_prompt
+from prompts import (MAX_ITEM_TOKENS, MAX_PROMPT_TOKENS, answer_stop, item_prompt_tokens, left_pad, user_prompt,
+                     user_prompt_tokens)
 from rollouts import Rollouts, SamplingConfig, generate_rollouts
 
 # RecPOConfig keeps the checkpointing flags' old names, the only ones transformers 5.17 knows.
@@ -431,8 +432,9 @@ class RecPOTrainer(Trainer):
         no_history = {"history_item_title": [], "history_rating": [], "history_timestamp": [], "timestamp": 0}
         limits = {  # flag: (limit, tokens of the fixed text)
             "--max_prompt_tokens": (self.args.max_prompt_tokens,
-                                    len(prompt_ids(tokenizer, user_prompt(no_history, category), unbounded))),
-            "--max_item_tokens": (self.args.max_item_tokens, len(item_ids(tokenizer, {}, category, unbounded))),
+                                    len(user_prompt_tokens(tokenizer, user_prompt(no_history, category), unbounded))),
+            "--max_item_tokens": (self.args.max_item_tokens,
+                                  len(item_prompt_tokens(tokenizer, {}, category, unbounded))),
         }
         for flag, (limit, needed) in limits.items():
             if limit <= needed:
@@ -451,7 +453,7 @@ class RecPOTrainer(Trainer):
 
     def tokenize_prompts(self, samples: list[dict]) -> tuple[torch.Tensor, torch.Tensor]:
         """Chat-formatted user prompts, left-padded.  -> ids, mask (B, P) on the device."""
-        prompts = [prompt_ids(self.processing_class, user_prompt(s, self.category, self.args.window_size),
+        prompts = [user_prompt_tokens(self.processing_class, user_prompt(s, self.category, self.args.window_size),
                               self.args.max_prompt_tokens) for s in samples]
         ids, mask = left_pad(prompts, self.processing_class.pad_token_id)
         return torch.tensor(ids, device=self.args.device), torch.tensor(mask, device=self.args.device)
@@ -460,7 +462,7 @@ class RecPOTrainer(Trainer):
 
     def refresh_item_table(self, model):
         """Re-encode every item with the current weights (SPEC §4 "Item table")."""
-        self.item_table.encode(self.accelerator.unwrap_model(model), progress=self.is_local_process_zero())
+        self.item_table.encode_all(self.accelerator.unwrap_model(model), progress=self.is_local_process_zero())
         self._table_encoded = True
 
     def rollout(self, model, samples: list[dict], sampling: SamplingConfig, num_samples: int) -> Rollouts:
@@ -475,7 +477,7 @@ class RecPOTrainer(Trainer):
         """Each sample's target item id.  -> (B,) on the device."""
         return torch.tensor([s["item_id"] for s in samples], device=self.args.device)
 
-    def rank_items(self, user_states: torch.Tensor, samples: list[dict]) -> torch.Tensor:
+    def masked_scores(self, user_states: torch.Tensor, samples: list[dict]) -> torch.Tensor:
         """Scores of every user state over the item table, history items and pad masked.  -> (N, I)."""
         group = len(user_states) // len(samples)
         scores = similarity(user_states, self.item_table.embeddings, self.args.similarity_type, self.args.tau)
@@ -486,7 +488,7 @@ class RecPOTrainer(Trainer):
         """SPEC §4.2 for each trajectory, against the cached item table.  targets (B,) -> R, NDCG, prob (N,)."""
         group = len(user_states) // len(samples)
         reward, ndcg, prob, _ = recpo_reward(
-            self.rank_items(user_states, samples), targets.repeat_interleave(group), self.args.beta,
+            self.masked_scores(user_states, samples), targets.repeat_interleave(group), self.args.beta,
             self.args.reward_ndcg_k,
         )
         return reward, ndcg, prob
@@ -503,7 +505,7 @@ class RecPOTrainer(Trainer):
         """SPEC §3 inference for a batch: greedy reasoning, h_u, every item scored and ranked."""
         greedy = SamplingConfig(max_new_tokens=self.args.max_new_tokens, greedy=True)
         rollouts = self.rollout(model, samples, greedy, 1)
-        scores = self.rank_items(rollouts.user_states, samples)  # (B, I), history and pad at -inf
+        scores = self.masked_scores(rollouts.user_states, samples)  # (B, I), history and pad at -inf
         top_scores, top_ids = scores.topk(min(top_k, scores.shape[1]), dim=1)  # (B, K)
         return Recommendations(target_rank(scores, self.target_ids(samples)), top_ids, top_scores,
                                reasoning_texts(self.processing_class, rollouts), rollouts.completion_mask.sum(1))

@@ -12,7 +12,7 @@ from errors import UserError
 from model import (ItemTable, add_lora, enable_checkpointing, encode, end_of_turn_ids, load_backbone, mask_seen,
                    policy_forward, similarity)
 from paths import DEFAULT_MODEL, resolve_model
-from prompts import chat_prompt, item_ids
+from prompts import chat_prompt, item_prompt_tokens
 from tests.backbones import FAMILIES, tiny_backbone
 
 TEXTS = ["The user plays the guitar every day and wants a tuner <answer>", "A piano for the kid? <answer>",
@@ -171,12 +171,12 @@ def test_item_table_rows_follow_item_ids_and_match_single_encodes(backbone):
     model, tokenizer = backbone
     table = ItemTable(list(reversed(ITEMS)), tokenizer, "Musical_Instruments", batch_size=3)
     model.train()
-    table.encode(model, progress=False)
+    table.encode_all(model, progress=False)
     assert model.training and table.embeddings.shape == (4, model.config.hidden_size)
     assert table.embeddings.dtype == torch.float32
     with torch.no_grad():
         for item in ITEMS:
-            tokens = torch.tensor([item_ids(tokenizer, item, "Musical_Instruments")])
+            tokens = torch.tensor([item_prompt_tokens(tokenizer, item, "Musical_Instruments")])
             h = encode(model, tokens, torch.ones_like(tokens))[0]
             torch.testing.assert_close(table.embeddings[item["item_id"]], h, atol=1e-5, rtol=1e-4)
     batch = table.batch(torch.tensor([3, 1]))
@@ -191,7 +191,7 @@ def test_item_table_rows_follow_item_ids_and_match_single_encodes(backbone):
 def test_batched_and_single_scoring_agree(backbone):
     model, tokenizer = backbone
     table = ItemTable(ITEMS, tokenizer, "Musical_Instruments")
-    table.encode(model, progress=False)
+    table.encode_all(model, progress=False)
     prompts = [chat_prompt(tokenizer, text) for text in TEXTS]
     batch = tokenizer(prompts, add_special_tokens=False, padding=True, return_tensors="pt")
     with torch.no_grad():

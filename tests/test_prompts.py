@@ -8,11 +8,11 @@ from prompts import (
     category_words,
     chat_prompt,
     format_elapsed,
-    item_ids,
     item_prompt,
+    item_prompt_tokens,
     item_sequence,
-    prompt_ids,
     user_prompt,
+    user_prompt_tokens,
 )
 from tests.backbones import FAMILIES, tiny_backbone
 
@@ -137,14 +137,14 @@ def test_answer_stop_ignores_text_without_the_marker(tokenizer, text):
 
 def test_long_prompts_lose_their_oldest_history_lines(tokenizer):
     sample = dict(SAMPLE, history_item_title=[f"Guitar model number {i}" for i in range(4)])
-    full = prompt_ids(tokenizer, user_prompt(sample, "Video_Games"))
-    cut = prompt_ids(tokenizer, user_prompt(sample, "Video_Games"), max_tokens=len(full) - 1)
+    full = user_prompt_tokens(tokenizer, user_prompt(sample, "Video_Games"))
+    cut = user_prompt_tokens(tokenizer, user_prompt(sample, "Video_Games"), max_tokens=len(full) - 1)
     assert cut == ids(tokenizer, chat_prompt(tokenizer, user_prompt(sample, "Video_Games", window_size=3)))
 
 
 def test_long_items_lose_description_words(tokenizer):
     item = dict(ITEM, description=[" ".join(["wordy"] * 90)])
-    full = item_ids(tokenizer, item, "Video_Games")
-    cut = item_ids(tokenizer, item, "Video_Games", max_tokens=len(full) - 20)
+    full = item_prompt_tokens(tokenizer, item, "Video_Games")
+    cut = item_prompt_tokens(tokenizer, item, "Video_Games", max_tokens=len(full) - 20)
     assert len(cut) <= len(full) - 20 and cut[-len(ids(tokenizer, ANSWER)):] == ids(tokenizer, ANSWER)
     assert "wordy..." in tokenizer.decode(cut)

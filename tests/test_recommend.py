@@ -18,7 +18,7 @@ import recommend
 from errors import run_cli
 from metrics import ranking_metrics
 from model import end_of_turn_ids, load_backbone, policy_forward
-from prompts import answer_stop, item_ids, prompt_ids, user_prompt
+from prompts import answer_stop, item_prompt_tokens, user_prompt, user_prompt_tokens
 from rollouts import SamplingConfig, generate_rollouts
 from tests.backbones import tiny_backbone
 from tests.tiny_run import CATEGORY, ROOT, trained_run
@@ -67,11 +67,11 @@ def test_top_k_equals_a_ranking_computed_by_hand(run_dir, dataset, shown):
     with torch.no_grad():
         items = torch.cat([
             policy_forward(model, torch.tensor([ids]), torch.ones(1, len(ids), dtype=torch.long), 0)[1]
-            for ids in (item_ids(tokenizer, item, CATEGORY) for item in dataset["item_info"])
+            for ids in (item_prompt_tokens(tokenizer, item, CATEGORY) for item in dataset["item_info"])
         ])  # (I, D), item_info rows are in item-id order
         for record in shown[1]:
             sample = dataset["test"][record["row"]]
-            prompt = torch.tensor([prompt_ids(tokenizer, user_prompt(sample, CATEGORY))])  # (1, P)
+            prompt = torch.tensor([user_prompt_tokens(tokenizer, user_prompt(sample, CATEGORY))])  # (1, P)
             rollout = generate_rollouts(model, prompt, torch.ones_like(prompt), 1, SamplingConfig(8, greedy=True),
                                         answer_stop(tokenizer, end_of_turn_ids(model, tokenizer)),
                                         tokenizer.pad_token_id)
