@@ -36,3 +36,11 @@ def ranking_metrics(ranks: torch.Tensor, ks=KS) -> dict[str, float]:
         metrics[f"ndcg@{k}"] = ndcg_at_k(ranks, k).mean().item()
         metrics[f"hit@{k}"] = hit_at_k(ranks, k).mean().item()
     return metrics
+
+
+def split_metrics(records: list[dict]) -> dict[str, float]:
+    """SPEC §5 figures of one split from its recommendation records (`RecPOTrainer.recommend`):
+    `ranking_metrics` of the target ranks and the mean reasoning length in tokens."""
+    metrics = ranking_metrics(torch.tensor([r["target_rank"] for r in records], dtype=torch.long))
+    metrics["reasoning_length"] = sum(r["reasoning_tokens"] for r in records) / len(records) if records else math.nan
+    return metrics

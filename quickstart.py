@@ -16,11 +16,14 @@ import subprocess
 import sys
 
 from errors import UserError, one_line_parser_errors, run_cli
+from metrics import KS
+from paths import DEFAULT_MODEL
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 CATEGORY = "Video_Games"
 DATASET_DIR = os.path.join("data", "sample", f"{CATEGORY}_0_2022-10-2023-10")
-METRICS = ("ndcg@5", "ndcg@10", "ndcg@20", "hit@5", "hit@10", "hit@20")
+METRICS = [f"{name}@{k}" for name in ("ndcg", "hit") for k in KS]
+WINDOW_SIZE = 5  # history lines per prompt
 
 
 def parse_args(argv=None):
@@ -30,7 +33,7 @@ def parse_args(argv=None):
     parser.add_argument("--seed", type=int, default=42)
     parser.add_argument("--steps", type=int, default=12, help="RecPO steps (8 users × 2 reasonings each)")
     parser.add_argument("--eval_samples", type=int, default=64, help="valid and test samples evaluated")
-    parser.add_argument("--model", default="SmolLM2-135M-Instruct")
+    parser.add_argument("--model", default=DEFAULT_MODEL)
     args = parser.parse_args(argv)
     # --steps becomes train.py's --max_steps, where < 1 means "train whole epochs" (hours): checked here
     if args.steps < 1:
@@ -52,7 +55,7 @@ def train_flags(args) -> list[str]:
         "--dataset_dir", DATASET_DIR, "--model", args.model, "--output_dir", args.output_dir,
         "--seed", str(args.seed), "--max_steps", str(args.steps), "--eval_steps", str(args.steps),
         "--max_eval_samples", str(args.eval_samples), "--eval_batch_size", str(args.eval_samples),
-        "--window_size", "5", "--max_new_tokens", "16", "--train_batch_size", "8", "--group_size", "2",
+        "--window_size", str(WINDOW_SIZE), "--max_new_tokens", "16", "--train_batch_size", "8", "--group_size", "2",
         "--micro_batch_size", "16", "--learning_rate", "2e-3", "--warmup_steps", "0", "--lora_dropout", "0",
         "--gradient_checkpointing", "False", "--load_best_model_at_end", "False",
         "--report_to", "tensorboard", "--logging_steps", "1", "--overwrite_output_dir", "True",
@@ -60,9 +63,11 @@ def train_flags(args) -> list[str]:
 
 
 def before_and_after(output_dir: str) -> tuple[dict, dict]:
-    history = json.load(open(os.path.join(output_dir, "trainer_state.json")))["log_history"]
+    with open(os.path.join(output_dir, "trainer_state.json")) as f:
+        history = json.load(f)["log_history"]
     before = next(entry for entry in history if entry.get("step") == 0 and "eval_valid_ndcg@10" in entry)
-    after = json.load(open(os.path.join(output_dir, "final_results.json")))
+    with open(os.path.join(output_dir, "final_results.json")) as f:
+        after = json.load(f)
     return before, after
 
 
@@ -75,23 +80,19 @@ def print_table(before: dict, after: dict):
 
 
 def print_example(output_dir: str):
+    """The first test sample of the final evaluation, as `recommend.py` prints one, top 5 only."""
     from datasets import load_from_disk
 
+    from recommend import format_sample
+
     dataset = load_from_disk(os.path.join(ROOT, DATASET_DIR))
-    titles = dict(zip(dataset["item_info"]["item_id"], dataset["item_info"]["title"]))
-    state = json.load(open(os.path.join(output_dir, "trainer_state.json")))
-    step = state["global_step"]
-    record = json.loads(open(os.path.join(output_dir, "reasoning", f"step{step}_test.jsonl")).readline())
-    sample = dataset["test"][record["row"]]
-    print(f"\nTest user {sample['user_id']} — history (oldest first):")
-    for title, rating in list(zip(sample["history_item_title"], sample["history_rating"]))[-5:]:
-        print(f"  [{title}] ({rating:g})")
-    print(f"Reasoning: {record['reasoning']}")
-    print("Top-5 recommendations (* = the item the user bought next):")
-    for item_id in record["top_items"][:5]:
-        mark = "*" if item_id == record["item_id"] else " "
-        print(f" {mark} {titles[item_id]}")
-    print(f"True next item: {titles[record['item_id']]} (rank {record['rank']} of {len(titles) - 1})")
+    with open(os.path.join(output_dir, "trainer_state.json")) as f:
+        step = json.load(f)["global_step"]
+    with open(os.path.join(output_dir, "reasoning", f"step{step}_test.jsonl")) as f:
+        record = json.loads(f.readline())
+    record["top_k"] = record["top_k"][:5]
+    print()
+    print(format_sample(dataset["test"][record["row"]], record, len(dataset["item_info"]) - 1, WINDOW_SIZE))
 
 
 def main(argv=None):

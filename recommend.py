@@ -6,29 +6,28 @@ scores, `*` marking the true next item, and that item's rank:
     python recommend.py --output_dir outputs/r2ec --split valid --user_id AGKHLEW2SOWHNMFQIJGBECAF7INQ --top_k 20
 The metric table of a split (NDCG/Hit@5/10/20, mean reasoning length), as training evaluates it:
     python recommend.py --output_dir outputs/r2ec --split test --evaluate --max_samples 500
-Any of them can also write one JSON line per sample (user_id, split, row, target_item_id,
-target_rank, reasoning, top_k: [{item_id, title, score}]):
+Any of them can also write one JSON line per sample (row, split, user_id, target_item_id,
+target_rank, reasoning, reasoning_tokens, top_k: [{item_id, title, score}]), the format of the
+reasoning files training saves with each evaluation:
     python recommend.py --output_dir outputs/r2ec --split test --evaluate --output test_ranks.jsonl
 `--output_dir` is a train.py output folder (a `checkpoint-*` folder inside one works too);
 `--device auto|cpu|cuda` (bf16 on a GPU, float32 on the CPU unless `--dtype`), `--dataset_dir`
 overrides the dataset the run was trained on. Tests: `pytest tests/test_recommend.py`.
 
-The work is RecPOTrainer's own steps (`rollout`, `masked_scores`, the item table), run
+The work is RecPOTrainer's own steps (`recommend_rows`, `masked_scores`, the item table), run
 by a trainer built for inference, so the prompts, the user state and the masking are exactly
 those of training and evaluation.
 """
 import argparse
 import dataclasses
-import math
 import os
 import sys
 import textwrap
 
 import torch
-from tqdm.auto import tqdm
 
 from errors import UserError, check_output_file, one_line, one_line_parser_errors, read_json, run_cli, write_jsonl
-from metrics import KS, ranking_metrics
+from metrics import KS, split_metrics
 from model import load_backbone
 from paths import resolve_model
 from train import load_dataset_dir
@@ -158,46 +157,6 @@ def pick_rows(split_data, split: str, args) -> list[int]:
     return args.samples
 
 
-def recommend_batch(trainer: RecPOTrainer, samples: list[dict], rows: list[int], split: str, top_k: int,
-                    titles: dict[int, str]) -> tuple[list[dict], torch.Tensor]:
-    """`RecPOTrainer.recommend` (the steps evaluation takes) for a batch, as records.
-
-    -> one record per sample (the JSON-lines schema) and the reasoning lengths (B,) in tokens,
-    `<answer>` included.
-    """
-    batch = trainer.recommend(trainer.model, samples, top_k)
-    ranks, top_ids, top_scores = batch.target_ranks.tolist(), batch.top_ids.tolist(), batch.top_scores.tolist()
-    records = []
-    for i, sample in enumerate(samples):
-        top = [{"item_id": item, "title": titles[item], "score": score}
-               for item, score in zip(top_ids[i], top_scores[i])
-               if score != -math.inf]  # fewer unseen items than K: masked ones are no recommendation
-        records.append({"user_id": sample["user_id"], "split": split, "row": rows[i],
-                        "target_item_id": sample["item_id"], "target_rank": ranks[i],
-                        "reasoning": batch.reasonings[i], "top_k": top})
-    return records, batch.lengths.cpu()
-
-
-def recommend_rows(trainer, split_data, split: str, rows: list[int], top_k: int, titles: dict[int, str]):
-    """`recommend_batch` over `rows` in batches of --batch_size.  -> records, lengths (len(rows),)."""
-    size = trainer.args.per_device_eval_batch_size
-    records, lengths = [], []
-    for start in tqdm(range(0, len(rows), size), desc=f"recommend {split}", disable=len(rows) <= size):
-        batch_rows = rows[start:start + size]
-        batch_records, batch_lengths = recommend_batch(
-            trainer, [split_data[r] for r in batch_rows], batch_rows, split, top_k, titles)
-        records += batch_records
-        lengths.append(batch_lengths)
-    return records, torch.cat(lengths)
-
-
-def split_metrics(records: list[dict], lengths: torch.Tensor) -> dict[str, float]:
-    """NDCG/Hit@5/10/20 of the records' target ranks and the mean reasoning length, as training logs them."""
-    metrics = ranking_metrics(torch.tensor([r["target_rank"] for r in records]))
-    metrics["reasoning_length"] = lengths.float().mean().item()
-    return metrics
-
-
 # ----------------------------------------------------------------------------------------------
 # Printing
 
@@ -273,14 +232,12 @@ def main(argv: list[str]) -> list[dict]:
     rows = pick_rows(split_data, args.split, args)  # bad rows fail here, before the model loads
 
     trainer = load_recommender(args.output_dir, run, config, dataset, category, dtype)
-    item_info = dataset["item_info"]
-    titles = dict(zip(item_info["item_id"], item_info["title"]))  # column reads: fast for 10k+ items
-    records, lengths = recommend_rows(trainer, split_data, args.split, rows, args.top_k, titles)
+    records = trainer.recommend_rows(trainer.model, split_data, args.split, rows, args.top_k)
     if args.evaluate:
-        print(format_metrics(split_metrics(records, lengths), args.split, len(records)))
+        print(format_metrics(split_metrics(records), args.split, len(records)))
     else:
-        print("\n\n".join(format_sample(split_data[r["row"]], r, len(titles) - 1, config.window_size)
-                            for r in records))
+        num_items = len(dataset["item_info"]) - 1  # the pad item is no item
+        print("\n\n".join(format_sample(split_data[r["row"]], r, num_items, config.window_size) for r in records))
     if args.output:
         write_jsonl(args.output, records)
     return records

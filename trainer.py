@@ -29,7 +29,7 @@ from tqdm.auto import tqdm
 from transformers import Trainer, TrainingArguments
 
 from errors import UserError, one_line, write_jsonl
-from metrics import ndcg_at_k, ranking_metrics, target_rank
+from metrics import ndcg_at_k, split_metrics, target_rank
 from model import LORA_TARGETS, TAU, ItemTable, encode, end_of_turn_ids, mask_seen, policy_forward, similarity
 from paths import DEFAULT_MODEL
 from prompts import (MAX_ITEM_TOKENS, MAX_PROMPT_TOKENS, answer_stop, item_prompt_tokens, left_pad, user_prompt,
@@ -389,16 +389,6 @@ class RecPOBatch(NamedTuple):
     token_old_logprobs: torch.Tensor | None = None  # (N, C) π_old of the token loss, set by the first update
 
 
-class Recommendations(NamedTuple):
-    """What the model recommends for a batch of B samples (SPEC §3 inference)."""
-
-    target_ranks: torch.Tensor  # (B,) rank of each sample's target among the unseen items, 1 = best
-    top_ids: torch.Tensor  # (B, K) item ids, best first
-    top_scores: torch.Tensor  # (B, K) their scores; -inf where fewer than K items are unseen
-    reasonings: list[str]  # the greedy reasoning texts, `<answer>` included
-    lengths: torch.Tensor  # (B,) reasoning tokens, `<answer>` included
-
-
 # ----------------------------------------------------------------------------------------------
 # The trainer
 
@@ -417,6 +407,8 @@ class RecPOTrainer(Trainer):
             callbacks=callbacks,
         )
         self.category = category
+        item_info = dataset["item_info"]
+        self.item_titles = dict(zip(item_info["item_id"], item_info["title"]))  # column reads: fast for 10k+ items
         self.item_table = ItemTable(
             dataset["item_info"], tokenizer, category, batch_size=args.item_batch_size, max_tokens=args.max_item_tokens
         )
@@ -501,14 +493,29 @@ class RecPOTrainer(Trainer):
         """SPEC §4.4 per group of G.  advantages (N,) -> (N,)."""
         return relabel_mask(advantages.view(-1, self.args.group_size), self.args.trainer_relabel_topk).flatten()
 
-    def recommend(self, model, samples: list[dict], top_k: int) -> Recommendations:
-        """SPEC §3 inference for a batch: greedy reasoning, h_u, every item scored and ranked."""
+    def recommend(self, model, samples: list[dict], rows: list[int], split: str, top_k: int) -> list[dict]:
+        """SPEC §3 inference for a batch: greedy reasoning, h_u, every item scored and ranked.
+
+        -> one record per sample, row `rows[i]` of `split`: its user, target item and the target's
+        rank among the unseen items (1 = best), the reasoning (`<answer>` included) and its length
+        in tokens, and the `top_k` unseen items, best first, with their titles and scores.
+        """
         greedy = SamplingConfig(max_new_tokens=self.args.max_new_tokens, greedy=True)
         rollouts = self.rollout(model, samples, greedy, 1)
         scores = self.masked_scores(rollouts.user_states, samples)  # (B, I), history and pad at -inf
+        ranks = target_rank(scores, self.target_ids(samples)).tolist()
         top_scores, top_ids = scores.topk(min(top_k, scores.shape[1]), dim=1)  # (B, K)
-        return Recommendations(target_rank(scores, self.target_ids(samples)), top_ids, top_scores,
-                               reasoning_texts(self.processing_class, rollouts), rollouts.completion_mask.sum(1))
+        lengths = rollouts.completion_mask.sum(1).tolist()
+        texts = reasoning_texts(self.processing_class, rollouts)
+        return [
+            {"row": row, "split": split, "user_id": sample["user_id"], "target_item_id": sample["item_id"],
+             "target_rank": rank, "reasoning": text, "reasoning_tokens": length,
+             "top_k": [{"item_id": item, "title": self.item_titles[item], "score": score}
+                       for item, score in zip(ids, values)
+                       if score != -math.inf]}  # fewer unseen items than K: masked ones are no recommendation
+            for row, sample, rank, text, length, ids, values in zip(
+                rows, samples, ranks, texts, lengths, top_ids.tolist(), top_scores.tolist())
+        ]
 
     def make_batch(self, model, samples: list[dict]) -> RecPOBatch:
         """Rollouts, rewards, advantages and relabel mask for one batch of users (no gradient)."""
@@ -689,32 +696,22 @@ class RecPOTrainer(Trainer):
         return metrics
 
     def evaluate_split(self, model, dataset, split: str):
-        """Greedy reasoning and full ranking of one split, shared across processes.  -> metrics, records."""
-        args = self.args
-        count = len(dataset) if args.max_eval_samples is None else min(len(dataset), args.max_eval_samples)
-        ranks, lengths, records = [], [], []
-        with self.accelerator.split_between_processes(list(range(count)), apply_padding=True) as my_rows:
-            batches = [my_rows[i:i + args.per_device_eval_batch_size]
-                       for i in range(0, len(my_rows), args.per_device_eval_batch_size)]
-            for rows in tqdm(batches, desc=f"eval {split}", disable=not self.is_local_process_zero(), leave=False):
-                samples = [dataset[i] for i in rows]
-                batch = self.recommend(model, samples, EVAL_TOP_ITEMS)
-                ranks.append(batch.target_ranks)
-                lengths.append(batch.lengths)
-                records += [{"row": i, "user_id": s["user_id"], "item_id": s["item_id"], "rank": r,
-                             "reasoning": text, "top_items": top}
-                            for i, s, r, text, top in zip(rows, samples, batch.target_ranks.tolist(),
-                                                          batch.reasonings, batch.top_ids.tolist())]
-        if ranks:  # processes short of samples were padded with the last one: keep each row once
-            evaluated = gather(torch.tensor(my_rows, device=args.device)).tolist()
-            keep = torch.tensor(sorted({row: i for i, row in enumerate(evaluated)}.values()), device=args.device)
-            ranks, lengths = gather(torch.cat(ranks))[keep], gather(torch.cat(lengths))[keep]
-        else:
-            ranks = lengths = torch.zeros(0, device=args.device)
-        records = sorted({r["row"]: r for r in gather_object(records)}.values(), key=lambda r: r["row"])
-        metrics = ranking_metrics(ranks)
-        metrics["reasoning_length"] = lengths.float().mean().item() if count else math.nan
-        return metrics, records
+        """SPEC §5 on one split (its first --max_eval_samples).  -> metrics, records (see `recommend`)."""
+        count = len(dataset) if self.args.max_eval_samples is None else min(len(dataset), self.args.max_eval_samples)
+        records = self.recommend_rows(model, dataset, split, list(range(count)), EVAL_TOP_ITEMS)
+        return split_metrics(records), records
+
+    def recommend_rows(self, model, dataset, split: str, rows: list[int], top_k: int) -> list[dict]:
+        """`recommend` for `rows` of one split, shared across processes.  -> every row's record, by row."""
+        size = self.args.per_device_eval_batch_size
+        records = []
+        with self.accelerator.split_between_processes(rows, apply_padding=True) as my_rows:
+            batches = [my_rows[i:i + size] for i in range(0, len(my_rows), size)]
+            for batch in tqdm(batches, desc=split, disable=not self.is_local_process_zero() or len(batches) < 2,
+                              leave=False):
+                records += self.recommend(model, [dataset[i] for i in batch], batch, split, top_k)
+        # Processes short of rows were padded with the last one: keep each row once.
+        return sorted({r["row"]: r for r in gather_object(records)}.values(), key=lambda r: r["row"])
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
         """Add the step metrics collected since the last log, averaged over steps and processes."""

@@ -20,7 +20,7 @@ def test_quickstart_pipeline_prints_the_table_and_an_example(tmp_path):
     out = result.stdout
     for row in ("valid before", "valid after", "test before", "test after"):
         assert row in out
-    assert "Top-5 recommendations" in out and "True next item:" in out and "Reasoning:" in out
+    assert "top 5 (* = the true next item):" in out and "true next item:" in out and "reasoning:" in out
     assert os.path.exists(tmp_path / "quick" / "training_curves.png")
     assert os.path.isdir(os.path.join(ROOT, "data", "sample", "Video_Games_0_2022-10-2023-10"))
 

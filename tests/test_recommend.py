@@ -93,7 +93,8 @@ def test_json_lines_schema(dataset, shown):
     assert [r["row"] for r in records] == list(SHOWN_ROWS)
     for record in records:
         sample = dataset["test"][record["row"]]
-        assert set(record) == {"user_id", "split", "row", "target_item_id", "target_rank", "reasoning", "top_k"}
+        assert set(record) == {"user_id", "split", "row", "target_item_id", "target_rank", "reasoning",
+                               "reasoning_tokens", "top_k"}
         assert (record["user_id"], record["split"], record["target_item_id"]) == (
             sample["user_id"], "test", sample["item_id"])
         assert record["reasoning"].endswith("<answer>") and 1 <= record["target_rank"] <= 16
