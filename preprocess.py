@@ -38,6 +38,7 @@ import requests
 import urllib3
 from tqdm import tqdm
 
+from dataset import dataset_name
 from errors import UserError, folder_problem, one_line, one_line_parser_errors, run_cli
 
 DEFAULT_BASE_URL = "https://mcauleylab.ucsd.edu/public_datasets/data/amazon_2023/"
@@ -496,11 +497,6 @@ def split_bounds(n):
 # Output
 
 
-def output_name(category, k, st_year, st_month, ed_year, ed_month, postfix=""):
-    name = f"{category}_{k}_{st_year}-{st_month}-{ed_year}-{ed_month}"
-    return f"{name}_{postfix}" if postfix else name
-
-
 def save_atomically(write, target):
     """Call `write(folder)` on a new folder beside `target`, then rename it to `target`.
 
@@ -636,7 +632,7 @@ def main(argv=None):
         "test": datasets.Dataset(samples.slice(b, n - b)),
         "item_info": datasets.Dataset(item_info),
     })
-    target = os.path.join(args.data_root_dir, output_name(
+    target = os.path.join(args.data_root_dir, dataset_name(
         args.category, args.K, args.st_year, args.st_month, args.ed_year, args.ed_month,
         args.postfix))
     # one shard per split: the default writes no file at all for an empty split

@@ -26,16 +26,15 @@ import textwrap
 
 import torch
 
+from dataset import SAMPLE_SPLITS, load_dataset_dir
 from errors import UserError, check_output_file, one_line, one_line_parser_errors, read_json, run_cli, write_jsonl
 from metrics import KS, split_metrics
 from model import load_backbone
 from paths import resolve_model
-from train import load_dataset_dir
 from trainer import RecPOConfig, RecPOTrainer
 
 RUN_FILE = "r2ec_run.json"  # written by train.py when a run ends
 RUN_KEYS = ("model", "dataset_dir", "category")  # the keys recommend needs in it (it also reads any RecPOConfig field)
-SPLITS = ("train", "valid", "test")
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 CONFIG_FIELDS = {f.name for f in dataclasses.fields(RecPOConfig)}
 
@@ -193,7 +192,7 @@ def parse_args(argv: list[str]):
     parser = argparse.ArgumentParser(description="Recommend with a trained R²ec model (see the file docstring).")
     one_line_parser_errors(parser, "python recommend.py --help")
     parser.add_argument("--output_dir", required=True, help="A train.py output folder (or a checkpoint-* in it).")
-    parser.add_argument("--split", default="test", help=f"One of {', '.join(SPLITS)}.")
+    parser.add_argument("--split", default="test", help=f"One of {', '.join(SAMPLE_SPLITS)}.")
     which = parser.add_mutually_exclusive_group()
     which.add_argument("--samples", type=int, nargs="+", default=[0], help="Rows of the split (default: 0).")
     which.add_argument("--user_id", help="Every sample of this user in the split.")
@@ -207,8 +206,8 @@ def parse_args(argv: list[str]):
                         help="Default: bfloat16 on cuda, float32 on cpu.")
     parser.add_argument("--batch_size", type=int, default=32, help="Samples per greedy-generation batch.")
     args = parser.parse_args(argv)
-    if args.split not in SPLITS:  # checked here, not by argparse choices: one error line, not usage + line
-        raise UserError(f"--split {args.split!r}: choose one of {', '.join(SPLITS)}")
+    if args.split not in SAMPLE_SPLITS:  # checked here, not by argparse choices: one error line, not usage + line
+        raise UserError(f"--split {args.split!r}: choose one of {', '.join(SAMPLE_SPLITS)}")
     if args.top_k < 1 or args.batch_size < 1:
         raise UserError(f"--top_k {args.top_k} and --batch_size {args.batch_size} must both be at least 1")
     if args.max_samples is not None and not args.evaluate:
@@ -227,7 +226,7 @@ def main(argv: list[str]) -> list[dict]:
     device = pick_device(args.device)
     dtype = DTYPES[args.dtype] if args.dtype != "auto" else torch.bfloat16 if device == "cuda" else torch.float32
     config = inference_config(args, run, device)
-    dataset, category = load_dataset_dir(config)
+    dataset, category = load_dataset_dir(config.dataset_dir, config.dataset_category)
     split_data = dataset[args.split]
     rows = pick_rows(split_data, args.split, args)  # bad rows fail here, before the model loads
 

@@ -14,12 +14,12 @@ import shutil
 import sys
 import zipfile
 
-import pyarrow.compute as pc
 import torch
 from transformers import EarlyStoppingCallback, HfArgumentParser, set_seed
 from transformers.trainer_utils import get_last_checkpoint
 
 from curves import plot_training_curves
+from dataset import load_dataset_dir
 from errors import UserError, folder_problem, one_line, one_line_parser_errors, read_json, run_cli, write_json
 from model import add_lora, load_backbone
 from paths import resolve_model
@@ -27,11 +27,7 @@ from trainer import RecPOConfig, RecPOTrainer, check_train_size
 
 # Spellings of the released launcher -> TrainingArguments names.
 FLAG_ALIASES = {"--train_batch_size": "--per_device_train_batch_size", "--eval_batch_size": "--per_device_eval_batch_size"}
-SPLITS = ("train", "valid", "test", "item_info")
-SAMPLE_COLUMNS = ("user_id", "history_item_id", "history_item_title", "history_rating", "history_timestamp",
-                  "item_id", "timestamp")
 RUN_SETTINGS = ("window_size", "max_new_tokens", "similarity_type", "tau", "max_prompt_tokens", "max_item_tokens")
-DATASET_NAME = re.compile(r"^(?P<category>.+?)_\d+_\d{4}-\d{1,2}-\d{4}-\d{1,2}(_.*)?$")
 
 
 def parse_config(argv: list[str]) -> RecPOConfig:
@@ -115,57 +111,6 @@ def check_checkpoint(checkpoint: str, config: RecPOConfig):
         raise UserError(f"{optimizer} is truncated or corrupt — {fix}")
 
 
-def load_dataset_dir(config: RecPOConfig):
-    """The DatasetDict written by preprocess.py, checked; returns (dataset, category)."""
-    from datasets import DatasetDict, load_from_disk
-
-    folder = config.dataset_dir
-    if not folder:
-        raise UserError("no --dataset_dir given — run preprocess.py and pass the folder it prints")
-    if not os.path.isdir(folder):
-        state = "is a file" if os.path.exists(folder) else "does not exist"
-        raise UserError(f"dataset folder {folder!r} {state} — run preprocess.py first or fix --dataset_dir")
-    try:
-        dataset = load_from_disk(folder)
-    except (FileNotFoundError, ValueError, OSError, IndexError) as e:
-        raise UserError(f"{folder!r} is not a dataset saved by preprocess.py ({one_line(e)}) — point --dataset_dir at "
-                        "the folder preprocess.py wrote, e.g. data/Video_Games_0_2022-10-2023-10") from e
-    missing = [s for s in SPLITS if not isinstance(dataset, DatasetDict) or s not in dataset]
-    if missing:
-        raise UserError(f"{folder!r} lacks the split(s) {', '.join(missing)} — rerun preprocess.py for it")
-    for split in ("train", "valid", "test"):
-        absent = [c for c in SAMPLE_COLUMNS if c not in dataset[split].column_names]
-        if absent:
-            raise UserError(f"the {split} split of {folder!r} lacks the column(s) {', '.join(absent)} — "
-                            "rerun preprocess.py for it")
-        if len(dataset[split]) == 0:
-            raise UserError(f"the {split} split of {folder!r} is empty — preprocess a wider window (or a "
-                            "smaller --K) so that every split holds samples")
-    check_item_ids(dataset, folder)
-    match = DATASET_NAME.match(os.path.basename(os.path.normpath(folder)))
-    category = config.dataset_category
-    if category is None and match is None:
-        raise UserError(f"cannot read the category from the folder name {folder!r} — pass --dataset_category")
-    if category is not None and match is not None and match["category"] != category:
-        raise UserError(f"--dataset_category {category} does not match the dataset folder {folder!r} "
-                        f"({match['category']}) — fix DATASET_CAT/--dataset_category or --dataset_dir")
-    return dataset, category or match["category"]
-
-
-def check_item_ids(dataset, folder: str):
-    """item_info holds ids 0..N-1 in order (0 = pad), and every sample's ids are among them."""
-    ids = dataset["item_info"].data.column("item_id").to_pylist()
-    if ids != list(range(len(ids))):
-        raise UserError(f"the item_info split of {folder!r} does not hold item ids 0..{len(ids) - 1} in order "
-                        "(0 = the pad item) — rerun preprocess.py for it")
-    for split in ("train", "valid", "test"):
-        table = dataset[split].data
-        used = [pc.min_max(table.column("item_id")), pc.min_max(pc.list_flatten(table.column("history_item_id")))]
-        if any(m["min"].is_valid and (m["min"].as_py() < 1 or m["max"].as_py() >= len(ids)) for m in used):
-            raise UserError(f"the {split} split of {folder!r} names item ids outside 1..{len(ids) - 1} of its "
-                            "item_info — rerun preprocess.py for it")
-
-
 def default_eval_steps(config: RecPOConfig, num_train: int) -> int:
     """SPEC §5: evaluate every floor(len(train) / (B · grad_accum · processes) / 8) steps (at least 1)."""
     steps_per_epoch = num_train // (config.per_device_train_batch_size * config.gradient_accumulation_steps
@@ -185,7 +130,7 @@ def set_intervals(config: RecPOConfig, num_train: int):
 def build_trainer(config: RecPOConfig) -> RecPOTrainer:
     """Data, backbone with LoRA, and the RecPO trainer for a parsed config."""
     set_seed(config.seed)
-    dataset, category = load_dataset_dir(config)
+    dataset, category = load_dataset_dir(config.dataset_dir, config.dataset_category)
     set_intervals(config, len(dataset["train"]))
     dtype = torch.bfloat16 if config.bf16 else torch.float32
     model, tokenizer = load_backbone(config.model, dtype=dtype)
@@ -212,7 +157,7 @@ def main(argv: list[str]):
     config = parse_config(argv)
     resume = check_output_dir(config)
     if config.check_only:
-        dataset, category = load_dataset_dir(config)
+        dataset, category = load_dataset_dir(config.dataset_dir, config.dataset_category)
         processes = int(os.environ.get("R2EC_PROCESSES", "1"))  # set by launch_train.sh
         check_train_size(len(dataset["train"]), config.per_device_train_batch_size * processes)
         print(f"ok: flags, {config.output_dir}, {config.dataset_dir} ({category}) and model {resolve_model(config.model)}")

@@ -53,7 +53,7 @@ def main():
     sys.path.insert(0, os.path.abspath(args.repo))
     from model import add_lora, enable_checkpointing, load_backbone, policy_forward
     from rollouts import Rollouts
-    from train import load_dataset_dir
+    from dataset import load_dataset_dir
     from trainer import RecPOBatch, RecPOConfig, RecPOTrainer, relabel_mask
 
     cuda = torch.cuda.is_available()
@@ -62,7 +62,7 @@ def main():
         group_size=args.group, micro_batch_size=args.micro_batch_size, eval_strategy="no", save_strategy="no",
         load_best_model_at_end=False, eval_on_start=False, window_size=20, dataset_dir=args.dataset_dir,
     )
-    dataset, category = load_dataset_dir(config)
+    dataset, category = load_dataset_dir(config.dataset_dir, config.dataset_category)
     if len(dataset["train"]) < args.users:
         raise UserError(f"--users {args.users}: {args.dataset_dir!r} has only {len(dataset['train'])} training "
                         "samples — lower --users")

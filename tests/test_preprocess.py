@@ -23,6 +23,7 @@ import pyarrow as pa
 import pytest
 
 import preprocess as P
+from dataset import category_of, dataset_name
 from errors import UserError, run_cli
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -275,9 +276,12 @@ def test_split_bounds_match_the_paper(n, bounds):
     assert P.split_bounds(n) == bounds  # Table 5: 50,801/6,350/6,351 and the others
 
 
-def test_output_name():
-    assert P.output_name("CDs_and_Vinyl", 0, 2022, 10, 2023, 10) == "CDs_and_Vinyl_0_2022-10-2023-10"
-    assert P.output_name("Video_Games", 5, 2022, 1, 2023, 2, "v2") == "Video_Games_5_2022-1-2023-2_v2"
+def test_dataset_name_and_the_category_read_back_from_it():
+    assert dataset_name("CDs_and_Vinyl", 0, 2022, 10, 2023, 10) == "CDs_and_Vinyl_0_2022-10-2023-10"
+    assert dataset_name("Video_Games", 5, 2022, 1, 2023, 2, "v2") == "Video_Games_5_2022-1-2023-2_v2"
+    assert category_of("data/CDs_and_Vinyl_0_2022-10-2023-10/") == "CDs_and_Vinyl"
+    assert category_of("/x/All_Beauty_12_2021-3-2023-10_with_2_years") == "All_Beauty"
+    assert category_of("data/my_games") is None and category_of("data/Video_Games_0_2022-10") is None
 
 # ---------------------------------------------------------------------------------------------
 # Atomic output

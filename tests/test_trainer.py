@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 
 import train
+from dataset import load_dataset_dir
 from errors import UserError
 from model import add_lora, encode, load_backbone, policy_forward
 from rollouts import fresh_forward
@@ -533,7 +534,7 @@ def test_empty_splits_and_unknown_item_ids_are_named(tmp_path, change, message):
     folder = tmp_path / "Video_Games_0_2022-10-2023-10"
     dataset.save_to_disk(str(folder), num_shards={split: 1 for split in dataset})  # as preprocess.py saves
     with pytest.raises(UserError, match=message):
-        train.load_dataset_dir(train.parse_config(["--dataset_dir", str(folder)]))
+        load_dataset_dir(str(folder))
 
 
 def test_every_sample_split_is_checked_for_its_columns(tmp_path):
@@ -542,7 +543,7 @@ def test_every_sample_split_is_checked_for_its_columns(tmp_path):
     folder = tmp_path / "Video_Games_0_2022-10-2023-10"
     dataset.save_to_disk(str(folder))
     with pytest.raises(UserError, match="the valid split .* lacks the column\\(s\\) history_item_title"):
-        train.load_dataset_dir(train.parse_config(["--dataset_dir", str(folder)]))
+        load_dataset_dir(str(folder))
 
 
 def test_category_that_contradicts_the_dataset_folder_is_named(tmp_path):

@@ -1,0 +1,81 @@
+"""The dataset folder that preprocess.py writes and train.py and recommend.py read.
+
+Its name, `{category}_{K}_{st_year}-{st_month}-{ed_year}-{ed_month}[_{postfix}]` (SPEC §1), tells
+the category; it holds a `datasets.DatasetDict` with the sample splits and `item_info`.
+`load_dataset_dir` checks what training relies on, so a wrong folder fails in one line.
+"""
+import os
+import re
+
+import pyarrow.compute as pc
+
+from errors import UserError, one_line
+
+SAMPLE_SPLITS = ("train", "valid", "test")
+SPLITS = (*SAMPLE_SPLITS, "item_info")
+TRAINING_COLUMNS = ("user_id", "history_item_id", "history_item_title", "history_rating", "history_timestamp",
+                    "item_id", "timestamp")  # of every sample split (preprocess.py writes more)
+NAME = re.compile(r"(?P<category>.+?)_\d+_\d{4}-\d{1,2}-\d{4}-\d{1,2}(_.*)?")
+
+
+def dataset_name(category: str, k: int, st_year: int, st_month: int, ed_year: int, ed_month: int,
+                 postfix: str = "") -> str:
+    """SPEC §1 folder name; months not zero-padded, the postfix appended when given."""
+    name = f"{category}_{k}_{st_year}-{st_month}-{ed_year}-{ed_month}"
+    return f"{name}_{postfix}" if postfix else name
+
+
+def category_of(folder: str) -> str | None:
+    """The category in a dataset folder's name (None: not a `dataset_name`)."""
+    match = NAME.fullmatch(os.path.basename(os.path.normpath(folder)))
+    return match and match["category"]
+
+
+def load_dataset_dir(folder: str | None, category: str | None = None):
+    """The DatasetDict written by preprocess.py, checked.  -> (dataset, category); the category
+    is read from the folder name unless given (--dataset_category)."""
+    from datasets import DatasetDict, load_from_disk  # import cost only where a dataset is loaded
+
+    if not folder:
+        raise UserError("no --dataset_dir given — run preprocess.py and pass the folder it prints")
+    if not os.path.isdir(folder):
+        state = "is a file" if os.path.exists(folder) else "does not exist"
+        raise UserError(f"dataset folder {folder!r} {state} — run preprocess.py first or fix --dataset_dir")
+    try:
+        dataset = load_from_disk(folder)
+    except (FileNotFoundError, ValueError, OSError, IndexError) as e:
+        raise UserError(f"{folder!r} is not a dataset saved by preprocess.py ({one_line(e)}) — point --dataset_dir at "
+                        "the folder preprocess.py wrote, e.g. data/Video_Games_0_2022-10-2023-10") from e
+    missing = [s for s in SPLITS if not isinstance(dataset, DatasetDict) or s not in dataset]
+    if missing:
+        raise UserError(f"{folder!r} lacks the split(s) {', '.join(missing)} — rerun preprocess.py for it")
+    for split in SAMPLE_SPLITS:
+        absent = [c for c in TRAINING_COLUMNS if c not in dataset[split].column_names]
+        if absent:
+            raise UserError(f"the {split} split of {folder!r} lacks the column(s) {', '.join(absent)} — "
+                            "rerun preprocess.py for it")
+        if len(dataset[split]) == 0:
+            raise UserError(f"the {split} split of {folder!r} is empty — preprocess a wider window (or a "
+                            "smaller --K) so that every split holds samples")
+    check_item_ids(dataset, folder)
+    named = category_of(folder)
+    if category is None and named is None:
+        raise UserError(f"cannot read the category from the folder name {folder!r} — pass --dataset_category")
+    if category is not None and named is not None and named != category:
+        raise UserError(f"--dataset_category {category} does not match the dataset folder {folder!r} "
+                        f"({named}) — fix DATASET_CAT/--dataset_category or --dataset_dir")
+    return dataset, category or named
+
+
+def check_item_ids(dataset, folder: str):
+    """item_info holds ids 0..N-1 in order (0 = pad), and every sample's ids are among them."""
+    ids = dataset["item_info"].data.column("item_id").to_pylist()
+    if ids != list(range(len(ids))):
+        raise UserError(f"the item_info split of {folder!r} does not hold item ids 0..{len(ids) - 1} in order "
+                        "(0 = the pad item) — rerun preprocess.py for it")
+    for split in SAMPLE_SPLITS:
+        table = dataset[split].data
+        used = [pc.min_max(table.column("item_id")), pc.min_max(pc.list_flatten(table.column("history_item_id")))]
+        if any(m["min"].is_valid and (m["min"].as_py() < 1 or m["max"].as_py() >= len(ids)) for m in used):
+            raise UserError(f"the {split} split of {folder!r} names item ids outside 1..{len(ids) - 1} of its "
+                            "item_info — rerun preprocess.py for it")
