@@ -249,12 +249,11 @@ def recpo_reward(scores: torch.Tensor, targets: torch.Tensor, beta: float, ndcg_
     """SPEC §4.2 reward: R = (1-β)·NDCG@k + β·softmax(scores)[target].
 
     `scores` (N, I) are already masked (history and pad at -inf); `targets` (N,).
-    Returns (R, NDCG@k, softmax probability, rank), each (N,).
+    Returns (R, its terms by name), each (N,); the trainer logs every term as `reward/{name}`.
     """
-    ranks = target_rank(scores, targets)  # (N,)
-    ndcg = ndcg_at_k(ranks, ndcg_k).float()  # (N,)
+    ndcg = ndcg_at_k(target_rank(scores, targets), ndcg_k).float()  # (N,)
     prob = scores.float().softmax(dim=-1).gather(1, targets[:, None]).squeeze(1)  # (N,)
-    return (1 - beta) * ndcg + beta * prob, ndcg, prob, ranks
+    return (1 - beta) * ndcg + beta * prob, {"ndcg": ndcg, "softmax": prob}
 
 
 def group_advantages(rewards: torch.Tensor, kind: str) -> torch.Tensor:
@@ -477,13 +476,10 @@ class RecPOTrainer(Trainer):
         return mask_seen(scores, histories)
 
     def rewards(self, user_states: torch.Tensor, samples: list[dict], targets: torch.Tensor):
-        """SPEC §4.2 for each trajectory, against the cached item table.  targets (B,) -> R, NDCG, prob (N,)."""
+        """SPEC §4.2 for each trajectory, against the cached item table.  targets (B,) -> R (N,), its terms."""
         group = len(user_states) // len(samples)
-        reward, ndcg, prob, _ = recpo_reward(
-            self.masked_scores(user_states, samples), targets.repeat_interleave(group), self.args.beta,
-            self.args.reward_ndcg_k,
-        )
-        return reward, ndcg, prob
+        return recpo_reward(self.masked_scores(user_states, samples), targets.repeat_interleave(group),
+                            self.args.beta, self.args.reward_ndcg_k)
 
     def advantages(self, rewards: torch.Tensor) -> torch.Tensor:
         """SPEC §4.3 per group of G.  rewards (N,) -> (N,)."""
@@ -526,15 +522,14 @@ class RecPOTrainer(Trainer):
             rollouts = self.rollout(model, samples, self.args.sampling, self.args.group_size)
         targets = self.target_ids(samples)  # (B,)
         with self._timed("reward"):
-            reward, ndcg, prob = self.rewards(rollouts.user_states, samples, targets)
+            reward, terms = self.rewards(rollouts.user_states, samples, targets)
         self._check_finite(reward, "reward")
         advantages = self.advantages(reward)
         rewards_by_group = reward.view(-1, self.args.group_size)
         self._record(
             **{
                 "reward/mean": reward.mean(),
-                "reward/ndcg": ndcg.mean(),
-                "reward/softmax": prob.mean(),
+                **{f"reward/{name}": term.mean() for name, term in terms.items()},
                 "reward/std_within_group": rewards_by_group.std(dim=1).nan_to_num(0).mean(),
                 "advantage/abs_mean": advantages.abs().mean(),
                 "frac_reward_zero_std": (rewards_by_group.max(1).values == rewards_by_group.min(1).values).float().mean(),

@@ -13,15 +13,16 @@ NEG = float("-inf")
 
 def test_reward_rank_ndcg_and_softmax_by_hand():
     scores = torch.tensor([[NEG, 2.0, 1.0, 3.0, 0.5]])  # pad masked; target item 2 is 3rd best
-    reward, ndcg, prob, rank = recpo_reward(scores, torch.tensor([2]), beta=0.05, ndcg_k=1000)
+    reward, terms = recpo_reward(scores, torch.tensor([2]), beta=0.05, ndcg_k=1000)
     softmax_target = math.exp(1.0) / (math.exp(2.0) + math.exp(1.0) + math.exp(3.0) + math.exp(0.5))
-    assert rank.item() == 3
-    assert ndcg.item() == pytest.approx(1 / math.log2(4))
-    assert prob.item() == pytest.approx(softmax_target, rel=1e-6)
+    assert target_rank(scores, torch.tensor([2])).item() == 3
+    assert terms.keys() == {"ndcg", "softmax"}
+    assert terms["ndcg"].item() == pytest.approx(1 / math.log2(4))
+    assert terms["softmax"].item() == pytest.approx(softmax_target, rel=1e-6)
     assert reward.item() == pytest.approx(0.95 * 0.5 + 0.05 * softmax_target, rel=1e-6)
     # Past the cut-off only the softmax term is left.
-    reward_k2, ndcg_k2, _, _ = recpo_reward(scores, torch.tensor([2]), beta=0.05, ndcg_k=2)
-    assert ndcg_k2.item() == 0.0
+    reward_k2, terms_k2 = recpo_reward(scores, torch.tensor([2]), beta=0.05, ndcg_k=2)
+    assert terms_k2["ndcg"].item() == 0.0
     assert reward_k2.item() == pytest.approx(0.05 * softmax_target, rel=1e-6)
 
 

@@ -133,8 +133,8 @@ def test_non_finite_reward_skips_the_step(tmp_path, monkeypatch):
     real_rewards = trainer.rewards
 
     def nan_rewards(*args):
-        reward, ndcg, prob = real_rewards(*args)
-        return reward * float("nan"), ndcg, prob
+        reward, terms = real_rewards(*args)
+        return reward * float("nan"), terms
 
     monkeypatch.setattr(trainer, "rewards", nan_rewards)
     with warnings.catch_warnings(record=True) as caught:
