@@ -53,6 +53,7 @@ import torch
 import torch.nn.functional as F
 from transformers import AttentionInterface, GenerationConfig, StoppingCriteria, StoppingCriteriaList
 
+from errors import UserError
 from model import decoder_hook, last_positions, policy_forward
 from prompts import StopRule
 
@@ -138,15 +139,18 @@ def _generation_mode(model, attn_implementation: str | None = None):
     """
     modes = [(m, m.training) for m in model.modules()]
     config = _base_model(model).config
-    previous = config._attn_implementation
+    configs = list({id(c): c for c in (config, config.get_text_config())}.values())  # the decoder may read either
+    previous = [c._attn_implementation for c in configs]
     model.eval()
     if attn_implementation is not None:
-        config._attn_implementation = attn_implementation
+        for c in configs:
+            c._attn_implementation = attn_implementation
     try:
         with torch.no_grad():  # not inference_mode: the trainer feeds the returned ids into autograd
             yield
     finally:
-        config._attn_implementation = previous
+        for c, implementation in zip(configs, previous):
+            c._attn_implementation = implementation
         for m, training in modes:
             m.training = training
 
@@ -460,6 +464,11 @@ def _prefill(model, st: _DecodeState, prompt_ids, prompt_mask) -> torch.Tensor:
     st.start(prompt_mask, positions)
     logits = model(input_ids=prompt_ids, position_ids=positions, use_cache=False,
                    logits_to_keep=last_positions(prompt_ids, 1)).logits[:, -1].float()  # (B, V)
+    layers = getattr(_base_model(model).config.get_text_config(), "num_hidden_layers", len(st.prefix_k))
+    if len(st.prefix_k) != layers:  # the decode steps would attend without the prompt, silently
+        raise UserError(f"only {len(st.prefix_k)} of the backbone's {layers} attention layers ran through the "
+                        "rollout engine: its attention does not go through transformers' AttentionInterface — "
+                        "pick a backbone that does (Gemma-2, Qwen2.5, Llama and most current models)")
     st.prompt_mask = None
     st.mode = "decode"
     for window in (None, *st.windows):

@@ -21,6 +21,7 @@ from transformers import (
 )
 
 import rollouts
+from errors import UserError
 from bench.bench_rollout import PAD, random_prompts
 from model import attention_implementation, encode
 from prompts import StopRule
@@ -279,3 +280,14 @@ def test_bad_inputs_are_refused():
         generate_rollouts(model, ids, mask, 2, SamplingConfig(2), StopRule.exact([[5, 6, 7]]), PAD)
     with pytest.raises(ValueError, match="top_p"):
         SamplingConfig(8, top_p=0.0)
+
+
+def test_a_layer_that_bypasses_the_attention_interface_is_refused():
+    """The engine's decode steps read the prompt's keys from what the prefill stored through the
+    attention interface; a layer with attention of its own would leave them empty, silently."""
+    model = tiny_model("qwen2")
+    model.model.layers[1].self_attn.forward = lambda hidden_states, **kwargs: (torch.zeros_like(hidden_states), None)
+    ids, mask = prompts()
+    with pytest.raises(UserError, match="only 1 of the backbone's 2 attention layers ran through the rollout engine"):
+        generate_rollouts(model, ids, mask, 2, SamplingConfig(8), StopRule.exact([[5]]), PAD)
+    assert model.config._attn_implementation == "sdpa"
