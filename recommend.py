@@ -36,7 +36,7 @@ from trainer import RecPOConfig, RecPOTrainer
 RUN_FILE = "r2ec_run.json"  # written by train.py when a run ends
 RUN_KEYS = ("model", "dataset_dir", "category")  # the keys recommend needs in it (it also reads any RecPOConfig field)
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
-CONFIG_FIELDS = {f.name for f in dataclasses.fields(RecPOConfig)}
+CONFIG_FIELDS = {f.name for f in dataclasses.fields(RecPOConfig) if f.init}
 
 
 # ----------------------------------------------------------------------------------------------

@@ -25,23 +25,13 @@ from model import add_lora, load_backbone
 from paths import resolve_model
 from trainer import RecPOConfig, RecPOTrainer, check_train_size
 
-# Spellings of the released launcher -> TrainingArguments names.
-FLAG_ALIASES = {"--train_batch_size": "--per_device_train_batch_size", "--eval_batch_size": "--per_device_eval_batch_size"}
 RUN_SETTINGS = ("window_size", "max_new_tokens", "similarity_type", "tau", "max_prompt_tokens", "max_item_tokens")
 
 
 def parse_config(argv: list[str]) -> RecPOConfig:
-    """Flags -> RecPOConfig, with the launcher's aliases, a default output folder and CPU fallback."""
-    flags = [arg.partition("=") for arg in argv]  # (flag, "=", value) or (flag, "", "")
-    argv = [FLAG_ALIASES.get(flag, flag) + equals + value for flag, equals, value in flags]
-    if not any(flag == "--output_dir" for flag, _, _ in flags):
-        run_name = "r2ec"
-        for i, (flag, equals, value) in enumerate(flags):
-            if flag == "--run_name":  # --run_name NAME or --run_name=NAME; the last one wins
-                run_name = value if equals else argv[i + 1] if i + 1 < len(argv) else run_name
-        argv += ["--output_dir", os.path.join("outputs", run_name)]
+    """Flags -> RecPOConfig, on the CPU when no GPU is found."""
     if not torch.cuda.is_available() and not any(arg.startswith("--use_cpu") for arg in argv):
-        argv += ["--use_cpu", "True"]  # the Trainer (and DeepSpeed through it) needs this without a GPU
+        argv = [*argv, "--use_cpu", "True"]  # the Trainer (and DeepSpeed through it) needs this without a GPU
     parser = one_line_parser_errors(HfArgumentParser(RecPOConfig), "python train.py --help")
     config, unknown = parser.parse_args_into_dataclasses(args=argv, return_remaining_strings=True)
     if unknown:
@@ -111,27 +101,11 @@ def check_checkpoint(checkpoint: str, config: RecPOConfig):
         raise UserError(f"{optimizer} is truncated or corrupt — {fix}")
 
 
-def default_eval_steps(config: RecPOConfig, num_train: int) -> int:
-    """SPEC §5: evaluate every floor(len(train) / (B · grad_accum · processes) / 8) steps (at least 1)."""
-    steps_per_epoch = num_train // (config.per_device_train_batch_size * config.gradient_accumulation_steps
-                                    * config.world_size)
-    return max(1, steps_per_epoch // 8)
-
-
-def set_intervals(config: RecPOConfig, num_train: int):
-    """SPEC §5's evaluation interval unless --eval_steps is given; checkpoints follow it unless
-    --save_steps is given."""
-    if config.eval_steps_from_data:
-        config.eval_steps = default_eval_steps(config, num_train)
-    if config.save_steps_from_eval:
-        config.save_steps = config.eval_steps
-
-
 def build_trainer(config: RecPOConfig) -> RecPOTrainer:
     """Data, backbone with LoRA, and the RecPO trainer for a parsed config."""
     set_seed(config.seed)
     dataset, category = load_dataset_dir(config.dataset_dir, config.dataset_category)
-    set_intervals(config, len(dataset["train"]))
+    config.set_intervals(len(dataset["train"]))
     dtype = torch.bfloat16 if config.bf16 else torch.float32
     model, tokenizer = load_backbone(config.model, dtype=dtype)
     model = add_lora(model, r=config.lora_r, alpha=config.lora_alpha, dropout=config.lora_dropout,

@@ -129,8 +129,13 @@ class RecPOConfig(TrainingArguments):
     warmup_steps: float = field(default=32, metadata={"help": "Linear warm-up steps, then constant."})
     lr_scheduler_type: str = field(default="constant_with_warmup", metadata={"help": "LR schedule."})
     num_train_epochs: float = field(default=3, metadata={"help": "Training epochs."})
-    per_device_train_batch_size: int = field(default=4, metadata={"help": "Users per step per process (B)."})
-    per_device_eval_batch_size: int = field(default=32, metadata={"help": "Samples per greedy eval batch."})
+    # the released launcher's spellings are aliases
+    per_device_train_batch_size: int = field(
+        default=4, metadata={"help": "Users per step per process (B).", "aliases": ["--train_batch_size"]}
+    )
+    per_device_eval_batch_size: int = field(
+        default=32, metadata={"help": "Samples per greedy eval batch.", "aliases": ["--eval_batch_size"]}
+    )
     bf16: bool = field(default=True, metadata={"help": "bfloat16 weights and autocast (SPEC §4 defaults)."})
     gradient_checkpointing: bool = field(default=True, metadata={"help": "Recompute activations."})
     logging_steps: float = field(default=1, metadata={"help": "Log every this many steps."})
@@ -151,13 +156,18 @@ class RecPOConfig(TrainingArguments):
     remove_unused_columns: bool = field(default=False, metadata={"help": "Keep raw sample columns."})
     dataloader_drop_last: bool = field(default=True, metadata={"help": "Equal batches on every process."})
     report_to: None | str | list[str] = field(default="tensorboard", metadata={"help": "Logging integrations."})
+    # Set by __post_init__: which intervals `set_intervals` derives once the data size is known
+    eval_steps_from_data: bool = field(default=False, init=False, repr=False)
+    save_steps_from_eval: bool = field(default=False, init=False, repr=False)
 
     def __post_init__(self):
+        if self.output_dir is None:
+            self.output_dir = os.path.join("outputs", self.run_name or "r2ec")
         for flag in ("eval_steps", "save_steps", "logging_steps"):
             value = getattr(self, flag)
             if value is not None and not value > 0:
                 raise UserError(f"--{flag} {value:g}: must be positive (steps, or a fraction of the run below 1)")
-        # Without --eval_steps, train.py derives the SPEC §5 interval once the data size is known
+        # Without --eval_steps, `set_intervals` derives the SPEC §5 interval once the data size is known
         # (TrainingArguments would otherwise fall back to logging_steps); checkpoints follow it
         # unless --save_steps is given, so the best one exists when it is evaluated.
         by_steps = self.save_strategy == "steps" and self.eval_strategy == "steps"
@@ -168,7 +178,7 @@ class RecPOConfig(TrainingArguments):
         self.eval_steps_from_data = self.eval_steps is None
         self.save_steps_from_eval = self.save_steps is None
         if self.save_steps is None:
-            self.save_steps = self.eval_steps or self.logging_steps  # until train.py knows the interval
+            self.save_steps = self.eval_steps or self.logging_steps  # until set_intervals knows the interval
         if self.gradient_checkpointing_kwargs is None:
             # Re-entrant checkpointing breaks DDP when the same weights run twice before one backward.
             self.gradient_checkpointing_kwargs = {"use_reentrant": False}
@@ -229,6 +239,20 @@ class RecPOConfig(TrainingArguments):
         for ok, message in checks:
             if not ok:
                 raise UserError(message)
+
+    def default_eval_steps(self, num_train: int) -> int:
+        """SPEC §5: evaluate every floor(len(train) / (B · grad_accum · processes) / 8) steps (at least 1)."""
+        steps_per_epoch = num_train // (self.per_device_train_batch_size * self.gradient_accumulation_steps
+                                        * self.world_size)
+        return max(1, steps_per_epoch // 8)
+
+    def set_intervals(self, num_train: int):
+        """SPEC §5's evaluation interval unless --eval_steps is given; checkpoints follow it unless
+        --save_steps is given."""
+        if self.eval_steps_from_data:
+            self.eval_steps = self.default_eval_steps(num_train)
+        if self.save_steps_from_eval:
+            self.save_steps = self.eval_steps
 
     @property
     def sampling(self) -> SamplingConfig:

@@ -43,7 +43,7 @@ def test_flagless_config_has_the_spec_defaults():
 @pytest.mark.parametrize("processes, expected", [(1, 859), (3, 286)])  # floor(27,498 / (4·1·W) / 8)
 def test_evaluation_interval_is_an_eighth_of_an_epoch(monkeypatch, processes, expected):
     monkeypatch.setattr(RecPOConfig, "world_size", property(lambda self: processes))
-    assert train.default_eval_steps(train.parse_config([]), 27_498) == expected  # Musical_Instruments train
+    assert train.parse_config([]).default_eval_steps(27_498) == expected  # Musical_Instruments train
 
 
 def test_launcher_passes_the_released_settings(tmp_path):
@@ -72,7 +72,7 @@ def test_launcher_passes_the_released_settings(tmp_path):
     ({"NUM_PROCESSES": "abc"}, "NUM_PROCESSES=abc is not a positive whole number"),
     ({"NUM_PROCESSES": "0"}, "NUM_PROCESSES=0 is not a positive whole number"),
     ({"DATASET_DIR": "/nonexistent/Musical_Instruments_0_2022-10-2023-10"}, "does not exist"),
-    ({"TRAIN_BATCH_SIZE": "many"}, "--per-device-train-batch-size: invalid int value: 'many'"),
+    ({"TRAIN_BATCH_SIZE": "many"}, "--train_batch_size: invalid int value: 'many'"),
 ])
 def test_launcher_stops_bad_input_with_one_line_before_starting_processes(variables, message):
     env = {**os.environ, "PYTHON": sys.executable, "OMP_NUM_THREADS": "1", **variables}

@@ -435,7 +435,7 @@ def test_bad_flags_are_named_before_any_work(flags, message):
 ])
 def test_checkpoints_follow_evaluations_unless_asked_otherwise(flags, eval_steps, save_steps):
     config = train.parse_config(["--dataset_dir", "/nonexistent", "--train_batch_size", "2", *flags])
-    train.set_intervals(config, num_train=48)
+    config.set_intervals(num_train=48)
     assert (config.eval_steps, config.save_steps) == (eval_steps, save_steps)
 
 
