@@ -30,12 +30,19 @@ RUN_NAME=${RUN_NAME:-r2ec_${MODEL}_${DATASET_CAT}}
 DS_CONFIG=${DS_CONFIG:-ds_config.json}
 PYTHON=${PYTHON:-python}
 
-for name in NUM_PROCESSES NUM_MACHINES MACHINE_RANK MAIN_PROCESS_PORT; do
-    if ! [[ ${!name} =~ ^[0-9]+$ ]] || { [ "$name" != MACHINE_RANK ] && [ "${!name}" -lt 1 ]; }; then
+for name in NUM_PROCESSES NUM_MACHINES MAIN_PROCESS_PORT; do
+    if ! [[ ${!name} =~ ^[0-9]+$ ]] || [ "${!name}" -lt 1 ]; then
         echo "error: $name=${!name} is not a positive whole number — fix it in the environment" >&2
         exit 2
     fi
 done
+if ! [[ $MACHINE_RANK =~ ^[0-9]+$ ]] || [ "$MACHINE_RANK" -ge "$NUM_MACHINES" ]; then
+    echo "error: MACHINE_RANK=$MACHINE_RANK must be 0 to NUM_MACHINES-1 ($((NUM_MACHINES - 1))) — set it per node" >&2
+    exit 2
+fi
+TOTAL_PROCESSES=$((NUM_PROCESSES * NUM_MACHINES))
+# One process needs a rendezvous of its own: DeepSpeed would otherwise go looking for MPI.
+ONE_PROCESS=(RANK=0 LOCAL_RANK=0 WORLD_SIZE=1 MASTER_ADDR=127.0.0.1 MASTER_PORT="$MAIN_PROCESS_PORT")
 export CUDA_VISIBLE_DEVICES
 TRAIN_ARGS=(
     --deepspeed "$DS_CONFIG"
@@ -57,17 +64,16 @@ TRAIN_ARGS=(
 )
 # Bad flags, a missing dataset or a placeholder model path: one error line here, instead of one
 # per process followed by the launcher's traceback.
-OMP_NUM_THREADS=1 RANK=0 LOCAL_RANK=0 WORLD_SIZE=1 MASTER_ADDR=127.0.0.1 MASTER_PORT="$MAIN_PROCESS_PORT" \
-    R2EC_PROCESSES="$((NUM_PROCESSES * NUM_MACHINES))" "$PYTHON" train.py "${TRAIN_ARGS[@]}" --check_only True >/dev/null
+env OMP_NUM_THREADS=1 "${ONE_PROCESS[@]}" R2EC_PROCESSES="$TOTAL_PROCESSES" \
+    "$PYTHON" train.py "${TRAIN_ARGS[@]}" --check_only True >/dev/null
 # The Trainer sets DeepSpeed up from --deepspeed; accelerate only starts the processes.
 # --multi_gpu also makes `accelerate launch` start several processes on CPU (ACCELERATE_USE_CPU=true).
-MULTI=()
-if [ "$((NUM_PROCESSES * NUM_MACHINES))" -gt 1 ]; then
-    MULTI=(--multi_gpu)
-else  # one process: give DeepSpeed a rendezvous, or it goes looking for MPI
-    export RANK=0 LOCAL_RANK=0 WORLD_SIZE=1 MASTER_ADDR=127.0.0.1 MASTER_PORT="$MAIN_PROCESS_PORT"
+MULTI=(--multi_gpu)
+if [ "$TOTAL_PROCESSES" -eq 1 ]; then
+    MULTI=()
+    export "${ONE_PROCESS[@]}"
 fi
 exec "$PYTHON" -m accelerate.commands.launch "${MULTI[@]}" \
-    --num_processes "$((NUM_PROCESSES * NUM_MACHINES))" --num_machines "$NUM_MACHINES" \
+    --num_processes "$TOTAL_PROCESSES" --num_machines "$NUM_MACHINES" \
     --machine_rank "$MACHINE_RANK" --main_process_ip "$MAIN_PROCESS_IP" --main_process_port "$MAIN_PROCESS_PORT" \
     train.py "${TRAIN_ARGS[@]}"
