@@ -100,6 +100,12 @@ def last_token_index(attention_mask: torch.Tensor) -> torch.Tensor:
     return width - 1 - attention_mask.flip(-1).long().argmax(-1)  # (B,)
 
 
+def mask_positions(attention_mask: torch.Tensor) -> torch.Tensor:
+    """Each token's position among its row's real tokens (padding reads 0), so left padding
+    changes nothing.  (B, T) -> (B, T) long."""
+    return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+
+
 def last_positions(input_ids: torch.Tensor, n: int) -> torch.Tensor:
     """`logits_to_keep` for the last n positions, as explicit indices rather than the int n.
 
@@ -142,7 +148,7 @@ def policy_forward(model, input_ids: torch.Tensor, attention_mask: torch.Tensor,
     """
     if num_logprob_tokens >= input_ids.shape[1]:
         raise ValueError(f"num_logprob_tokens={num_logprob_tokens} needs more than {input_ids.shape[1]} input tokens")
-    position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)  # (B, T)
+    position_ids = mask_positions(attention_mask)  # (B, T)
     caught = {}
     with decoder_hook(model, lambda module, args, out: caught.update(hidden=out[0])):
         out = model(

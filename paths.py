@@ -179,7 +179,7 @@ def resolve_model(name: str) -> str:
             return convert_embedded()
         if is_model_folder(path):
             return path
-        if not os.path.isdir(path) and HUB_ID.fullmatch(path) and not path.startswith("."):
+        if not os.path.isdir(path) and HUB_ID.fullmatch(path):
             return path
         state = ("a placeholder" if path.startswith(PLACEHOLDER_PREFIX)
                  else "a folder without config.json" if os.path.isdir(path) else "not a folder")
@@ -192,7 +192,7 @@ def resolve_model(name: str) -> str:
             raise UserError(f"model folder {name!r} has no config.json — pass the folder of a Hugging Face "
                             "model (config.json, tokenizer and weights)")
         return name
-    if HUB_ID.fullmatch(name) and not name.startswith("."):
+    if HUB_ID.fullmatch(name):
         return name
     choices = ", ".join([*model_names, *aliases])
     raise UserError(

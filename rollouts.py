@@ -54,7 +54,7 @@ import torch.nn.functional as F
 from transformers import AttentionInterface, GenerationConfig, StoppingCriteria, StoppingCriteriaList
 
 from errors import UserError
-from model import decoder_hook, last_positions, policy_forward
+from model import decoder_hook, last_positions, mask_positions, policy_forward
 from prompts import StopRule
 
 ATTENTION_NAME = "r2ec_rollout"
@@ -460,7 +460,7 @@ def _decode_step(model, st: _DecodeState):
 
 def _prefill(model, st: _DecodeState, prompt_ids, prompt_mask) -> torch.Tensor:
     """Run the B prompts once, filling the prefix buffers.  -> logits of token 0 (N, V)."""
-    positions = (prompt_mask.long().cumsum(-1) - 1).clamp(min=0)  # (B, P) from the mask: left padding
+    positions = mask_positions(prompt_mask)  # (B, P)
     st.start(prompt_mask, positions)
     logits = model(input_ids=prompt_ids, position_ids=positions, use_cache=False,
                    logits_to_keep=last_positions(prompt_ids, 1)).logits[:, -1].float()  # (B, V)
