@@ -5,7 +5,8 @@ item table by cosine / τ.
     model, tokenizer = load_backbone("gemma")        # any key, alias, folder or hub id (paths.py)
     model = add_lora(model)                          # r=4, alpha=128 on attention and MLP
     logprobs, h = policy_forward(model, ids, mask, n)  # one forward for both heads
-    table = ItemTable(item_info, tokenizer, "Video_Games"); table.encode_all(model)
+    table = ItemTable(item_info, tokenizer, "Video_Games"); items = list(range(len(table)))
+    table.update(items, table.encode(model, items))  # H_V, (N+1, D)
     scores = mask_seen(similarity(h, table.embeddings), history_item_ids)  # (B, N+1)
 
 There is one code path for every backbone: the model's own forward (so Gemma-2's logit
@@ -212,9 +213,10 @@ def mask_seen(scores: torch.Tensor, history_item_ids: list[list[int]]) -> torch.
 class ItemTable:
     """Every item's embedding H_V, one row per item id (row 0 is the pad item).
 
-    Items are tokenised once, at construction; `encode_all` refreshes all embeddings with the
-    current weights (before training and at every evaluation), `update` writes the rows that
-    a training step re-encoded with gradient, and `batch` gives the sequences to re-encode.
+    Items are tokenised once, at construction. `encode` gives items' h with the current weights
+    and `update` writes rows: every row before training and at every evaluation (the trainer
+    splits that work between processes), and the rows a training step re-encoded with
+    gradient. `batch` gives the sequences to encode.
     """
 
     def __init__(self, item_info, tokenizer, category: str, batch_size: int = 32, max_tokens: int = MAX_ITEM_TOKENS):
@@ -224,7 +226,7 @@ class ItemTable:
         self.tokens = [item_prompt_tokens(tokenizer, item, category, max_tokens) for item in items]
         self.pad_id = tokenizer.pad_token_id
         self.batch_size = batch_size
-        self.embeddings = None  # (N+1, D) float32 after encode_all
+        self.embeddings = None  # (N+1, D) float32 after the first update
 
     def __len__(self) -> int:
         return len(self.tokens)
@@ -235,24 +237,29 @@ class ItemTable:
         return {"input_ids": torch.tensor(ids), "attention_mask": torch.tensor(mask)}
 
     @torch.no_grad()
-    def encode_all(self, model, progress: bool = True) -> None:
-        """Re-encode every item with the current weights into `.embeddings` (eval mode)."""
+    def encode(self, model, item_ids: list[int], progress: bool = True) -> torch.Tensor:
+        """h of these items with the current weights (eval mode).  -> (K, D) float32, in their order."""
         device = next(model.parameters()).device
         was_training = model.training
         model.eval()
-        by_length = sorted(range(len(self)), key=lambda i: len(self.tokens[i]))  # less padding
+        by_length = sorted(range(len(item_ids)), key=lambda i: len(self.tokens[item_ids[i]]))  # less padding
+        h = None
         try:
-            for start in tqdm(range(0, len(self), self.batch_size), desc="encoding items", disable=not progress):
+            for start in tqdm(range(0, len(item_ids), self.batch_size), desc="encoding items", disable=not progress):
                 chunk = by_length[start : start + self.batch_size]
-                inputs = {k: v.to(device) for k, v in self.batch(chunk).items()}
-                h = encode(model, inputs["input_ids"], inputs["attention_mask"]).float()  # (K, D)
-                if self.embeddings is None or self.embeddings.device != h.device:
-                    self.embeddings = torch.zeros(len(self), h.shape[1], device=device)  # (N+1, D)
-                self.embeddings[torch.tensor(chunk, device=device)] = h
+                inputs = {k: v.to(device) for k, v in self.batch([item_ids[i] for i in chunk]).items()}
+                chunk_h = encode(model, inputs["input_ids"], inputs["attention_mask"]).float()  # (k, D)
+                if h is None:
+                    h = chunk_h.new_empty(len(item_ids), chunk_h.shape[1])  # (K, D)
+                h[torch.tensor(chunk, device=device)] = chunk_h
         finally:
             model.train(was_training)
+        return h
 
-    def update(self, item_ids: torch.Tensor, h: torch.Tensor) -> None:
-        """Write fresh embeddings h (K, D) of `item_ids` (K,) into the table, detached."""
+    def update(self, item_ids, h: torch.Tensor) -> None:
+        """Write fresh embeddings h (K, D) of `item_ids` (K,) into the table, detached (the first
+        write allocates it on h's device)."""
+        if self.embeddings is None:
+            self.embeddings = torch.zeros(len(self), h.shape[1], device=h.device)  # (N+1, D)
         rows = torch.as_tensor(item_ids, device=self.embeddings.device)
         self.embeddings[rows] = h.detach().to(self.embeddings.device, torch.float32)

@@ -476,8 +476,14 @@ class RecPOTrainer(Trainer):
     # -- RecPO steps ---------------------------------------------------------------------------
 
     def refresh_item_table(self, model):
-        """Re-encode every item with the current weights (SPEC §4 "Item table")."""
-        self.item_table.encode_all(self.accelerator.unwrap_model(model), progress=self.is_local_process_zero())
+        """Re-encode every item with the current weights (SPEC §4 "Item table"), each process a
+        share, gathered into every process's table."""
+        table, world = self.item_table, self.accelerator.num_processes
+        by_length = sorted(range(len(table)), key=lambda i: len(table.tokens[i]))
+        mine = by_length[self.accelerator.process_index::world]  # equal shares of short and long items
+        mine += mine[-1:] * (math.ceil(len(table) / world) - len(mine))  # equal sizes for the gather
+        h = table.encode(self.accelerator.unwrap_model(model), mine, progress=self.is_local_process_zero())
+        table.update(gather(torch.tensor(mine, device=h.device)), gather(h))
         self._table_encoded = True
 
     def rollout(self, model, samples: list[dict], sampling: SamplingConfig, num_samples: int) -> Rollouts:

@@ -3,7 +3,9 @@
     python -m torch.distributed.run --nproc_per_node 4 tests/dist_eval_worker.py OUT.json
 
 Nine samples over four processes leave some processes short: accelerate pads them with copies
-of the last sample, which must count once. Rank 0 writes the split's metrics and records.
+of the last sample, which must count once. The item table's refresh is split between the
+processes too. Rank 0 writes the split's metrics and records, the table, and how many items
+each process encoded.
 """
 import json
 import os
@@ -11,6 +13,7 @@ import sys
 import tempfile
 
 import torch
+from accelerate.utils import gather_object
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -29,11 +32,17 @@ def main(out_path: str):
     )
     model, tokenizer = load_backbone(tiny_backbone("qwen2"), dtype=torch.float32)
     trainer = RecPOTrainer(model, config, tokenizer, tiny_dataset(num_eval=SAMPLES), "Video_Games")
+    encoded = []
+    encode = trainer.item_table.encode
+    trainer.item_table.encode = lambda model, item_ids, **kwargs: encoded.append(len(item_ids)) or encode(
+        model, item_ids, **kwargs)
     trainer.refresh_item_table(model)
     metrics, records = trainer.evaluate_split(model, trainer.eval_dataset["valid"], "valid")
+    encoded = gather_object(encoded)
     if trainer.accelerator.is_main_process:
         with open(out_path, "w") as f:
-            json.dump({"metrics": metrics, "records": records}, f)
+            json.dump({"metrics": metrics, "records": records, "encoded": encoded,
+                       "table": trainer.item_table.embeddings.tolist()}, f)
     trainer.accelerator.end_training()
 
 

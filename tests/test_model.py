@@ -171,7 +171,10 @@ def test_item_table_rows_follow_item_ids_and_match_single_encodes(backbone):
     model, tokenizer = backbone
     table = ItemTable(list(reversed(ITEMS)), tokenizer, "Musical_Instruments", batch_size=3)
     model.train()
-    table.encode_all(model, progress=False)
+    some = [3, 0, 2]
+    torch.testing.assert_close(table.encode(model, some, progress=False),
+                               table.encode(model, [0, 2, 3, 1], progress=False)[[2, 0, 1]], atol=1e-5, rtol=1e-4)
+    table.update(range(4), table.encode(model, list(range(4)), progress=False))
     assert model.training and table.embeddings.shape == (4, model.config.hidden_size)
     assert table.embeddings.dtype == torch.float32
     with torch.no_grad():
@@ -191,7 +194,7 @@ def test_item_table_rows_follow_item_ids_and_match_single_encodes(backbone):
 def test_batched_and_single_scoring_agree(backbone):
     model, tokenizer = backbone
     table = ItemTable(ITEMS, tokenizer, "Musical_Instruments")
-    table.encode_all(model, progress=False)
+    table.update(range(len(table)), table.encode(model, list(range(len(table))), progress=False))
     prompts = [chat_prompt(tokenizer, text) for text in TEXTS]
     batch = tokenizer(prompts, add_special_tokens=False, padding=True, return_tensors="pt")
     with torch.no_grad():

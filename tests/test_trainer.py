@@ -199,6 +199,9 @@ def test_evaluation_over_four_processes_counts_every_sample_once(tmp_path):
         return [(r["row"], r["target_rank"], r["reasoning"], r["reasoning_tokens"]) for r in records]
 
     assert ranked(split["records"]) == ranked(one["records"])
+    items = len(one["table"])
+    assert one["encoded"] == [items] and split["encoded"] == [-(-items // 4)] * 4  # each process a quarter
+    torch.testing.assert_close(torch.tensor(split["table"]), torch.tensor(one["table"]), atol=1e-5, rtol=1e-4)
     ranks = torch.tensor([r["target_rank"] for r in split["records"]], dtype=torch.float64)
     for k in (5, 10, 20):  # SPEC §5, averaged over the 9 samples, each once
         hit = (ranks <= k).double()
