@@ -477,12 +477,18 @@ class RecPOTrainer(Trainer):
 
     def refresh_item_table(self, model):
         """Re-encode every item with the current weights (SPEC §4 "Item table"), each process a
-        share, gathered into every process's table."""
+        share, gathered into every process's table. Every process must call it at the same point."""
         table, world = self.item_table, self.accelerator.num_processes
         by_length = sorted(range(len(table)), key=lambda i: len(table.tokens[i]))
         mine = by_length[self.accelerator.process_index::world]  # equal shares of short and long items
         mine += mine[-1:] * (math.ceil(len(table) / world) - len(mine))  # equal sizes for the gather
-        h = table.encode(self.accelerator.unwrap_model(model), mine, progress=self.is_local_process_zero())
+        try:
+            h = table.encode(self.accelerator.unwrap_model(model), mine, progress=self.is_local_process_zero())
+        except torch.OutOfMemoryError:
+            h = None
+        if not self._every_process_ok(h is not None):  # so that none waits in the gather alone
+            raise UserError(f"out of memory encoding the item table ({self.args.item_batch_size} items per batch) "
+                            "— lower --item_batch_size or --max_item_tokens")
         table.update(gather(torch.tensor(mine, device=h.device)), gather(h))
         self._table_encoded = True
 
@@ -545,9 +551,6 @@ class RecPOTrainer(Trainer):
 
     def make_batch(self, model, samples: list[dict]) -> RecPOBatch:
         """Rollouts, rewards, advantages and relabel mask for one batch of users (no gradient)."""
-        if not self._table_encoded:
-            with self._timed("item_table"):
-                self.refresh_item_table(model)
         with self._timed("rollout"):
             rollouts = self.rollout(model, samples, self.args.sampling, self.args.group_size)
         targets = self.target_ids(samples)  # (B,)
@@ -682,6 +685,9 @@ class RecPOTrainer(Trainer):
         ends the run with one line: the processes would then wait in different collectives.
         """
         model.train()
+        if not self._table_encoded:  # the first step, also of a resumed run
+            with self._timed("item_table"):
+                self.refresh_item_table(model)
         try:
             if self._buffer is None or self.state.global_step % self.args.num_iterations == 0:
                 self._buffer = None
@@ -797,10 +803,13 @@ class RecPOTrainer(Trainer):
         if gather(finite).min() < 1:
             raise SkipStep(f"non-finite {what} on some process")
 
+    def _every_process_ok(self, ok: bool) -> bool:
+        """Whether every process is ok, known to all of them: a collective every process must reach."""
+        return bool(gather(torch.tensor([float(ok)], device=self.args.device)).min() == 1)
+
     def _agree_to_continue(self, ok: bool, reason: str = ""):
         """All processes learn whether any of them failed, so none waits in a collective alone."""
-        flags = gather(torch.tensor([float(ok)], device=self.args.device))
-        if flags.min() < 1:
+        if not self._every_process_ok(ok):
             raise SkipStep(reason if not ok else "another process failed this step")
 
     def _skip_step(self, model, reason: str) -> torch.Tensor:

@@ -127,6 +127,18 @@ def test_out_of_memory_in_the_update_ends_the_run_with_one_line(tmp_path, monkey
     assert "out of memory in the update" in message and "--micro_batch_size" in message and "\n" not in message
 
 
+def test_out_of_memory_encoding_the_item_table_ends_the_run_with_one_line(tmp_path, monkeypatch):
+    trainer = tiny_trainer(tmp_path, item_batch_size=7)
+
+    def out_of_memory(*args, **kwargs):
+        raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
+
+    monkeypatch.setattr(trainer.item_table, "encode", out_of_memory)
+    with pytest.raises(UserError, match=r"^out of memory encoding the item table \(7 items per batch\) — lower "
+                                        r"--item_batch_size or --max_item_tokens$"):
+        trainer.train()
+
+
 def test_non_finite_reward_skips_the_step(tmp_path, monkeypatch):
     trainer = tiny_trainer(tmp_path)
     before = lora_state(trainer.model)
