@@ -575,7 +575,7 @@ class RecPOTrainer(Trainer):
         """SPEC §4.5 on the micro-batch `rows`.
 
         π = softmax(logits), or softmax(logits / --gen_temperature) with --tempered_logprobs (the
-        policy that sampled, as in TRL's GRPO); `update` computes it so. π_old is the policy at
+        policy that sampled, as in TRL's GRPO); `micro_batch_losses` computes it so. π_old is the policy at
         sampling time as the update's own forward computes it: the first update of a rollout batch
         uses its log-probs detached (ρ = 1, REINFORCE, as SPEC states), later ones
         (`num_iterations` > 1) what the first recorded. The sampler's log-probs are not used: they
@@ -612,14 +612,27 @@ class RecPOTrainer(Trainer):
         mine = slice(rank * len(local_rows), (rank + 1) * len(local_rows))
         return loss, probs[mine]
 
+    def micro_batch_losses(self, model, batch: RecPOBatch, rows, item_states, weighted_advantages, old_probs):
+        """SPEC §4.5 and §4.6 on the trajectories `rows`, from one forward of the policy.
+
+        The token loss is normalised to B = per_device_train_batch_size users, so a process
+        holding a larger batch (the single-process reference of the tests) averages over its
+        B-sized shares instead of summing them. -> token loss, item loss, the item loss's p of
+        these rows (M,) and their token log-probs (M, C).
+        """
+        ids, mask, completion_len = self._user_sequences(batch.rollouts, rows)
+        logprobs, user_states = policy_forward(model, ids, mask, completion_len, self.args.sampling.policy_temperature)
+        token, clip_fraction = self.token_loss(logprobs, batch, rows, completion_len)
+        item, probs = self.item_loss(user_states, item_states, batch, rows, weighted_advantages, old_probs)
+        token = token * self.args.per_device_train_batch_size / len(batch.targets)
+        self._check_finite(token + item, "loss")
+        self._record(**{"loss/token": token, "loss/item": item, "clip_ratio/token": clip_fraction})
+        return token, item, probs, logprobs
+
     def update(self, model, batch: RecPOBatch) -> torch.Tensor:
         """SPEC §4.7: token + item loss over micro-batches, one backward each; returns the loss.
 
         Only the last micro-batch syncs gradients (DDP all-reduce, DeepSpeed step boundary).
-        The token loss is normalised to B = per_device_train_batch_size users, so a process
-        holding a larger batch (the single-process reference of the tests) averages over its
-        B-sized shares instead of summing them.
-
         The B target items are encoded with gradient once per update, not once per micro-batch:
         earlier micro-batches score a detached copy and keep the item loss's gradient with
         respect to it, and the last backward carries that gradient through the item encoder
@@ -627,7 +640,6 @@ class RecPOTrainer(Trainer):
         """
         args, world = self.args, self.accelerator.num_processes
         num_local = len(batch.advantages)
-        share = args.per_device_train_batch_size / len(batch.targets)
         micro_batches = torch.arange(num_local, device=args.device).split(args.micro_batch_size)
         item_probs = torch.zeros(num_local, device=args.device)
         token_logprobs = torch.zeros_like(batch.rollouts.logprobs)  # (N, C) π_old for later iterations
@@ -645,14 +657,8 @@ class RecPOTrainer(Trainer):
             # DDP must know before the forward whether this backward all-reduces.
             defer_all_reduce = not (last or self.is_deepspeed_enabled)
             with self.accelerator.no_sync(model) if defer_all_reduce else contextlib.nullcontext():
-                ids, mask, completion_len = self._user_sequences(batch.rollouts, rows)
-                logprobs, user_states = policy_forward(model, ids, mask, completion_len,
-                                                       args.sampling.policy_temperature)
-                token, clip_fraction = self.token_loss(logprobs, batch, rows, completion_len)
-                items = item_states if last else detached_items
-                item, probs = self.item_loss(user_states, items, batch, rows, weighted_advantages, old_probs)
-                token = token * share
-                self._check_finite(token + item, "loss")
+                token, item, probs, logprobs = self.micro_batch_losses(
+                    model, batch, rows, item_states if last else detached_items, weighted_advantages, old_probs)
                 # Every process computes the same full item loss value but holds the gradient only
                 # through its own states; DDP averages gradients over processes, hence × world.
                 loss = (token + item * world) / args.gradient_accumulation_steps
@@ -664,9 +670,8 @@ class RecPOTrainer(Trainer):
                 backward_kwargs = {"scale_wrt_gas": False} if self.is_deepspeed_enabled else {}
                 self.accelerator.backward(loss, **backward_kwargs)
             item_probs[rows] = probs
-            token_logprobs[rows, :completion_len] = logprobs.detach()
+            token_logprobs[rows, :logprobs.shape[1]] = logprobs.detach()
             total += (token + item).detach()
-            self._record(**{"loss/token": token, "loss/item": item, "clip_ratio/token": clip_fraction})
         self.accelerator.gradient_state._set_sync_gradients(sync_at_end)
         # Every process writes every process's targets, so all processes score against one table.
         self.item_table.update(gather(batch.targets), gather(item_states.detach()))
