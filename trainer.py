@@ -41,7 +41,7 @@ warnings.filterwarnings("ignore", message="`gradient_checkpointing(_kwargs)?` is
 
 ADVANTAGE_TYPES = ("gaussian", "rloo")
 SIMILARITY_TYPES = ("cosine", "dot", "L2")
-EVAL_TOP_ITEMS = 10  # recommended item ids saved per sample with each evaluation's reasoning
+EVAL_TOP_ITEMS = 10  # top_k of each saved evaluation record: recommended items (id, title, score)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -14,7 +14,7 @@ weights plus the KV cache of N separate rows at the mean length (what `generate`
 
 The run is budgeted (`--budget_s`): the required rows first (correctness, ours and plain
 `generate` for both models and shapes), then the ones that pay a compilation (`generate` with a
-static cache compiles its forward, ours with `--compile_step`), each only while time is left.
+static cache compiles its forward, ours with `compile_step=True`: rows `ours_compile`, `ours_lora_compile`), each only while time is left.
 Every finished row is appended to `--out` at once, so a run cut short keeps what it measured;
 `--rows` runs only some kinds of row, the compiled ones in the order given (e.g.
 `--rows hf_static_compile ours_compile` for the ones a budgeted run skipped).

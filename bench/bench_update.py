@@ -7,8 +7,9 @@ Run from the repo root:
     python bench/bench_update.py --repo /tmp/old_checkout  # the same batch through another version
 
 The batch: the `--users` training samples of `--dataset_dir` with the longest histories, `--group` completions each of
-`--new_tokens` random tokens ending in `<answer>`, old log-probs from one no-grad forward (so the
-ratios are 1, as on-policy), random advantages, relabel top-1. The model is LoRA-wrapped (SPEC §4
+`--new_tokens` random tokens ending in `<answer>`, sampler log-probs from one no-grad forward (only
+for `rollout/logprob_gap`: the first update takes π_old from its own forward, so the ratios are 1,
+as on-policy), random advantages, relabel top-1. The model is LoRA-wrapped (SPEC §4
 defaults), gradient checkpointing on, bf16 with the trainer's own autocast. Each repeat is one
 `update` call, device-synchronised; the first is a warm-up and not counted. `--profile` adds
 one profiled call and prints its top operators by self time.
