@@ -478,18 +478,22 @@ class RecPOTrainer(Trainer):
     def refresh_item_table(self, model):
         """Re-encode every item with the current weights (SPEC §4 "Item table"), each process a
         share, gathered into every process's table. Every process must call it at the same point."""
-        table, world = self.item_table, self.accelerator.num_processes
+        table, world, device = self.item_table, self.accelerator.num_processes, self.args.device
         by_length = sorted(range(len(table)), key=lambda i: len(table.tokens[i]))
-        mine = by_length[self.accelerator.process_index::world]  # equal shares of short and long items
-        mine += mine[-1:] * (math.ceil(len(table) / world) - len(mine))  # equal sizes for the gather
+        shares = [by_length[rank::world] for rank in range(world)]  # equal shares of short and long items
+        size = len(shares[0])
+        mine = shares[self.accelerator.process_index]
+        mine = mine + by_length[-1:] * (size - len(mine))  # padded to equal sizes for the gather
         try:
             h = table.encode(self.accelerator.unwrap_model(model), mine, progress=self.is_local_process_zero())
+            ok = True
         except torch.OutOfMemoryError:
-            h = None
-        if not self._every_process_ok(h is not None):  # so that none waits in the gather alone
+            ok = False
+        if not self._every_process_ok(ok):  # so that none waits in the gather alone
             raise UserError(f"out of memory encoding the item table ({self.args.item_batch_size} items per batch) "
                             "— lower --item_batch_size or --max_item_tokens")
-        table.update(gather(torch.tensor(mine, device=h.device)), gather(h))
+        real = torch.cat([torch.arange(size, device=device) < len(share) for share in shares])  # padding out
+        table.update(gather(torch.tensor(mine, device=device))[real], gather(h.to(device))[real])
         self._table_encoded = True
 
     def rollout(self, model, samples: list[dict], sampling: SamplingConfig, num_samples: int) -> Rollouts:
@@ -738,16 +742,22 @@ class RecPOTrainer(Trainer):
         return split_metrics(records), records
 
     def recommend_rows(self, model, dataset, split: str, rows: list[int], top_k: int) -> list[dict]:
-        """`recommend` for `rows` of one split, shared across processes.  -> every row's record, by row."""
+        """`recommend` for `rows` of one split, shared across processes.  -> their records, in `rows`' order."""
         size = self.args.per_device_eval_batch_size
-        records = []
+        records, ok = [], True
         with self.accelerator.split_between_processes(rows, apply_padding=True) as my_rows:
             batches = [my_rows[i:i + size] for i in range(0, len(my_rows), size)]
-            for batch in tqdm(batches, desc=split, disable=not self.is_local_process_zero() or len(batches) < 2,
-                              leave=False):
-                records += self.recommend(model, [dataset[i] for i in batch], batch, split, top_k)
-        # Processes short of rows were padded with the last one: keep each row once.
-        return sorted({r["row"]: r for r in gather_object(records)}.values(), key=lambda r: r["row"])
+            try:
+                for batch in tqdm(batches, desc=split, disable=not self.is_local_process_zero() or len(batches) < 2,
+                                  leave=False):
+                    records += self.recommend(model, [dataset[i] for i in batch], batch, split, top_k)
+            except torch.OutOfMemoryError:
+                ok = False
+        if not self._every_process_ok(ok):  # so that none waits in the gather alone
+            raise UserError(f"out of memory in the greedy reasoning of the {split} split ({size} samples per batch) "
+                            "— lower the batch size (--eval_batch_size; recommend.py: --batch_size) or --max_new_tokens")
+        by_row = {r["row"]: r for r in gather_object(records)}  # padding repeats the last row
+        return [by_row[row] for row in rows]
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
         """Add the step metrics collected since the last log, averaged over steps and processes."""

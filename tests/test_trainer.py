@@ -139,6 +139,19 @@ def test_out_of_memory_encoding_the_item_table_ends_the_run_with_one_line(tmp_pa
         trainer.train()
 
 
+def test_out_of_memory_in_the_greedy_evaluation_ends_with_one_line(tmp_path, monkeypatch):
+    trainer = tiny_trainer(tmp_path, per_device_eval_batch_size=3)
+
+    def out_of_memory(*args, **kwargs):
+        raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
+
+    monkeypatch.setattr(trainer, "recommend", out_of_memory)
+    with pytest.raises(UserError, match=r"^out of memory in the greedy reasoning of the valid split \(3 samples per "
+                                        r"batch\) — lower the batch size \(--eval_batch_size; recommend.py: "
+                                        r"--batch_size\) or --max_new_tokens$"):
+        trainer.evaluate()
+
+
 def test_non_finite_reward_skips_the_step(tmp_path, monkeypatch):
     trainer = tiny_trainer(tmp_path)
     before = lora_state(trainer.model)
