@@ -57,7 +57,7 @@ class RecPOConfig(TrainingArguments):
     backbone is the embedded SmolLM2 (paths.DEFAULT_MODEL), which runs offline on a CPU.
     """
 
-    # Parameters that control the data and the backbone
+    # Parameters that control the data, the prompts and the backbone
     dataset_dir: str = field(default="", metadata={"help": "Folder written by preprocess.py."})
     dataset_category: str | None = field(
         default=None, metadata={"help": "Amazon category; default: read from the dataset folder name."}
@@ -67,9 +67,11 @@ class RecPOConfig(TrainingArguments):
         metadata={"help": "gemma | qwen | a key of paths.model_names | a local folder | a hub id."},
     )
     window_size: int = field(default=20, metadata={"help": "History lines shown in the user prompt."})
-    max_eval_samples: int | None = field(
-        default=None, metadata={"help": "Evaluate on at most this many valid/test samples (quick runs)."}
-    )
+    max_prompt_tokens: int = field(default=MAX_PROMPT_TOKENS, metadata={"help": "User prompt length limit."})
+    max_item_tokens: int = field(default=MAX_ITEM_TOKENS, metadata={"help": "Item prompt length limit."})
+    item_batch_size: int = field(default=32, metadata={"help": "Items per forward when encoding the table."})
+
+    # Parameters that control the run's folder
     check_only: bool = field(
         default=False,
         metadata={"help": "Check the flags, output folder, dataset folder and model path, then exit "
@@ -119,10 +121,10 @@ class RecPOConfig(TrainingArguments):
     similarity_type: str = field(default="cosine", metadata={"help": f"One of {SIMILARITY_TYPES}."})
 
     # Parameters that control evaluation
-    item_batch_size: int = field(default=32, metadata={"help": "Items per forward when encoding the table."})
+    max_eval_samples: int | None = field(
+        default=None, metadata={"help": "Evaluate on at most this many valid/test samples (quick runs)."}
+    )
     early_stopping_patience: int = field(default=8, metadata={"help": "Evaluations without improvement."})
-    max_item_tokens: int = field(default=MAX_ITEM_TOKENS, metadata={"help": "Item prompt length limit."})
-    max_prompt_tokens: int = field(default=MAX_PROMPT_TOKENS, metadata={"help": "User prompt length limit."})
 
     # Released defaults of the training loop itself (SPEC §4 "Defaults")
     learning_rate: float = field(default=1e-5, metadata={"help": "AdamW learning rate."})
