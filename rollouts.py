@@ -107,7 +107,7 @@ class Rollouts(NamedTuple):
     # (N, C) float32 log π(token), π = softmax(logits / policy_temperature); 0 off the mask. The trainer
     # takes π_old from its own forward instead (see RecPOTrainer.token_loss) and logs the gap to these.
     logprobs: torch.Tensor
-    user_states: torch.Tensor | None = None  # (N, D) float32, h at each row's last token (= `encode` in model.py)
+    user_states: torch.Tensor  # (N, D) float32, h at each row's last token (= `encode` in model.py)
 
 
 def _check_inputs(prompt_ids, prompt_mask, num_samples, sampling, stop: StopRule):

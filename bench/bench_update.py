@@ -90,12 +90,12 @@ def main():
     completion_ids = torch.cat([body, torch.tensor(stop).expand(num, -1)], 1).to(prompt_ids.device)
     completion_mask = torch.ones_like(completion_ids)
     with torch.no_grad():
-        old, _ = policy_forward(wrapped, torch.cat([prompt_ids, completion_ids], 1),
-                                torch.cat([prompt_mask, completion_mask], 1), args.new_tokens)
+        old, user_states = policy_forward(wrapped, torch.cat([prompt_ids, completion_ids], 1),
+                                          torch.cat([prompt_mask, completion_mask], 1), args.new_tokens)
     advantages = torch.randn(num, generator=generator).to(prompt_ids.device)
     relabel = relabel_mask(advantages.view(-1, args.group), 1).flatten()
     targets = torch.tensor([s["item_id"] for s in samples], device=prompt_ids.device)
-    batch = RecPOBatch(Rollouts(prompt_ids, prompt_mask, completion_ids, completion_mask, old),
+    batch = RecPOBatch(Rollouts(prompt_ids, prompt_mask, completion_ids, completion_mask, old, user_states.float()),
                        targets, advantages, relabel, item_old_probs=None)  # keyword: older checkouts need it
 
     seconds = []

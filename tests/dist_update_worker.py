@@ -44,10 +44,11 @@ def local_rollouts(trainer, samples, model, completion_ids, completion_mask):
     prompt_ids, prompt_mask = trainer.tokenize_prompts(samples)
     prompt_ids, prompt_mask = prompt_ids.repeat_interleave(GROUP, 0), prompt_mask.repeat_interleave(GROUP, 0)
     with torch.no_grad():
-        logprobs, _ = policy_forward(model, torch.cat([prompt_ids, completion_ids], 1),
-                                     torch.cat([prompt_mask, completion_mask], 1), completion_ids.shape[1],
-                                     trainer.args.sampling.policy_temperature)
-    return Rollouts(prompt_ids, prompt_mask, completion_ids, completion_mask, logprobs * completion_mask)
+        logprobs, user_states = policy_forward(model, torch.cat([prompt_ids, completion_ids], 1),
+                                               torch.cat([prompt_mask, completion_mask], 1), completion_ids.shape[1],
+                                               trainer.args.sampling.policy_temperature)
+    return Rollouts(prompt_ids, prompt_mask, completion_ids, completion_mask, logprobs * completion_mask,
+                    user_states.float())
 
 
 def tiny_lora_model(gradient_checkpointing: bool = False):
