@@ -68,9 +68,10 @@ env OMP_NUM_THREADS=1 "${ONE_PROCESS[@]}" R2EC_PROCESSES="$TOTAL_PROCESSES" \
     "$PYTHON" train.py "${TRAIN_ARGS[@]}" --check_only True >/dev/null
 # The Trainer sets DeepSpeed up from --deepspeed; accelerate only starts the processes.
 # --multi_gpu also makes `accelerate launch` start several processes on CPU (ACCELERATE_USE_CPU=true).
-MULTI=(--multi_gpu)
-if [ "$TOTAL_PROCESSES" -eq 1 ]; then
-    MULTI=()
+MULTI=()
+if [ "$TOTAL_PROCESSES" -gt 1 ]; then
+    MULTI=(--multi_gpu)
+else
     export "${ONE_PROCESS[@]}"
 fi
 exec "$PYTHON" -m accelerate.commands.launch "${MULTI[@]}" \

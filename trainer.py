@@ -480,7 +480,7 @@ class RecPOTrainer(Trainer):
     def refresh_item_table(self, model):
         """Re-encode every item with the current weights (SPEC §4 "Item table"), each process a
         share, gathered into every process's table. Every process must call it at the same point."""
-        table, world, device = self.item_table, self.accelerator.num_processes, self.args.device
+        table, world = self.item_table, self.accelerator.num_processes
         by_length = sorted(range(len(table)), key=lambda i: len(table.tokens[i]))
         shares = [by_length[rank::world] for rank in range(world)]  # equal shares of short and long items
         size = len(shares[0])
@@ -494,8 +494,9 @@ class RecPOTrainer(Trainer):
         if not self._every_process_ok(ok):  # so that none waits in the gather alone
             raise UserError(f"out of memory encoding the item table ({self.args.item_batch_size} items per batch) "
                             "— lower --item_batch_size or --max_item_tokens")
-        real = torch.cat([torch.arange(size, device=device) < len(share) for share in shares])  # padding out
-        table.update(gather(torch.tensor(mine, device=device))[real], gather(h.to(device))[real])
+        gathered = gather(h.to(self.args.device))  # (W·size, D), process by process
+        real = torch.cat([torch.arange(size) < len(share) for share in shares])  # the padding left out
+        table.update([item for share in shares for item in share], gathered[real.to(gathered.device)])
         self._table_encoded = True
 
     def rollout(self, model, samples: list[dict], sampling: SamplingConfig, num_samples: int) -> Rollouts:
@@ -816,13 +817,13 @@ class RecPOTrainer(Trainer):
             self._metrics[key].append(torch.as_tensor(value, dtype=torch.float32, device=self.args.device).detach())
 
     def _check_finite(self, value: torch.Tensor, what: str):
-        finite = torch.isfinite(value.detach()).all().float()[None]
-        if gather(finite).min() < 1:
+        if not self._every_process_ok(torch.isfinite(value.detach()).all()):
             raise SkipStep(f"non-finite {what} on some process")
 
-    def _every_process_ok(self, ok: bool) -> bool:
+    def _every_process_ok(self, ok: bool | torch.Tensor) -> bool:
         """Whether every process is ok, known to all of them: a collective every process must reach."""
-        return bool(gather(torch.tensor([float(ok)], device=self.args.device)).min() == 1)
+        flag = torch.as_tensor(ok, dtype=torch.float32, device=self.args.device).reshape(1)
+        return bool(gather(flag).min() == 1)
 
     def _agree_to_continue(self, ok: bool, reason: str = ""):
         """All processes learn whether any of them failed, so none waits in a collective alone."""
