@@ -4,7 +4,7 @@ Run from the repo root:
 
     python bench/bench_update.py                           # CPU: SmolLM2-135M, the sample (after the quick start)
     python bench/bench_update.py --model /tmp/qwen3b       # GPU: a make_random_backbone.py folder
-    python bench/bench_update.py --repo /tmp/old_checkout  # the same batch through another version
+    python bench/bench_update.py --repo /tmp/old_checkout  # the same batch through another version (62472cd+)
 
 The batch: the `--users` training samples of `--dataset_dir` with the longest histories, `--group` completions each of
 `--new_tokens` random tokens ending in `<answer>`, sampler log-probs from one no-grad forward (only
@@ -52,10 +52,14 @@ def main():
         raise UserError(f"--repo {args.repo!r} is not a folder — pass a checkout of this project")
 
     sys.path.insert(0, os.path.abspath(args.repo))
-    from model import add_lora, enable_checkpointing, load_backbone, policy_forward
-    from rollouts import Rollouts
-    from dataset import load_dataset_dir
-    from trainer import RecPOBatch, RecPOConfig, RecPOTrainer, relabel_mask
+    try:
+        from dataset import load_dataset_dir
+        from model import add_lora, enable_checkpointing, load_backbone, policy_forward
+        from rollouts import Rollouts
+        from trainer import RecPOBatch, RecPOConfig, RecPOTrainer, relabel_mask
+    except ImportError as e:
+        raise UserError(f"--repo {args.repo!r} lacks this benchmark's interfaces ({e}) — pass a checkout of "
+                        "62472cd or later (dataset.py, model.enable_checkpointing)") from e
 
     cuda = torch.cuda.is_available()
     config = RecPOConfig(
