@@ -13,8 +13,11 @@ from peft import LoraConfig, get_peft_model
 from transformers import (
     AutoModelForCausalLM,
     Gemma2Config,
+    Gemma3Config,
+    Gemma3TextConfig,
     LlamaConfig,
     Qwen2Config,
+    Qwen3Config,
     TemperatureLogitsWarper,
     TopKLogitsWarper,
     TopPLogitsWarper,
@@ -40,8 +43,19 @@ def tiny_model(family: str, **overrides):
     elif family == "gemma2":  # soft-capping on, sliding window shorter than prompt + reasoning
         config = Gemma2Config(**{**TINY, **overrides}, head_dim=16, query_pre_attn_scalar=16, sliding_window=5,
                               final_logit_softcapping=30.0, attn_logit_softcapping=50.0)
-    else:
+    elif family == "llama":
         config = LlamaConfig(**{**TINY, **overrides}, tie_word_embeddings=False)
+    elif family == "qwen3":  # q/k norms, explicit head_dim
+        config = Qwen3Config(**{**TINY, **overrides}, head_dim=16)
+    elif family == "gemma3":  # sliding and global layers, q/k norms
+        config = Gemma3TextConfig(**{**TINY, **overrides}, head_dim=16, query_pre_attn_scalar=16, sliding_window=5)
+    else:  # "gemma3-vlm": what AutoModelForCausalLM loads for gemma-3-4b and larger, a text config inside
+        text = {key: value for key, value in {**TINY, **overrides}.items() if key != "pad_token_id"}
+        config = Gemma3Config(text_config=dict(text, head_dim=16, query_pre_attn_scalar=16, sliding_window=5),
+                              vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                                 num_attention_heads=2, image_size=28, patch_size=14),
+                              mm_tokens_per_image=4, pad_token_id=PAD, image_token_index=VOCAB - 3,
+                              boi_token_index=VOCAB - 2, eoi_token_index=VOCAB - 1)
     return AutoModelForCausalLM.from_config(config, dtype=torch.float32,
                                             attn_implementation=attention_implementation(config)).eval()
 
@@ -99,8 +113,9 @@ def assert_user_states_are_encode(model, r):
     torch.testing.assert_close(r.user_states, expected, atol=1e-4, rtol=0)
 
 
-@pytest.mark.parametrize("family", ["qwen2", "gemma2", "llama", "qwen2-lora"])
+@pytest.mark.parametrize("family", ["qwen2", "gemma2", "llama", "qwen2-lora", "qwen3", "gemma3", "gemma3-vlm"])
 def test_greedy_equals_generate(family):
+    """Also on newer families than the defaults: the engine relies only on the attention interface."""
     model = lora_model() if family == "qwen2-lora" else tiny_model(family)
     ids, mask = prompts()
     T = 24
