@@ -388,6 +388,20 @@ class RepeatedBatchSampler(Sampler):
                 yield from order[start:start + self.global_batch]
 
 
+def _drop_zero_gradients(engine):
+    """Forget the gradients a DeepSpeed ZeRO engine has accumulated since its last step.
+
+    A step skipped after some micro-batches' backward has them reduced into ZeRO's partition
+    buffers, which `zero_grad` leaves alone; this clears them as DeepSpeed itself does when it
+    skips a step on overflow (tests: a skip after a backward trains like a skip before one).
+    """
+    engine.zero_grad()  # parameters' .grad
+    engine.optimizer.zero_grad(set_to_none=True)  # and ZeRO's per-parameter accumulators
+    for buffers in (getattr(engine.optimizer, "all_grad_tensors", {}), getattr(engine.optimizer, "averaged_gradients", {})):
+        for group in buffers:
+            buffers[group] = None
+
+
 class SkipStep(RuntimeError):
     """Raised on every process when a step must be skipped (OOM or non-finite values somewhere)."""
 
@@ -835,8 +849,9 @@ class RecPOTrainer(Trainer):
         warnings.warn(f"step {self.state.global_step}: skipped — {reason}", RuntimeWarning, stacklevel=2)
         self._buffer = None
         if self.is_deepspeed_enabled:
-            self.model_wrapped.zero_grad()
-        model.zero_grad(set_to_none=True)
+            _drop_zero_gradients(self.model_wrapped)
+        else:
+            model.zero_grad(set_to_none=True)
         self.accelerator.gradient_state._set_sync_gradients(False)
         self._record(**{"skipped_steps": 1.0})
         return torch.zeros((), device=self.args.device)

@@ -343,21 +343,34 @@ def test_check_only_validates_without_training_and_warns_without_a_gpu(tmp_path)
     assert result.returncode == 2 and "has no config.json" in result.stderr.strip().splitlines()[-1]
 
 
-def test_deepspeed_zero2_on_two_cpu_processes_keeps_replicas_identical(tmp_path):
+def test_deepspeed_zero2_on_two_cpu_processes_skips_steps_cleanly(tmp_path):
+    """ZeRO-2 on two processes, process 1 failing step 2 of 3: out of memory after its rollout (no
+    backward yet), or a non-finite loss in its second micro-batch (after the first one's backward,
+    whose gradients ZeRO has already reduced). Both runs skip that step on both processes and end
+    with the same weights, identical on every replica: the skip drops the reduced gradients."""
     # No ACCELERATE_USE_CPU here: accelerate turns DeepSpeed off in CPU mode; train.py sets use_cpu.
     env = dict(os.environ, OMP_NUM_THREADS="1",
                TORCH_EXTENSIONS_DIR=os.path.join(ROOT, ".cache", "torch_extensions"))
-    flags = quick_flags(tmp_path, "--deepspeed", os.path.join(ROOT, "ds_config.json"), "--max_steps", "2",
-                        "--eval_strategy", "no", "--save_strategy", "no", "--load_best_model_at_end", "False",
-                        "--eval_on_start", "False")
-    subprocess.run([PYTHON, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-                    "--main_process_port", free_port(), os.path.join(ROOT, "tests", "ds_train_worker.py"),
-                    str(tmp_path), *flags], check=True, env=env, cwd=ROOT)
-    ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in (0, 1)]
-    assert all(r["deepspeed"] and r["world"] == 2 for r in ranks)
-    for name in ranks[0]["after"]:
-        torch.testing.assert_close(ranks[0]["after"][name], ranks[1]["after"][name], rtol=0, atol=0, msg=name)
-    assert any(not torch.equal(ranks[0]["before"][n], ranks[0]["after"][n]) for n in ranks[0]["before"])
+    runs = {}
+    for fault in ("oom_after_rollout", "nan_second_micro_batch"):
+        folder = tmp_path / fault
+        folder.mkdir()
+        flags = quick_flags(folder, "--deepspeed", os.path.join(ROOT, "ds_config.json"), "--max_steps", "3",
+                            "--eval_strategy", "no", "--save_strategy", "no", "--load_best_model_at_end", "False",
+                            "--eval_on_start", "False", "--lora_dropout", "0")  # same random draws in both runs
+        subprocess.run([PYTHON, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+                        "--main_process_port", free_port(), os.path.join(ROOT, "tests", "ds_train_worker.py"),
+                        str(folder), "--fault", fault, *flags], check=True, env=env, cwd=ROOT)
+        ranks = [torch.load(folder / f"rank{r}.pt") for r in (0, 1)]
+        assert all(r["deepspeed"] and r["world"] == 2 for r in ranks)
+        assert [entry.get("skipped_steps") for entry in ranks[0]["log_history"][:3]] == [None, 1.0, None]
+        for name in ranks[0]["after"]:
+            torch.testing.assert_close(ranks[0]["after"][name], ranks[1]["after"][name], rtol=0, atol=0, msg=name)
+        runs[fault] = ranks[0]
+    before, after = runs["oom_after_rollout"]["before"], runs["oom_after_rollout"]["after"]
+    assert any(not torch.equal(before[n], after[n]) for n in before), "steps 1 and 3 should train"
+    for name, weight in runs["nan_second_micro_batch"]["after"].items():
+        torch.testing.assert_close(weight, after[name], rtol=0, atol=0, msg=name)
 
 
 def run_train(flags, check=True):
