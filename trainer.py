@@ -20,7 +20,7 @@ import time
 import warnings
 from collections import defaultdict
 from dataclasses import dataclass, field
-from typing import NamedTuple
+from typing import Callable, NamedTuple
 
 import torch
 from accelerate.utils import gather, gather_object
@@ -367,21 +367,22 @@ class RepeatedBatchSampler(Sampler):
         process 1    c d      c d      g h      g h
 
     so every process sees its rollout batch `num_iterations` times, one optimizer step each.
-    The order depends only on (seed, epoch), which makes a resumed run see the same data.
+    The order depends only on (seed, epoch), which makes a resumed run see the same data. The
+    epoch is read from `current_epoch()` when an iteration starts rather than set through
+    `set_epoch`: on a resume with several processes, the wrappers accelerate adds to skip the
+    epoch's trained batches hide the sampler from `set_epoch`.
     """
 
-    def __init__(self, num_samples: int, global_batch: int, repeats: int, seed: int):
+    def __init__(self, num_samples: int, global_batch: int, repeats: int, seed: int,
+                 current_epoch: Callable[[], int] = lambda: 0):
         self.num_samples, self.global_batch, self.repeats, self.seed = num_samples, global_batch, repeats, seed
-        self.epoch = 0
-
-    def set_epoch(self, epoch: int):
-        self.epoch = epoch
+        self.current_epoch = current_epoch
 
     def __len__(self):
         return (self.num_samples // self.global_batch) * self.global_batch * self.repeats
 
     def __iter__(self):
-        generator = torch.Generator().manual_seed(self.seed + self.epoch)
+        generator = torch.Generator().manual_seed(self.seed + self.current_epoch())
         order = torch.randperm(self.num_samples, generator=generator).tolist()
         for start in range(0, len(order) - self.global_batch + 1, self.global_batch):
             for _ in range(self.repeats):
@@ -478,7 +479,8 @@ class RecPOTrainer(Trainer):
         dataset = train_dataset if train_dataset is not None else self.train_dataset
         global_batch = self.args.per_device_train_batch_size * self.accelerator.num_processes
         check_train_size(len(dataset), global_batch)
-        return RepeatedBatchSampler(len(dataset), global_batch, self.args.num_iterations, self.args.seed)
+        return RepeatedBatchSampler(len(dataset), global_batch, self.args.num_iterations, self.args.seed,
+                                    current_epoch=lambda: int(self.state.epoch or 0))  # 1.25 on a resume in epoch 2
 
     # -- prompts -------------------------------------------------------------------------------
 

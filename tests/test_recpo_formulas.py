@@ -135,5 +135,8 @@ def test_repeated_batch_sampler_layout_and_determinism():
     assert order[0:4] == order[4:8] and order[8:12] == order[12:16]
     assert len(set(order[0:4] + order[8:12])) == 8
     assert order == list(RepeatedBatchSampler(9, 4, 2, seed=3))
-    sampler.set_epoch(1)
-    assert list(sampler) != order
+    epoch = [0]
+    sampler = RepeatedBatchSampler(9, 4, 2, seed=3, current_epoch=lambda: epoch[0])
+    assert list(sampler) == order
+    epoch[0] = 1
+    assert list(sampler) != order and list(sampler) == list(RepeatedBatchSampler(9, 4, 2, seed=4))
