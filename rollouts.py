@@ -491,9 +491,10 @@ def _capture(model, st: _DecodeState):
             st.step.fill_(1)
             st.step_fn(model, st)
     torch.cuda.current_stream().wait_stream(side)
-    st.graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(st.graph):
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):  # on an error (out of memory) it still ends the capture, cut short:
         st.step_fn(model, st)
+    st.graph = graph  # so keep the graph only once its capture is whole
 
 
 # ----------------------------------------------------------------------------------------------
