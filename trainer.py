@@ -662,6 +662,9 @@ class RecPOTrainer(Trainer):
         along with its own (one encoder forward and backward per update).
         """
         args, world = self.args, self.accelerator.num_processes
+        # Batches in this optimizer step: Trainer sets it per step, fewer than
+        # --gradient_accumulation_steps in an epoch's last step when they do not divide the epoch.
+        accumulated = getattr(self, "current_gradient_accumulation_steps", args.gradient_accumulation_steps)
         num_local = len(batch.advantages)
         micro_batches = torch.arange(num_local, device=args.device).split(args.micro_batch_size)
         item_probs = torch.zeros(num_local, device=args.device)
@@ -684,7 +687,7 @@ class RecPOTrainer(Trainer):
                     model, batch, rows, item_states if last else detached_items, weighted_advantages, old_probs)
                 # Every process computes the same full item loss value but holds the gradient only
                 # through its own states; DDP averages gradients over processes, hence × world.
-                loss = (token + item * world) / args.gradient_accumulation_steps
+                loss = (token + item * world) / accumulated
                 if last:
                     loss = loss + (item_states * earlier_items_grad).sum()
                 else:  # unscaled, unlike .grad after a backward under a loss scaler
@@ -702,7 +705,7 @@ class RecPOTrainer(Trainer):
             self._buffer = batch._replace(item_old_probs=item_probs, token_old_logprobs=token_logprobs)
             reasoning = batch.rollouts.completion_mask.bool()  # how far the sampler's log-probs are off
             self._record(**{"rollout/logprob_gap": (token_logprobs - batch.rollouts.logprobs)[reasoning].abs().mean()})
-        return total / args.gradient_accumulation_steps
+        return total / accumulated
 
     # -- Trainer hooks -------------------------------------------------------------------------
 

@@ -81,6 +81,27 @@ def test_one_step_changes_lora_and_logs_finite_metrics(tmp_path, family):
     assert 1 <= logged["completions/mean_length"] <= 12
 
 
+def test_an_epochs_short_last_accumulation_step_is_not_scaled_down(tmp_path):
+    """4 batches an epoch, 3 accumulated per step: the second step holds one batch, whose loss is
+    divided by 1, not 3 (one micro-batch per update, so the backward's loss is (token + item) / n)."""
+    trainer = tiny_trainer(tmp_path, gradient_accumulation_steps=3, max_steps=2, micro_batch_size=4)
+    parts, divisors = [], []
+    micro_batch_losses, backward = trainer.micro_batch_losses, trainer.accelerator.backward
+
+    def record_parts(*args, **kwargs):
+        token, item, probs, logprobs = micro_batch_losses(*args, **kwargs)
+        parts.append((token + item).item())
+        return token, item, probs, logprobs
+
+    def record_divisor(loss, **kwargs):
+        divisors.append(parts[-1] / loss.item())
+        return backward(loss, **kwargs)
+
+    trainer.micro_batch_losses, trainer.accelerator.backward = record_parts, record_divisor
+    trainer.train()
+    assert divisors == pytest.approx([3, 3, 3, 1], rel=1e-5)
+
+
 def test_evaluate_reports_every_metric_and_saves_reasoning(tmp_path):
     trainer = tiny_trainer(tmp_path)
     metrics = trainer.evaluate()
