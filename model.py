@@ -258,8 +258,12 @@ class ItemTable:
 
     def update(self, item_ids, h: torch.Tensor) -> None:
         """Write fresh embeddings h (K, D) of `item_ids` (K,) into the table, detached (the first
-        write allocates it on h's device)."""
+        write allocates it on h's device). An id given twice gets its last embedding: indexed
+        assignment leaves the choice among duplicates unspecified on CUDA, and the processes'
+        tables must stay equal."""
         if self.embeddings is None:
             self.embeddings = torch.zeros(len(self), h.shape[1], device=h.device)  # (N+1, D)
         rows = torch.as_tensor(item_ids, device=self.embeddings.device)
-        self.embeddings[rows] = h.detach().to(self.embeddings.device, torch.float32)
+        unique, inverse = torch.unique(rows, return_inverse=True)
+        last = torch.zeros_like(unique).scatter_reduce(0, inverse, torch.arange(len(rows), device=rows.device), "amax")
+        self.embeddings[unique] = h.detach().to(self.embeddings.device, torch.float32)[last]

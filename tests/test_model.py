@@ -191,6 +191,16 @@ def test_item_table_rows_follow_item_ids_and_match_single_encodes(backbone):
         ItemTable(ITEMS[1:], tokenizer, "Musical_Instruments")
 
 
+def test_item_table_update_keeps_the_last_embedding_of_a_repeated_id(backbone):
+    _, tokenizer = backbone
+    table = ItemTable(ITEMS, tokenizer, "Musical_Instruments")
+    h = torch.arange(12.0).reshape(6, 2)  # rows for ids 2, 0, 2, 3, 3, 2
+    table.update([2, 0, 2, 3, 3, 2], h)
+    expected = torch.zeros(len(table), 2)
+    expected[0], expected[2], expected[3] = h[1], h[5], h[4]
+    assert torch.equal(table.embeddings, expected)
+
+
 def test_batched_and_single_scoring_agree(backbone):
     model, tokenizer = backbone
     table = ItemTable(ITEMS, tokenizer, "Musical_Instruments")
