@@ -139,6 +139,8 @@ def main(argv: list[str]):
             print("warning: no GPU visible — training will run on the CPU, which takes days at full scale; "
                   "check CUDA_VISIBLE_DEVICES and the CUDA install", file=sys.stderr)
         return None
+    if resume is not None:
+        config.eval_on_start = False  # the checkpoint's model was evaluated before it was saved
     trainer = build_trainer(config)
     trainer.train(resume_from_checkpoint=resume)
 

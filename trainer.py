@@ -150,7 +150,10 @@ class RecPOConfig(TrainingArguments):
         default=None,
         metadata={"help": "Checkpoint interval; default --eval_steps, which --load_best_model_at_end needs."},
     )
-    eval_on_start: bool = field(default=True, metadata={"help": "Evaluate the untrained model first."})
+    eval_on_start: bool = field(default=True, metadata={"help": "Evaluate the untrained model first (not on a resume)."})
+    restore_callback_states_from_checkpoint: bool = field(
+        default=True, metadata={"help": "A resumed run keeps early stopping's count of evaluations without a gain."}
+    )
     load_best_model_at_end: bool = field(default=True, metadata={"help": "Reload the best valid NDCG@10."})
     metric_for_best_model: str = field(default="eval_valid_ndcg@10", metadata={"help": "Model selection."})
     greater_is_better: bool = field(default=True, metadata={"help": "Higher metric is better."})

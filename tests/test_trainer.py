@@ -445,6 +445,10 @@ def test_resume_from_checkpoint_matches_the_uninterrupted_run(tmp_path):
     state_b = json.load(open(tmp_path / "b" / "out" / "trainer_state.json"))
     rewards = lambda s: [e["reward/mean"] for e in s["log_history"] if "reward/mean" in e]  # noqa: E731
     assert len(rewards(state_a)) == 7 and rewards(state_b) == pytest.approx(rewards(state_a), rel=1e-4)
+    # No second evaluation of the checkpoint's step, and early stopping's count carried over
+    evaluated = lambda s: [e["step"] for e in s["log_history"] if "eval_valid_ndcg@10" in e]  # noqa: E731
+    assert evaluated(state_b) == evaluated(state_a) == [0, 5, 7]
+    assert state_b["stateful_callbacks"]["EarlyStoppingCallback"] == state_a["stateful_callbacks"]["EarlyStoppingCallback"]
 
 
 @pytest.mark.parametrize("flags, message", [
