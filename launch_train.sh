@@ -30,19 +30,25 @@ RUN_NAME=${RUN_NAME:-r2ec_${MODEL}_${DATASET_CAT}}
 DS_CONFIG=${DS_CONFIG:-ds_config.json}
 PYTHON=${PYTHON:-python}
 
-for name in NUM_PROCESSES NUM_MACHINES MAIN_PROCESS_PORT; do
-    if ! [[ ${!name} =~ ^[0-9]+$ ]] || [ "${!name}" -lt 1 ]; then
+for name in NUM_PROCESSES NUM_MACHINES; do
+    if ! [[ ${!name} =~ ^[1-9][0-9]*$ ]]; then  # no leading 0: bash would read 010 as octal
         echo "error: $name=${!name} is not a positive whole number — fix it in the environment" >&2
         exit 2
     fi
 done
-if ! [[ $MACHINE_RANK =~ ^[0-9]+$ ]] || [ "$MACHINE_RANK" -ge "$NUM_MACHINES" ]; then
+if ! [[ $MAIN_PROCESS_PORT =~ ^[1-9][0-9]*$ ]] || [ "$MAIN_PROCESS_PORT" -gt 65535 ]; then
+    echo "error: MAIN_PROCESS_PORT=$MAIN_PROCESS_PORT is not a port (1-65535) — fix it in the environment" >&2
+    exit 2
+fi
+if ! [[ $MACHINE_RANK =~ ^(0|[1-9][0-9]*)$ ]] || [ "$MACHINE_RANK" -ge "$NUM_MACHINES" ]; then
     echo "error: MACHINE_RANK=$MACHINE_RANK must be 0 to NUM_MACHINES-1 ($((NUM_MACHINES - 1))) — set it per node" >&2
     exit 2
 fi
+if [ "$MACHINE_RANK" = 0 ] && (exec 3<>"/dev/tcp/127.0.0.1/$MAIN_PROCESS_PORT") 2>/dev/null; then
+    echo "error: port $MAIN_PROCESS_PORT is in use (another run on this machine?) — set MAIN_PROCESS_PORT to a free one" >&2
+    exit 2
+fi
 TOTAL_PROCESSES=$((NUM_PROCESSES * NUM_MACHINES))
-# One process needs a rendezvous of its own: DeepSpeed would otherwise go looking for MPI.
-ONE_PROCESS=(RANK=0 LOCAL_RANK=0 WORLD_SIZE=1 MASTER_ADDR=127.0.0.1 MASTER_PORT="$MAIN_PROCESS_PORT")
 export CUDA_VISIBLE_DEVICES
 TRAIN_ARGS=(
     --deepspeed "$DS_CONFIG"
@@ -64,15 +70,13 @@ TRAIN_ARGS=(
 )
 # Bad flags, a missing dataset or a placeholder model path: one error line here, instead of one
 # per process followed by the launcher's traceback.
-env OMP_NUM_THREADS=1 "${ONE_PROCESS[@]}" R2EC_PROCESSES="$TOTAL_PROCESSES" \
+env OMP_NUM_THREADS=1 R2EC_PROCESSES="$TOTAL_PROCESSES" \
     "$PYTHON" train.py "${TRAIN_ARGS[@]}" --check_only True >/dev/null
 # The Trainer sets DeepSpeed up from --deepspeed; accelerate only starts the processes.
 # --multi_gpu also makes `accelerate launch` start several processes on CPU (ACCELERATE_USE_CPU=true).
 MULTI=()
 if [ "$TOTAL_PROCESSES" -gt 1 ]; then
     MULTI=(--multi_gpu)
-else
-    export "${ONE_PROCESS[@]}"
 fi
 exec "$PYTHON" -m accelerate.commands.launch "${MULTI[@]}" \
     --num_processes "$TOTAL_PROCESSES" --num_machines "$NUM_MACHINES" \

@@ -11,6 +11,7 @@ import glob
 import os
 import re
 import shutil
+import socket
 import sys
 import zipfile
 
@@ -32,11 +33,22 @@ def parse_config(argv: list[str]) -> RecPOConfig:
     """Flags -> RecPOConfig, on the CPU when no GPU is found."""
     if not torch.cuda.is_available() and not any(arg.startswith("--use_cpu") for arg in argv):
         argv = [*argv, "--use_cpu", "True"]  # the Trainer (and DeepSpeed through it) needs this without a GPU
+    if any(arg.startswith("--deepspeed") for arg in argv) and "RANK" not in os.environ:
+        set_single_process_rendezvous()
     parser = one_line_parser_errors(HfArgumentParser(RecPOConfig), "python train.py --help")
     config, unknown = parser.parse_args_into_dataclasses(args=argv, return_remaining_strings=True)
     if unknown:
         raise UserError(f"unknown argument(s) {' '.join(unknown)} — python train.py --help lists the flags")
     return config
+
+
+def set_single_process_rendezvous():
+    """Started without a distributed launcher (python train.py, or accelerate launch with one
+    process), DeepSpeed would look for MPI to find its peers: tell it it is alone, on a free port."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
 
 
 def check_output_dir(config: RecPOConfig) -> str | None:

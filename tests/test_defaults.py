@@ -1,6 +1,7 @@
 """The defaults a user gets without flags, and what launch_train.sh passes, are SPEC's (§4–§6)."""
 import json
 import os
+import socket
 import subprocess
 import sys
 
@@ -68,22 +69,31 @@ def test_launcher_passes_the_released_settings(tmp_path):
     assert deepspeed["bf16"]["enabled"] == "auto" and deepspeed["gradient_clipping"] == "auto"  # from bf16, 1.0
 
 
-def test_launcher_gives_a_single_process_its_own_rendezvous(tmp_path):
-    fake_python = tmp_path / "python"
-    fake_python.write_text('#!/bin/sh\necho "$@" "WORLD_SIZE=$WORLD_SIZE" "MASTER_PORT=$MASTER_PORT"\n')
-    fake_python.chmod(0o755)
+def test_launcher_starts_a_single_process_without_multi_gpu(tmp_path):
     result = subprocess.run(["bash", os.path.join(ROOT, "launch_train.sh")], env={
-        **os.environ, "PYTHON": str(fake_python), "NUM_PROCESSES": "1", "MAIN_PROCESS_PORT": "20555"},
-        capture_output=True, text=True, check=True)
+        **os.environ, "PYTHON": "echo", "NUM_PROCESSES": "1"}, capture_output=True, text=True, check=True)
     words = result.stdout.split()
     assert words[:2] == ["-m", "accelerate.commands.launch"] and "--multi_gpu" not in words
     assert words[words.index("--num_processes") + 1] == "1"
-    assert words[-2:] == ["WORLD_SIZE=1", "MASTER_PORT=20555"]
+
+
+def test_launcher_refuses_a_port_in_use():
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = str(taken.getsockname()[1])
+        result = subprocess.run(["bash", os.path.join(ROOT, "launch_train.sh")], env={
+            **os.environ, "PYTHON": "echo", "MAIN_PROCESS_PORT": port}, capture_output=True, text=True)
+    assert result.returncode == 2 and result.stdout == ""
+    assert result.stderr.strip().splitlines() == [
+        f"error: port {port} is in use (another run on this machine?) — set MAIN_PROCESS_PORT to a free one"]
 
 
 @pytest.mark.parametrize("variables, message", [
     ({"NUM_PROCESSES": "abc"}, "NUM_PROCESSES=abc is not a positive whole number"),
     ({"NUM_PROCESSES": "0"}, "NUM_PROCESSES=0 is not a positive whole number"),
+    ({"NUM_PROCESSES": "08"}, "NUM_PROCESSES=08 is not a positive whole number"),
+    ({"MAIN_PROCESS_PORT": "99999"}, "MAIN_PROCESS_PORT=99999 is not a port (1-65535) — fix it in the environment"),
     ({"NUM_MACHINES": "2", "MACHINE_RANK": "2"}, "MACHINE_RANK=2 must be 0 to NUM_MACHINES-1 (1)"),
     ({"MACHINE_RANK": "-1"}, "MACHINE_RANK=-1 must be 0 to NUM_MACHINES-1 (0)"),
     ({"DATASET_DIR": "/nonexistent/Musical_Instruments_0_2022-10-2023-10"}, "does not exist"),

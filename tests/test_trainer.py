@@ -394,6 +394,16 @@ def test_deepspeed_zero2_on_two_cpu_processes_skips_steps_cleanly(tmp_path):
         torch.testing.assert_close(weight, after[name], rtol=0, atol=0, msg=name)
 
 
+def test_deepspeed_without_a_launcher_trains_as_one_process(tmp_path):
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")}
+    flags = quick_flags(tmp_path, "--deepspeed", os.path.join(ROOT, "ds_config.json"), "--max_steps", "1",
+                        "--eval_strategy", "no", "--save_strategy", "no", "--load_best_model_at_end", "False",
+                        "--eval_on_start", "False")
+    subprocess.run([PYTHON, os.path.join(ROOT, "train.py"), *flags], cwd=ROOT, check=True, capture_output=True,
+                   env=dict(env, OMP_NUM_THREADS="2", TORCH_EXTENSIONS_DIR=os.path.join(ROOT, ".cache", "torch_extensions")))
+    assert (tmp_path / "out" / "adapter_model.safetensors").exists()
+
+
 def run_train(flags, check=True):
     return subprocess.run([PYTHON, os.path.join(ROOT, "train.py"), *flags], cwd=ROOT, capture_output=True,
                           text=True, check=check, env=dict(os.environ, OMP_NUM_THREADS="2"))
