@@ -76,10 +76,18 @@ def check_output_dir(config: RecPOConfig) -> str | None:
             raise UserError(f"--output_dir {config.output_dir} holds an earlier run — continue it with "
                             "--resume_from_checkpoint last, pick another --output_dir, or pass "
                             "--overwrite_output_dir True to replace it")
-        if not config.check_only:
-            for old in glob.glob(os.path.join(folder, "checkpoint-*")) + [os.path.join(folder, "reasoning")]:
-                shutil.rmtree(old, ignore_errors=True)  # `last` and checkpoint rotation must see only this run's
     return resume
+
+
+def clear_earlier_run(folder: str):
+    """--overwrite_output_dir: remove the earlier run's checkpoints (`last` and checkpoint rotation
+    must see only the new run's), its reasoning records, and its run record, without which
+    recommend.py refuses the folder until the new run completes it. Called once the new run is
+    built, so a bad flag or backbone leaves the earlier run whole."""
+    for old in glob.glob(os.path.join(folder, "checkpoint-*")) + [os.path.join(folder, "reasoning")]:
+        shutil.rmtree(old, ignore_errors=True)
+    if os.path.exists(os.path.join(folder, "r2ec_run.json")):
+        os.remove(os.path.join(folder, "r2ec_run.json"))
 
 
 def earlier_run(folder: str) -> bool:
@@ -154,6 +162,10 @@ def main(argv: list[str]):
     if resume is not None:
         config.eval_on_start = False  # the checkpoint's model was evaluated before it was saved
     trainer = build_trainer(config)
+    if resume is None and config.overwrite_output_dir and earlier_run(config.output_dir):
+        if trainer.is_world_process_zero():
+            clear_earlier_run(config.output_dir)
+        trainer.accelerator.wait_for_everyone()
     trainer.train(resume_from_checkpoint=resume)
 
     trainer.save_model(config.output_dir)

@@ -572,18 +572,24 @@ def test_output_and_resume_folders_are_checked_before_any_work(tmp_path, monkeyp
 def test_an_earlier_run_is_kept_unless_replaced_on_purpose(tmp_path):
     """Training into a run's folder would mix its checkpoints with the new run's (rotation deletes
     some, `last` resumes the old one): refused, also by --check_only; --overwrite_output_dir True
-    clears the old checkpoints."""
+    clears the old checkpoints and run record, but only once the new run is built."""
     run = tmp_path / "run"
     fake_checkpoint(run / "checkpoint-3")
     (run / "trainer_state.json").write_text("{}")
+    (run / "r2ec_run.json").write_text("{}")
     config = lambda *flags: train.parse_config(["--output_dir", str(run), *flags])  # noqa: E731
     for flags in ([], ["--check_only", "True"]):
         with pytest.raises(UserError, match="holds an earlier run — continue it with --resume_from_checkpoint last"):
             train.check_output_dir(config(*flags))
-    assert train.check_output_dir(config("--overwrite_output_dir", "True", "--check_only", "True")) is None
-    assert (run / "checkpoint-3").exists()  # the check alone deletes nothing
     assert train.check_output_dir(config("--overwrite_output_dir", "True")) is None
-    assert not (run / "checkpoint-3").exists()
+    assert (run / "checkpoint-3").exists()  # the check alone deletes nothing
+    flags = quick_flags(tmp_path, "--output_dir", str(run), "--overwrite_output_dir", "True",
+                        "--lora_target_modules", "q_proj,qkv_proj")
+    result = run_train(flags, check=False)
+    assert result.returncode == 2 and "LoRA targets qkv_proj" in result.stderr
+    assert (run / "checkpoint-3").exists() and (run / "r2ec_run.json").exists()  # a failed start loses nothing
+    train.clear_earlier_run(str(run))
+    assert sorted(os.listdir(run)) == ["trainer_state.json"]
 
 
 @pytest.mark.parametrize("damage, message", [
