@@ -41,6 +41,9 @@ def load_dataset_dir(folder: str | None, category: str | None = None):
     if not os.path.isdir(folder):
         state = "is a file" if os.path.exists(folder) else "does not exist"
         raise UserError(f"dataset folder {folder!r} {state} — run preprocess.py first or fix --dataset_dir")
+    parent = os.path.dirname(os.path.abspath(folder))
+    if os.path.basename(os.path.abspath(folder)) in SPLITS and os.path.isfile(os.path.join(parent, "dataset_dict.json")):
+        raise UserError(f"{folder!r} is one split of a dataset — pass the dataset folder above it, {parent!r}")
     try:
         dataset = load_from_disk(folder)
     except (FileNotFoundError, ValueError, OSError, IndexError) as e:
@@ -62,8 +65,8 @@ def load_dataset_dir(folder: str | None, category: str | None = None):
     if category is None and named is None:
         raise UserError(f"cannot read the category from the folder name {folder!r} — pass --dataset_category")
     if category is not None and named is not None and named != category:
-        raise UserError(f"--dataset_category {category} does not match the dataset folder {folder!r} "
-                        f"({named}) — fix DATASET_CAT/--dataset_category or --dataset_dir")
+        raise UserError(f"dataset folder {folder!r} holds {named}, not {category} — point --dataset_dir at a "
+                        f"{category} dataset (or, training, fix DATASET_CAT/--dataset_category)")
     return dataset, category or named
 
 

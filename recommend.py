@@ -46,7 +46,8 @@ CONFIG_FIELDS = {f.name for f in dataclasses.fields(RecPOConfig) if f.init}
 def read_run(folder: str) -> dict:
     """The run's r2ec_run.json, from `folder` or, for a checkpoint-* folder, from its parent."""
     if not os.path.isdir(folder):
-        raise UserError(f"--output_dir {folder!r} does not exist — pass the --output_dir of a train.py run")
+        state = "is a file" if os.path.exists(folder) else "does not exist"
+        raise UserError(f"--output_dir {folder!r} {state} — pass the folder of a train.py run")
     if not os.path.isfile(os.path.join(folder, "adapter_config.json")):
         raise UserError(f"{folder!r} holds no LoRA adapter (adapter_config.json) — pass a train.py output "
                         "folder or one of its checkpoint-* folders")

@@ -98,17 +98,27 @@ def earlier_run(folder: str) -> bool:
 def check_checkpoint(checkpoint: str, config: RecPOConfig):
     """The checkpoint's files are whole and its LoRA shape is this run's, so resuming cannot fail halfway."""
     fix = "resume from another checkpoint-* folder, or start afresh in another --output_dir"
+    if not os.path.isfile(os.path.join(checkpoint, "trainer_state.json")):
+        raise UserError(f"{checkpoint} is incomplete (no trainer_state.json: its save was cut short) — delete it "
+                        "and resume from the checkpoint before it")
     state = read_json(os.path.join(checkpoint, "trainer_state.json"), fix)
     step = state.get("global_step", 0) if isinstance(state, dict) else 0
     if 0 < config.max_steps <= step:  # the Trainer would still train one more step
         raise UserError(f"{checkpoint} has already trained {step} steps, --max_steps {config.max_steps} — "
                         "raise --max_steps to continue")
     adapter = read_json(os.path.join(checkpoint, "adapter_config.json"), fix)
-    saved = {"lora_r": adapter.get("r"), "lora_alpha": adapter.get("lora_alpha")}
+    saved = {"lora_r": adapter.get("r"), "lora_alpha": adapter.get("lora_alpha"),
+             "lora_target_modules": ",".join(sorted(adapter.get("target_modules") or []))}
+    wanted = {**{flag: getattr(config, flag) for flag in saved},
+              "lora_target_modules": ",".join(sorted(config.lora_target_modules.split(",")))}
     for flag, value in saved.items():
-        if value != getattr(config, flag):
-            raise UserError(f"{checkpoint} was trained with --{flag} {value}, not {getattr(config, flag)} — "
+        if value != wanted[flag]:
+            raise UserError(f"{checkpoint} was trained with --{flag} {value}, not {wanted[flag]} — "
                             f"resume with --{flag} {value}")
+    trained_on, backbone = adapter.get("base_model_name_or_path"), resolve_model(config.model)
+    folder_names = [os.path.basename(os.path.normpath(path)) for path in (trained_on or "", backbone)]
+    if trained_on and folder_names[0] != folder_names[1]:  # by name: the backbone may sit in another folder now
+        raise UserError(f"{checkpoint} was trained on {trained_on}, not {backbone} — resume with that --model")
     try:
         from safetensors import safe_open
 
@@ -175,7 +185,7 @@ def main(argv: list[str]):
         trainer.save_metrics("final", metrics)
         write_json(os.path.join(config.output_dir, "r2ec_run.json"),
                    {"model": config.model, "model_path": resolve_model(config.model),
-                    "dataset_dir": config.dataset_dir, "category": trainer.category,
+                    "dataset_dir": os.path.abspath(config.dataset_dir), "category": trainer.category,
                     **{key: getattr(config, key) for key in RUN_SETTINGS}})
         plot_training_curves(trainer.state.log_history, os.path.join(config.output_dir, "training_curves.png"))
     trainer.accelerator.end_training()

@@ -28,7 +28,7 @@ from torch.utils.data import Sampler
 from tqdm.auto import tqdm
 from transformers import Trainer, TrainingArguments
 
-from errors import UserError, one_line, write_jsonl
+from errors import UserError, one_line, read_json, write_jsonl
 from metrics import ndcg_at_k, split_metrics, target_rank
 from model import LORA_TARGETS, TAU, ItemTable, encode, end_of_turn_ids, mask_seen, policy_forward, similarity
 from paths import DEFAULT_MODEL
@@ -166,8 +166,13 @@ class RecPOConfig(TrainingArguments):
     save_steps_from_eval: bool = field(default=False, init=False, repr=False)
 
     def __post_init__(self):
+        if self.output_dir == "":
+            raise UserError("--output_dir is empty (an unset variable?) — pass a folder, or leave the flag out "
+                            "for outputs/<--run_name>")
         if self.output_dir is None:
             self.output_dir = os.path.join("outputs", self.run_name or "r2ec")
+        if isinstance(self.deepspeed, str) and os.path.isfile(self.deepspeed):
+            read_json(self.deepspeed, "fix this --deepspeed file, or pass the shipped ds_config.json")
         for flag in ("eval_steps", "save_steps", "logging_steps"):
             value = getattr(self, flag)
             if value is not None and not value > 0:

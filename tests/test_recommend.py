@@ -164,6 +164,7 @@ def no_adapter(run_dir, tmp_path):
 @pytest.mark.parametrize("flags, message", [
     (["--output_dir", "/nonexistent/run"], "does not exist"),
     (["--output_dir", "NO_ADAPTER"], "no LoRA adapter"),
+    (["--output_dir", "RUN/r2ec_run.json"], "r2ec_run.json' is a file — pass the folder of a train.py run"),
     (["--output_dir", "RUN", "--split", "dev"], "choose one of train, valid, test"),
     (["--output_dir", "RUN", "--samples", "0", "4"], "--samples 4: the test split has 4 samples"),
     (["--output_dir", "RUN", "--split", "valid", "--user_id", "U999"], "user 'U999' has no sample in the valid"),
@@ -171,7 +172,7 @@ def no_adapter(run_dir, tmp_path):
     (["--output_dir", "RUN", "--top_k", "ten"], "argument --top_k: invalid int value: 'ten'"),
 ])
 def test_bad_input_gives_one_line(run_dir, no_adapter, capsys, flags, message):
-    flags = [{"RUN": run_dir, "NO_ADAPTER": no_adapter}.get(flag, flag) for flag in flags]
+    flags = [{"RUN": run_dir, "NO_ADAPTER": no_adapter}.get(flag, flag.replace("RUN/", run_dir + "/")) for flag in flags]
     with pytest.raises(SystemExit) as exit_info:
         run_recommend(*flags)
     assert exit_info.value.code == 2

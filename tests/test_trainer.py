@@ -15,7 +15,7 @@ import torch.nn.functional as F
 import train
 from dataset import load_dataset_dir
 from errors import UserError
-from model import add_lora, encode, load_backbone, policy_forward
+from model import LORA_TARGETS, add_lora, encode, load_backbone, policy_forward
 from rollouts import fresh_forward
 from tests.backbones import tiny_backbone
 from tests.tiny_data import tiny_dataset
@@ -410,8 +410,12 @@ def run_train(flags, check=True):
 
 
 def test_train_py_end_to_end_then_the_saved_folder_loads(tmp_path):
-    run_train(quick_flags(tmp_path, "--max_steps", "2", "--eval_steps", "1", "--max_eval_samples", "4"))
+    flags = quick_flags(tmp_path, "--max_steps", "2", "--eval_steps", "1", "--max_eval_samples", "4")
+    dataset_dir = flags[flags.index("--dataset_dir") + 1]
+    flags[flags.index("--dataset_dir") + 1] = os.path.relpath(dataset_dir, ROOT)  # train.py runs in ROOT
+    run_train(flags)
     out = tmp_path / "out"
+    assert json.load(open(out / "r2ec_run.json"))["dataset_dir"] == dataset_dir  # usable from any folder
     metrics = json.load(open(out / "final_results.json"))
     assert 0 <= metrics["eval_test_ndcg@10"] <= 1 and metrics["eval_valid_reasoning_length"] > 0
     assert (out / "adapter_config.json").exists() and (out / "tokenizer_config.json").exists()
@@ -544,7 +548,8 @@ def fake_checkpoint(folder, lora_r=4):
     from safetensors.torch import save_file
     folder.mkdir(parents=True)
     (folder / "trainer_state.json").write_text("{}")
-    (folder / "adapter_config.json").write_text(json.dumps({"r": lora_r, "lora_alpha": 128}))
+    (folder / "adapter_config.json").write_text(json.dumps(
+        {"r": lora_r, "lora_alpha": 128, "target_modules": list(LORA_TARGETS)}))
     save_file({"lora_A": torch.zeros(lora_r, 2)}, str(folder / "adapter_model.safetensors"))
 
 
@@ -596,6 +601,13 @@ def test_an_earlier_run_is_kept_unless_replaced_on_purpose(tmp_path):
     (lambda c: (c / "trainer_state.json").write_text('{"log_hist'), "trainer_state.json' is not readable JSON"),
     (lambda c: (c / "adapter_config.json").write_text(json.dumps({"r": 8, "lora_alpha": 128})),
      "was trained with --lora_r 8, not 4 — resume with --lora_r 8"),
+    (lambda c: (c / "adapter_config.json").write_text(json.dumps(
+        {"r": 4, "lora_alpha": 128, "target_modules": ["v_proj", "q_proj"]})),
+     "was trained with --lora_target_modules q_proj,v_proj, not down_proj,gate_proj,"),
+    (lambda c: (c / "adapter_config.json").write_text(json.dumps(
+        {"r": 4, "lora_alpha": 128, "target_modules": list(LORA_TARGETS), "base_model_name_or_path": "/models/gemma-2-2b-it"})),
+     "was trained on /models/gemma-2-2b-it, not Qwen/Qwen2.5-3B-Instruct — resume with that --model"),
+    (lambda c: (c / "trainer_state.json").unlink(), "is incomplete (no trainer_state.json: its save was cut short)"),
     (lambda c: (c / "adapter_model.safetensors").write_bytes(b"\x10\x00"), "adapter weights cannot be read"),
     (lambda c: (c / "optimizer.pt").write_bytes(b"garbage"), "optimizer.pt is truncated or corrupt"),
     (lambda c: (c / "trainer_state.json").write_text('{"global_step": 5}'),
@@ -607,7 +619,7 @@ def test_a_damaged_or_mismatched_checkpoint_is_named_before_resuming(tmp_path, d
     damage(checkpoint)
     with pytest.raises(UserError, match=re.escape(message)) as caught:
         train.check_output_dir(train.parse_config(["--output_dir", str(tmp_path / "run"), "--max_steps", "5",
-                                                   "--resume_from_checkpoint", "last"]))
+                                                   "--model", "Qwen/Qwen2.5-3B-Instruct", "--resume_from_checkpoint", "last"]))
     assert "\n" not in str(caught.value)
 
 
@@ -639,7 +651,25 @@ def test_every_sample_split_is_checked_for_its_columns(tmp_path):
 def test_category_that_contradicts_the_dataset_folder_is_named(tmp_path):
     result = run_train(quick_flags(tmp_path, "--dataset_category", "CDs_and_Vinyl"), check=False)
     last = result.stderr.strip().splitlines()[-1]
-    assert result.returncode == 2 and "CDs_and_Vinyl" in last and "Video_Games" in last
+    assert result.returncode == 2 and "holds Video_Games, not CDs_and_Vinyl" in last
+
+
+def test_a_split_folder_is_refused_with_its_parent_named(tmp_path):
+    folder = tiny_dataset_dir(tmp_path)
+    with pytest.raises(UserError, match=re.escape(f"is one split of a dataset — pass the dataset folder above it, {folder!r}")):
+        load_dataset_dir(os.path.join(folder, "train"))
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--output_dir", ""], "--output_dir is empty (an unset variable?)"),
+    (["--deepspeed", "BROKEN"], "is not readable JSON"),
+])
+def test_empty_output_dir_and_broken_deepspeed_file_are_named(tmp_path, flags, message):
+    (tmp_path / "broken.json").write_text('{"zero_optimization": ')
+    flags = [str(tmp_path / "broken.json") if flag == "BROKEN" else flag for flag in flags]
+    with pytest.raises(UserError, match=re.escape(message)) as caught:
+        train.parse_config(flags)
+    assert "\n" not in str(caught.value)
 
 
 def test_num_iterations_reuses_each_rollout_batch_with_real_old_probabilities(tmp_path, monkeypatch):
