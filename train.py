@@ -71,12 +71,16 @@ def check_output_dir(config: RecPOConfig) -> str | None:
                         "trainer_state.json) — pass a checkpoint-* folder or 'last'")
     if resume is not None:
         check_checkpoint(resume, config)
-    elif earlier_run(folder):
-        if not config.overwrite_output_dir:
-            raise UserError(f"--output_dir {config.output_dir} holds an earlier run — continue it with "
-                            "--resume_from_checkpoint last, pick another --output_dir, or pass "
-                            "--overwrite_output_dir True to replace it")
+    if not resumes_in_place(config, resume) and earlier_run(folder) and not config.overwrite_output_dir:
+        raise UserError(f"--output_dir {config.output_dir} holds an earlier run — continue it with "
+                        "--resume_from_checkpoint last, pick another --output_dir, or pass "
+                        "--overwrite_output_dir True to replace it")
     return resume
+
+
+def resumes_in_place(config: RecPOConfig, resume: str | None) -> bool:
+    """Whether the run continues from a checkpoint of its own --output_dir (not another run's)."""
+    return resume is not None and os.path.dirname(os.path.abspath(resume)) == os.path.abspath(config.output_dir)
 
 
 def clear_earlier_run(folder: str):
@@ -172,7 +176,7 @@ def main(argv: list[str]):
     if resume is not None:
         config.eval_on_start = False  # the checkpoint's model was evaluated before it was saved
     trainer = build_trainer(config)
-    if resume is None and config.overwrite_output_dir and earlier_run(config.output_dir):
+    if not resumes_in_place(config, resume) and config.overwrite_output_dir and earlier_run(config.output_dir):
         if trainer.is_world_process_zero():
             clear_earlier_run(config.output_dir)
         trainer.accelerator.wait_for_everyone()

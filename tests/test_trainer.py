@@ -595,6 +595,11 @@ def test_an_earlier_run_is_kept_unless_replaced_on_purpose(tmp_path):
     assert (run / "checkpoint-3").exists() and (run / "r2ec_run.json").exists()  # a failed start loses nothing
     train.clear_earlier_run(str(run))
     assert sorted(os.listdir(run)) == ["trainer_state.json"]
+    fake_checkpoint(run / "checkpoint-3")
+    fake_checkpoint(tmp_path / "other" / "checkpoint-5")  # another run's checkpoint, resumed into this folder
+    with pytest.raises(UserError, match="holds an earlier run"):
+        train.check_output_dir(config("--resume_from_checkpoint", str(tmp_path / "other" / "checkpoint-5")))
+    assert train.check_output_dir(config("--resume_from_checkpoint", "last")) == str(run / "checkpoint-3")
 
 
 @pytest.mark.parametrize("damage, message", [
