@@ -30,7 +30,21 @@ LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", 
 
 
 def load_backbone(name_or_path: str, dtype: torch.dtype | None = torch.bfloat16):
-    """(model, tokenizer) for a key, alias, folder or hub id; model dropout off, left padding.
+    """(model, tokenizer) for a key, alias, folder or hub id; model dropout off, left padding."""
+    path, config, tokenizer = load_backbone_config(name_or_path)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(path, config=config, dtype=dtype,
+                                                     attn_implementation=attention_implementation(config))
+    except (OSError, ValueError, SafetensorError) as e:  # no or truncated weights
+        raise UserError(f"cannot load model {name_or_path!r} from {path!r}: {one_line(e)} — "
+                        "point paths.py or --model at a complete model folder") from e
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    return model, tokenizer
+
+
+def load_backbone_config(name_or_path: str):
+    """(path, config, tokenizer) of a backbone, checked, without its weights: the config with
+    dropout off, the tokenizer with its chat template and left padding.
 
     Dropout probabilities are zeroed in the config before the model is built: attention
     modules copy them at construction, so changing the config afterwards would be too late.
@@ -39,23 +53,20 @@ def load_backbone(name_or_path: str, dtype: torch.dtype | None = torch.bfloat16)
     try:
         config = AutoConfig.from_pretrained(path)
         tokenizer = AutoTokenizer.from_pretrained(path)
-        for sub in {id(c): c for c in (config, config.get_text_config())}.values():
-            for key, value in vars(sub).items():
-                if "dropout" in key and isinstance(value, float):
-                    setattr(sub, key, 0.0)
-        model = AutoModelForCausalLM.from_pretrained(path, config=config, dtype=dtype,
-                                                     attn_implementation=attention_implementation(config))
-    except (OSError, ValueError, SafetensorError) as e:  # no config/tokenizer/weights, unknown type, truncated file
+    except (OSError, ValueError) as e:  # no config or tokenizer, unknown model type
         raise UserError(f"cannot load model {name_or_path!r} from {path!r}: {one_line(e)} — "
                         "point paths.py or --model at a complete model folder") from e
+    for sub in {id(c): c for c in (config, config.get_text_config())}.values():
+        for key, value in vars(sub).items():
+            if "dropout" in key and isinstance(value, float):
+                setattr(sub, key, 0.0)
     if not tokenizer.chat_template:
         raise UserError(f"model {name_or_path!r} ({path!r}) has no chat template — R²ec needs an instruction-tuned "
                         "backbone (…-it, …-Instruct) with the tokenizer files it was released with")
     tokenizer.padding_side = "left"
     if tokenizer.pad_token is None:  # the mask, not the id, tells padding apart, so eos is safe
         tokenizer.pad_token = tokenizer.eos_token
-    model.generation_config.pad_token_id = tokenizer.pad_token_id
-    return model, tokenizer
+    return path, config, tokenizer
 
 
 def enable_checkpointing(model):
@@ -83,16 +94,21 @@ def add_lora(model, r: int = 4, alpha: int = 128, dropout: float = 0.05, target_
     """Wrap the backbone with LoRA adapters (SPEC §4 defaults); returns the PeftModel."""
     from peft import LoraConfig, get_peft_model  # import cost only for training
 
+    check_lora_targets(model, target_modules)
+    config = LoraConfig(
+        r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=list(target_modules), task_type="CAUSAL_LM"
+    )
+    return get_peft_model(model, config)
+
+
+def check_lora_targets(model, target_modules):
+    """Every LoRA target names modules of the model (a weightless skeleton will do)."""
     modules = {name.rsplit(".", 1)[-1]: module for name, module in model.named_modules()}
     missing = [name for name in target_modules if name not in modules]
     if missing:
         linear = sorted(name for name, module in modules.items() if isinstance(module, torch.nn.Linear))
         raise UserError(f"LoRA targets {', '.join(missing)} are not modules of this backbone (its linear layers: "
                         f"{', '.join(linear)}) — fix --lora_target_modules")
-    config = LoraConfig(
-        r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=list(target_modules), task_type="CAUSAL_LM"
-    )
-    return get_peft_model(model, config)
 
 
 def last_token_index(attention_mask: torch.Tensor) -> torch.Tensor:

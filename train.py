@@ -16,15 +16,15 @@ import sys
 import zipfile
 
 import torch
-from transformers import EarlyStoppingCallback, HfArgumentParser, set_seed
+from transformers import AutoModelForCausalLM, EarlyStoppingCallback, HfArgumentParser, set_seed
 from transformers.trainer_utils import get_last_checkpoint
 
 from curves import plot_training_curves
 from dataset import load_dataset_dir
 from errors import UserError, folder_problem, one_line, one_line_parser_errors, read_json, run_cli, write_json
-from model import add_lora, load_backbone
+from model import add_lora, check_lora_targets, load_backbone, load_backbone_config
 from paths import resolve_model
-from trainer import RecPOConfig, RecPOTrainer, check_train_size
+from trainer import RecPOConfig, RecPOTrainer, check_length_limits, check_train_size
 
 RUN_SETTINGS = ("window_size", "max_new_tokens", "similarity_type", "tau", "max_prompt_tokens", "max_item_tokens")
 
@@ -149,6 +149,17 @@ def build_trainer(config: RecPOConfig) -> RecPOTrainer:
     return RecPOTrainer(model, config, tokenizer, dataset, category, callbacks=callbacks)
 
 
+def check_backbone(config: RecPOConfig, category: str):
+    """What building the trainer would refuse about the backbone, without loading its weights (for
+    --check_only): its folder or hub id, tokenizer and chat template, the LoRA targets (on a
+    weightless skeleton) and the length limits."""
+    _, model_config, tokenizer = load_backbone_config(config.model)
+    with torch.device("meta"):
+        skeleton = AutoModelForCausalLM.from_config(model_config)
+    check_lora_targets(skeleton, config.lora_target_modules.split(","))
+    check_length_limits(config, tokenizer, category)
+
+
 def final_metrics(trainer: RecPOTrainer) -> dict:
     """Metrics of the model being saved: the evaluation already logged for its step, else a new one."""
     state = trainer.state
@@ -168,6 +179,7 @@ def main(argv: list[str]):
         dataset, category = load_dataset_dir(config.dataset_dir, config.dataset_category)
         processes = int(os.environ.get("R2EC_PROCESSES", "1"))  # set by launch_train.sh
         check_train_size(len(dataset["train"]), config.per_device_train_batch_size * processes)
+        check_backbone(config, category)
         print(f"ok: flags, {config.output_dir}, {config.dataset_dir} ({category}) and model {resolve_model(config.model)}")
         if not torch.cuda.is_available():
             print("warning: no GPU visible — training will run on the CPU, which takes days at full scale; "

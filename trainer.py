@@ -364,6 +364,22 @@ def check_train_size(num_train: int, global_batch: int):
                         "(--train_batch_size × processes) — use a smaller batch or a larger dataset")
 
 
+def check_length_limits(args: RecPOConfig, tokenizer, category: str):
+    """The limits must hold a prompt's instruction and an item sequence's fixed text."""
+    unbounded = 10**9
+    no_history = {"history_item_title": [], "history_rating": [], "history_timestamp": [], "timestamp": 0}
+    limits = {  # flag: (limit, tokens of the fixed text)
+        "--max_prompt_tokens": (args.max_prompt_tokens,
+                                len(user_prompt_tokens(tokenizer, user_prompt(no_history, category), unbounded))),
+        "--max_item_tokens": (args.max_item_tokens,
+                              len(item_prompt_tokens(tokenizer, {}, category, unbounded))),
+    }
+    for flag, (limit, needed) in limits.items():
+        if limit <= needed:
+            raise UserError(f"{flag} {limit} cannot hold the {needed} tokens of text every sequence starts with "
+                            "— raise it (SPEC §2: 2048 for prompts, 768 for items)")
+
+
 class RepeatedBatchSampler(Sampler):
     """Shuffled sample indices in which each global batch comes `repeats` times in a row.
 
@@ -454,6 +470,7 @@ class RecPOTrainer(Trainer):
             data_collator=keep_rows,
             callbacks=callbacks,
         )
+        check_length_limits(args, tokenizer, category)
         self.category = category
         item_info = dataset["item_info"]
         self.item_titles = dict(zip(item_info["item_id"], item_info["title"]))  # column reads: fast for 10k+ items
@@ -461,25 +478,9 @@ class RecPOTrainer(Trainer):
             dataset["item_info"], tokenizer, category, batch_size=args.item_batch_size, max_tokens=args.max_item_tokens
         )
         self.stop = answer_stop(tokenizer, end_of_turn_ids(model, tokenizer))
-        self._check_length_limits(tokenizer, category)
         self._metrics = defaultdict(list)
         self._table_encoded = False
         self._buffer: RecPOBatch | None = None
-
-    def _check_length_limits(self, tokenizer, category: str):
-        """The limits must hold a prompt's instruction and an item sequence's fixed text."""
-        unbounded = 10**9
-        no_history = {"history_item_title": [], "history_rating": [], "history_timestamp": [], "timestamp": 0}
-        limits = {  # flag: (limit, tokens of the fixed text)
-            "--max_prompt_tokens": (self.args.max_prompt_tokens,
-                                    len(user_prompt_tokens(tokenizer, user_prompt(no_history, category), unbounded))),
-            "--max_item_tokens": (self.args.max_item_tokens,
-                                  len(item_prompt_tokens(tokenizer, {}, category, unbounded))),
-        }
-        for flag, (limit, needed) in limits.items():
-            if limit <= needed:
-                raise UserError(f"{flag} {limit} cannot hold the {needed} tokens of text every sequence starts with "
-                                "— raise it (SPEC §2: 2048 for prompts, 768 for items)")
 
     # -- data order ----------------------------------------------------------------------------
 

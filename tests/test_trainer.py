@@ -364,6 +364,18 @@ def test_check_only_validates_without_training_and_warns_without_a_gpu(tmp_path)
     assert result.returncode == 2 and "has no config.json" in result.stderr.strip().splitlines()[-1]
 
 
+@pytest.mark.parametrize("flags, message", [
+    (["--model", "models/qwen"], "cannot load model 'models/qwen'"),  # a mistyped folder, read as a hub id
+    (["--lora_target_modules", "q_proj,qkv_proj"], "LoRA targets qkv_proj are not modules of this backbone"),
+    (["--max_prompt_tokens", "8"], "--max_prompt_tokens 8 cannot hold the"),
+])
+def test_check_only_refuses_what_building_the_trainer_would(tmp_path, flags, message):
+    """Without loading the weights: launch_train.sh's check must stop these before any process starts."""
+    result = run_train(quick_flags(tmp_path, "--check_only", "True", *flags), check=False)
+    lines = result.stderr.strip().splitlines()
+    assert result.returncode == 2 and lines[-1].startswith("error: ") and message in lines[-1], lines[-1]
+
+
 def test_deepspeed_zero2_on_two_cpu_processes_skips_steps_cleanly(tmp_path):
     """ZeRO-2 on two processes, process 1 failing step 2 of 3: out of memory after its rollout (no
     backward yet), or a non-finite loss in its second micro-batch (after the first one's backward,
