@@ -44,6 +44,10 @@ if ! [[ $MACHINE_RANK =~ ^(0|[1-9][0-9]*)$ ]] || [ "$MACHINE_RANK" -ge "$NUM_MAC
     echo "error: MACHINE_RANK=$MACHINE_RANK must be 0 to NUM_MACHINES-1 ($((NUM_MACHINES - 1))) — set it per node" >&2
     exit 2
 fi
+if [ "$NUM_MACHINES" -gt 1 ] && [[ $MAIN_PROCESS_IP =~ ^(127\.|localhost$) ]]; then
+    echo "error: NUM_MACHINES=$NUM_MACHINES with MAIN_PROCESS_IP=$MAIN_PROCESS_IP — set it to node 0's address, the same on every node" >&2
+    exit 2
+fi
 if [ "$MACHINE_RANK" = 0 ] && (exec 3<>"/dev/tcp/127.0.0.1/$MAIN_PROCESS_PORT") 2>/dev/null; then
     echo "error: port $MAIN_PROCESS_PORT is in use (another run on this machine?) — set MAIN_PROCESS_PORT to a free one" >&2
     exit 2
@@ -70,7 +74,7 @@ TRAIN_ARGS=(
 )
 # Bad flags, a missing dataset or a placeholder model path: one error line here, instead of one
 # per process followed by the launcher's traceback.
-env OMP_NUM_THREADS=1 R2EC_PROCESSES="$TOTAL_PROCESSES" \
+env OMP_NUM_THREADS=1 R2EC_PROCESSES="$TOTAL_PROCESSES" R2EC_PROCESSES_PER_MACHINE="$NUM_PROCESSES" \
     "$PYTHON" train.py "${TRAIN_ARGS[@]}" --check_only True >/dev/null
 # The Trainer sets DeepSpeed up from --deepspeed; accelerate only starts the processes.
 # --multi_gpu also makes `accelerate launch` start several processes on CPU (ACCELERATE_USE_CPU=true).

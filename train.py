@@ -149,6 +149,14 @@ def build_trainer(config: RecPOConfig) -> RecPOTrainer:
     return RecPOTrainer(model, config, tokenizer, dataset, category, callbacks=callbacks)
 
 
+def check_gpus_per_machine(processes: int):
+    """Each of a machine's processes needs a GPU of its own (NCCL refuses to share one)."""
+    if torch.cuda.is_available() and processes > torch.cuda.device_count():
+        raise UserError(f"NUM_PROCESSES={processes} but {torch.cuda.device_count()} GPU(s) visible "
+                        f"(CUDA_VISIBLE_DEVICES={os.environ.get('CUDA_VISIBLE_DEVICES', 'unset')}) — start at most one "
+                        "process per GPU")
+
+
 def check_backbone(config: RecPOConfig, category: str):
     """What building the trainer would refuse about the backbone, without loading its weights (for
     --check_only): its folder or hub id, tokenizer and chat template, the LoRA targets (on a
@@ -179,6 +187,7 @@ def main(argv: list[str]):
         dataset, category = load_dataset_dir(config.dataset_dir, config.dataset_category)
         processes = int(os.environ.get("R2EC_PROCESSES", "1"))  # set by launch_train.sh
         check_train_size(len(dataset["train"]), config.per_device_train_batch_size * processes)
+        check_gpus_per_machine(int(os.environ.get("R2EC_PROCESSES_PER_MACHINE", "1")))
         check_backbone(config, category)
         print(f"ok: flags, {config.output_dir}, {config.dataset_dir} ({category}) and model {resolve_model(config.model)}")
         if not torch.cuda.is_available():

@@ -8,6 +8,7 @@ import sys
 import pytest
 
 import train
+from errors import UserError
 from model import LORA_TARGETS, TAU
 from trainer import RecPOConfig
 
@@ -96,6 +97,7 @@ def test_launcher_refuses_a_port_in_use():
     ({"MAIN_PROCESS_PORT": "99999"}, "MAIN_PROCESS_PORT=99999 is not a port (1-65535) — fix it in the environment"),
     ({"NUM_MACHINES": "2", "MACHINE_RANK": "2"}, "MACHINE_RANK=2 must be 0 to NUM_MACHINES-1 (1)"),
     ({"MACHINE_RANK": "-1"}, "MACHINE_RANK=-1 must be 0 to NUM_MACHINES-1 (0)"),
+    ({"NUM_MACHINES": "2", "MACHINE_RANK": "1"}, "NUM_MACHINES=2 with MAIN_PROCESS_IP=127.0.0.1 — set it to node 0's"),
     ({"DATASET_DIR": "/nonexistent/Musical_Instruments_0_2022-10-2023-10"}, "does not exist"),
     ({"TRAIN_BATCH_SIZE": "many"}, "--train_batch_size: invalid int value: 'many'"),
 ])
@@ -120,3 +122,12 @@ def test_launcher_checks_the_train_split_against_every_process_batch(tmp_path):
     assert result.stderr.strip().splitlines() == [
         "error: the train split has 8 samples, fewer than one batch of 9 (--train_batch_size × processes) — "
         "use a smaller batch or a larger dataset"]
+
+
+def test_check_only_wants_a_gpu_per_process(monkeypatch):
+    monkeypatch.setattr(train.torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(train.torch.cuda, "device_count", lambda: 1)
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0")
+    train.check_gpus_per_machine(1)
+    with pytest.raises(UserError, match=r"NUM_PROCESSES=3 but 1 GPU\(s\) visible \(CUDA_VISIBLE_DEVICES=0\)"):
+        train.check_gpus_per_machine(3)
