@@ -30,6 +30,10 @@ RUN_NAME=${RUN_NAME:-r2ec_${MODEL}_${DATASET_CAT}}
 DS_CONFIG=${DS_CONFIG:-ds_config.json}
 PYTHON=${PYTHON:-python}
 
+if ! command -v "$PYTHON" >/dev/null; then
+    echo "error: PYTHON=$PYTHON is not a command — activate the project's environment (. .venv/bin/activate) or set PYTHON" >&2
+    exit 2
+fi
 for name in NUM_PROCESSES NUM_MACHINES; do
     if ! [[ ${!name} =~ ^[1-9][0-9]*$ ]]; then  # no leading 0: bash would read 010 as octal
         echo "error: $name=${!name} is not a positive whole number — fix it in the environment" >&2

@@ -100,6 +100,7 @@ def test_launcher_refuses_a_port_in_use():
     ({"NUM_MACHINES": "2", "MACHINE_RANK": "1"}, "NUM_MACHINES=2 with MAIN_PROCESS_IP=127.0.0.1 — set it to node 0's"),
     ({"DATASET_DIR": "/nonexistent/Musical_Instruments_0_2022-10-2023-10"}, "does not exist"),
     ({"TRAIN_BATCH_SIZE": "many"}, "--train_batch_size: invalid int value: 'many'"),
+    ({"PYTHON": "/nonexistent/python3"}, "PYTHON=/nonexistent/python3 is not a command"),
 ])
 def test_launcher_stops_bad_input_with_one_line_before_starting_processes(variables, message):
     env = {**os.environ, "PYTHON": sys.executable, "OMP_NUM_THREADS": "1", **variables}
