@@ -35,28 +35,28 @@ if ! command -v "$PYTHON" >/dev/null; then
     exit 2
 fi
 for name in NUM_PROCESSES NUM_MACHINES; do
-    if ! [[ ${!name} =~ ^[1-9][0-9]*$ ]]; then  # no leading 0: bash would read 010 as octal
+    if ! [[ ${!name} =~ ^[1-9][0-9]{0,5}$ ]]; then  # no leading 0: bash would read 010 as octal
         echo "error: $name=${!name} is not a positive whole number — fix it in the environment" >&2
         exit 2
     fi
 done
-if ! [[ $MAIN_PROCESS_PORT =~ ^[1-9][0-9]*$ ]] || [ "$MAIN_PROCESS_PORT" -gt 65535 ]; then
+if ! [[ $MAIN_PROCESS_PORT =~ ^[1-9][0-9]{0,4}$ ]] || [ "$MAIN_PROCESS_PORT" -gt 65535 ]; then
     echo "error: MAIN_PROCESS_PORT=$MAIN_PROCESS_PORT is not a port (1-65535) — fix it in the environment" >&2
     exit 2
 fi
-if ! [[ $MACHINE_RANK =~ ^(0|[1-9][0-9]*)$ ]] || [ "$MACHINE_RANK" -ge "$NUM_MACHINES" ]; then
+if ! [[ $MACHINE_RANK =~ ^(0|[1-9][0-9]{0,5})$ ]] || [ "$MACHINE_RANK" -ge "$NUM_MACHINES" ]; then
     echo "error: MACHINE_RANK=$MACHINE_RANK must be 0 to NUM_MACHINES-1 ($((NUM_MACHINES - 1))) — set it per node" >&2
     exit 2
 fi
-if [ "$NUM_MACHINES" -gt 1 ] && [[ $MAIN_PROCESS_IP =~ ^(127\.|localhost$) ]]; then
+if [ "$NUM_MACHINES" -gt 1 ] && [[ $MAIN_PROCESS_IP =~ ^(127\.|localhost|::1$|0\.0\.0\.0$) ]]; then
     echo "error: NUM_MACHINES=$NUM_MACHINES with MAIN_PROCESS_IP=$MAIN_PROCESS_IP — set it to node 0's address, the same on every node" >&2
     exit 2
 fi
-if [ "$MACHINE_RANK" = 0 ] && (exec 3<>"/dev/tcp/127.0.0.1/$MAIN_PROCESS_PORT") 2>/dev/null; then
+TOTAL_PROCESSES=$((NUM_PROCESSES * NUM_MACHINES))
+if [ "$TOTAL_PROCESSES" -gt 1 ] && [ "$MACHINE_RANK" = 0 ] && (exec 3<>"/dev/tcp/127.0.0.1/$MAIN_PROCESS_PORT") 2>/dev/null; then
     echo "error: port $MAIN_PROCESS_PORT is in use (another run on this machine?) — set MAIN_PROCESS_PORT to a free one" >&2
     exit 2
 fi
-TOTAL_PROCESSES=$((NUM_PROCESSES * NUM_MACHINES))
 export CUDA_VISIBLE_DEVICES
 TRAIN_ARGS=(
     --deepspeed "$DS_CONFIG"

@@ -281,5 +281,6 @@ class ItemTable:
             self.embeddings = torch.zeros(len(self), h.shape[1], device=h.device)  # (N+1, D)
         rows = torch.as_tensor(item_ids, device=self.embeddings.device)
         unique, inverse = torch.unique(rows, return_inverse=True)
+        # for each distinct id, the largest position it is given at
         last = torch.zeros_like(unique).scatter_reduce(0, inverse, torch.arange(len(rows), device=rows.device), "amax")
         self.embeddings[unique] = h.detach().to(self.embeddings.device, torch.float32)[last]

@@ -33,8 +33,6 @@ def parse_config(argv: list[str]) -> RecPOConfig:
     """Flags -> RecPOConfig, on the CPU when no GPU is found."""
     if not torch.cuda.is_available() and not any(arg.startswith("--use_cpu") for arg in argv):
         argv = [*argv, "--use_cpu", "True"]  # the Trainer (and DeepSpeed through it) needs this without a GPU
-    if any(arg.startswith("--deepspeed") for arg in argv) and "RANK" not in os.environ:
-        set_single_process_rendezvous()
     parser = one_line_parser_errors(HfArgumentParser(RecPOConfig), "python train.py --help")
     config, unknown = parser.parse_args_into_dataclasses(args=argv, return_remaining_strings=True)
     if unknown:
@@ -43,8 +41,11 @@ def parse_config(argv: list[str]) -> RecPOConfig:
 
 
 def set_single_process_rendezvous():
-    """Started without a distributed launcher (python train.py, or accelerate launch with one
-    process), DeepSpeed would look for MPI to find its peers: tell it it is alone, on a free port."""
+    """Started without a launcher (python train.py, or accelerate launch with one process),
+    DeepSpeed would look for MPI to find its peers: tell it it is alone, on a free port. Under
+    torchrun-style launchers (RANK) or MPI (mpirun, srun --mpi) it finds them itself."""
+    if {"RANK", "OMPI_COMM_WORLD_SIZE", "PMI_SIZE"} & set(os.environ):
+        return
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
@@ -66,9 +67,9 @@ def check_output_dir(config: RecPOConfig) -> str | None:
             raise UserError(f"no checkpoint-* folder in {config.output_dir!r} to resume from — drop "
                             "--resume_from_checkpoint or pass a checkpoint folder")
     elif resume is not None and not (re.fullmatch(r"checkpoint-\d+", os.path.basename(os.path.normpath(resume)))
-                                     and os.path.isfile(os.path.join(resume, "trainer_state.json"))):
-        raise UserError(f"--resume_from_checkpoint {resume!r} is not a checkpoint folder (checkpoint-N with a "
-                        "trainer_state.json) — pass a checkpoint-* folder or 'last'")
+                                     and os.path.isdir(resume)):
+        raise UserError(f"--resume_from_checkpoint {resume!r} is not a checkpoint folder (checkpoint-N) — pass "
+                        "a checkpoint-* folder or 'last'")
     if resume is not None:
         check_checkpoint(resume, config)
     if not resumes_in_place(config, resume) and earlier_run(folder) and not config.overwrite_output_dir:
@@ -80,7 +81,7 @@ def check_output_dir(config: RecPOConfig) -> str | None:
 
 def resumes_in_place(config: RecPOConfig, resume: str | None) -> bool:
     """Whether the run continues from a checkpoint of its own --output_dir (not another run's)."""
-    return resume is not None and os.path.dirname(os.path.abspath(resume)) == os.path.abspath(config.output_dir)
+    return resume is not None and os.path.dirname(os.path.realpath(resume)) == os.path.realpath(config.output_dir)
 
 
 def clear_earlier_run(folder: str):
@@ -114,7 +115,7 @@ def check_checkpoint(checkpoint: str, config: RecPOConfig):
     saved = {"lora_r": adapter.get("r"), "lora_alpha": adapter.get("lora_alpha"),
              "lora_target_modules": ",".join(sorted(adapter.get("target_modules") or []))}
     wanted = {**{flag: getattr(config, flag) for flag in saved},
-              "lora_target_modules": ",".join(sorted(config.lora_target_modules.split(",")))}
+              "lora_target_modules": ",".join(sorted(config.lora_targets))}
     for flag, value in saved.items():
         if value != wanted[flag]:
             raise UserError(f"{checkpoint} was trained with --{flag} {value}, not {wanted[flag]} — "
@@ -143,7 +144,7 @@ def build_trainer(config: RecPOConfig) -> RecPOTrainer:
     dtype = torch.bfloat16 if config.bf16 else torch.float32
     model, tokenizer = load_backbone(config.model, dtype=dtype)
     model = add_lora(model, r=config.lora_r, alpha=config.lora_alpha, dropout=config.lora_dropout,
-                     target_modules=tuple(config.lora_target_modules.split(",")))
+                     target_modules=config.lora_targets)
     evaluates = config.eval_strategy != "no"
     callbacks = [EarlyStoppingCallback(early_stopping_patience=config.early_stopping_patience)] if evaluates else []
     return RecPOTrainer(model, config, tokenizer, dataset, category, callbacks=callbacks)
@@ -157,15 +158,19 @@ def check_gpus_per_machine(processes: int):
                         "process per GPU")
 
 
-def check_backbone(config: RecPOConfig, category: str):
-    """What building the trainer would refuse about the backbone, without loading its weights (for
-    --check_only): its folder or hub id, tokenizer and chat template, the LoRA targets (on a
-    weightless skeleton) and the length limits."""
+def check_backbone(config: RecPOConfig):
+    """What loading the backbone would refuse, without its weights (for --check_only): its folder
+    or hub id, tokenizer and chat template, and the LoRA targets (on a weightless skeleton).
+    Returns its tokenizer."""
     _, model_config, tokenizer = load_backbone_config(config.model)
-    with torch.device("meta"):
-        skeleton = AutoModelForCausalLM.from_config(model_config)
-    check_lora_targets(skeleton, config.lora_target_modules.split(","))
-    check_length_limits(config, tokenizer, category)
+    try:
+        with torch.device("meta"):
+            skeleton = AutoModelForCausalLM.from_config(model_config)
+    except ValueError as e:  # a config that is not a causal LM's
+        raise UserError(f"model {config.model!r} is not a causal language model ({one_line(e)}) — point --model "
+                        "at a decoder-only backbone") from e
+    check_lora_targets(skeleton, config.lora_targets)
+    return tokenizer
 
 
 def final_metrics(trainer: RecPOTrainer) -> dict:
@@ -181,6 +186,8 @@ def final_metrics(trainer: RecPOTrainer) -> dict:
 
 
 def main(argv: list[str]):
+    if any(arg.startswith("--deepspeed") for arg in argv):
+        set_single_process_rendezvous()  # before parsing, which sets the processes up
     config = parse_config(argv)
     resume = check_output_dir(config)
     if config.check_only:
@@ -188,7 +195,7 @@ def main(argv: list[str]):
         processes = int(os.environ.get("R2EC_PROCESSES", "1"))  # set by launch_train.sh
         check_train_size(len(dataset["train"]), config.per_device_train_batch_size * processes)
         check_gpus_per_machine(int(os.environ.get("R2EC_PROCESSES_PER_MACHINE", "1")))
-        check_backbone(config, category)
+        check_length_limits(config, check_backbone(config), category)
         print(f"ok: flags, {config.output_dir}, {config.dataset_dir} ({category}) and model {resolve_model(config.model)}")
         if not torch.cuda.is_available():
             print("warning: no GPU visible — training will run on the CPU, which takes days at full scale; "
@@ -197,10 +204,10 @@ def main(argv: list[str]):
     if resume is not None:
         config.eval_on_start = False  # the checkpoint's model was evaluated before it was saved
     trainer = build_trainer(config)
-    if not resumes_in_place(config, resume) and config.overwrite_output_dir and earlier_run(config.output_dir):
-        if trainer.is_world_process_zero():
-            clear_earlier_run(config.output_dir)
-        trainer.accelerator.wait_for_everyone()
+    replaces = config.overwrite_output_dir and not resumes_in_place(config, resume)
+    if trainer.is_world_process_zero() and replaces and earlier_run(config.output_dir):
+        clear_earlier_run(config.output_dir)
+    trainer.accelerator.wait_for_everyone()  # on every process: the others may find the folder cleared already
     trainer.train(resume_from_checkpoint=resume)
 
     trainer.save_model(config.output_dir)

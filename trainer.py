@@ -214,7 +214,7 @@ class RecPOConfig(TrainingArguments):
             (self.per_device_eval_batch_size >= 1,
              f"--per_device_eval_batch_size {self.per_device_eval_batch_size}: must be at least 1"),
             (self.lora_r >= 1, f"--lora_r {self.lora_r}: must be at least 1"),
-            (all(self.lora_target_modules.split(",")),
+            (all(self.lora_targets),
              f"--lora_target_modules {self.lora_target_modules!r}: give comma-separated module names, "
              f"e.g. {','.join(LORA_TARGETS)}"),
             (self.lora_alpha > 0, f"--lora_alpha {self.lora_alpha}: must be positive"),
@@ -263,6 +263,10 @@ class RecPOConfig(TrainingArguments):
             self.eval_steps = self.default_eval_steps(num_train)
         if self.save_steps_from_eval:
             self.save_steps = self.eval_steps
+
+    @property
+    def lora_targets(self) -> tuple[str, ...]:
+        return tuple(self.lora_target_modules.split(","))
 
     @property
     def sampling(self) -> SamplingConfig:
@@ -419,6 +423,8 @@ def _drop_zero_gradients(engine):
     A step skipped after some micro-batches' backward has them reduced into ZeRO's partition
     buffers, which `zero_grad` leaves alone; this clears them as DeepSpeed itself does when it
     skips a step on overflow (tests: a skip after a backward trains like a skip before one).
+    Covers ZeRO stages 1-2 on the GPU (ds_config.json); an optimizer offloaded to the CPU keeps
+    buffers of its own that this leaves alone.
     """
     engine.zero_grad()  # parameters' .grad
     engine.optimizer.zero_grad(set_to_none=True)  # and ZeRO's per-parameter accumulators

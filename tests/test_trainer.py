@@ -689,6 +689,22 @@ def test_empty_output_dir_and_broken_deepspeed_file_are_named(tmp_path, flags, m
     assert "\n" not in str(caught.value)
 
 
+def test_parsing_deepspeed_flags_leaves_the_environment_alone(tmp_path):
+    """The one-process rendezvous is train.py's main's business: set while parsing, it leaked into
+    every later process (tests included) a RANK and a MASTER_PORT nobody listened on."""
+    before = dict(os.environ)
+    train.parse_config(["--deepspeed", os.path.join(ROOT, "ds_config.json"), "--output_dir", str(tmp_path)])
+    assert dict(os.environ) == before
+
+
+def test_a_symlinked_output_dir_resumes_in_place(tmp_path):
+    (tmp_path / "real").mkdir()
+    os.symlink(tmp_path / "real", tmp_path / "link")
+    config = train.parse_config(["--output_dir", str(tmp_path / "link")])
+    assert train.resumes_in_place(config, str(tmp_path / "real" / "checkpoint-4"))
+    assert not train.resumes_in_place(config, str(tmp_path / "checkpoint-4"))
+
+
 def test_num_iterations_reuses_each_rollout_batch_with_real_old_probabilities(tmp_path, monkeypatch):
     trainer = tiny_trainer(tmp_path, max_steps=4, num_iterations=2, learning_rate=1e-2)
     batches, updates = [], []
