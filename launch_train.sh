@@ -76,8 +76,8 @@ TRAIN_ARGS=(
     --run_name "$RUN_NAME"
     "$@"
 )
-# Bad flags, a missing dataset or a placeholder model path: one error line here, instead of one
-# per process followed by the launcher's traceback.
+# Bad flags, a missing dataset, a placeholder or unloadable backbone, LoRA targets it lacks, more
+# processes than GPUs: one error line here, instead of one per process and the launcher's traceback.
 env OMP_NUM_THREADS=1 R2EC_PROCESSES="$TOTAL_PROCESSES" R2EC_PROCESSES_PER_MACHINE="$NUM_PROCESSES" \
     "$PYTHON" train.py "${TRAIN_ARGS[@]}" --check_only True >/dev/null
 # The Trainer sets DeepSpeed up from --deepspeed; accelerate only starts the processes.

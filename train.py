@@ -1,9 +1,9 @@
 """Train an R²ec model with RecPO: parse flags → load data and backbone → train → save → evaluate.
 
-Single process (GPU, or CPU when no GPU is found):
+Single process (GPU, or CPU when no GPU is found; `--deepspeed ds_config.json` works here too):
     python train.py --dataset_dir data/Musical_Instruments_0_2022-10-2023-10 --model gemma
-Three processes with DeepSpeed ZeRO-2 (what launch_train.sh runs, on GPUs 0-3 as released):
-    accelerate launch --num_processes 3 train.py --deepspeed ds_config.json --dataset_dir ... --model qwen
+Three processes with DeepSpeed ZeRO-2 (launch_train.sh runs this, with its checks and settings):
+    accelerate launch --multi_gpu --num_processes 3 train.py --deepspeed ds_config.json --dataset_dir ... --model qwen
 `python train.py --help` lists every flag; the released launcher's spellings (`--train_batch_size`,
 `--eval_batch_size`) are accepted too.
 """
