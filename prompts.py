@@ -109,14 +109,20 @@ def item_prompt(item: dict, category: str, max_words: int = DESCRIPTION_WORDS) -
     )
 
 
+TEMPLATE_DATE = "26 Jul 2024"  # Llama 3.1+'s own default when it cannot read the clock
+
+
 def chat_prompt(tokenizer, user_text: str) -> str:
     """The backbone's chat template around one user turn, with the assistant turn opened.
 
     Tokenise the result with `add_special_tokens=False`: templates that need a BOS (Gemma)
-    already write it.
+    already write it. Templates that write today's date (Llama 3.1 and later) get a fixed one,
+    so a prompt is the same in training, evaluation and recommend.py on any day; the others
+    ignore it.
     """
     messages = [{"role": "user", "content": user_text}]
-    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True,
+                                         date_string=TEMPLATE_DATE)
 
 
 def item_sequence(tokenizer, user_text: str) -> str:

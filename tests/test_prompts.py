@@ -50,6 +50,22 @@ def ids(tokenizer, text):
     return tokenizer(text, add_special_tokens=False)["input_ids"]
 
 
+LLAMA31_SYSTEM_HEADER = (  # the date logic of Llama 3.1+'s chat template, shortened
+    "{%- if not date_string is defined %}{%- if strftime_now is defined %}"
+    "{%- set date_string = strftime_now('%d %b %Y') %}{%- else %}{%- set date_string = '26 Jul 2024' %}"
+    "{%- endif %}{%- endif %}<|im_start|>system\nToday Date: {{ date_string }}<|im_end|>\n"
+    "{% for message in messages %}<|im_start|>{{ message['role'] }}\n{{ message['content'] }}<|im_end|>\n"
+    "{% endfor %}<|im_start|>assistant\n"
+)
+
+
+def test_a_template_that_writes_todays_date_gets_a_fixed_one():
+    tokenizer = AutoTokenizer.from_pretrained(tiny_backbone("qwen2"))
+    tokenizer.chat_template = LLAMA31_SYSTEM_HEADER
+    assert chat_prompt(tokenizer, "Hi") == ("<|im_start|>system\nToday Date: 26 Jul 2024<|im_end|>\n"
+                                            "<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant")
+
+
 def test_category_words():
     assert category_words("Video_Games") == ("video games", "video game")
     assert category_words("CDs_and_Vinyl") == ("CDs and vinyl", "CD or vinyl")
