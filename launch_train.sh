@@ -26,7 +26,7 @@ RELABEL_TOPK=${RELABEL_TOPK:-2}
 GEN_TEMPERATURE=${GEN_TEMPERATURE:-2.0}
 GEN_TOP_K=${GEN_TOP_K:-50}
 SEED=${SEED:-42}
-RUN_NAME=${RUN_NAME:-r2ec_${MODEL}_${DATASET_CAT}}
+RUN_NAME=${RUN_NAME:-r2ec_$(basename "$MODEL")_${DATASET_CAT}}  # a folder or hub id as MODEL: its last part
 DS_CONFIG=${DS_CONFIG:-ds_config.json}
 PYTHON=${PYTHON:-python}
 

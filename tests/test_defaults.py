@@ -70,6 +70,14 @@ def test_launcher_passes_the_released_settings(tmp_path):
     assert deepspeed["bf16"]["enabled"] == "auto" and deepspeed["gradient_clipping"] == "auto"  # from bf16, 1.0
 
 
+def test_launcher_names_the_run_after_the_models_last_path_part():
+    result = subprocess.run(["bash", os.path.join(ROOT, "launch_train.sh")], env={
+        **os.environ, "PYTHON": "echo", "MODEL": "/data/models/Llama-3.2-3B-Instruct"},
+        capture_output=True, text=True, check=True)
+    words = result.stdout.split()
+    assert words[words.index("--run_name") + 1] == "r2ec_Llama-3.2-3B-Instruct_Musical_Instruments"
+
+
 def test_launcher_starts_a_single_process_without_multi_gpu(tmp_path):
     result = subprocess.run(["bash", os.path.join(ROOT, "launch_train.sh")], env={
         **os.environ, "PYTHON": "echo", "NUM_PROCESSES": "1"}, capture_output=True, text=True, check=True)
