@@ -185,22 +185,27 @@ def final_metrics(trainer: RecPOTrainer) -> dict:
     return trainer.evaluate()
 
 
+def check_run(config: RecPOConfig) -> None:
+    """--check_only (launch_train.sh runs it before starting the processes): what would refuse the
+    run, without loading weights or writing anything."""
+    dataset, category = load_dataset_dir(config.dataset_dir, config.dataset_category)
+    processes = int(os.environ.get("R2EC_PROCESSES", "1"))  # set by launch_train.sh
+    check_train_size(len(dataset["train"]), config.per_device_train_batch_size * processes)
+    check_gpus_per_machine(int(os.environ.get("R2EC_PROCESSES_PER_MACHINE", "1")))
+    check_length_limits(config, check_backbone(config), category)
+    print(f"ok: flags, {config.output_dir}, {config.dataset_dir} ({category}) and model {resolve_model(config.model)}")
+    if not torch.cuda.is_available():
+        print("warning: no GPU visible — training will run on the CPU, which takes days at full scale; "
+              "check CUDA_VISIBLE_DEVICES and the CUDA install", file=sys.stderr)
+
+
 def main(argv: list[str]):
     if any(arg.startswith("--deepspeed") for arg in argv):
         set_single_process_rendezvous()  # before parsing, which sets the processes up
     config = parse_config(argv)
     resume = check_output_dir(config)
     if config.check_only:
-        dataset, category = load_dataset_dir(config.dataset_dir, config.dataset_category)
-        processes = int(os.environ.get("R2EC_PROCESSES", "1"))  # set by launch_train.sh
-        check_train_size(len(dataset["train"]), config.per_device_train_batch_size * processes)
-        check_gpus_per_machine(int(os.environ.get("R2EC_PROCESSES_PER_MACHINE", "1")))
-        check_length_limits(config, check_backbone(config), category)
-        print(f"ok: flags, {config.output_dir}, {config.dataset_dir} ({category}) and model {resolve_model(config.model)}")
-        if not torch.cuda.is_available():
-            print("warning: no GPU visible — training will run on the CPU, which takes days at full scale; "
-                  "check CUDA_VISIBLE_DEVICES and the CUDA install", file=sys.stderr)
-        return None
+        return check_run(config)
     if resume is not None:
         config.eval_on_start = False  # the checkpoint's model was evaluated before it was saved
     trainer = build_trainer(config)
