@@ -40,16 +40,20 @@ def parse_config(argv: list[str]) -> RecPOConfig:
     return config
 
 
+def free_port() -> str:
+    """A port nobody listens on now."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return str(probe.getsockname()[1])
+
+
 def set_single_process_rendezvous():
     """Started without a launcher (python train.py, or accelerate launch with one process),
     DeepSpeed would look for MPI to find its peers: tell it it is alone, on a free port. Under
     torchrun-style launchers (RANK) or MPI (mpirun, srun --mpi) it finds them itself."""
     if {"RANK", "OMPI_COMM_WORLD_SIZE", "PMI_SIZE"} & set(os.environ):
         return
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-    os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=free_port())
 
 
 def check_output_dir(config: RecPOConfig) -> str | None:
@@ -66,7 +70,7 @@ def check_output_dir(config: RecPOConfig) -> str | None:
         if resume is None:
             raise UserError(f"no checkpoint-* folder in {config.output_dir!r} to resume from — drop "
                             "--resume_from_checkpoint or pass a checkpoint folder")
-    elif resume is not None and not (re.fullmatch(r"checkpoint-\d+", os.path.basename(os.path.normpath(resume)))
+    elif resume is not None and not (re.fullmatch(r"checkpoint-\d+", folder_name(resume))
                                      and os.path.isdir(resume)):
         raise UserError(f"--resume_from_checkpoint {resume!r} is not a checkpoint folder (checkpoint-N) — pass "
                         "a checkpoint-* folder or 'last'")
@@ -77,6 +81,11 @@ def check_output_dir(config: RecPOConfig) -> str | None:
                         "--resume_from_checkpoint last, pick another --output_dir, or pass "
                         "--overwrite_output_dir True to replace it")
     return resume
+
+
+def folder_name(path: str) -> str:
+    """The last part of a folder path or hub id, trailing slash or not."""
+    return os.path.basename(os.path.normpath(path))
 
 
 def resumes_in_place(config: RecPOConfig, resume: str | None) -> bool:
@@ -112,17 +121,16 @@ def check_checkpoint(checkpoint: str, config: RecPOConfig):
         raise UserError(f"{checkpoint} has already trained {step} steps, --max_steps {config.max_steps} — "
                         "raise --max_steps to continue")
     adapter = read_json(os.path.join(checkpoint, "adapter_config.json"), fix)
-    saved = {"lora_r": adapter.get("r"), "lora_alpha": adapter.get("lora_alpha"),
-             "lora_target_modules": ",".join(sorted(adapter.get("target_modules") or []))}
-    wanted = {**{flag: getattr(config, flag) for flag in saved},
-              "lora_target_modules": ",".join(sorted(config.lora_targets))}
-    for flag, value in saved.items():
-        if value != wanted[flag]:
-            raise UserError(f"{checkpoint} was trained with --{flag} {value}, not {wanted[flag]} — "
-                            f"resume with --{flag} {value}")
+    saved_and_given = {  # flag: (the checkpoint's value, this run's)
+        "lora_r": (adapter.get("r"), config.lora_r),
+        "lora_alpha": (adapter.get("lora_alpha"), config.lora_alpha),
+        "lora_target_modules": (",".join(sorted(adapter.get("target_modules") or [])), ",".join(sorted(config.lora_targets))),
+    }
+    for flag, (saved, given) in saved_and_given.items():
+        if saved != given:
+            raise UserError(f"{checkpoint} was trained with --{flag} {saved}, not {given} — resume with --{flag} {saved}")
     trained_on, backbone = adapter.get("base_model_name_or_path"), resolve_model(config.model)
-    folder_names = [os.path.basename(os.path.normpath(path)) for path in (trained_on or "", backbone)]
-    if trained_on and folder_names[0] != folder_names[1]:  # by name: the backbone may sit in another folder now
+    if trained_on and folder_name(trained_on) != folder_name(backbone):  # the backbone may sit elsewhere now
         raise UserError(f"{checkpoint} was trained on {trained_on}, not {backbone} — resume with that --model")
     try:
         from safetensors import safe_open

@@ -467,6 +467,7 @@ class RecPOTrainer(Trainer):
     """Hugging Face `Trainer` whose training step is RecPO and whose evaluation is full ranking."""
 
     def __init__(self, model, args: RecPOConfig, tokenizer, dataset, category: str, callbacks=None):
+        check_length_limits(args, tokenizer, category)
         super().__init__(
             model=model,
             args=args,
@@ -476,7 +477,6 @@ class RecPOTrainer(Trainer):
             data_collator=keep_rows,
             callbacks=callbacks,
         )
-        check_length_limits(args, tokenizer, category)
         self.category = category
         item_info = dataset["item_info"]
         self.item_titles = dict(zip(item_info["item_id"], item_info["title"]))  # column reads: fast for 10k+ items

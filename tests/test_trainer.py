@@ -3,7 +3,6 @@ import json
 import math
 import os
 import re
-import socket
 import subprocess
 import sys
 import warnings
@@ -13,6 +12,7 @@ import torch
 import torch.nn.functional as F
 
 import train
+from train import free_port  # launches never collide on a fixed port
 from dataset import load_dataset_dir
 from errors import UserError
 from model import LORA_TARGETS, add_lora, encode, load_backbone, policy_forward
@@ -23,13 +23,6 @@ from trainer import RecPOConfig, RecPOTrainer, RepeatedBatchSampler
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PYTHON = sys.executable
-
-
-def free_port() -> str:
-    """A port nobody listens on now, so concurrent or back-to-back launches never collide."""
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return str(probe.getsockname()[1])
 
 
 def tiny_config(tmp_path, **overrides) -> RecPOConfig:
