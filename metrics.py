@@ -27,15 +27,15 @@ def hit_at_k(ranks: torch.Tensor, k: int) -> torch.Tensor:
     return (ranks <= k).double()
 
 
-def ranking_metrics(ranks: torch.Tensor, ks=KS) -> dict[str, float]:
-    """Mean NDCG@k and Hit@k over samples, keyed `ndcg@10`, `hit@10`, ...  ranks (B,)."""
-    if ranks.numel() == 0:
-        return {f"{name}@{k}": math.nan for k in ks for name in ("ndcg", "hit")}
-    metrics = {}
-    for k in ks:
-        metrics[f"ndcg@{k}"] = ndcg_at_k(ranks, k).mean().item()
-        metrics[f"hit@{k}"] = hit_at_k(ranks, k).mean().item()
-    return metrics
+RANKING_METRICS = {"NDCG": ndcg_at_k, "Hit": hit_at_k}  # printed label -> per-sample metric(ranks, k)
+METRIC_NAMES = [f"{label.lower()}@{k}" for label in RANKING_METRICS for k in KS]  # keys, in printing order
+
+
+def ranking_metrics(ranks: torch.Tensor) -> dict[str, float]:
+    """Mean of each of `RANKING_METRICS` at each of `KS` over samples, keyed `ndcg@10`, `hit@10`, ...
+    ranks (B,)."""
+    return {f"{label.lower()}@{k}": metric(ranks, k).mean().item() if ranks.numel() else math.nan
+            for label, metric in RANKING_METRICS.items() for k in KS}
 
 
 def split_metrics(records: list[dict]) -> dict[str, float]:

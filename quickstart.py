@@ -16,13 +16,12 @@ import subprocess
 import sys
 
 from errors import UserError, one_line_parser_errors, run_cli
-from metrics import KS
+from metrics import METRIC_NAMES
 from paths import DEFAULT_MODEL
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 CATEGORY = "Video_Games"
 DATASET_DIR = os.path.join("data", "sample", f"{CATEGORY}_0_2022-10-2023-10")
-METRICS = [f"{name}@{k}" for name in ("ndcg", "hit") for k in KS]
 WINDOW_SIZE = 5  # history lines per prompt
 
 
@@ -72,10 +71,10 @@ def before_and_after(output_dir: str) -> tuple[dict, dict]:
 
 
 def print_table(before: dict, after: dict):
-    print(f"\n{'':14}" + "".join(f"{m:>9}" for m in METRICS))
+    print(f"\n{'':14}" + "".join(f"{m:>9}" for m in METRIC_NAMES))
     for split in ("valid", "test"):
         for label, values in (("before", before), ("after", after)):
-            row = "".join(f"{values[f'eval_{split}_{m}']:9.4f}" for m in METRICS)
+            row = "".join(f"{values[f'eval_{split}_{m}']:9.4f}" for m in METRIC_NAMES)
             print(f"{split + ' ' + label:14}{row}")
 
 

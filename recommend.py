@@ -28,7 +28,7 @@ import torch
 
 from dataset import SAMPLE_SPLITS, load_dataset_dir
 from errors import UserError, check_output_file, one_line, one_line_parser_errors, read_json, run_cli, write_jsonl
-from metrics import KS, split_metrics
+from metrics import KS, RANKING_METRICS, split_metrics
 from model import load_backbone
 from paths import resolve_model
 from trainer import RecPOConfig, RecPOTrainer
@@ -180,8 +180,8 @@ def format_sample(sample: dict, record: dict, num_items: int, window_size: int) 
 def format_metrics(metrics: dict[str, float], split: str, count: int) -> str:
     lines = [f"{split}: {count} samples, mean reasoning length {metrics['reasoning_length']:.1f} tokens",
              " " * 6 + "".join(f"{'@' + str(k):>9}" for k in KS)]
-    for name, label in (("ndcg", "NDCG"), ("hit", "Hit")):
-        lines.append(f"{label:<6}" + "".join(f"{metrics[f'{name}@{k}']:9.4f}" for k in KS))
+    for label in RANKING_METRICS:
+        lines.append(f"{label:<6}" + "".join(f"{metrics[f'{label.lower()}@{k}']:9.4f}" for k in KS))
     return "\n".join(lines)
 
 

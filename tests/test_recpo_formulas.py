@@ -140,3 +140,18 @@ def test_repeated_batch_sampler_layout_and_determinism():
     assert list(sampler) == order
     epoch[0] = 1
     assert list(sampler) != order and list(sampler) == list(RepeatedBatchSampler(9, 4, 2, seed=4))
+
+
+def test_a_metric_added_to_the_registry_reaches_every_table(monkeypatch):
+    """README's change table: a new metric is one function and one `RANKING_METRICS` entry."""
+    import metrics
+    from recommend import format_metrics
+
+    monkeypatch.setitem(metrics.RANKING_METRICS, "MRR", lambda ranks, k: torch.where(ranks <= k, 1.0 / ranks, 0.0))
+    ranks = torch.tensor([1, 4, 8, 30])
+    values = metrics.ranking_metrics(ranks)
+    assert values["mrr@5"] == pytest.approx((1 + 1 / 4) / 4)
+    assert values["mrr@10"] == pytest.approx((1 + 1 / 4 + 1 / 8) / 4)
+    assert values["ndcg@5"] == pytest.approx((1 + 1 / math.log2(5)) / 4)
+    table = format_metrics({**values, "reasoning_length": 12.0}, "test", 4).splitlines()
+    assert table[-1].split() == ["MRR", f"{1.25 / 4:.4f}", f"{1.375 / 4:.4f}", f"{1.375 / 4:.4f}"]
