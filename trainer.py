@@ -251,9 +251,10 @@ class RecPOConfig(TrainingArguments):
                 raise UserError(message)
 
     def default_eval_steps(self, num_train: int) -> int:
-        """SPEC §5: evaluate every floor(len(train) / (B · grad_accum · processes) / 8) steps (at least 1)."""
+        """SPEC §5: evaluate every floor(len(train) / (B · grad_accum · processes) / 8) steps (at least 1),
+        times `num_iterations`, which repeats each rollout batch as steps of its own: still 8 per epoch."""
         steps_per_epoch = num_train // (self.per_device_train_batch_size * self.gradient_accumulation_steps
-                                        * self.world_size)
+                                        * self.world_size) * self.num_iterations
         return max(1, steps_per_epoch // 8)
 
     def set_intervals(self, num_train: int):

@@ -42,10 +42,12 @@ def test_flagless_config_has_the_spec_defaults():
     assert TAU == 0.02 and ",".join(LORA_TARGETS) == SPEC_DEFAULTS["lora_target_modules"]
 
 
-@pytest.mark.parametrize("processes, expected", [(1, 859), (3, 286)])  # floor(27,498 / (4·1·W) / 8)
-def test_evaluation_interval_is_an_eighth_of_an_epoch(monkeypatch, processes, expected):
+# floor(27,498 / (4·1·W) · I / 8): 6,874 steps an epoch on one process, 2,291 on three, each repeated I times
+@pytest.mark.parametrize("processes, iterations, expected", [(1, 1, 859), (3, 1, 286), (1, 2, 1718), (3, 3, 859)])
+def test_evaluation_interval_is_an_eighth_of_an_epoch(monkeypatch, processes, iterations, expected):
     monkeypatch.setattr(RecPOConfig, "world_size", property(lambda self: processes))
-    assert train.parse_config([]).default_eval_steps(27_498) == expected  # Musical_Instruments train
+    flags = ["--num_iterations", str(iterations)]
+    assert train.parse_config(flags).default_eval_steps(27_498) == expected  # Musical_Instruments train
 
 
 def test_launcher_passes_the_released_settings(tmp_path):
