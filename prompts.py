@@ -12,6 +12,7 @@ Both end inside the assistant turn, on `<answer>`: the rec head reads the hidden
 are `pytest tests/test_prompts.py`.
 """
 import functools
+import math
 from dataclasses import dataclass
 
 ANSWER = "<answer>"
@@ -48,31 +49,37 @@ def category_words(category: str) -> tuple[str, str]:
     """(plural, singular) words for a category: the paper's three, or derived from the name.
 
     `Toys_and_Games` -> ("toys and games", "toys and games product"), `Books` -> ("books",
-    "book"): a trailing plural `s` is dropped only from names of one or two words without
-    "and", since guessing the singular of compound names ("movies and TV") or of words like
-    "electronics" goes wrong more often than not.
+    "book"), `Subscription_Boxes` -> (..., "subscription box"): a plural `s` or `es` (after x, ch,
+    sh) is dropped only from names of one or two words without "and", since guessing the singular
+    of compound names ("movies and TV") or of words like "electronics" or "supplies" goes wrong
+    more often than not.
     """
     if category in CATEGORY_WORDS:
         return CATEGORY_WORDS[category]
     words = [w if sum(c.isupper() for c in w) > 1 else w.lower() for w in category.split("_") if w]
     plural = " ".join(words)
     last = words[-1] if words else ""
-    simple_plural = last.endswith("s") and not last.endswith(("ss", "ics", "us"))
-    if len(words) <= 2 and "and" not in words and simple_plural:
-        return plural, plural[:-1]
+    if len(words) <= 2 and "and" not in words:
+        if last.endswith(("xes", "ches", "shes")):
+            return plural, plural[:-2]
+        if last.endswith("s") and not last.endswith(("ss", "ics", "us", "ies")):
+            return plural, plural[:-1]
     return plural, f"{plural} product"
 
 
 def format_elapsed(seconds: float) -> str:
-    """Time before the target purchase: '3d 4.5h ago', '2h 3.0min ago' or '5.0min ago'."""
+    """Time before the target purchase: '3d 4.5h ago', '2h 3.0min ago' or '5.0min ago'.
+
+    Rounded to the printed tenth before splitting, so 7,199.99 s reads '2h 0.0min', not '1h 60.0min'.
+    """
     seconds = max(float(seconds), 0.0)
-    days, rest = divmod(seconds, 86400)
-    if days >= 1:
-        return f"{int(days)}d {rest / 3600:.1f}h ago"
-    hours, rest = divmod(seconds, 3600)
-    if hours >= 1:
-        return f"{int(hours)}h {rest / 60:.1f}min ago"
-    return f"{seconds / 60:.1f}min ago"
+    hours, tenth_minutes = divmod(math.floor(seconds / 6 + 0.5), 600)  # tenths of a minute, half up
+    if hours == 0:
+        return f"{tenth_minutes / 10:.1f}min ago"
+    if hours < 24:
+        return f"{hours}h {tenth_minutes / 10:.1f}min ago"
+    days, tenth_hours = divmod(math.floor(seconds / 360 + 0.5), 240)
+    return f"{days}d {tenth_hours / 10:.1f}h ago"
 
 
 def user_prompt(sample: dict, category: str, window_size: int = 20) -> str:

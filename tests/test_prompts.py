@@ -73,6 +73,9 @@ def test_category_words():
     assert category_words("Books") == ("books", "book")
     assert category_words("Movies_and_TV") == ("movies and TV", "movies and TV product")
     assert category_words("Electronics") == ("electronics", "electronics product")
+    assert category_words("Subscription_Boxes") == ("subscription boxes", "subscription box")
+    assert category_words("Pet_Supplies") == ("pet supplies", "pet supplies product")
+    assert category_words("Gift_Cards") == ("gift cards", "gift card")
 
 
 def test_format_elapsed():
@@ -81,6 +84,13 @@ def test_format_elapsed():
     assert format_elapsed(300) == "5.0min ago"
     assert format_elapsed(86400) == "1d 0.0h ago"
     assert format_elapsed(0) == "0.0min ago"
+    # rounding carries into the next unit instead of printing 60 minutes or 24 hours
+    assert format_elapsed(3599.99) == "1h 0.0min ago"
+    assert format_elapsed(7199.99) == "2h 0.0min ago"
+    assert format_elapsed(86399.99) == "1d 0.0h ago"
+    assert format_elapsed(2 * 86400 - 1) == "2d 0.0h ago"
+    assert format_elapsed(6 * 3600 + 24.65 * 60) == "6h 24.7min ago"  # halves round up
+    assert format_elapsed(3 * 86400 + 20.45 * 3600) == "3d 20.5h ago"
 
 
 def test_user_prompt_keeps_the_last_window_oldest_first():
