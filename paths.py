@@ -110,6 +110,9 @@ def build_once(target: str, build) -> str:
     """
     if is_model_folder(target):
         return target
+    if os.path.isdir(target) and os.listdir(target):
+        raise UserError(f"{target} holds files but no config.json (a partial copy?): delete or move that folder, "
+                        "and it is built again on the next run")
     parent = os.path.dirname(os.path.abspath(target))
     os.makedirs(parent, exist_ok=True)
     tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(target)}-", dir=parent)

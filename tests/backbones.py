@@ -18,9 +18,11 @@ either rebuilds them, in about 10 s for all three).
 """
 import functools
 import hashlib
+import glob
 import importlib.util
 import json
 import os
+import shutil
 
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
@@ -184,5 +186,9 @@ def tiny_backbone(family: str) -> str:
     for source in (__file__, prompts.__file__):  # the Gemma tokenizer learns from the prompts
         with open(source, "rb") as f:
             digest.update(f.read())
-    folder = os.path.join(paths.cache_dir(), "tiny-backbones", f"{family}-{digest.hexdigest()[:10]}")
-    return paths.build_once(folder, functools.partial(_build, family))
+    root = os.path.join(paths.cache_dir(), "tiny-backbones")
+    folder = paths.build_once(os.path.join(root, f"{family}-{digest.hexdigest()[:10]}"), functools.partial(_build, family))
+    for stale in glob.glob(os.path.join(glob.escape(root), f"{family}-*")):  # built from older sources
+        if stale != folder:
+            shutil.rmtree(stale, ignore_errors=True)
+    return folder

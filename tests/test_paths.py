@@ -81,6 +81,19 @@ def test_build_once_is_atomic(tmp_path):
     assert [p.name for p in tmp_path.iterdir()] == ["model"]
 
 
+def test_build_once_refuses_a_partial_folder_before_building(tmp_path):
+    target = tmp_path / "model"
+    target.mkdir()
+    (target / "model.safetensors").touch()  # a partial copy: weights, no config.json
+    calls = []
+    with pytest.raises(UserError, match=r"model holds files but no config.json .* delete or move that folder"):
+        paths.build_once(str(target), calls.append)
+    assert calls == [] and [p.name for p in tmp_path.iterdir()] == ["model"]
+    (target / "model.safetensors").unlink()  # an empty folder is simply filled
+    assert paths.build_once(str(target), lambda folder: open(f"{folder}/config.json", "w").close()) == str(target)
+    assert paths.is_model_folder(str(target))
+
+
 def test_command_line_error_is_one_line():
     run = subprocess.run([sys.executable, "paths.py", "gemma"], capture_output=True, text=True,
                          cwd=paths.os.path.dirname(paths.__file__))
