@@ -92,8 +92,8 @@ def latest_trainer_state(output_dir: str) -> str:
     """
     if not os.path.isdir(output_dir):
         raise UserError(f"{output_dir!r} is not a folder — pass the --output_dir of a training run")
-    candidates = glob.glob(os.path.join(output_dir, "trainer_state.json"))
-    candidates += glob.glob(os.path.join(output_dir, "checkpoint-*", "trainer_state.json"))
+    candidates = glob.glob(os.path.join(glob.escape(output_dir), "trainer_state.json"))
+    candidates += glob.glob(os.path.join(glob.escape(output_dir), "checkpoint-*", "trainer_state.json"))
     if not candidates:
         raise UserError(f"no trainer_state.json in {output_dir!r} or its checkpoint-* folders — the run has "
                         "not saved a checkpoint yet (see --save_steps)")

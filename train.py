@@ -93,12 +93,16 @@ def resumes_in_place(config: RecPOConfig, resume: str | None) -> bool:
     return resume is not None and os.path.dirname(os.path.realpath(resume)) == os.path.realpath(config.output_dir)
 
 
+def checkpoint_folders(folder: str) -> list[str]:
+    return glob.glob(os.path.join(glob.escape(folder), "checkpoint-*"))  # a folder name may hold [ ] * ?
+
+
 def clear_earlier_run(folder: str):
     """--overwrite_output_dir: remove the earlier run's checkpoints (`last` and checkpoint rotation
     must see only the new run's), its reasoning records, and its run record, without which
     recommend.py refuses the folder until the new run completes it. Called once the new run is
     built, so a bad flag or backbone leaves the earlier run whole."""
-    for old in glob.glob(os.path.join(folder, "checkpoint-*")) + [os.path.join(folder, "reasoning")]:
+    for old in checkpoint_folders(folder) + [os.path.join(folder, "reasoning")]:
         shutil.rmtree(old, ignore_errors=True)
     if os.path.exists(os.path.join(folder, "r2ec_run.json")):
         os.remove(os.path.join(folder, "r2ec_run.json"))
@@ -106,7 +110,7 @@ def clear_earlier_run(folder: str):
 
 def earlier_run(folder: str) -> bool:
     saved = [os.path.join(folder, name) for name in ("trainer_state.json", "r2ec_run.json")]
-    return any(map(os.path.exists, saved)) or bool(glob.glob(os.path.join(folder, "checkpoint-*")))
+    return any(map(os.path.exists, saved)) or bool(checkpoint_folders(folder))
 
 
 def check_checkpoint(checkpoint: str, config: RecPOConfig):

@@ -63,6 +63,13 @@ def test_train_py_writes_curves_and_the_command_replots_them(tmp_path_factory, t
     assert state == os.path.join(run_dir, "trainer_state.json")  # train.py's final one, newer than checkpoint-1's
 
 
+def test_run_folder_named_with_glob_characters(tmp_path):
+    run = tmp_path / "run[1]"
+    (run / "checkpoint-2").mkdir(parents=True)
+    (run / "checkpoint-2" / "trainer_state.json").write_text("{}")
+    assert curves.latest_trainer_state(str(run)) == str(run / "checkpoint-2" / "trainer_state.json")
+
+
 def test_folder_without_trainer_state_gives_one_line(tmp_path, capsys):
     with pytest.raises(SystemExit) as exit_info:
         run_cli(curves.main, [str(tmp_path)])

@@ -607,6 +607,14 @@ def test_an_earlier_run_is_kept_unless_replaced_on_purpose(tmp_path):
     assert train.check_output_dir(config("--resume_from_checkpoint", "last")) == str(run / "checkpoint-3")
 
 
+def test_earlier_run_in_a_folder_named_with_glob_characters(tmp_path):
+    run = tmp_path / "run[1]*"
+    fake_checkpoint(run / "checkpoint-3")  # a run killed before its first trainer_state.json at the top
+    assert train.earlier_run(str(run))
+    train.clear_earlier_run(str(run))
+    assert os.listdir(run) == [] and not train.earlier_run(str(run))
+
+
 @pytest.mark.parametrize("damage, message", [
     (lambda c: (c / "trainer_state.json").write_text('{"log_hist'), "trainer_state.json' is not readable JSON"),
     (lambda c: (c / "adapter_config.json").write_text(json.dumps({"r": 8, "lora_alpha": 128})),
