@@ -18,8 +18,10 @@ import sys
 from errors import UserError, one_line_parser_errors, run_cli
 from metrics import METRIC_NAMES
 from paths import DEFAULT_MODEL
+from train import earlier_run
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
+OUTPUT_DIR = os.path.join("outputs", "quickstart")  # overwritten by every quick start; no other folder is
 CATEGORY = "Video_Games"
 DATASET_DIR = os.path.join("data", "sample", f"{CATEGORY}_0_2022-10-2023-10")
 WINDOW_SIZE = 5  # history lines per prompt
@@ -28,7 +30,7 @@ WINDOW_SIZE = 5  # history lines per prompt
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     one_line_parser_errors(parser, "python quickstart.py --help")
-    parser.add_argument("--output_dir", default=os.path.join("outputs", "quickstart"))
+    parser.add_argument("--output_dir", default=OUTPUT_DIR, help=f"Any folder but {OUTPUT_DIR} must not hold a run.")
     parser.add_argument("--seed", type=int, default=42)
     parser.add_argument("--steps", type=int, default=12, help="RecPO steps (8 users × 2 reasonings each)")
     parser.add_argument("--eval_samples", type=int, default=64, help="valid and test samples evaluated")
@@ -39,6 +41,10 @@ def parse_args(argv=None):
         raise UserError(f"--steps {args.steps}: must be at least 1 (the default is 12)")
     if args.eval_samples < 1:
         raise UserError(f"--eval_samples {args.eval_samples}: must be at least 1 (the default is 64)")
+    output_dir = os.path.join(ROOT, args.output_dir)
+    if os.path.realpath(output_dir) != os.path.realpath(os.path.join(ROOT, OUTPUT_DIR)) and earlier_run(output_dir):
+        raise UserError(f"--output_dir {args.output_dir} holds an earlier run, which the quick start would "
+                        f"overwrite — pick a new folder, or delete that one (only {OUTPUT_DIR} is overwritten freely)")
     return args
 
 

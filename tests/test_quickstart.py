@@ -37,3 +37,15 @@ def test_bad_flags_give_one_line_before_anything_runs(tmp_path, flags, message):
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], lines
     assert not (tmp_path / "quick").exists()
+
+
+def test_a_folder_holding_another_run_is_refused_untouched(tmp_path):
+    run = tmp_path / "my_run"
+    (run / "checkpoint-40").mkdir(parents=True)
+    (run / "r2ec_run.json").write_text("{}")
+    result = subprocess.run([sys.executable, "quickstart.py", "--output_dir", str(run)], cwd=ROOT,
+                            capture_output=True, text=True)
+    assert result.returncode == 2 and result.stdout == ""
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"error: --output_dir {run} holds an earlier run"), lines
+    assert sorted(os.listdir(run)) == ["checkpoint-40", "r2ec_run.json"]
