@@ -172,8 +172,11 @@ def format_sample(sample: dict, record: dict, num_items: int, window_size: int) 
               f"top {len(record['top_k'])} (* = the true next item):"]
     lines += [f"  {'*' if item['item_id'] == record['target_item_id'] else ' '}{rank:>3}. {item['score']:9.3f}  "
               f"{item['title']} (item {item['item_id']})" for rank, item in enumerate(record["top_k"], 1)]
-    lines.append(f"true next item: {sample['item_title']} (item {record['target_item_id']}), "
-                 f"rank {record['target_rank']} of {num_items}")
+    if record["target_item_id"] in sample["history_item_id"]:  # bought again: masked like every history item
+        place = "not ranked: bought before, and history items are never recommended (a miss in every metric)"
+    else:
+        place = f"rank {record['target_rank']} of {num_items}"
+    lines.append(f"true next item: {sample['item_title']} (item {record['target_item_id']}), {place}")
     return "\n".join(lines)
 
 
