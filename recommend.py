@@ -31,12 +31,13 @@ from errors import UserError, check_output_file, one_line, one_line_parser_error
 from metrics import KS, RANKING_METRICS, split_metrics
 from model import load_backbone
 from paths import resolve_model
-from trainer import RecPOConfig, RecPOTrainer
+from trainer import RecPOConfig, RecPOTrainer, check_length_limits
 
 RUN_FILE = "r2ec_run.json"  # written by train.py when a run ends
 RUN_KEYS = ("model", "dataset_dir", "category")  # the keys recommend needs in it (it also reads any RecPOConfig field)
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 CONFIG_FIELDS = {f.name for f in dataclasses.fields(RecPOConfig) if f.init}
+SETTING_TYPES = {f.name: f.type for f in dataclasses.fields(RecPOConfig) if f.init and f.type in (bool, int, float, str)}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -68,7 +69,18 @@ def parse_run_file(path: str) -> dict:
     bad = [key for key in RUN_KEYS if not isinstance(run.get(key), str) or not run[key]]
     if bad:
         raise UserError(f"{path!r} has no {', '.join(bad)} (or not as text) — {fix}")
+    wrong = [f"{key} {run[key]!r} is not {kind.__name__}" for key, kind in SETTING_TYPES.items()
+             if key in run and not fits(run[key], kind)]
+    if wrong:
+        raise UserError(f"{path!r}: {', '.join(wrong)} — {fix}")
     return run
+
+
+def fits(value, kind: type) -> bool:
+    """JSON value of a setting of type `kind`: an int is a float too, a bool is no int."""
+    if isinstance(value, bool):
+        return kind is bool
+    return isinstance(value, kind) or (kind is float and isinstance(value, int))
 
 
 def base_model_path(run: dict) -> str:
@@ -77,7 +89,7 @@ def base_model_path(run: dict) -> str:
     try:
         return resolve_model(run["model"])
     except UserError as e:
-        if os.path.isdir(run.get("model_path", "")):
+        if isinstance(run.get("model_path"), str) and os.path.isdir(run["model_path"]):
             return run["model_path"]
         raise UserError(f"{e} (the run's recorded model_path {run.get('model_path')!r} is gone too)") from e
 
@@ -101,8 +113,8 @@ def inference_config(args, run: dict, device: str) -> RecPOConfig:
             bf16=False, report_to="none", eval_strategy="no", save_strategy="no", load_best_model_at_end=False,
             eval_on_start=False, gradient_checkpointing=False, per_device_eval_batch_size=args.batch_size,
         )
-    except TypeError as e:  # a setting of the wrong type, e.g. "window_size": "abc"
-        raise UserError(f"r2ec_run.json in {args.output_dir!r} holds a setting of the wrong type ({one_line(e)}) — "
+    except (TypeError, UserError) as e:  # a value RecPOConfig refuses, e.g. "window_size": 0
+        raise UserError(f"r2ec_run.json in {args.output_dir!r} holds a bad setting ({one_line(e)}) — "
                         "re-run train.py for this run or restore the file") from e
 
 
@@ -112,9 +124,15 @@ def load_recommender(folder: str, run: dict, config: RecPOConfig, dataset, categ
     from peft import PeftModel
     from transformers import AutoTokenizer
 
+    damaged = f"re-run train.py for {folder!r} or restore its files"
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(folder)
+    except (OSError, ValueError) as e:
+        raise UserError(f"the tokenizer in {folder!r} cannot be loaded ({one_line(e)}) — {damaged}") from e
+    tokenizer.padding_side = "left"  # not saved with the tokenizer; prompts are left-padded
+    check_length_limits(config, tokenizer, category, setting="r2ec_run.json's {}")  # before the model loads
     path = base_model_path(run)
     base, _ = load_backbone(path, dtype=dtype)
-    damaged = f"re-run train.py for {folder!r} or restore its files"
     try:
         model = PeftModel.from_pretrained(base, folder)  # inference mode: adapters frozen, dropout off
     except Exception as e:  # another backbone size, truncated weights, a config that is not JSON, ...
@@ -123,11 +141,6 @@ def load_recommender(folder: str, run: dict, config: RecPOConfig, dataset, categ
                             f"then), but it now resolves to {path!r}, a backbone of another size — point paths.py's "
                             "model_names (or \"model\" in r2ec_run.json) back at the backbone it was trained on") from e
         raise UserError(f"the adapter in {folder!r} cannot be loaded ({one_line(e)}) — {damaged}") from e
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(folder)
-    except (OSError, ValueError) as e:
-        raise UserError(f"the tokenizer in {folder!r} cannot be loaded ({one_line(e)}) — {damaged}") from e
-    tokenizer.padding_side = "left"  # not saved with the tokenizer; prompts are left-padded
     trainer = RecPOTrainer(model, config, tokenizer, dataset, category)  # moves the model to config.device
     trainer.refresh_item_table(trainer.model)
     return trainer

@@ -369,19 +369,20 @@ def check_train_size(num_train: int, global_batch: int):
                         "(--train_batch_size × processes) — use a smaller batch or a larger dataset")
 
 
-def check_length_limits(args: RecPOConfig, tokenizer, category: str):
-    """The limits must hold a prompt's instruction and an item sequence's fixed text."""
+def check_length_limits(args: RecPOConfig, tokenizer, category: str, setting: str = "--{}"):
+    """The limits must hold a prompt's instruction and an item sequence's fixed text. `setting`
+    names where a limit came from: a flag, or (recommend.py) the run's record."""
     unbounded = 10**9
     no_history = {"history_item_title": [], "history_rating": [], "history_timestamp": [], "timestamp": 0}
-    limits = {  # flag: (limit, tokens of the fixed text)
-        "--max_prompt_tokens": (args.max_prompt_tokens,
-                                len(user_prompt_tokens(tokenizer, user_prompt(no_history, category), unbounded))),
-        "--max_item_tokens": (args.max_item_tokens,
-                              len(item_prompt_tokens(tokenizer, {}, category, unbounded))),
+    limits = {  # setting: (limit, tokens of the fixed text)
+        "max_prompt_tokens": (args.max_prompt_tokens,
+                              len(user_prompt_tokens(tokenizer, user_prompt(no_history, category), unbounded))),
+        "max_item_tokens": (args.max_item_tokens,
+                            len(item_prompt_tokens(tokenizer, {}, category, unbounded))),
     }
-    for flag, (limit, needed) in limits.items():
+    for name, (limit, needed) in limits.items():
         if limit <= needed:
-            raise UserError(f"{flag} {limit} cannot hold the {needed} tokens of text every sequence starts with "
+            raise UserError(f"{setting.format(name)} {limit} cannot hold the {needed} tokens of text every sequence starts with "
                             "— raise it (SPEC §2: 2048 for prompts, 768 for items)")
 
 

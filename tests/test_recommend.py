@@ -234,14 +234,25 @@ def test_corrupt_run_file_gives_one_line(run_copy, capsys, tmp_path, content, me
     assert not output.exists()
 
 
+@pytest.mark.parametrize("setting, message", [
+    ({"window_size": 2.5}, "window_size 2.5 is not int"),
+    ({"tau": "0.02"}, "tau '0.02' is not float"),
+    ({"window_size": True}, "window_size True is not int"),
+    ({"window_size": 0}, "holds a bad setting (--window_size 0: must be at least 1"),
+    ({"max_prompt_tokens": 10}, "r2ec_run.json's max_prompt_tokens 10 cannot hold the"),
+    ({"model": "no-such-model", "model_path": None}, "the run's recorded model_path None is gone too"),
+])
+def test_bad_setting_in_the_run_file_gives_one_line(run_copy, capsys, setting, message):
+    folder, run = run_copy
+    (folder / "r2ec_run.json").write_text(json.dumps({**run, **setting}))
+    assert_one_line_error(capsys, ["--output_dir", str(folder)], message)
+
+
 @pytest.mark.parametrize("damage, message", [
     (lambda f: (f / "adapter_model.safetensors").write_bytes(b"\x10\x00"), "the adapter in"),
     (lambda f: (f / "adapter_config.json").write_text("{not json"), "the adapter in"),
     (lambda f: [os.remove(f / name) for name in os.listdir(f) if name.startswith(("tokenizer", "chat_template"))],
      "the tokenizer in"),
-    (lambda f: (f / "r2ec_run.json").write_text(json.dumps({**json.loads((f / "r2ec_run.json").read_text()),
-                                                             "window_size": "abc"})),
-     "r2ec_run.json in"),
 ])
 def test_damaged_run_folder_gives_one_line(run_copy, capsys, tmp_path, damage, message):
     folder, _ = run_copy
