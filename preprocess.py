@@ -297,6 +297,17 @@ def scan_metadata(lines, rated, path):
     return kept
 
 
+def text_list(meta: dict, key: str) -> list[str]:
+    """A list field of the metadata as strings; a lone string is a one-item list, not its characters."""
+    value = meta.get(key) or []
+    if isinstance(value, str):
+        return [value]
+    if not isinstance(value, list):
+        raise UserError(f"the metadata of item {meta['parent_asin']} has a {type(value).__name__} as {key}, not a "
+                        "list — delete the metadata file and rerun to download it again")
+    return [str(x) for x in value]
+
+
 def item_row(line):
     """One `item_info` row from a kept item's metadata line (top-level strings cleaned)."""
     meta = json.loads(line)
@@ -309,11 +320,11 @@ def item_row(line):
         "subtitle": text["subtitle"] or "",
         "average_rating": meta.get("average_rating"),
         "rating_number": int(meta.get("rating_number") or 0),
-        "features": [str(x) for x in meta.get("features") or []],
-        "description": list(dict.fromkeys(str(x) for x in meta.get("description") or [])),
+        "features": text_list(meta, "features"),
+        "description": list(dict.fromkeys(text_list(meta, "description"))),
         "price": float(meta["price"]),
         "store": text["store"],
-        "categories": [str(x) for x in meta.get("categories") or []],
+        "categories": text_list(meta, "categories"),
         "details": json.dumps(meta.get("details") or {}),
         "parent_asin": text["parent_asin"],
     }
@@ -368,6 +379,8 @@ def read_ratings(path):
             raise UserError(f"{path} line {row + 2} has no {name} — every line needs "
                             f"{','.join(RATING_COLUMNS)}: delete the file and rerun to download "
                             f"it again")
+    if table.num_rows == 0:
+        raise UserError(f"{path} has a header but no ratings — delete the file and rerun to download it again")
     return table
 
 

@@ -143,6 +143,11 @@ def test_item_info_types_and_defaults():
     assert table.to_pylist()[1]["rating_number"] == 0 and table.to_pylist()[1]["details"] == "{}"
     with pytest.raises(UserError, match="unexpected type"):
         P.build_item_info([meta("B1", "Alpha", average_rating="four").encode()])
+    row = P.build_item_info([meta("B1", "Alpha", description="One paragraph.", features="fast",
+                                  categories="Games").encode()]).to_pylist()[1]
+    assert (row["description"], row["features"], row["categories"]) == (["One paragraph."], ["fast"], ["Games"])
+    with pytest.raises(UserError, match="the metadata of item B1 has a dict as features, not a list"):
+        P.build_item_info([meta("B1", "Alpha", features={"a": 1}).encode()])
 
 
 def test_scan_metadata_filters_in_file_order(tmp_path):
@@ -495,6 +500,7 @@ def test_a_flag_of_the_wrong_type_is_one_line(tmp_path, capsys):
     ("user_id,parent_asin,rating,timestamp\nu,I1,5.0,1\nu,I2,5.0\n", "missing or malformed"),
     ("user_id,parent_asin,rating,timestamp\nu,I1,5.0,1\n,I2,5.0,2\n", "line 3 has no user_id"),
     ("user_id,parent_asin,rating,timestamp\nu,I1,5.0,soon\n", "missing or malformed"),
+    ("user_id,parent_asin,rating,timestamp\n", "Toy.csv.gz has a header but no ratings — delete the file"),
 ])
 def test_bad_ratings_csv(tmp_path, capsys, csv, message):
     write_raw(tmp_path, [], [meta("I1", "Alpha")])
