@@ -59,7 +59,7 @@ from prompts import StopRule
 
 ATTENTION_NAME = "r2ec_rollout"
 PREFIX_BUCKET = 128  # prefix capacity grows in these steps, so varying prompt lengths reuse one graph
-MAX_CACHED_SHAPES = 3  # decode states kept per model: training, evaluation, evaluation's last batch
+MAX_CACHED_SHAPES = 4  # decode states kept per model: training, evaluation, valid's and test's last batches
 CHECK_EVERY = 8  # decode steps between host checks of "every row has stopped"
 NEG = -1e30  # additive mask; finite so a fully masked score never turns into NaN
 

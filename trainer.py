@@ -116,7 +116,9 @@ class RecPOConfig(TrainingArguments):
     epsilon_low: float = field(default=0.2, metadata={"help": "Lower clip range ε_low."})
     epsilon_high: float = field(default=0.28, metadata={"help": "Upper clip range ε_high."})
     num_iterations: int = field(default=1, metadata={"help": "Updates per rollout batch (PPO epochs)."})
-    micro_batch_size: int = field(default=4, metadata={"help": "Trajectories per forward/backward."})
+    micro_batch_size: int = field(default=4, metadata={
+        "help": "Trajectories per forward/backward. Not for memory alone: SPEC §4.5's normalisation "
+                "scales the step's token loss as N/M² against the item loss (README)."})
     tau: float = field(default=TAU, metadata={"help": "Temperature τ of the cosine score."})
     similarity_type: str = field(default="cosine", metadata={"help": f"One of {SIMILARITY_TYPES}."})
 
@@ -160,6 +162,9 @@ class RecPOConfig(TrainingArguments):
     save_total_limit: int | None = field(default=2, metadata={"help": "Checkpoints kept (best one kept too)."})
     remove_unused_columns: bool = field(default=False, metadata={"help": "Keep raw sample columns."})
     dataloader_drop_last: bool = field(default=True, metadata={"help": "Equal batches on every process."})
+    ddp_find_unused_parameters: bool | None = field(
+        default=False, metadata={"help": "Every LoRA weight gets a gradient each step: no search for unused ones."}
+    )
     report_to: None | str | list[str] = field(default="tensorboard", metadata={"help": "Logging integrations."})
     # Set by __post_init__: which intervals `set_intervals` derives once the data size is known
     eval_steps_from_data: bool = field(default=False, init=False, repr=False)
@@ -666,7 +671,7 @@ class RecPOTrainer(Trainer):
         item, probs = self.item_loss(user_states, item_states, batch, rows, weighted_advantages, old_probs)
         token = token * self.args.per_device_train_batch_size / len(batch.targets)
         self._check_finite(token + item, "loss")
-        self._record(**{"loss/token": token, "loss/item": item, "clip_ratio/token": clip_fraction})
+        self._record(**{"clip_ratio/token": clip_fraction})
         return token, item, probs, logprobs
 
     def update(self, model, batch: RecPOBatch) -> torch.Tensor:
@@ -687,7 +692,7 @@ class RecPOTrainer(Trainer):
         item_probs = torch.zeros(num_local, device=args.device)
         token_logprobs = torch.zeros_like(batch.rollouts.logprobs)  # (N, C) π_old for later iterations
         sync_at_end = self.accelerator.sync_gradients
-        total = torch.zeros((), device=args.device)
+        token_total = item_total = torch.zeros((), device=args.device)  # the step's loss terms: micro-batches add up
         weighted_advantages = gather(batch.advantages * batch.relabel)  # (W·N,) Â of every process
         old_probs = None if batch.item_old_probs is None else gather(batch.item_old_probs)  # (W·N,)
         # Items run on the unwrapped module: DDP allows one wrapped forward per backward.
@@ -714,7 +719,7 @@ class RecPOTrainer(Trainer):
                 self.accelerator.backward(loss, **backward_kwargs)
             item_probs[rows] = probs
             token_logprobs[rows, :logprobs.shape[1]] = logprobs.detach()
-            total += (token + item).detach()
+            token_total, item_total = token_total + token.detach(), item_total + item.detach()
         self.accelerator.gradient_state._set_sync_gradients(sync_at_end)
         # Every process writes every process's targets, so all processes score against one table.
         self.item_table.update(gather(batch.targets), gather(item_states.detach()))
@@ -722,7 +727,8 @@ class RecPOTrainer(Trainer):
             self._buffer = batch._replace(item_old_probs=item_probs, token_old_logprobs=token_logprobs)
             reasoning = batch.rollouts.completion_mask.bool()  # how far the sampler's log-probs are off
             self._record(**{"rollout/logprob_gap": (token_logprobs - batch.rollouts.logprobs)[reasoning].abs().mean()})
-        return total / accumulated
+        self._record(**{"loss/token": token_total, "loss/item": item_total})
+        return (token_total + item_total) / accumulated
 
     # -- Trainer hooks -------------------------------------------------------------------------
 
@@ -753,7 +759,7 @@ class RecPOTrainer(Trainer):
         except torch.OutOfMemoryError as e:
             raise UserError(
                 f"out of memory in the update at step {self.state.global_step} ({one_line(e)}) — lower "
-                "--micro_batch_size, --max_new_tokens or --max_prompt_tokens"
+                "--max_new_tokens or --max_prompt_tokens, or --micro_batch_size (which also reweighs the token loss)"
             ) from e
 
     def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix: str = "eval") -> dict[str, float]:
@@ -803,7 +809,8 @@ class RecPOTrainer(Trainer):
         if "loss" in logs:
             # One exchange of every process's means: after a skipped step the processes may
             # hold different keys, and a gather per key would pair them up wrongly.
-            means = {key: torch.stack(values).mean().item() for key, values in self._metrics.items()}
+            means = {key: torch.stack(values).sum().item() if key == "skipped_steps" else torch.stack(values).mean().item()
+                     for key, values in self._metrics.items()}  # skipped steps are counted, the rest averaged
             logs.update(self._average_over_processes(means))
             self._metrics.clear()
             if torch.cuda.is_available():
@@ -876,7 +883,7 @@ class RecPOTrainer(Trainer):
             model.zero_grad(set_to_none=True)
         self.accelerator.gradient_state._set_sync_gradients(False)
         self._record(**{"skipped_steps": 1.0})
-        return torch.zeros((), device=self.args.device)
+        return torch.full((), math.nan, device=self.args.device)  # no loss: Trainer's --logging_nan_inf_filter drops it
 
     def _save_reasoning(self, records: list[dict], split: str):
         if not self.is_world_process_zero():

@@ -38,6 +38,7 @@ def test_flagless_config_has_the_spec_defaults():
     actual["lr_scheduler_type"] = str(getattr(config.lr_scheduler_type, "value", config.lr_scheduler_type))
     assert actual == SPEC_DEFAULTS
     assert config.optim.startswith("adamw")
+    assert config.ddp_find_unused_parameters is False  # every LoRA weight is used: DDP skips its graph search
     assert config.sampling.greedy is False and config.sampling.temperature == 1.5
     assert TAU == 0.02 and ",".join(LORA_TARGETS) == SPEC_DEFAULTS["lora_target_modules"]
 

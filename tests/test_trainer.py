@@ -74,6 +74,27 @@ def test_one_step_changes_lora_and_logs_finite_metrics(tmp_path, family):
     assert 1 <= logged["completions/mean_length"] <= 12
 
 
+def test_logged_loss_terms_add_up_to_the_logged_loss_over_micro_batches(tmp_path):
+    """4 trajectories in 4 micro-batches: loss/token and loss/item are the step's terms, not a
+    micro-batch's average (which read 4x too small)."""
+    trainer = tiny_trainer(tmp_path, micro_batch_size=1, lora_dropout=0.0)
+    trainer.train()
+    logged = next(entry for entry in trainer.state.log_history if "loss/item" in entry)
+    assert logged["loss/item"] != 0
+    assert logged["loss"] == pytest.approx(logged["loss/token"] + logged["loss/item"], rel=1e-4, abs=1e-6)
+
+
+def test_skipped_steps_are_counted_over_the_logging_window(tmp_path):
+    trainer = tiny_trainer(tmp_path)
+    for reward in (0.2, 0.4, 0.9):
+        trainer._record(**{"reward/mean": reward})
+    trainer._record(**{"skipped_steps": 1.0})
+    trainer._record(**{"skipped_steps": 1.0})
+    trainer.log({"loss": 0.5})
+    logged = trainer.state.log_history[-1]
+    assert logged["skipped_steps"] == 2.0 and logged["reward/mean"] == pytest.approx(0.5)
+
+
 def test_an_epochs_short_last_accumulation_step_is_not_scaled_down(tmp_path):
     """4 batches an epoch, 3 accumulated per step: the second step holds one batch, whose loss is
     divided by 1, not 3 (one micro-batch per update, so the backward's loss is (token + item) / n)."""
