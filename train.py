@@ -99,18 +99,19 @@ def checkpoint_folders(folder: str) -> list[str]:
 
 def clear_earlier_run(folder: str):
     """--overwrite_output_dir: remove the earlier run's checkpoints (`last` and checkpoint rotation
-    must see only the new run's), its reasoning records, and its run record, without which
-    recommend.py refuses the folder until the new run completes it. Called once the new run is
-    built, so a bad flag or backbone leaves the earlier run whole."""
+    must see only the new run's), its reasoning records, and its final adapter and run record, so
+    that recommend.py never pairs the old adapter with the new run's settings. Called once the new
+    run is built, so a bad flag or backbone leaves the earlier run whole."""
     for old in checkpoint_folders(folder) + [os.path.join(folder, "reasoning")]:
         shutil.rmtree(old, ignore_errors=True)
-    if os.path.exists(os.path.join(folder, "r2ec_run.json")):
-        os.remove(os.path.join(folder, "r2ec_run.json"))
+    for name in ("r2ec_run.json", "adapter_config.json", "adapter_model.safetensors"):
+        if os.path.exists(os.path.join(folder, name)):
+            os.remove(os.path.join(folder, name))
 
 
 def earlier_run(folder: str) -> bool:
-    saved = [os.path.join(folder, name) for name in ("trainer_state.json", "r2ec_run.json")]
-    return any(map(os.path.exists, saved)) or bool(checkpoint_folders(folder))
+    """A run that saved a checkpoint or finished (a run record alone: one that ended before its first checkpoint)."""
+    return os.path.exists(os.path.join(folder, "trainer_state.json")) or bool(checkpoint_folders(folder))
 
 
 def check_checkpoint(checkpoint: str, config: RecPOConfig):
@@ -224,6 +225,11 @@ def main(argv: list[str]):
     replaces = config.overwrite_output_dir and not resumes_in_place(config, resume)
     if trainer.is_world_process_zero() and replaces and earlier_run(config.output_dir):
         clear_earlier_run(config.output_dir)
+    if trainer.is_world_process_zero():  # now, so that recommend.py can read a killed run's checkpoints
+        write_json(os.path.join(config.output_dir, "r2ec_run.json"),
+                   {"model": config.model, "model_path": resolve_model(config.model),
+                    "dataset_dir": os.path.abspath(config.dataset_dir), "category": trainer.category,
+                    **{key: getattr(config, key) for key in RUN_SETTINGS}})
     trainer.accelerator.wait_for_everyone()  # on every process: the others may find the folder cleared already
     trainer.train(resume_from_checkpoint=resume)
 
@@ -232,10 +238,6 @@ def main(argv: list[str]):
     trainer.save_state()  # trainer_state.json with the whole log history, next to the adapter
     if trainer.is_world_process_zero():
         trainer.save_metrics("final", metrics)
-        write_json(os.path.join(config.output_dir, "r2ec_run.json"),
-                   {"model": config.model, "model_path": resolve_model(config.model),
-                    "dataset_dir": os.path.abspath(config.dataset_dir), "category": trainer.category,
-                    **{key: getattr(config, key) for key in RUN_SETTINGS}})
         plot_training_curves(trainer.state.log_history, os.path.join(config.output_dir, "training_curves.png"))
     trainer.accelerator.end_training()
     return metrics

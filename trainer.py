@@ -29,7 +29,7 @@ from tqdm.auto import tqdm
 from transformers import Trainer, TrainingArguments
 
 from errors import UserError, one_line, read_json, write_jsonl
-from metrics import ndcg_at_k, split_metrics, target_rank
+from metrics import METRIC_NAMES, ndcg_at_k, split_metrics, target_rank
 from model import LORA_TARGETS, TAU, ItemTable, encode, end_of_turn_ids, mask_seen, policy_forward, similarity
 from paths import DEFAULT_MODEL
 from prompts import (MAX_ITEM_TOKENS, MAX_PROMPT_TOKENS, answer_stop, item_prompt_tokens, left_pad, user_prompt,
@@ -41,6 +41,8 @@ warnings.filterwarnings("ignore", message="`gradient_checkpointing(_kwargs)?` is
 
 ADVANTAGE_TYPES = ("gaussian", "rloo")
 SIMILARITY_TYPES = ("cosine", "dot", "L2")
+EVAL_SPLITS = ("valid", "test")
+EVAL_METRICS = [f"eval_{split}_{name}" for split in EVAL_SPLITS for name in (*METRIC_NAMES, "reasoning_length")]
 EVAL_TOP_ITEMS = 10  # top_k of each saved evaluation record: recommended items (id, title, score)
 
 
@@ -146,7 +148,8 @@ class RecPOConfig(TrainingArguments):
     eval_strategy: str = field(default="steps", metadata={"help": "When to evaluate."})
     save_strategy: str = field(default="steps", metadata={"help": "When to save a checkpoint."})
     eval_steps: float | None = field(
-        default=None, metadata={"help": "Default: floor(len(train) / (B·grad_accum·processes) / 8) (SPEC §5)."}
+        default=None,
+        metadata={"help": "Default: floor(len(train) / (B·grad_accum·processes) · num_iterations / 8) (SPEC §5)."},
     )
     save_steps: float | None = field(
         default=None,
@@ -250,6 +253,9 @@ class RecPOConfig(TrainingArguments):
             (self.num_iterations == 1 or self.gradient_accumulation_steps == 1,
              "--num_iterations > 1 needs --gradient_accumulation_steps 1 (each rollout batch is one step)"),
             (self.epsilon_low >= 0 and self.epsilon_high >= 0, "--epsilon_low/--epsilon_high must be >= 0"),
+            ({self.metric_for_best_model, f"eval_{self.metric_for_best_model}"} & set(EVAL_METRICS),
+             f"--metric_for_best_model {self.metric_for_best_model!r}: not an evaluation figure — choose one of "
+             f"{', '.join(m for m in EVAL_METRICS if m.startswith('eval_valid_'))} (or an eval_test_ one)"),
         ]
         for ok, message in checks:
             if not ok:
@@ -479,7 +485,7 @@ class RecPOTrainer(Trainer):
             model=model,
             args=args,
             train_dataset=dataset["train"],
-            eval_dataset={"valid": dataset["valid"], "test": dataset["test"]},
+            eval_dataset={split: dataset[split] for split in EVAL_SPLITS},
             processing_class=tokenizer,
             data_collator=keep_rows,
             callbacks=callbacks,

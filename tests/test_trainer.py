@@ -518,6 +518,7 @@ def test_bad_input_gives_one_clear_line(tmp_path, flags, message):
     (["--eval_strategy", "sometimes"], "sometimes is not a valid"),
     (["--deepspeed", "/nonexistent/ds.json"], "/nonexistent/ds.json"),
     (["--report_to", "no_such_tracker"], "--report_to no_such_tracker"),
+    (["--metric_for_best_model", "eval_valid_ndcg@50"], "not an evaluation figure — choose one of eval_valid_ndcg@5"),
     (["--save_strategy", "no"], "Save strategy:"),  # the message's later lines are kept
     (["--save_steps", "7"], "--save_steps 7: with --load_best_model_at_end"),
     (["--save_steps", "7", "--eval_steps", "5"], "drop --save_steps"),
@@ -626,6 +627,25 @@ def test_an_earlier_run_is_kept_unless_replaced_on_purpose(tmp_path):
     with pytest.raises(UserError, match="holds an earlier run"):
         train.check_output_dir(config("--resume_from_checkpoint", str(tmp_path / "other" / "checkpoint-5")))
     assert train.check_output_dir(config("--resume_from_checkpoint", "last")) == str(run / "checkpoint-3")
+
+
+def test_run_record_is_written_before_training_so_a_killed_run_is_readable(tmp_path, monkeypatch):
+    def killed(self, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(RecPOTrainer, "train", killed)
+    flags = quick_flags(tmp_path)
+    with pytest.raises(KeyboardInterrupt):
+        train.main(flags)
+    out = tmp_path / "out"
+    record = json.loads((out / "r2ec_run.json").read_text())
+    assert record["model"] == tiny_backbone("qwen2") and record["category"] == "Video_Games"
+    assert record["dataset_dir"] == tiny_dataset_dir(tmp_path) and record["window_size"] == 20
+    assert not train.earlier_run(str(out))  # killed before its first checkpoint: a rerun needs no flag
+    (out / "adapter_model.safetensors").touch()  # as a finished earlier run leaves them at the top
+    (out / "adapter_config.json").touch()
+    train.clear_earlier_run(str(out))
+    assert not {"r2ec_run.json", "adapter_model.safetensors", "adapter_config.json"} & set(os.listdir(out))
 
 
 def test_earlier_run_in_a_folder_named_with_glob_characters(tmp_path):
