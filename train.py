@@ -144,7 +144,13 @@ def check_checkpoint(checkpoint: str, config: RecPOConfig):
             pass
     except Exception as e:  # missing, truncated or not safetensors: the library raises several kinds
         raise UserError(f"{checkpoint}'s adapter weights cannot be read ({one_line(e)}) — {fix}") from e
-    optimizer = os.path.join(checkpoint, "optimizer.pt")  # DeepSpeed keeps its own global_step* folder instead
+    if config.deepspeed:  # DeepSpeed keeps the optimizer and scheduler in a global_step* folder of its own
+        missing = [] if glob.glob(os.path.join(glob.escape(checkpoint), "global_step*")) else ["global_step*"]
+    else:
+        missing = [name for name in ("optimizer.pt", "scheduler.pt") if not os.path.exists(os.path.join(checkpoint, name))]
+    if missing:  # Trainer would resume with a fresh optimizer and learning-rate schedule, silently
+        raise UserError(f"{checkpoint} lacks {', '.join(missing)}, the optimizer and learning-rate state — {fix}")
+    optimizer = os.path.join(checkpoint, "optimizer.pt")
     if os.path.exists(optimizer) and not zipfile.is_zipfile(optimizer):
         raise UserError(f"{optimizer} is truncated or corrupt — {fix}")
 

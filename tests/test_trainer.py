@@ -1,4 +1,5 @@
 """RecPO trainer on tiny backbones: a real step, several processes, DeepSpeed, resume, failures."""
+import glob
 import json
 import math
 import os
@@ -420,14 +421,18 @@ def test_deepspeed_zero2_on_two_cpu_processes_skips_steps_cleanly(tmp_path):
         torch.testing.assert_close(weight, after[name], rtol=0, atol=0, msg=name)
 
 
-def test_deepspeed_without_a_launcher_trains_as_one_process(tmp_path):
+def test_deepspeed_without_a_launcher_trains_as_one_process_and_resumes(tmp_path):
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")}
-    flags = quick_flags(tmp_path, "--deepspeed", os.path.join(ROOT, "ds_config.json"), "--max_steps", "1",
-                        "--eval_strategy", "no", "--save_strategy", "no", "--load_best_model_at_end", "False",
-                        "--eval_on_start", "False")
-    subprocess.run([PYTHON, os.path.join(ROOT, "train.py"), *flags], cwd=ROOT, check=True, capture_output=True,
-                   env=dict(env, OMP_NUM_THREADS="2", TORCH_EXTENSIONS_DIR=os.path.join(ROOT, ".cache", "torch_extensions")))
+    env = dict(env, OMP_NUM_THREADS="2", TORCH_EXTENSIONS_DIR=os.path.join(ROOT, ".cache", "torch_extensions"))
+    flags = quick_flags(tmp_path, "--deepspeed", os.path.join(ROOT, "ds_config.json"), "--eval_strategy", "no",
+                        "--save_steps", "1", "--load_best_model_at_end", "False", "--eval_on_start", "False")
+    subprocess.run([PYTHON, os.path.join(ROOT, "train.py"), *flags, "--max_steps", "1"], cwd=ROOT, check=True,
+                   capture_output=True, env=env)
     assert (tmp_path / "out" / "adapter_model.safetensors").exists()
+    assert glob.glob(str(tmp_path / "out" / "checkpoint-1" / "global_step*"))  # DeepSpeed's optimizer state
+    subprocess.run([PYTHON, os.path.join(ROOT, "train.py"), *flags, "--max_steps", "2", "--resume_from_checkpoint",
+                    "last"], cwd=ROOT, check=True, capture_output=True, env=env)
+    assert json.loads((tmp_path / "out" / "trainer_state.json").read_text())["global_step"] == 2
 
 
 def run_train(flags, check=True):
@@ -571,13 +576,15 @@ def test_output_folder_follows_the_run_name_in_either_spelling():
 
 
 def fake_checkpoint(folder, lora_r=4):
-    """The files check_checkpoint reads, whole: state, adapter config and adapter weights."""
+    """The files check_checkpoint reads, whole: state, adapter config and weights, optimizer, scheduler."""
     from safetensors.torch import save_file
     folder.mkdir(parents=True)
     (folder / "trainer_state.json").write_text("{}")
     (folder / "adapter_config.json").write_text(json.dumps(
         {"r": lora_r, "lora_alpha": 128, "target_modules": list(LORA_TARGETS)}))
     save_file({"lora_A": torch.zeros(lora_r, 2)}, str(folder / "adapter_model.safetensors"))
+    torch.save({}, folder / "optimizer.pt")
+    torch.save({}, folder / "scheduler.pt")
 
 
 def test_output_and_resume_folders_are_checked_before_any_work(tmp_path, monkeypatch):
@@ -669,6 +676,7 @@ def test_earlier_run_in_a_folder_named_with_glob_characters(tmp_path):
     (lambda c: (c / "trainer_state.json").unlink(), "is incomplete (no trainer_state.json: its save was cut short)"),
     (lambda c: (c / "adapter_model.safetensors").write_bytes(b"\x10\x00"), "adapter weights cannot be read"),
     (lambda c: (c / "optimizer.pt").write_bytes(b"garbage"), "optimizer.pt is truncated or corrupt"),
+    (lambda c: (c / "scheduler.pt").unlink(), "lacks scheduler.pt, the optimizer and learning-rate state"),
     (lambda c: (c / "trainer_state.json").write_text('{"global_step": 5}'),
      "has already trained 5 steps, --max_steps 5 — raise --max_steps to continue"),
 ])
