@@ -34,6 +34,17 @@ if ! command -v "$PYTHON" >/dev/null; then
     echo "error: PYTHON=$PYTHON is not a command — activate the project's environment (. .venv/bin/activate) or set PYTHON" >&2
     exit 2
 fi
+PACKAGES="torch transformers accelerate deepspeed datasets peft"
+if ! "$PYTHON" -c "import importlib.util as u, sys; sys.exit(any(u.find_spec(p) is None for p in sys.argv[1:]))" \
+        $PACKAGES >/dev/null 2>&1; then
+    echo "error: PYTHON=$PYTHON lacks some of $PACKAGES — activate the project's environment (. .venv/bin/activate) or set PYTHON" >&2
+    exit 2
+fi
+for arg in "$@"; do
+    if [ "$arg" = --help ] || [ "$arg" = -h ]; then
+        exec "$PYTHON" train.py --help  # once, not once per process
+    fi
+done
 for name in NUM_PROCESSES NUM_MACHINES; do
     if ! [[ ${!name} =~ ^[1-9][0-9]{0,5}$ ]]; then  # no leading 0: bash would read 010 as octal
         echo "error: $name=${!name} is not a positive whole number — fix it in the environment" >&2

@@ -89,6 +89,12 @@ def test_launcher_starts_a_single_process_without_multi_gpu(tmp_path):
     assert words[words.index("--num_processes") + 1] == "1"
 
 
+def test_launcher_help_is_train_pys_printed_once():
+    result = subprocess.run(["bash", os.path.join(ROOT, "launch_train.sh"), "--help"], env={
+        **os.environ, "PYTHON": sys.executable}, capture_output=True, text=True, check=True)
+    assert result.stdout.count("usage: train.py") == 1 and "--group_size" in result.stdout
+
+
 def test_launcher_refuses_a_port_in_use():
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))
@@ -112,6 +118,7 @@ def test_launcher_refuses_a_port_in_use():
     ({"DATASET_DIR": "/nonexistent/Musical_Instruments_0_2022-10-2023-10"}, "does not exist"),
     ({"TRAIN_BATCH_SIZE": "many"}, "--train_batch_size: invalid int value: 'many'"),
     ({"PYTHON": "/nonexistent/python3"}, "PYTHON=/nonexistent/python3 is not a command"),
+    ({"PYTHON": "false"}, "PYTHON=false lacks some of torch transformers accelerate deepspeed datasets peft — activate"),
 ])
 def test_launcher_stops_bad_input_with_one_line_before_starting_processes(variables, message):
     env = {**os.environ, "PYTHON": sys.executable, "OMP_NUM_THREADS": "1", **variables}
