@@ -118,6 +118,10 @@ def download(url, dest, category):
             headers["Range"] = f"bytes={have}-"
         try:
             with requests.get(url, headers=headers, stream=True, timeout=(15, 120)) as r:
+                if r.status_code == 404 and category in KNOWN_CATEGORIES:
+                    remote = " and ".join(path for path, _ in raw_files(category))
+                    raise UserError(f"{url} does not exist (HTTP 404) — a mirror must keep the Amazon host's "
+                                    f"layout ({remote} under --base_url); or put both files into --data_root_dir")
                 if r.status_code == 404:
                     raise UserError(f"{url} does not exist (HTTP 404): no category {category!r} there "
                                     f"— check --category ({known_categories_hint(category)})")

@@ -422,6 +422,16 @@ def test_download_404_names_the_known_categories(tmp_path, server):
     assert os.listdir(tmp_path) == []
 
 
+def test_download_404_of_a_known_category_names_the_mirror_layout(tmp_path, server):
+    flat = {os.path.basename(remote): data for remote, data in sample_files().items()}  # files at the top
+    s = server(flat)
+    with pytest.raises(UserError, match=r"HTTP 404\) — a mirror must keep the Amazon host's layout "
+                                        r"\(benchmark/5core/rating_only/Video_Games.csv.gz and "
+                                        r"raw/meta_categories/meta_Video_Games.jsonl.gz under --base_url\)"):
+        P.fetch_raw("Video_Games", str(tmp_path), s.url)
+    assert os.listdir(tmp_path) == []
+
+
 def test_download_rejects_a_corrupt_gzip_and_keeps_nothing(tmp_path, server):
     files = sample_files()
     for remote in files:
