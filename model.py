@@ -13,6 +13,7 @@ There is one code path for every backbone: the model's own forward (so Gemma-2's
 soft-capping applies), PEFT-wrapped or not, gradient checkpointing on or off. No per-model
 classes. Tests: `pytest tests/test_model.py`.
 """
+import os
 from contextlib import contextmanager
 
 import torch
@@ -26,6 +27,7 @@ from paths import resolve_model
 from prompts import MAX_ITEM_TOKENS, item_prompt_tokens, left_pad
 
 TAU = 0.02  # = τ, the temperature of the cosine score
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")  # any one of them
 LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
@@ -50,6 +52,9 @@ def load_backbone_config(name_or_path: str):
     modules copy them at construction, so changing the config afterwards would be too late.
     """
     path = resolve_model(name_or_path)
+    if os.path.isdir(path) and not any(os.path.exists(os.path.join(path, name)) for name in TOKENIZER_FILES):
+        raise UserError(f"model folder {path!r} has no tokenizer files ({', '.join(TOKENIZER_FILES)}) — copy "
+                        "the tokenizer files released with the model into it")
     try:
         config = AutoConfig.from_pretrained(path)
         tokenizer = AutoTokenizer.from_pretrained(path)

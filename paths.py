@@ -197,6 +197,8 @@ def resolve_model(name: str) -> str:
         return name
     if HUB_ID.fullmatch(name):
         return name
+    if os.sep in name or name.startswith(("~", ".")):  # no hub id: a path
+        raise UserError(f"model folder {name!r} does not exist — check the path (relative to {os.getcwd()})")
     choices = ", ".join([*model_names, *aliases])
     raise UserError(
         f"unknown model {name!r}: use one of {choices}, a local folder, or a hub id (org/name); "

@@ -243,8 +243,13 @@ def test_a_folder_without_a_model_fails_in_one_line(tmp_path):
     with pytest.raises(UserError, match=r"has no config.json"):
         load_backbone(str(tmp_path))
     (tmp_path / "config.json").write_text("{}")  # a config, but no model type, tokenizer or weights
+    with pytest.raises(UserError, match=r"has no tokenizer files \(tokenizer.json, .*\) — copy the tokenizer"):
+        load_backbone(str(tmp_path))
+    (tmp_path / "tokenizer_config.json").write_text("{}")
     with pytest.raises(UserError, match=r"cannot load model .* from .*: "):
         load_backbone(str(tmp_path))
+    with pytest.raises(UserError, match=r"model folder '/no/such/model' does not exist — check the path"):
+        load_backbone("/no/such/model")
 
 
 def test_a_backbone_without_a_chat_template_is_named(tmp_path):
