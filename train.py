@@ -7,6 +7,7 @@ Three processes with DeepSpeed ZeRO-2 (launch_train.sh runs this, with its check
 `python train.py --help` lists every flag; the released launcher's spellings (`--train_batch_size`,
 `--eval_batch_size`) are accepted too.
 """
+import argparse
 import glob
 import os
 import re
@@ -34,6 +35,9 @@ def parse_config(argv: list[str]) -> RecPOConfig:
     if not torch.cuda.is_available() and not any(arg.startswith("--use_cpu") for arg in argv):
         argv = [*argv, "--use_cpu", "True"]  # the Trainer (and DeepSpeed through it) needs this without a GPU
     parser = one_line_parser_errors(HfArgumentParser(RecPOConfig), "python train.py --help")
+    for action in parser._actions:  # HfArgumentParser gives --no_bf16 the help (and default) of --bf16
+        if action.option_strings and action.option_strings[0] == f"--no_{action.dest}":
+            action.help, action.default = f"Turn --{action.dest} off.", argparse.SUPPRESS
     config, unknown = parser.parse_args_into_dataclasses(args=argv, return_remaining_strings=True)
     if unknown:
         raise UserError(f"unknown argument(s) {' '.join(unknown)} — python train.py --help lists the flags")

@@ -150,3 +150,13 @@ def test_check_only_wants_a_gpu_per_process(monkeypatch):
     train.check_gpus_per_machine(1)
     with pytest.raises(UserError, match=r"NUM_PROCESSES=3 but 1 GPU\(s\) visible \(CUDA_VISIBLE_DEVICES=0\)"):
         train.check_gpus_per_machine(3)
+
+
+def test_negative_flags_say_what_they_do(capsys):
+    assert train.parse_config(["--no_bf16"]).bf16 is False and train.parse_config([]).bf16 is True
+    assert train.parse_config(["--no_load_best_model_at_end"]).load_best_model_at_end is False
+    with pytest.raises(SystemExit):
+        train.parse_config(["--help"])
+    help_text = " ".join(capsys.readouterr().out.split())
+    assert "--no_bf16, --no-bf16 Turn --bf16 off. " in help_text
+    assert "--no_gradient_checkpointing, --no-gradient-checkpointing Turn --gradient_checkpointing off. " in help_text
