@@ -36,8 +36,9 @@ from prompts import (MAX_ITEM_TOKENS, MAX_PROMPT_TOKENS, answer_stop, item_promp
                      user_prompt_tokens)
 from rollouts import Rollouts, SamplingConfig, generate_rollouts
 
-# RecPOConfig keeps the checkpointing flags' old names, the only ones transformers 5.17 knows.
-warnings.filterwarnings("ignore", message="`gradient_checkpointing(_kwargs)?` is deprecated", category=FutureWarning)
+# RecPOConfig keeps the checkpointing flags' old names, the only ones transformers 5.17 knows, and
+# PEFT and Trainer still read the model's old `is_gradient_checkpointing`.
+warnings.filterwarnings("ignore", message="`(is_)?gradient_checkpointing(_kwargs)?` is deprecated", category=FutureWarning)
 
 ADVANTAGE_TYPES = ("gaussian", "rloo")
 SIMILARITY_TYPES = ("cosine", "dot", "L2")
