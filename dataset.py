@@ -47,8 +47,11 @@ def load_dataset_dir(folder: str | None, category: str | None = None):
     try:
         dataset = load_from_disk(folder)
     except (FileNotFoundError, ValueError, OSError, IndexError) as e:
-        raise UserError(f"{folder!r} is not a dataset saved by preprocess.py ({one_line(e)}) — point --dataset_dir at "
-                        "the folder preprocess.py wrote, e.g. data/Video_Games_0_2022-10-2023-10") from e
+        inside = [os.path.join(folder, name) for name in sorted(os.listdir(folder))
+                  if os.path.isfile(os.path.join(folder, name, "dataset_dict.json"))]
+        fix = (f"it holds {', '.join(inside)}: pass that as --dataset_dir" if inside
+               else "point --dataset_dir at the folder preprocess.py printed ({category}_{K}_{start}-{end})")
+        raise UserError(f"{folder!r} is not a dataset saved by preprocess.py ({one_line(e)}) — {fix}") from e
     missing = [s for s in SPLITS if not isinstance(dataset, DatasetDict) or s not in dataset]
     if missing:
         raise UserError(f"{folder!r} lacks the split(s) {', '.join(missing)} — rerun preprocess.py for it")

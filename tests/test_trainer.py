@@ -725,6 +725,12 @@ def test_a_split_folder_is_refused_with_its_parent_named(tmp_path):
     folder = tiny_dataset_dir(tmp_path)
     with pytest.raises(UserError, match=re.escape(f"is one split of a dataset — pass the dataset folder above it, {folder!r}")):
         load_dataset_dir(os.path.join(folder, "train"))
+    with pytest.raises(UserError, match=re.escape("is not a dataset saved by preprocess.py") + ".*" +
+                       re.escape(f"— it holds {folder}: pass that as --dataset_dir")):
+        load_dataset_dir(str(tmp_path))  # the folder above the dataset, as data/sample holds the sample's
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(UserError, match=re.escape("— point --dataset_dir at the folder preprocess.py printed")):
+        load_dataset_dir(str(tmp_path / "empty"))
 
 
 @pytest.mark.parametrize("flags, message", [
