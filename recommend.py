@@ -3,7 +3,7 @@
 Per sample, it prints the user's history, the model's reasoning and the top-K items with their
 scores, `*` marking the true next item, and that item's rank:
     python recommend.py --output_dir outputs/r2ec --split test --samples 0 3 7
-    python recommend.py --output_dir outputs/r2ec --split valid --user_id AGKHLEW2SOWHNMFQIJGBECAF7INQ --top_k 20
+    python recommend.py --output_dir outputs/quickstart --split valid --user_id AF92T9L7L0LFJE70CS369B7REYQ4 --top_k 20
 The metric table of a split (NDCG/Hit@5/10/20, mean reasoning length), as training evaluates it:
     python recommend.py --output_dir outputs/r2ec --split test --evaluate --max_samples 500
 Any of them can also write one JSON line per sample (row, split, user_id, target_item_id,
