@@ -47,7 +47,8 @@ def load_dataset_dir(folder: str | None, category: str | None = None):
     try:
         dataset = load_from_disk(folder)
     except (FileNotFoundError, ValueError, OSError, IndexError) as e:
-        inside = [os.path.join(folder, name) for name in sorted(os.listdir(folder))
+        readable = os.access(folder, os.R_OK | os.X_OK)
+        inside = [os.path.join(folder, name) for name in sorted(os.listdir(folder) if readable else [])
                   if os.path.isfile(os.path.join(folder, name, "dataset_dict.json"))]
         fix = (f"it holds {', '.join(inside)}: pass that as --dataset_dir" if inside
                else "point --dataset_dir at the folder preprocess.py printed ({category}_{K}_{start}-{end})")

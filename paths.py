@@ -175,6 +175,7 @@ def resolve_model(name: str) -> str:
     config.json, so placeholders and empty folders fail here (before `launch_train.sh` starts
     its processes), not deep inside transformers.
     """
+    name = os.path.expanduser(name)  # a quoted or --model=~/... path reaches us unexpanded
     key = aliases.get(name, name)
     if key in model_names:
         path = model_names[key]
@@ -197,7 +198,7 @@ def resolve_model(name: str) -> str:
         return name
     if HUB_ID.fullmatch(name):
         return name
-    if os.sep in name or name.startswith(("~", ".")):  # no hub id: a path
+    if os.sep in name or name.startswith("."):  # no hub id: a path
         raise UserError(f"model folder {name!r} does not exist — check the path (relative to {os.getcwd()})")
     choices = ", ".join([*model_names, *aliases])
     raise UserError(

@@ -118,7 +118,7 @@ def download(url, dest, category):
             headers["Range"] = f"bytes={have}-"
         try:
             with requests.get(url, headers=headers, stream=True, timeout=(15, 120)) as r:
-                if r.status_code == 404 and category in KNOWN_CATEGORIES:
+                if r.status_code == 404 and category in KNOWN_CATEGORIES and not url.startswith(DEFAULT_BASE_URL):
                     remote = " and ".join(path for path, _ in raw_files(category))
                     raise UserError(f"{url} does not exist (HTTP 404) — a mirror must keep the Amazon host's "
                                     f"layout ({remote} under --base_url); or put both files into --data_root_dir")
@@ -302,14 +302,9 @@ def scan_metadata(lines, rated, path):
 
 
 def text_list(meta: dict, key: str) -> list[str]:
-    """A list field of the metadata as strings; a lone string is a one-item list, not its characters."""
+    """A list field of the metadata as strings; a lone value (a string, not its characters) is a one-item list."""
     value = meta.get(key) or []
-    if isinstance(value, str):
-        return [value]
-    if not isinstance(value, list):
-        raise UserError(f"the metadata of item {meta['parent_asin']} has a {type(value).__name__} as {key}, not a "
-                        "list — delete the metadata file and rerun to download it again")
-    return [str(x) for x in value]
+    return [str(x) for x in (value if isinstance(value, list) else [value])]
 
 
 def item_row(line):

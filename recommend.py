@@ -33,7 +33,7 @@ from model import load_backbone
 from paths import resolve_model
 from trainer import RecPOConfig, RecPOTrainer, check_length_limits
 
-RUN_FILE = "r2ec_run.json"  # written by train.py when a run starts
+RUN_FILE = "r2ec_run.json"  # written by train.py into each checkpoint and, when a run ends, its output folder
 RUN_KEYS = ("model", "dataset_dir", "category")  # the keys recommend needs in it (it also reads any RecPOConfig field)
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 CONFIG_FIELDS = {f.name for f in dataclasses.fields(RecPOConfig) if f.init}
@@ -56,8 +56,8 @@ def read_run(folder: str) -> dict:
         path = os.path.join(place, RUN_FILE)
         if os.path.isfile(path):
             return parse_run_file(path)
-    raise UserError(f"no {RUN_FILE} in {folder!r} or its parent — train.py writes it when training starts: "
-                    "pass a train.py --output_dir or one of its checkpoint-* folders")
+    raise UserError(f"no {RUN_FILE} in {folder!r} or its parent — train.py writes it into each checkpoint and "
+                    "the finished run's folder: pass one of those")
 
 
 def parse_run_file(path: str) -> dict:

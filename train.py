@@ -17,7 +17,7 @@ import sys
 import zipfile
 
 import torch
-from transformers import AutoModelForCausalLM, EarlyStoppingCallback, HfArgumentParser, set_seed
+from transformers import AutoModelForCausalLM, EarlyStoppingCallback, HfArgumentParser, TrainerCallback, set_seed
 from transformers.trainer_utils import get_last_checkpoint
 
 from curves import plot_training_curves
@@ -27,6 +27,7 @@ from model import add_lora, check_lora_targets, load_backbone, load_backbone_con
 from paths import resolve_model
 from trainer import RecPOConfig, RecPOTrainer, check_length_limits, check_train_size
 
+RUN_RECORD = "r2ec_run.json"  # what recommend.py needs: in the output folder and in every checkpoint
 RUN_SETTINGS = ("window_size", "max_new_tokens", "similarity_type", "tau", "max_prompt_tokens", "max_item_tokens")
 
 
@@ -103,19 +104,18 @@ def checkpoint_folders(folder: str) -> list[str]:
 
 def clear_earlier_run(folder: str):
     """--overwrite_output_dir: remove the earlier run's checkpoints (`last` and checkpoint rotation
-    must see only the new run's), its reasoning records, and its final adapter and run record, so
-    that recommend.py never pairs the old adapter with the new run's settings. Called once the new
-    run is built, so a bad flag or backbone leaves the earlier run whole."""
+    must see only the new run's), its reasoning records, and its run record, without which
+    recommend.py refuses the folder until the new run completes it. Called once the new run is
+    built, so a bad flag or backbone leaves the earlier run whole."""
     for old in checkpoint_folders(folder) + [os.path.join(folder, "reasoning")]:
         shutil.rmtree(old, ignore_errors=True)
-    for name in ("r2ec_run.json", "adapter_config.json", "adapter_model.safetensors"):
-        if os.path.exists(os.path.join(folder, name)):
-            os.remove(os.path.join(folder, name))
+    if os.path.exists(os.path.join(folder, RUN_RECORD)):
+        os.remove(os.path.join(folder, RUN_RECORD))
 
 
 def earlier_run(folder: str) -> bool:
-    """A run that saved a checkpoint or finished (a run record alone: one that ended before its first checkpoint)."""
-    return os.path.exists(os.path.join(folder, "trainer_state.json")) or bool(checkpoint_folders(folder))
+    saved = [os.path.join(folder, name) for name in ("trainer_state.json", RUN_RECORD)]
+    return any(map(os.path.exists, saved)) or bool(checkpoint_folders(folder))
 
 
 def check_checkpoint(checkpoint: str, config: RecPOConfig):
@@ -148,15 +148,39 @@ def check_checkpoint(checkpoint: str, config: RecPOConfig):
             pass
     except Exception as e:  # missing, truncated or not safetensors: the library raises several kinds
         raise UserError(f"{checkpoint}'s adapter weights cannot be read ({one_line(e)}) — {fix}") from e
-    if config.deepspeed:  # DeepSpeed keeps the optimizer and scheduler in a global_step* folder of its own
-        missing = [] if glob.glob(os.path.join(glob.escape(checkpoint), "global_step*")) else ["global_step*"]
-    else:
-        missing = [name for name in ("optimizer.pt", "scheduler.pt") if not os.path.exists(os.path.join(checkpoint, name))]
-    if missing:  # Trainer would resume with a fresh optimizer and learning-rate schedule, silently
-        raise UserError(f"{checkpoint} lacks {', '.join(missing)}, the optimizer and learning-rate state — {fix}")
+    # Without its optimizer and scheduler state Trainer would resume with fresh ones, silently.
     optimizer = os.path.join(checkpoint, "optimizer.pt")
+    deepspeed_state = bool(glob.glob(os.path.join(glob.escape(checkpoint), "global_step*")))  # DeepSpeed's own folder
+    if deepspeed_state and not config.deepspeed:
+        raise UserError(f"{checkpoint} was saved under DeepSpeed — resume with --deepspeed ds_config.json "
+                        "(launch_train.sh passes it)")
+    if config.deepspeed and not deepspeed_state and os.path.exists(optimizer):
+        raise UserError(f"{checkpoint} was saved without DeepSpeed — resume without --deepspeed")
+    wanted = ["global_step*"] if config.deepspeed else ["optimizer.pt", "scheduler.pt"]
+    missing = [name for name in wanted if not glob.glob(os.path.join(glob.escape(checkpoint), name))]
+    if missing:
+        raise UserError(f"{checkpoint} lacks {', '.join(missing)}, the optimizer and learning-rate state — {fix}")
     if os.path.exists(optimizer) and not zipfile.is_zipfile(optimizer):
         raise UserError(f"{optimizer} is truncated or corrupt — {fix}")
+
+
+def run_record(config: RecPOConfig, category: str) -> dict:
+    """The run record recommend.py rebuilds a run's inference from: backbone, dataset, prompt and score settings."""
+    model_path = resolve_model(config.model)
+    return {"model": config.model, "model_path": os.path.abspath(model_path) if os.path.isdir(model_path) else model_path,
+            "dataset_dir": os.path.abspath(config.dataset_dir), "category": category,
+            **{key: getattr(config, key) for key in RUN_SETTINGS}}
+
+
+class RecordInCheckpoints(TrainerCallback):
+    """Writes the run record into every checkpoint, so each one can be served without the run finishing."""
+
+    def __init__(self, record: dict):
+        self.record = record
+
+    def on_save(self, args, state, control, **kwargs):
+        if state.is_world_process_zero:
+            write_json(os.path.join(args.output_dir, f"checkpoint-{state.global_step}", RUN_RECORD), self.record)
 
 
 def build_trainer(config: RecPOConfig) -> RecPOTrainer:
@@ -235,11 +259,8 @@ def main(argv: list[str]):
     replaces = config.overwrite_output_dir and not resumes_in_place(config, resume)
     if trainer.is_world_process_zero() and replaces and earlier_run(config.output_dir):
         clear_earlier_run(config.output_dir)
-    if trainer.is_world_process_zero():  # now, so that recommend.py can read a killed run's checkpoints
-        write_json(os.path.join(config.output_dir, "r2ec_run.json"),
-                   {"model": config.model, "model_path": resolve_model(config.model),
-                    "dataset_dir": os.path.abspath(config.dataset_dir), "category": trainer.category,
-                    **{key: getattr(config, key) for key in RUN_SETTINGS}})
+    record = run_record(config, trainer.category)
+    trainer.add_callback(RecordInCheckpoints(record))  # recommend.py also reads a killed run's checkpoints
     trainer.accelerator.wait_for_everyone()  # on every process: the others may find the folder cleared already
     trainer.train(resume_from_checkpoint=resume)
 
@@ -248,6 +269,7 @@ def main(argv: list[str]):
     trainer.save_state()  # trainer_state.json with the whole log history, next to the adapter
     if trainer.is_world_process_zero():
         trainer.save_metrics("final", metrics)
+        write_json(os.path.join(config.output_dir, RUN_RECORD), record)
         plot_training_curves(trainer.state.log_history, os.path.join(config.output_dir, "training_curves.png"))
     trainer.accelerator.end_training()
     return metrics

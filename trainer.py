@@ -82,7 +82,8 @@ class RecPOConfig(TrainingArguments):
     )
     overwrite_output_dir: bool = field(
         default=False,
-        metadata={"help": "Train into an --output_dir that holds an earlier run (its checkpoints are deleted)."},
+        metadata={"help": "Train into an --output_dir that holds an earlier run (its checkpoints, reasoning records "
+                          "and run record are deleted)."},
     )
 
     # Parameters that control LoRA
@@ -264,7 +265,7 @@ class RecPOConfig(TrainingArguments):
 
     def default_eval_steps(self, num_train: int) -> int:
         """SPEC §5: evaluate every floor(len(train) / (B · grad_accum · processes) / 8) steps (at least 1),
-        times `num_iterations`, which repeats each rollout batch as steps of its own: still 8 per epoch."""
+        the steps of an epoch counted with each rollout batch repeated `num_iterations` times: still 8 per epoch."""
         steps_per_epoch = num_train // (self.per_device_train_batch_size * self.gradient_accumulation_steps
                                         * self.world_size) * self.num_iterations
         return max(1, steps_per_epoch // 8)
@@ -890,7 +891,7 @@ class RecPOTrainer(Trainer):
             model.zero_grad(set_to_none=True)
         self.accelerator.gradient_state._set_sync_gradients(False)
         self._record(**{"skipped_steps": 1.0})
-        return torch.full((), math.nan, device=self.args.device)  # no loss: Trainer's --logging_nan_inf_filter drops it
+        return torch.zeros((), device=self.args.device)  # logged as 0: a NaN would stay in Trainer's running sum
 
     def _save_reasoning(self, records: list[dict], split: str):
         if not self.is_world_process_zero():

@@ -94,6 +94,15 @@ def test_build_once_refuses_a_partial_folder_before_building(tmp_path):
     assert paths.is_model_folder(str(target))
 
 
+def test_a_home_relative_path_is_expanded(monkeypatch, tmp_path):
+    (tmp_path / "models" / "mine").mkdir(parents=True)
+    (tmp_path / "models" / "mine" / "config.json").write_text("{}")
+    monkeypatch.setenv("HOME", str(tmp_path))
+    assert paths.resolve_model("~/models/mine") == str(tmp_path / "models" / "mine")
+    with pytest.raises(UserError, match=r"model folder '.*/models/other' does not exist"):
+        paths.resolve_model("~/models/other")
+
+
 def test_command_line_error_is_one_line():
     run = subprocess.run([sys.executable, "paths.py", "gemma"], capture_output=True, text=True,
                          cwd=paths.os.path.dirname(paths.__file__))

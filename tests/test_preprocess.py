@@ -146,8 +146,8 @@ def test_item_info_types_and_defaults():
     row = P.build_item_info([meta("B1", "Alpha", description="One paragraph.", features="fast",
                                   categories="Games").encode()]).to_pylist()[1]
     assert (row["description"], row["features"], row["categories"]) == (["One paragraph."], ["fast"], ["Games"])
-    with pytest.raises(UserError, match="the metadata of item B1 has a dict as features, not a list"):
-        P.build_item_info([meta("B1", "Alpha", features={"a": 1}).encode()])
+    row = P.build_item_info([meta("B1", "Alpha", features=7).encode()]).to_pylist()[1]
+    assert row["features"] == ["7"]
 
 
 def test_scan_metadata_filters_in_file_order(tmp_path):
@@ -422,7 +422,7 @@ def test_download_404_names_the_known_categories(tmp_path, server):
     assert os.listdir(tmp_path) == []
 
 
-def test_download_404_of_a_known_category_names_the_mirror_layout(tmp_path, server):
+def test_download_404_of_a_known_category_names_the_mirror_layout(tmp_path, server, monkeypatch):
     flat = {os.path.basename(remote): data for remote, data in sample_files().items()}  # files at the top
     s = server(flat)
     with pytest.raises(UserError, match=r"HTTP 404\) — a mirror must keep the Amazon host's layout "
@@ -430,6 +430,9 @@ def test_download_404_of_a_known_category_names_the_mirror_layout(tmp_path, serv
                                         r"raw/meta_categories/meta_Video_Games.jsonl.gz under --base_url\)"):
         P.fetch_raw("Video_Games", str(tmp_path), s.url)
     assert os.listdir(tmp_path) == []
+    monkeypatch.setattr(P, "DEFAULT_BASE_URL", s.url)  # the Amazon host itself: no mirror to blame
+    with pytest.raises(UserError, match=r"HTTP 404\): no category 'Video_Games' there"):
+        P.fetch_raw("Video_Games", str(tmp_path), s.url)
 
 
 def test_download_rejects_a_corrupt_gzip_and_keeps_nothing(tmp_path, server):

@@ -636,23 +636,18 @@ def test_an_earlier_run_is_kept_unless_replaced_on_purpose(tmp_path):
     assert train.check_output_dir(config("--resume_from_checkpoint", "last")) == str(run / "checkpoint-3")
 
 
-def test_run_record_is_written_before_training_so_a_killed_run_is_readable(tmp_path, monkeypatch):
-    def killed(self, **kwargs):
-        raise KeyboardInterrupt
+def test_every_checkpoint_holds_the_run_record_so_a_killed_run_can_be_served(tmp_path):
+    import recommend
 
-    monkeypatch.setattr(RecPOTrainer, "train", killed)
-    flags = quick_flags(tmp_path)
-    with pytest.raises(KeyboardInterrupt):
-        train.main(flags)
+    run_train(quick_flags(tmp_path, "--max_steps", "2", "--save_steps", "1", "--eval_strategy", "no",
+                          "--load_best_model_at_end", "False", "--eval_on_start", "False"))
     out = tmp_path / "out"
-    record = json.loads((out / "r2ec_run.json").read_text())
-    assert record["model"] == tiny_backbone("qwen2") and record["category"] == "Video_Games"
-    assert record["dataset_dir"] == tiny_dataset_dir(tmp_path) and record["window_size"] == 20
-    assert not train.earlier_run(str(out))  # killed before its first checkpoint: a rerun needs no flag
-    (out / "adapter_model.safetensors").touch()  # as a finished earlier run leaves them at the top
-    (out / "adapter_config.json").touch()
-    train.clear_earlier_run(str(out))
-    assert not {"r2ec_run.json", "adapter_model.safetensors", "adapter_config.json"} & set(os.listdir(out))
+    final = json.loads((out / "r2ec_run.json").read_text())
+    assert final["model"] == tiny_backbone("qwen2") and final["category"] == "Video_Games"
+    assert final["dataset_dir"] == tiny_dataset_dir(tmp_path) and final["window_size"] == 20
+    (out / "r2ec_run.json").unlink()  # as if the run had been killed after its checkpoints
+    for step in (1, 2):
+        assert recommend.read_run(str(out / f"checkpoint-{step}")) == final
 
 
 def test_earlier_run_in_a_folder_named_with_glob_characters(tmp_path):
@@ -677,6 +672,7 @@ def test_earlier_run_in_a_folder_named_with_glob_characters(tmp_path):
     (lambda c: (c / "adapter_model.safetensors").write_bytes(b"\x10\x00"), "adapter weights cannot be read"),
     (lambda c: (c / "optimizer.pt").write_bytes(b"garbage"), "optimizer.pt is truncated or corrupt"),
     (lambda c: (c / "scheduler.pt").unlink(), "lacks scheduler.pt, the optimizer and learning-rate state"),
+    (lambda c: (c / "global_step2").mkdir(), "was saved under DeepSpeed — resume with --deepspeed ds_config.json"),
     (lambda c: (c / "trainer_state.json").write_text('{"global_step": 5}'),
      "has already trained 5 steps, --max_steps 5 — raise --max_steps to continue"),
 ])
