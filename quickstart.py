@@ -19,6 +19,7 @@ from errors import UserError, one_line_parser_errors, run_cli
 from metrics import METRIC_NAMES
 from paths import DEFAULT_MODEL
 from train import earlier_run
+from trainer import EVAL_SPLITS
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 OUTPUT_DIR = os.path.join("outputs", "quickstart")  # overwritten by every quick start; no other folder is
@@ -78,7 +79,7 @@ def before_and_after(output_dir: str) -> tuple[dict, dict]:
 
 def print_table(before: dict, after: dict):
     print(f"\n{'':14}" + "".join(f"{m:>9}" for m in METRIC_NAMES))
-    for split in ("valid", "test"):
+    for split in EVAL_SPLITS:
         for label, values in (("before", before), ("after", after)):
             row = "".join(f"{values[f'eval_{split}_{m}']:9.4f}" for m in METRIC_NAMES)
             print(f"{split + ' ' + label:14}{row}")
