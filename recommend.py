@@ -31,9 +31,9 @@ from errors import UserError, check_output_file, one_line, one_line_parser_error
 from metrics import KS, RANKING_METRICS, split_metrics
 from model import load_backbone
 from paths import resolve_model
+from train import RUN_RECORD  # written into each checkpoint and, when a run ends, its output folder
 from trainer import RecPOConfig, RecPOTrainer, check_length_limits
 
-RUN_FILE = "r2ec_run.json"  # written by train.py into each checkpoint and, when a run ends, its output folder
 RUN_KEYS = ("model", "dataset_dir", "category")  # the keys recommend needs in it (it also reads any RecPOConfig field)
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 CONFIG_FIELDS = {f.name for f in dataclasses.fields(RecPOConfig) if f.init}
@@ -53,10 +53,10 @@ def read_run(folder: str) -> dict:
         raise UserError(f"{folder!r} holds no LoRA adapter (adapter_config.json) — pass a train.py output "
                         "folder or one of its checkpoint-* folders")
     for place in (folder, os.path.dirname(os.path.abspath(folder))):
-        path = os.path.join(place, RUN_FILE)
+        path = os.path.join(place, RUN_RECORD)
         if os.path.isfile(path):
             return parse_run_file(path)
-    raise UserError(f"no {RUN_FILE} in {folder!r} or its parent — train.py writes it into each checkpoint and "
+    raise UserError(f"no {RUN_RECORD} in {folder!r} or its parent — train.py writes it into each checkpoint and "
                     "the finished run's folder: pass one of those")
 
 

@@ -156,8 +156,10 @@ def check_checkpoint(checkpoint: str, config: RecPOConfig):
                         "(launch_train.sh passes it)")
     if config.deepspeed and not deepspeed_state and os.path.exists(optimizer):
         raise UserError(f"{checkpoint} was saved without DeepSpeed — resume without --deepspeed")
-    wanted = ["global_step*"] if config.deepspeed else ["optimizer.pt", "scheduler.pt"]
-    missing = [name for name in wanted if not glob.glob(os.path.join(glob.escape(checkpoint), name))]
+    if config.deepspeed:
+        missing = [] if deepspeed_state else ["global_step*"]
+    else:
+        missing = [name for name in ("optimizer.pt", "scheduler.pt") if not os.path.exists(os.path.join(checkpoint, name))]
     if missing:
         raise UserError(f"{checkpoint} lacks {', '.join(missing)}, the optimizer and learning-rate state — {fix}")
     if os.path.exists(optimizer) and not zipfile.is_zipfile(optimizer):
