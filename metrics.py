@@ -1,7 +1,9 @@
 """Ranking metrics shared by training rewards, evaluation and `recommend.py`.
 
 Ranks are 1-based (1 = best). Ties count against the target: an item scored exactly like the
-target is ranked ahead of it, so a constant scorer never looks good.
+target is ranked ahead of it, so a constant scorer never looks good. A target whose score is
+masked (-inf: bought before, and history items are never recommended) is not ranked: its rank
+is inf, a miss at every k, in rewards and metrics alike.
 """
 import math
 
@@ -11,9 +13,11 @@ KS = (5, 10, 20)
 
 
 def target_rank(scores: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """Rank of each row's target among all items, 1 = best.  scores (B, N), targets (B,) -> (B,)."""
+    """Rank of each row's target among all items, 1 = best, inf where the target is masked.
+    scores (B, N), targets (B,) -> (B,) float64."""
     target_scores = scores.gather(1, targets[:, None])  # (B, 1)
-    return (scores >= target_scores).sum(dim=1)  # (B,) the target itself counts once
+    ranks = (scores >= target_scores).sum(dim=1).double()  # (B,) the target itself counts once
+    return ranks.masked_fill(target_scores.squeeze(1) == -math.inf, math.inf)
 
 
 def ndcg_at_k(ranks: torch.Tensor, k: int) -> torch.Tensor:
@@ -40,7 +44,8 @@ def ranking_metrics(ranks: torch.Tensor) -> dict[str, float]:
 
 def split_metrics(records: list[dict]) -> dict[str, float]:
     """SPEC §5 figures of one split from its recommendation records (`RecPOTrainer.recommend`):
-    `ranking_metrics` of the target ranks and the mean reasoning length in tokens."""
-    metrics = ranking_metrics(torch.tensor([r["target_rank"] for r in records], dtype=torch.long))
+    `ranking_metrics` of the target ranks (None: not ranked) and the mean reasoning length in tokens."""
+    ranks = [math.inf if r["target_rank"] is None else r["target_rank"] for r in records]
+    metrics = ranking_metrics(torch.tensor(ranks, dtype=torch.float64))
     metrics["reasoning_length"] = sum(r["reasoning_tokens"] for r in records) / len(records) if records else math.nan
     return metrics

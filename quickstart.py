@@ -71,7 +71,8 @@ def train_flags(args) -> list[str]:
 def before_and_after(output_dir: str) -> tuple[dict, dict]:
     with open(os.path.join(output_dir, "trainer_state.json")) as f:
         history = json.load(f)["log_history"]
-    before = next(entry for entry in history if entry.get("step") == 0 and "eval_valid_ndcg@10" in entry)
+    before = next(entry for entry in history
+                  if entry.get("step") == 0 and any(key.startswith("eval_valid_") for key in entry))
     with open(os.path.join(output_dir, "final_results.json")) as f:
         after = json.load(f)
     return before, after

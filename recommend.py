@@ -7,7 +7,8 @@ scores, `*` marking the true next item, and that item's rank:
 The metric table of a split (NDCG/Hit@5/10/20, mean reasoning length), as training evaluates it:
     python recommend.py --output_dir outputs/r2ec --split test --evaluate --max_samples 500
 Any of them can also write one JSON line per sample (row, split, user_id, target_item_id,
-target_rank, reasoning, reasoning_tokens, top_k: [{item_id, title, score}]), the format of the
+target_rank (null: bought before, never recommended), reasoning, reasoning_tokens, top_k: [{item_id,
+title, score}]), the format of the
 reasoning files training saves with each evaluation:
     python recommend.py --output_dir outputs/r2ec --split test --evaluate --output test_ranks.jsonl
 `--output_dir` is a train.py output folder (a `checkpoint-*` folder inside one works too);
@@ -34,7 +35,7 @@ from paths import resolve_model
 from train import RUN_RECORD  # written into each checkpoint and, when a run ends, its output folder
 from trainer import RecPOConfig, RecPOTrainer, check_length_limits
 
-RUN_KEYS = ("model", "dataset_dir", "category")  # the keys recommend needs in it (it also reads any RecPOConfig field)
+RUN_KEYS = ("model", "dataset_dir", "category")  # needed in r2ec_run.json; its train.RUN_SETTINGS are read too
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 CONFIG_FIELDS = {f.name for f in dataclasses.fields(RecPOConfig) if f.init}
 SETTING_TYPES = {f.name: f.type for f in dataclasses.fields(RecPOConfig) if f.init and f.type in (bool, int, float, str)}
@@ -185,7 +186,7 @@ def format_sample(sample: dict, record: dict, num_items: int, window_size: int) 
               f"top {len(record['top_k'])} (* = the true next item):"]
     lines += [f"  {'*' if item['item_id'] == record['target_item_id'] else ' '}{rank:>3}. {item['score']:9.3f}  "
               f"{item['title']} (item {item['item_id']})" for rank, item in enumerate(record["top_k"], 1)]
-    if record["target_item_id"] in sample["history_item_id"]:  # bought again: masked like every history item
+    if record["target_rank"] is None:  # bought again: masked like every history item
         place = "not ranked: bought before, and history items are never recommended (a miss in every metric)"
     else:
         place = f"rank {record['target_rank']} of {num_items}"

@@ -228,7 +228,8 @@ def final_metrics(trainer: RecPOTrainer) -> dict:
     step = state.global_step
     if trainer.args.load_best_model_at_end and state.best_model_checkpoint:
         step = int(state.best_model_checkpoint.rstrip("/").rsplit("-", 1)[1])
-    logged = [entry for entry in state.log_history if entry.get("step") == step and "eval_test_ndcg@10" in entry]
+    logged = [entry for entry in state.log_history
+              if entry.get("step") == step and any(key.startswith("eval_test_") for key in entry)]
     if logged:  # greedy evaluation is deterministic: running it again would repeat the same numbers
         return {key: value for key, value in logged[-1].items() if key.startswith("eval_")}
     return trainer.evaluate()

@@ -43,7 +43,7 @@ warnings.filterwarnings("ignore", message="`(is_)?gradient_checkpointing(_kwargs
 ADVANTAGE_TYPES = ("gaussian", "rloo")
 SIMILARITY_TYPES = ("cosine", "dot", "L2")
 EVAL_SPLITS = ("valid", "test")
-EVAL_METRICS = [f"eval_{split}_{name}" for split in EVAL_SPLITS for name in (*METRIC_NAMES, "reasoning_length")]
+SELECTION_METRICS = [f"eval_valid_{name}" for name in METRIC_NAMES]  # test is held out; longer is not better
 EVAL_TOP_ITEMS = 10  # top_k of each saved evaluation record: recommended items (id, title, score)
 
 
@@ -161,8 +161,8 @@ class RecPOConfig(TrainingArguments):
     restore_callback_states_from_checkpoint: bool = field(
         default=True, metadata={"help": "A resumed run keeps early stopping's count of evaluations without a gain."}
     )
-    load_best_model_at_end: bool = field(default=True, metadata={"help": "Reload the best valid NDCG@10."})
-    metric_for_best_model: str = field(default="eval_valid_ndcg@10", metadata={"help": "Model selection."})
+    load_best_model_at_end: bool = field(default=True, metadata={"help": "Reload the best checkpoint by --metric_for_best_model."})
+    metric_for_best_model: str = field(default="eval_valid_ndcg@10", metadata={"help": "Model selection and early stopping: a valid ranking figure."})
     greater_is_better: bool = field(default=True, metadata={"help": "Higher metric is better."})
     save_total_limit: int | None = field(default=2, metadata={"help": "Checkpoints kept (best one kept too)."})
     remove_unused_columns: bool = field(default=False, metadata={"help": "Keep raw sample columns."})
@@ -255,9 +255,9 @@ class RecPOConfig(TrainingArguments):
             (self.num_iterations == 1 or self.gradient_accumulation_steps == 1,
              "--num_iterations > 1 needs --gradient_accumulation_steps 1 (each rollout batch is one step)"),
             (self.epsilon_low >= 0 and self.epsilon_high >= 0, "--epsilon_low/--epsilon_high must be >= 0"),
-            ({self.metric_for_best_model, f"eval_{self.metric_for_best_model}"} & set(EVAL_METRICS),
-             f"--metric_for_best_model {self.metric_for_best_model!r}: not an evaluation figure — choose one of "
-             f"{', '.join(m for m in EVAL_METRICS if m.startswith('eval_valid_'))} (or an eval_test_ one)"),
+            ({self.metric_for_best_model, f"eval_{self.metric_for_best_model}"} & set(SELECTION_METRICS),
+             f"--metric_for_best_model {self.metric_for_best_model!r}: models are selected on a valid ranking "
+             f"figure (test is held out) — choose one of {', '.join(SELECTION_METRICS)}"),
         ]
         for ok, message in checks:
             if not ok:
@@ -321,10 +321,12 @@ def group_advantages(rewards: torch.Tensor, kind: str) -> torch.Tensor:
         mean = rewards.mean(dim=1, keepdim=True)
         std = rewards.std(dim=1, keepdim=True, unbiased=True)
         return (rewards - mean) / (std + 1e-8)
-    if group == 1:
-        return torch.zeros_like(rewards)
-    others_mean = (rewards.sum(dim=1, keepdim=True) - rewards) / (group - 1)
-    return rewards - others_mean
+    if kind == "rloo":
+        if group == 1:
+            return torch.zeros_like(rewards)
+        others_mean = (rewards.sum(dim=1, keepdim=True) - rewards) / (group - 1)
+        return rewards - others_mean
+    raise ValueError(f"unknown advantage type {kind!r}: use one of {', '.join(ADVANTAGE_TYPES)}")
 
 
 def relabel_mask(advantages: torch.Tensor, topk: int) -> torch.Tensor:
@@ -396,7 +398,7 @@ def check_length_limits(args: RecPOConfig, tokenizer, category: str, setting: st
     for name, (limit, needed) in limits.items():
         if limit <= needed:
             raise UserError(f"{setting.format(name)} {limit} cannot hold the {needed} tokens of text every sequence starts with "
-                            "— raise it (SPEC §2: 2048 for prompts, 768 for items)")
+                            f"— raise it (SPEC §2: {MAX_PROMPT_TOKENS} for prompts, {MAX_ITEM_TOKENS} for items)")
 
 
 class RepeatedBatchSampler(Sampler):
@@ -582,7 +584,7 @@ class RecPOTrainer(Trainer):
         """SPEC §3 inference for a batch: greedy reasoning, h_u, every item scored and ranked.
 
         -> one record per sample, row `rows[i]` of `split`: its user, target item and the target's
-        rank among the unseen items (1 = best), the reasoning (`<answer>` included) and its length
+        rank among the unseen items (1 = best; None when it was bought before), the reasoning (`<answer>` included) and its length
         in tokens, and the `top_k` unseen items, best first, with their titles and scores.
         """
         greedy = SamplingConfig(max_new_tokens=self.args.max_new_tokens, greedy=True)
@@ -594,7 +596,7 @@ class RecPOTrainer(Trainer):
         texts = reasoning_texts(self.processing_class, rollouts)
         return [
             {"row": row, "split": split, "user_id": sample["user_id"], "target_item_id": sample["item_id"],
-             "target_rank": rank, "reasoning": text, "reasoning_tokens": length,
+             "target_rank": int(rank) if math.isfinite(rank) else None, "reasoning": text, "reasoning_tokens": length,
              "top_k": [{"item_id": item, "title": self.item_titles[item], "score": score}
                        for item, score in zip(ids, values)
                        if score != -math.inf]}  # fewer unseen items than K: masked ones are no recommendation

@@ -134,10 +134,10 @@ def test_printout_of_a_target_bought_before(dataset, shown):
     record = records[0]
     sample = dict(dataset["test"][record["row"]])
     sample["history_item_id"] = [*sample["history_item_id"][:-1], record["target_item_id"]]  # masked out
-    text = recommend.format_sample(sample, {**record, "target_rank": 17}, 16, window_size=5)
+    text = recommend.format_sample(sample, {**record, "target_rank": None}, 16, window_size=5)
     assert text.splitlines()[-1].endswith("not ranked: bought before, and history items are never recommended "
                                           "(a miss in every metric)")
-    assert "rank 17 of 16" not in text
+    assert " of 16" not in text
 
 
 def test_evaluate_table_matches_the_per_sample_ranks_and_training(run_dir, tmp_path):

@@ -4,7 +4,7 @@ import math
 import pytest
 import torch
 
-from metrics import ranking_metrics, target_rank
+from metrics import ranking_metrics, split_metrics, target_rank
 from trainer import (RepeatedBatchSampler, clipped_item_loss, clipped_token_loss, group_advantages, recpo_reward,
                      relabel_mask)
 
@@ -31,6 +31,21 @@ def test_ties_rank_the_target_behind_equal_scores():
     assert target_rank(scores, torch.tensor([1])).item() == 3
 
 
+def test_a_masked_target_is_a_miss_at_every_k():
+    # Bought before: the target (item 3) is masked with the history. Counting every item >= -inf
+    # would rank it 4th of 4, a hit at k = 5 and an NDCG reward at k = 1000.
+    scores = torch.tensor([[NEG, 1.0, 2.0, NEG], [NEG, 1.0, 2.0, 0.5]])
+    ranks = target_rank(scores, torch.tensor([3, 3]))
+    assert ranks.tolist() == [math.inf, 3.0]
+    reward, terms = recpo_reward(scores, torch.tensor([3, 3]), beta=0.05, ndcg_k=1000)
+    assert terms["ndcg"].tolist() == [0.0, pytest.approx(0.5)] and terms["softmax"][0].item() == 0.0
+    assert reward[0].item() == 0.0
+    metrics = ranking_metrics(ranks)
+    assert metrics["hit@5"] == 0.5 and metrics["ndcg@5"] == pytest.approx(0.25)
+    records = [{"target_rank": None, "reasoning_tokens": 4}, {"target_rank": 3, "reasoning_tokens": 6}]
+    assert split_metrics(records) == {**metrics, "reasoning_length": 5.0}
+
+
 def test_gaussian_advantage_by_hand():
     rewards = torch.tensor([[1.0, 2.0, 3.0, 4.0], [0.5, 0.5, 0.5, 0.5]])
     std = math.sqrt((1.5 ** 2 + 0.5 ** 2 + 0.5 ** 2 + 1.5 ** 2) / 3)  # unbiased
@@ -43,6 +58,11 @@ def test_gaussian_advantage_by_hand():
 def test_rloo_advantage_by_hand():
     advantages = group_advantages(torch.tensor([[1.0, 2.0, 3.0, 4.0]]), "rloo")
     torch.testing.assert_close(advantages, torch.tensor([[1 - 3.0, 2 - 8 / 3, 3 - 7 / 3, 4 - 2.0]]))
+
+
+def test_an_unknown_advantage_type_is_refused_not_read_as_another():
+    with pytest.raises(ValueError, match="unknown advantage type 'RLOO': use one of gaussian, rloo"):
+        group_advantages(torch.tensor([[1.0, 2.0]]), "RLOO")
 
 
 def test_single_sample_groups():
@@ -144,7 +164,7 @@ def test_repeated_batch_sampler_layout_and_determinism():
 
 def test_a_metric_added_to_the_registry_reaches_the_figures_and_recommends_table(monkeypatch):
     """README's change table: a new metric is one function and one `RANKING_METRICS` entry (names derived
-    from it at import, METRIC_NAMES and EVAL_METRICS, follow an edit of the source, not this patch)."""
+    from it at import, METRIC_NAMES and SELECTION_METRICS, follow an edit of the source, not this patch)."""
     import metrics
     from recommend import format_metrics
 

@@ -523,7 +523,10 @@ def test_bad_input_gives_one_clear_line(tmp_path, flags, message):
     (["--eval_strategy", "sometimes"], "sometimes is not a valid"),
     (["--deepspeed", "/nonexistent/ds.json"], "/nonexistent/ds.json"),
     (["--report_to", "no_such_tracker"], "--report_to no_such_tracker"),
-    (["--metric_for_best_model", "eval_valid_ndcg@50"], "not an evaluation figure — choose one of eval_valid_ndcg@5"),
+    (["--metric_for_best_model", "eval_valid_ndcg@50"], "valid ranking figure (test is held out) — choose one of "
+                                                        "eval_valid_ndcg@5, "),
+    (["--metric_for_best_model", "eval_test_ndcg@10"], "--metric_for_best_model 'eval_test_ndcg@10': models are"),
+    (["--metric_for_best_model", "valid_reasoning_length"], "--metric_for_best_model 'valid_reasoning_length'"),
     (["--save_strategy", "no"], "Save strategy:"),  # the message's later lines are kept
     (["--save_steps", "7"], "--save_steps 7: with --load_best_model_at_end"),
     (["--save_steps", "7", "--eval_steps", "5"], "drop --save_steps"),
