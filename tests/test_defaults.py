@@ -10,6 +10,7 @@ import pytest
 import train
 from errors import UserError
 from model import LORA_TARGETS, TAU
+from rollouts import SamplingConfig
 from trainer import RecPOConfig
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -39,7 +40,9 @@ def test_flagless_config_has_the_spec_defaults():
     assert actual == SPEC_DEFAULTS
     assert config.optim.startswith("adamw")
     assert config.ddp_find_unused_parameters is False  # every LoRA weight is used: DDP skips its graph search
-    assert config.sampling.greedy is False and config.sampling.temperature == 1.5
+    assert config.sampling == SamplingConfig(max_new_tokens=640, temperature=1.5, top_k=200, top_p=1.0)
+    flags = ["--gen_temperature", "2.0", "--gen_top_k", "50", "--gen_top_p", "0.9", "--max_new_tokens", "32"]
+    assert train.parse_config(flags).sampling == SamplingConfig(32, temperature=2.0, top_k=50, top_p=0.9)
     assert TAU == 0.02 and ",".join(LORA_TARGETS) == SPEC_DEFAULTS["lora_target_modules"]
 
 

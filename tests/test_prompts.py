@@ -166,6 +166,9 @@ def test_long_prompts_lose_their_oldest_history_lines(tokenizer):
     full = user_prompt_tokens(tokenizer, user_prompt(sample, "Video_Games"))
     cut = user_prompt_tokens(tokenizer, user_prompt(sample, "Video_Games"), max_tokens=len(full) - 1)
     assert cut == ids(tokenizer, chat_prompt(tokenizer, user_prompt(sample, "Video_Games", window_size=3)))
+    for window in (2, 1):  # a limit that fits exactly `window` lines keeps them all, and no more
+        fits = ids(tokenizer, chat_prompt(tokenizer, user_prompt(sample, "Video_Games", window_size=window)))
+        assert user_prompt_tokens(tokenizer, user_prompt(sample, "Video_Games"), max_tokens=len(fits)) == fits
 
 
 def test_long_items_lose_description_words(tokenizer):

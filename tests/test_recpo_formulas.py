@@ -112,6 +112,10 @@ def test_item_loss_by_hand():
     assert loss.item() == pytest.approx((-1.28 * 2 + 1.0) / 4, rel=1e-5)
     on_policy, _ = clipped_item_loss(logits, labels, None, torch.tensor([2.0, -1.0]), 0.2, 0.28, 2)
     assert on_policy.item() == pytest.approx((-2.0 + 1.0) / 2)
+    # The lower bound is 1 - ε_low: q = 0.5 with Â = -1 is clipped to 0.8, -min(-0.5, -0.8) = 0.8.
+    low, _ = clipped_item_loss(torch.zeros(1, 2), torch.tensor([0]), torch.tensor([1.0]), torch.tensor([-1.0]),
+                               0.2, 0.28, num_trajectories=1)
+    assert low.item() == pytest.approx(0.8)
 
 
 def test_on_policy_item_loss_is_exact_for_tiny_probabilities():

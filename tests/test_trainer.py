@@ -17,7 +17,7 @@ from train import free_port  # launches never collide on a fixed port
 from dataset import load_dataset_dir
 from errors import UserError
 from model import LORA_TARGETS, add_lora, encode, load_backbone, policy_forward
-from rollouts import fresh_forward
+from rollouts import SamplingConfig, fresh_forward
 from tests.backbones import tiny_backbone
 from tests.tiny_data import tiny_dataset
 from trainer import RecPOConfig, RecPOTrainer, RepeatedBatchSampler
@@ -43,9 +43,10 @@ def lora_state(model) -> dict:
 
 
 def tiny_trainer(tmp_path, family="qwen2", **overrides):
+    config = tiny_config(tmp_path, **overrides)
     model, tokenizer = load_backbone(tiny_backbone(family), dtype=torch.float32)
-    model = add_lora(model, r=4, alpha=8)
-    return RecPOTrainer(model, tiny_config(tmp_path, **overrides), tokenizer, tiny_dataset(), "Video_Games")
+    model = add_lora(model, r=4, alpha=8, dropout=config.lora_dropout)
+    return RecPOTrainer(model, config, tokenizer, tiny_dataset(), "Video_Games")
 
 
 @pytest.mark.parametrize("flag", ["max_prompt_tokens", "max_item_tokens"])
@@ -83,6 +84,43 @@ def test_logged_loss_terms_add_up_to_the_logged_loss_over_micro_batches(tmp_path
     logged = next(entry for entry in trainer.state.log_history if "loss/item" in entry)
     assert logged["loss/item"] != 0
     assert logged["loss"] == pytest.approx(logged["loss/token"] + logged["loss/item"], rel=1e-4, abs=1e-6)
+
+
+def test_a_batch_s_rewards_advantages_and_relabel_mask_by_hand(tmp_path, monkeypatch):
+    """make_batch wires SPEC §4.2–4.4: each trajectory scored against its own user's target and
+    history with the given β and k, advantages within each group of G = 2, the better trajectory of each group relabelled; the rollouts use the sampling flags."""
+    trainer = tiny_trainer(tmp_path, beta=0.3, reward_ndcg_k=5, gen_temperature=2.0, gen_top_k=7)
+    trainer.refresh_item_table(trainer.model)
+    samples = [dict(trainer.train_dataset[i]) for i in (0, 1)]
+    rollout, captured = trainer.rollout, {}
+
+    def capturing_rollout(model, samples, sampling, num_samples):
+        captured["sampling"], captured["num_samples"] = sampling, num_samples
+        return rollout(model, samples, sampling, num_samples)
+
+    monkeypatch.setattr(trainer, "rollout", capturing_rollout)
+    batch = trainer.make_batch(trainer.model, samples)
+    assert captured == {"sampling": SamplingConfig(12, temperature=2.0, top_k=7), "num_samples": 2}
+    users, items = batch.rollouts.user_states, trainer.item_table.embeddings
+    rewards = []
+    for row in range(4):
+        sample = samples[row // 2]
+        scores = F.normalize(users[row], dim=0) @ F.normalize(items, dim=1).T / 0.02  # (I,)
+        scores[[0, *sample["history_item_id"]]] = -math.inf
+        target = sample["item_id"]
+        rank = int((scores >= scores[target]).sum())
+        ndcg = 1 / math.log2(rank + 1) if rank <= 5 else 0.0
+        rewards.append(0.7 * ndcg + 0.3 * scores.softmax(0)[target].item())
+    logged = {key: values[-1].item() for key, values in trainer._metrics.items()}
+    assert logged["reward/mean"] == pytest.approx(sum(rewards) / 4, rel=1e-5)
+    assert torch.equal(batch.targets, torch.tensor([s["item_id"] for s in samples]))
+    for group in range(2):
+        first, second = rewards[2 * group], rewards[2 * group + 1]
+        assert first != pytest.approx(second, abs=1e-6)  # sampled at temperature 2: distinct reasonings
+        # (R - mean) / (unbiased std + 1e-8): ±(d/2) / (d/√2 + 1e-8) for d = |R_1 - R_2|
+        advantage = (first - second) / 2 / (abs(first - second) / 2**0.5 + 1e-8)
+        assert batch.advantages[2 * group:2 * group + 2].tolist() == pytest.approx([advantage, -advantage], rel=1e-4)
+        assert batch.relabel[2 * group:2 * group + 2].tolist() == ([1.0, 0.0] if first > second else [0.0, 1.0])
 
 
 def test_skipped_steps_are_counted_over_the_logging_window(tmp_path):
@@ -310,6 +348,39 @@ def test_update_gradient_equals_one_backward_of_the_whole_loss(tmp_path, checkpo
             torch.testing.assert_close(grads[name], param.grad, rtol=1e-4, atol=1e-6, msg=name)
 
 
+def test_the_item_table_holds_each_item_s_h_and_an_update_rewrites_its_targets(tmp_path):
+    """Against `encode` of one unpadded item at a time: the table after a refresh; after an update
+    with moved adapters, fresh rows for the batch's targets and the old ones elsewhere; after an
+    evaluation, every row fresh."""
+    trainer = tiny_trainer(tmp_path, lora_dropout=0.0, micro_batch_size=4)
+    model, table = trainer.model, trainer.item_table
+
+    def one_by_one(item_ids):
+        with torch.no_grad():
+            return torch.cat([encode(model.eval(), **table.batch([i])) for i in item_ids])
+
+    trainer.refresh_item_table(model)
+    refreshed = table.embeddings.clone()
+    torch.testing.assert_close(refreshed, one_by_one(range(len(table))), atol=1e-5, rtol=1e-5)
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for name, param in sorted(model.named_parameters()):
+            if "lora_B" in name:
+                param.copy_(0.2 * torch.randn(param.shape, generator=generator))
+    batch = trainer.make_batch(model, [trainer.train_dataset[i] for i in range(2)])
+    model.train()
+    trainer.update(trainer.accelerator.prepare_model(model), batch)
+    targets = batch.targets.unique()
+    others = torch.ones(len(table), dtype=torch.bool)
+    others[targets] = False
+    torch.testing.assert_close(table.embeddings[targets], one_by_one(targets.tolist()), atol=1e-5, rtol=1e-5)
+    assert not torch.allclose(table.embeddings[targets], refreshed[targets], atol=1e-3)
+    assert torch.equal(table.embeddings[others], refreshed[others])
+    trainer.evaluate()  # re-encodes every item with the current weights
+    torch.testing.assert_close(table.embeddings, one_by_one(range(len(table))), atol=1e-5, rtol=1e-5)
+    assert not torch.allclose(table.embeddings[others], refreshed[others], atol=1e-3)
+
+
 def test_first_update_is_on_policy_although_the_sampler_runs_without_lora_dropout(tmp_path):
     """SPEC §4.5: with one update per rollout ρ = 1 (REINFORCE), so no token is clipped."""
     model, tokenizer = load_backbone(tiny_backbone("qwen2"), dtype=torch.float32)
@@ -494,6 +565,19 @@ def test_resume_from_checkpoint_matches_the_uninterrupted_run(tmp_path):
     evaluated = lambda s: [e["step"] for e in s["log_history"] if "eval_valid_ndcg@10" in e]  # noqa: E731
     assert evaluated(state_b) == evaluated(state_a) == [0, 5, 7]
     assert state_b["stateful_callbacks"]["EarlyStoppingCallback"] == state_a["stateful_callbacks"]["EarlyStoppingCallback"]
+
+
+def test_early_stopping_ends_the_run_after_patience_evaluations_without_a_gain(tmp_path):
+    """Learning rate 0: every evaluation equals the first. The step-1 evaluation sets the best
+    (the step-0 one, before training, is never the best); steps 2 and 3 bring no gain, so a
+    patience of 2 stops the run at step 3 of 10."""
+    flags = quick_flags(tmp_path, "--learning_rate", "0", "--eval_steps", "1", "--max_steps", "10",
+                        "--early_stopping_patience", "2", "--max_eval_samples", "2")
+    trainer = train.build_trainer(train.parse_config(flags))
+    trainer.train()
+    evaluated = [entry["step"] for entry in trainer.state.log_history if "eval_valid_ndcg@10" in entry]
+    assert trainer.state.global_step == 3 and evaluated == [0, 1, 2, 3]
+    assert trainer.state.best_model_checkpoint.endswith("checkpoint-1")
 
 
 @pytest.mark.parametrize("flags, message", [
@@ -785,6 +869,27 @@ def test_num_iterations_reuses_each_rollout_batch_with_real_old_probabilities(tm
     assert batches[0] != batches[1]
     clip = [entry["clip_ratio/token"] for entry in trainer.state.log_history if "clip_ratio/token" in entry]
     assert len(clip) == 4 and all(0 <= c <= 1 for c in clip)
+    assert clip[0] == clip[2] == 0  # a rollout batch's first update: ρ = 1 exactly
+
+
+def test_num_iterations_second_update_reads_the_first_update_s_probabilities(tmp_path, monkeypatch):
+    """Learning rate 0, no dropout: the policy does not move, so update 2 of a rollout batch sees
+    ρ = 1 and item ratio 1 (p_old and π_old aligned row by row with update 1's), equal losses."""
+    trainer = tiny_trainer(tmp_path, max_steps=2, num_iterations=2, learning_rate=0.0, lora_dropout=0.0,
+                           micro_batch_size=1)
+    updates, update = [], trainer.update
+    monkeypatch.setattr(trainer, "update", lambda model, batch: updates.append(batch) or update(model, batch))
+    trainer.train()
+    first, second = updates
+    assert second.rollouts is first.rollouts and first.item_old_probs is None
+    reasoning = first.rollouts.completion_mask.bool()
+    torch.testing.assert_close(second.token_old_logprobs[reasoning], first.rollouts.logprobs[reasoning],
+                               atol=1e-4, rtol=0)  # the sampler's log-probs, row by row
+    assert bool((second.item_old_probs > 0).all() and (second.item_old_probs < 1).all())
+    logged = [entry for entry in trainer.state.log_history if "loss/item" in entry]
+    assert [entry["clip_ratio/token"] for entry in logged] == [0, 0] and logged[0]["loss/item"] != 0
+    assert logged[1]["loss/item"] == pytest.approx(logged[0]["loss/item"], rel=1e-5)
+    assert logged[1]["loss/token"] == pytest.approx(logged[0]["loss/token"], rel=1e-5, abs=1e-7)
 
 
 def test_num_iterations_realigns_rollouts_with_their_users_after_a_skipped_step(tmp_path, monkeypatch):
