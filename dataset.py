@@ -1,7 +1,8 @@
 """The dataset folder that preprocess.py writes and train.py and recommend.py read.
 
 Its name, `{category}_{K}_{st_year}-{st_month}-{ed_year}-{ed_month}[_{postfix}]` (SPEC §1), tells
-the category; it holds a `datasets.DatasetDict` with the sample splits and `item_info`.
+the category; it holds a `datasets.DatasetDict` with the sample splits and `item_info`, and
+`preprocess.json`: the flags, the window actually kept (its start may have moved back) and the sizes.
 `load_dataset_dir` checks what training relies on, so a wrong folder fails in one line.
 """
 import os
@@ -11,6 +12,7 @@ import pyarrow.compute as pc
 
 from errors import UserError, one_line
 
+PREPROCESS_RECORD = "preprocess.json"
 SAMPLE_SPLITS = ("train", "valid", "test")
 SPLITS = (*SAMPLE_SPLITS, "item_info")
 TRAINING_COLUMNS = ("user_id", "history_item_id", "history_item_title", "history_rating", "history_timestamp",

@@ -38,8 +38,8 @@ import requests
 import urllib3
 from tqdm import tqdm
 
-from dataset import dataset_name
-from errors import UserError, folder_problem, one_line, one_line_parser_errors, run_cli
+from dataset import PREPROCESS_RECORD, dataset_name
+from errors import UserError, folder_problem, one_line, one_line_parser_errors, run_cli, write_json
 
 DEFAULT_BASE_URL = "https://mcauleylab.ucsd.edu/public_datasets/data/amazon_2023/"
 BASE_URL_ENV = "R2EC_AMAZON_BASE_URL"
@@ -647,15 +647,25 @@ def main(argv=None):
     target = os.path.join(args.data_root_dir, dataset_name(
         args.category, args.K, args.st_year, args.st_month, args.ed_year, args.ed_month,
         args.postfix))
-    # one shard per split: the default writes no file at all for an empty split
+    n_items = item_info.num_rows - 1
+    record = {  # the folder's name keeps the requested start (SPEC §1); this keeps what was done
+        "category": args.category, "K": args.K, "window_size": args.window_size,
+        "requested_start": f"{args.st_year}-{args.st_month:02d}-01", "start": f"{start[0]}-{start[1]:02d}-01",
+        "end": f"{args.ed_year}-{args.ed_month:02d}-01", "users": n_users, "items": n_items,
+        "interactions": n, "train": a, "valid": b - a, "test": n - b,
+    }
+
+    def write(folder):
+        # one shard per split: the default writes no file at all for an empty split
+        dataset.save_to_disk(folder, num_shards={s: 1 for s in dataset})
+        write_json(os.path.join(folder, PREPROCESS_RECORD), record)
+
     try:
-        save_atomically(
-            lambda folder: dataset.save_to_disk(folder, num_shards={s: 1 for s in dataset}), target)
+        save_atomically(write, target)
     except OSError as e:  # disk full, or the folder changed since check_args
         raise UserError(f"cannot write {target} ({e.strerror or e}) — free some space or pass a "
                         f"writable --data_root_dir") from e
 
-    n_items = item_info.num_rows - 1
     if start != (args.st_year, args.st_month):
         why = (f"to reach {MIN_WINDOW_ITEMS:,} items" if n_items >= MIN_WINDOW_ITEMS else
                f"still under {MIN_WINDOW_ITEMS:,} items: stopped in the earliest rating's year")

@@ -677,6 +677,11 @@ def test_sample_data_end_to_end(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "window start moved back to 2021-10-01" in out
     assert "users: 313  items: 239  interactions: 1,666" in out
+    with open(os.path.join(target, "preprocess.json")) as f:
+        assert json.load(f) == {
+            "category": "Video_Games", "K": 0, "window_size": 20, "requested_start": "2022-10-01",
+            "start": "2021-10-01", "end": "2023-10-01", "users": 313, "items": 239, "interactions": 1666,
+            "train": 1332, "valid": 167, "test": 167}
     d = datasets.load_from_disk(target)
     assert list(d) == ["train", "valid", "test", "item_info"]
     assert [d[s].num_rows for s in ("train", "valid", "test")] == [1332, 167, 167]
