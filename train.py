@@ -28,7 +28,8 @@ from paths import resolve_model
 from trainer import RecPOConfig, RecPOTrainer, check_length_limits, check_train_size
 
 RUN_RECORD = "r2ec_run.json"  # what recommend.py needs: in the output folder and in every checkpoint
-RUN_SETTINGS = ("window_size", "max_new_tokens", "similarity_type", "tau", "max_prompt_tokens", "max_item_tokens")
+RUN_SETTINGS = ("window_size", "max_new_tokens", "reasoning", "similarity_type", "tau", "max_prompt_tokens",
+                "max_item_tokens")
 
 
 def parse_config(argv: list[str]) -> RecPOConfig:

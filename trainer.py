@@ -100,6 +100,12 @@ class RecPOConfig(TrainingArguments):
     gen_top_k: int = field(default=200, metadata={"help": "Top-k sampling, 0 = off (paper 200, launcher 50)."})
     gen_top_p: float = field(default=1.0, metadata={"help": "Top-p (nucleus) sampling."})
     max_new_tokens: int = field(default=640, metadata={"help": "Longest reasoning, <answer> included."})
+    reasoning: bool = field(
+        default=True,
+        metadata={"help": "False: SPEC §5's w/o-reasoning ablation (contrastive only): h right after the prompt "
+                          "and a forced <answer>, trained by the item loss alone with every Â = 1 (sets "
+                          "--group_size and --trainer_relabel_topk to 1; no token loss)."},
+    )
     tempered_logprobs: bool = field(
         default=False,
         metadata={"help": "Token loss on log softmax(logits / --gen_temperature), TRL GRPO's convention, "
@@ -199,6 +205,8 @@ class RecPOConfig(TrainingArguments):
         self.save_steps_from_eval = self.save_steps is None
         if self.save_steps is None:
             self.save_steps = self.eval_steps or self.logging_steps  # until set_intervals knows the interval
+        if not self.reasoning:  # one forced "<answer>" per user: G copies would be identical
+            self.group_size = self.trainer_relabel_topk = 1
         if self.gradient_checkpointing_kwargs is None:
             # Re-entrant checkpointing breaks DDP when the same weights run twice before one backward.
             self.gradient_checkpointing_kwargs = {"use_reentrant": False}
@@ -501,6 +509,8 @@ class RecPOTrainer(Trainer):
             dataset["item_info"], tokenizer, category, batch_size=args.item_batch_size, max_tokens=args.max_item_tokens
         )
         self.stop = answer_stop(tokenizer, end_of_turn_ids(model, tokenizer))
+        # Without reasoning (the ablation) every rollout is the forced stop alone, chosen greedily.
+        self.sampling = args.sampling if args.reasoning else SamplingConfig(len(self.stop.forced), greedy=True)
         self._metrics = defaultdict(list)
         self._table_encoded = False
         self._buffer: RecPOBatch | None = None
@@ -587,7 +597,7 @@ class RecPOTrainer(Trainer):
         rank among the unseen items (1 = best; None when it was bought before), the reasoning (`<answer>` included) and its length
         in tokens, and the `top_k` unseen items, best first, with their titles and scores.
         """
-        greedy = SamplingConfig(max_new_tokens=self.args.max_new_tokens, greedy=True)
+        greedy = SamplingConfig(max_new_tokens=self.sampling.max_new_tokens, greedy=True)
         rollouts = self.rollout(model, samples, greedy, 1)
         scores = self.masked_scores(rollouts.user_states, samples)  # (B, I), history and pad at -inf
         ranks = target_rank(scores, self.target_ids(samples)).tolist()
@@ -607,12 +617,12 @@ class RecPOTrainer(Trainer):
     def make_batch(self, model, samples: list[dict]) -> RecPOBatch:
         """Rollouts, rewards, advantages and relabel mask for one batch of users (no gradient)."""
         with self._timed("rollout"):
-            rollouts = self.rollout(model, samples, self.args.sampling, self.args.group_size)
+            rollouts = self.rollout(model, samples, self.sampling, self.args.group_size)
         targets = self.target_ids(samples)  # (B,)
         with self._timed("reward"):
             reward, terms = self.rewards(rollouts.user_states, samples, targets)
         self._check_finite(reward, "reward")
-        advantages = self.advantages(reward)
+        advantages = self.advantages(reward) if self.args.reasoning else torch.ones_like(reward)  # contrastive only
         rewards_by_group = reward.view(-1, self.args.group_size)
         self._record(
             **{
@@ -676,12 +686,15 @@ class RecPOTrainer(Trainer):
         these rows (M,) and their token log-probs (M, C).
         """
         ids, mask, completion_len = self._user_sequences(batch.rollouts, rows)
-        logprobs, user_states = policy_forward(model, ids, mask, completion_len, self.args.sampling.policy_temperature)
-        token, clip_fraction = self.token_loss(logprobs, batch, rows, completion_len)
+        logprobs, user_states = policy_forward(model, ids, mask, completion_len, self.sampling.policy_temperature)
         item, probs = self.item_loss(user_states, item_states, batch, rows, weighted_advantages, old_probs)
-        token = token * self.args.per_device_train_batch_size / len(batch.targets)
+        if self.args.reasoning:
+            token, clip_fraction = self.token_loss(logprobs, batch, rows, completion_len)
+            token = token * self.args.per_device_train_batch_size / len(batch.targets)
+            self._record(**{"clip_ratio/token": clip_fraction})
+        else:  # the ablation: `<answer>` was forced, not chosen, so there is no token loss
+            token = torch.zeros_like(item)
         self._check_finite(token + item, "loss")
-        self._record(**{"clip_ratio/token": clip_fraction})
         return token, item, probs, logprobs
 
     def update(self, model, batch: RecPOBatch) -> torch.Tensor:

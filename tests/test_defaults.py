@@ -43,6 +43,8 @@ def test_flagless_config_has_the_spec_defaults():
     assert config.sampling == SamplingConfig(max_new_tokens=640, temperature=1.5, top_k=200, top_p=1.0)
     flags = ["--gen_temperature", "2.0", "--gen_top_k", "50", "--gen_top_p", "0.9", "--max_new_tokens", "32"]
     assert train.parse_config(flags).sampling == SamplingConfig(32, temperature=2.0, top_k=50, top_p=0.9)
+    ablation = train.parse_config(["--reasoning", "False", "--group_size", "4", "--trainer_relabel_topk", "2"])
+    assert (ablation.reasoning, ablation.group_size, ablation.trainer_relabel_topk) == (False, 1, 1)
     assert TAU == 0.02 and ",".join(LORA_TARGETS) == SPEC_DEFAULTS["lora_target_modules"]
 
 

@@ -248,6 +248,15 @@ def test_bad_setting_in_the_run_file_gives_one_line(run_copy, capsys, setting, m
     assert_one_line_error(capsys, ["--output_dir", str(folder)], message)
 
 
+def test_a_run_trained_without_reasoning_is_served_without_it(run_copy, tmp_path):
+    folder, run = run_copy
+    assert run["reasoning"] is True
+    (folder / "r2ec_run.json").write_text(json.dumps({**run, "reasoning": False}))
+    output = tmp_path / "ranks.jsonl"
+    run_recommend("--output_dir", str(folder), "--split", "test", "--samples", "0", "1", "--output", str(output))
+    assert [record["reasoning"] for record in read_jsonl(output)] == ["<answer>", "<answer>"]
+
+
 @pytest.mark.parametrize("damage, message", [
     (lambda f: (f / "adapter_model.safetensors").write_bytes(b"\x10\x00"), "the adapter in"),
     (lambda f: (f / "adapter_config.json").write_text("{not json"), "the adapter in"),

@@ -381,6 +381,45 @@ def test_the_item_table_holds_each_item_s_h_and_an_update_rewrites_its_targets(t
     assert not torch.allclose(table.embeddings[others], refreshed[others], atol=1e-3)
 
 
+def test_without_reasoning_training_is_in_batch_contrastive_learning(tmp_path):
+    """--reasoning False (SPEC §5's ablation): each user's rollout is the forced `<answer>` alone,
+    G = 1, and the update's gradient is that of the in-batch softmax cross-entropy of h (prompt +
+    `<answer>`) against the batch's targets, with no token loss."""
+    trainer = tiny_trainer(tmp_path, reasoning=False, group_size=4, trainer_relabel_topk=2, lora_dropout=0.0,
+                           per_device_train_batch_size=3, micro_batch_size=2, gradient_checkpointing=False)
+    assert trainer.args.group_size == trainer.args.trainer_relabel_topk == 1
+    model, forced = trainer.model, list(trainer.stop.forced)
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for name, param in sorted(model.named_parameters()):
+            if "lora_B" in name:  # adapters that change h, so the gradient reaches lora_A too
+                param.copy_(0.2 * torch.randn(param.shape, generator=generator))
+    trainer.refresh_item_table(model)
+    samples = [trainer.train_dataset[i] for i in range(3)]
+    batch = trainer.make_batch(model, samples)
+    assert batch.rollouts.completion_ids.tolist() == [forced] * 3 and batch.advantages.tolist() == [1.0] * 3
+    model.train()
+    trainer.update(trainer.accelerator.prepare_model(model), batch)
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+    logged = {key: values[-1].item() for key, values in trainer._metrics.items()}
+    assert logged["loss/token"] == 0 and "clip_ratio/token" not in logged
+
+    model.zero_grad(set_to_none=True)
+    ids, mask = trainer.tokenize_prompts(samples)
+    answer = torch.tensor([forced] * 3)
+    users = encode(model, torch.cat([ids, answer], 1), torch.cat([mask, torch.ones_like(answer)], 1))  # (3, D)
+    items = encode(model, **trainer.item_table.batch([s["item_id"] for s in samples]))  # (3, D)
+    scores = F.normalize(users, dim=-1) @ F.normalize(items, dim=-1).T / 0.02
+    F.cross_entropy(scores, torch.arange(3)).backward()
+    assert any(g.abs().sum() > 0 for g in grads.values())
+    for name, param in model.named_parameters():  # gradients up to ~50 (τ = 0.02): a relative tolerance
+        if param.requires_grad:
+            torch.testing.assert_close(grads[name], param.grad, rtol=1e-4, atol=1e-5 * param.grad.abs().max().item(),
+                                       msg=name)
+    records = trainer.recommend(model, samples, [0, 1, 2], "train", top_k=3)
+    assert [r["reasoning_tokens"] for r in records] == [len(forced)] * 3
+
+
 def test_first_update_is_on_policy_although_the_sampler_runs_without_lora_dropout(tmp_path):
     """SPEC §4.5: with one update per rollout ρ = 1 (REINFORCE), so no token is clipped."""
     model, tokenizer = load_backbone(tiny_backbone("qwen2"), dtype=torch.float32)
