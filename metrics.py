@@ -13,11 +13,11 @@ KS = (5, 10, 20)
 
 
 def target_rank(scores: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """Rank of each row's target among all items, 1 = best, inf where the target is masked.
+    """Rank of each row's target among all items, 1 = best, inf where its score is masked (or NaN).
     scores (B, N), targets (B,) -> (B,) float64."""
     target_scores = scores.gather(1, targets[:, None])  # (B, 1)
     ranks = (scores >= target_scores).sum(dim=1).double()  # (B,) the target itself counts once
-    return ranks.masked_fill(target_scores.squeeze(1) == -math.inf, math.inf)
+    return ranks.masked_fill(~(target_scores.squeeze(1) > -math.inf), math.inf)  # NaN too: never a hit
 
 
 def ndcg_at_k(ranks: torch.Tensor, k: int) -> torch.Tensor:

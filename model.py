@@ -92,7 +92,8 @@ def end_of_turn_ids(model, tokenizer) -> set[int]:
 def attention_implementation(config) -> str | None:
     """"eager" for models with attention soft-capping (Gemma-2), whose SDPA path some transformers
     versions (5.17) run without it; None (the default, SDPA) for the rest."""
-    return "eager" if getattr(config.get_text_config(), "attn_logit_softcapping", None) else None
+    configs = (config, config.get_text_config())  # a multimodal wrapper holds the decoder's settings inside
+    return "eager" if any(getattr(c, "attn_logit_softcapping", None) for c in configs) else None
 
 
 def add_lora(model, r: int = 4, alpha: int = 128, dropout: float = 0.05, target_modules=LORA_TARGETS):

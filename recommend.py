@@ -35,7 +35,7 @@ from paths import resolve_model
 from train import RUN_RECORD  # written into each checkpoint and, when a run ends, its output folder
 from trainer import RecPOConfig, RecPOTrainer, check_length_limits
 
-RUN_KEYS = ("model", "dataset_dir", "category")  # needed in r2ec_run.json; its train.RUN_SETTINGS are read too
+RUN_KEYS = ("model", "dataset_dir", "category")  # needed in r2ec_run.json; any RecPOConfig field in it is read too
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 CONFIG_FIELDS = {f.name for f in dataclasses.fields(RecPOConfig) if f.init}
 SETTING_TYPES = {f.name: f.type for f in dataclasses.fields(RecPOConfig) if f.init and f.type in (bool, int, float, str)}

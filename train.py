@@ -30,6 +30,7 @@ from trainer import RecPOConfig, RecPOTrainer, check_length_limits, check_train_
 RUN_RECORD = "r2ec_run.json"  # what recommend.py needs: in the output folder and in every checkpoint
 RUN_SETTINGS = ("window_size", "max_new_tokens", "reasoning", "similarity_type", "tau", "max_prompt_tokens",
                 "max_item_tokens")
+METHOD_SETTINGS = ("reasoning", "similarity_type", "tau")  # of RUN_SETTINGS, what a resume must keep
 
 
 def parse_config(argv: list[str]) -> RecPOConfig:
@@ -136,6 +137,11 @@ def check_checkpoint(checkpoint: str, config: RecPOConfig):
         "lora_alpha": (adapter.get("lora_alpha"), config.lora_alpha),
         "lora_target_modules": (",".join(sorted(adapter.get("target_modules") or [])), ",".join(sorted(config.lora_targets))),
     }
+    record_path = os.path.join(checkpoint, RUN_RECORD)  # in checkpoints since 2026-11-29
+    record = read_json(record_path, fix) if os.path.isfile(record_path) else {}
+    for flag in METHOD_SETTINGS:  # a resume must not switch method halfway (length limits may change)
+        if isinstance(record, dict) and flag in record:
+            saved_and_given[flag] = (record[flag], getattr(config, flag))
     for flag, (saved, given) in saved_and_given.items():
         if saved != given:
             raise UserError(f"{checkpoint} was trained with --{flag} {saved}, not {given} — resume with --{flag} {saved}")

@@ -260,6 +260,8 @@ class RecPOConfig(TrainingArguments):
             (0 < self.tau < math.inf, f"--tau {self.tau}: must be positive and finite"),
             (self.micro_batch_size >= 1, f"--micro_batch_size {self.micro_batch_size}: must be at least 1"),
             (self.num_iterations >= 1, f"--num_iterations {self.num_iterations}: must be at least 1"),
+            (self.reasoning or self.num_iterations == 1,
+             "--reasoning False trains by cross-entropy, one update per batch: drop --num_iterations"),
             (self.num_iterations == 1 or self.gradient_accumulation_steps == 1,
              "--num_iterations > 1 needs --gradient_accumulation_steps 1 (each rollout batch is one step)"),
             (self.epsilon_low >= 0 and self.epsilon_high >= 0, "--epsilon_low/--epsilon_high must be >= 0"),
@@ -292,6 +294,8 @@ class RecPOConfig(TrainingArguments):
 
     @property
     def sampling(self) -> SamplingConfig:
+        """The rollout sampling the flags ask for; `RecPOTrainer.sampling` is what training uses
+        (without reasoning it is the forced `<answer>` alone)."""
         return SamplingConfig(
             max_new_tokens=self.max_new_tokens,
             temperature=self.gen_temperature,
@@ -628,7 +632,7 @@ class RecPOTrainer(Trainer):
             **{
                 "reward/mean": reward.mean(),
                 **{f"reward/{name}": term.mean() for name, term in terms.items()},
-                "reward/std_within_group": rewards_by_group.std(dim=1).nan_to_num(0).mean(),
+                "reward/std_within_group": rewards_by_group.std(dim=1).mean() if self.args.group_size > 1 else 0.0,
                 "advantage/abs_mean": advantages.abs().mean(),
                 "frac_reward_zero_std": (rewards_by_group.max(1).values == rewards_by_group.min(1).values).float().mean(),
                 "completions/mean_length": rollouts.completion_mask.sum(1).float().mean(),
@@ -688,6 +692,8 @@ class RecPOTrainer(Trainer):
         ids, mask, completion_len = self._user_sequences(batch.rollouts, rows)
         logprobs, user_states = policy_forward(model, ids, mask, completion_len, self.sampling.policy_temperature)
         item, probs = self.item_loss(user_states, item_states, batch, rows, weighted_advantages, old_probs)
+        # The in-batch cross-entropy of each trajectory's own target: the item loss's value is -Â on-policy.
+        self._record(**{"item/nll": -probs.clamp(min=torch.finfo(torch.float32).tiny).log().mean()})
         if self.args.reasoning:
             token, clip_fraction = self.token_loss(logprobs, batch, rows, completion_len)
             token = token * self.args.per_device_train_batch_size / len(batch.targets)

@@ -46,7 +46,7 @@ def local_rollouts(trainer, samples, model, completion_ids, completion_mask):
     with torch.no_grad():
         logprobs, user_states = policy_forward(model, torch.cat([prompt_ids, completion_ids], 1),
                                                torch.cat([prompt_mask, completion_mask], 1), completion_ids.shape[1],
-                                               trainer.args.sampling.policy_temperature)
+                                               trainer.sampling.policy_temperature)
     return Rollouts(prompt_ids, prompt_mask, completion_ids, completion_mask, logprobs * completion_mask,
                     user_states.float())
 

@@ -9,8 +9,8 @@ import torch
 import torch.nn.functional as F
 
 from errors import UserError
-from model import (ItemTable, add_lora, enable_checkpointing, encode, end_of_turn_ids, load_backbone, mask_seen,
-                   policy_forward, similarity)
+from model import (ItemTable, add_lora, attention_implementation, enable_checkpointing, encode, end_of_turn_ids,
+                   load_backbone, mask_seen, policy_forward, similarity)
 from paths import DEFAULT_MODEL, resolve_model
 from prompts import chat_prompt, item_prompt_tokens
 from tests.backbones import FAMILIES, tiny_backbone
@@ -237,6 +237,14 @@ def test_end_of_turn_ids_join_the_tokenizer_and_the_generation_config():
     assert sorted(names) == ["<end_of_turn>", "<eos>"]
     smol, smol_tokenizer = load_backbone(tiny_backbone("llama"), dtype=torch.float32)
     assert smol_tokenizer.convert_ids_to_tokens(sorted(end_of_turn_ids(smol, smol_tokenizer))) == ["<|im_end|>"]
+
+
+def test_soft_capped_attention_runs_eager_also_inside_a_multimodal_config():
+    from transformers import Gemma2Config, Gemma3Config, Qwen2Config
+
+    assert attention_implementation(Gemma2Config()) == "eager"  # soft-capping 50 by default
+    assert attention_implementation(Gemma3Config(text_config={"attn_logit_softcapping": 50.0})) == "eager"
+    assert attention_implementation(Gemma3Config()) is None and attention_implementation(Qwen2Config()) is None
 
 
 def test_a_folder_without_a_model_fails_in_one_line(tmp_path):

@@ -37,6 +37,8 @@ def test_a_masked_target_is_a_miss_at_every_k():
     scores = torch.tensor([[NEG, 1.0, 2.0, NEG], [NEG, 1.0, 2.0, 0.5]])
     ranks = target_rank(scores, torch.tensor([3, 3]))
     assert ranks.tolist() == [math.inf, 3.0]
+    diverged = torch.tensor([[NEG, 1.0, 2.0, float("nan")]])  # a NaN score ranks nothing above it: not a hit
+    assert target_rank(diverged, torch.tensor([3])).tolist() == [math.inf]
     reward, terms = recpo_reward(scores, torch.tensor([3, 3]), beta=0.05, ndcg_k=1000)
     assert terms["ndcg"].tolist() == [0.0, pytest.approx(0.5)] and terms["softmax"][0].item() == 0.0
     assert reward[0].item() == 0.0

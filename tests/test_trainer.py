@@ -386,7 +386,8 @@ def test_without_reasoning_training_is_in_batch_contrastive_learning(tmp_path):
     G = 1, and the update's gradient is that of the in-batch softmax cross-entropy of h (prompt +
     `<answer>`) against the batch's targets, with no token loss."""
     trainer = tiny_trainer(tmp_path, reasoning=False, group_size=4, trainer_relabel_topk=2, lora_dropout=0.0,
-                           per_device_train_batch_size=3, micro_batch_size=2, gradient_checkpointing=False)
+                           per_device_train_batch_size=3, micro_batch_size=2, gradient_checkpointing=False,
+                           advantage_type="rloo")  # RLOO's A would be 0 for G = 1: Â = 1 must not come from it
     assert trainer.args.group_size == trainer.args.trainer_relabel_topk == 1
     model, forced = trainer.model, list(trainer.stop.forced)
     generator = torch.Generator().manual_seed(0)
@@ -411,6 +412,9 @@ def test_without_reasoning_training_is_in_batch_contrastive_learning(tmp_path):
     items = encode(model, **trainer.item_table.batch([s["item_id"] for s in samples]))  # (3, D)
     scores = F.normalize(users, dim=-1) @ F.normalize(items, dim=-1).T / 0.02
     F.cross_entropy(scores, torch.arange(3)).backward()
+    per_row = F.cross_entropy(scores, torch.arange(3), reduction="none").detach()
+    nll = [value.item() for value in trainer._metrics["item/nll"]]  # logged per micro-batch: rows 0-1, row 2
+    assert nll == pytest.approx([per_row[:2].mean().item(), per_row[2].item()], rel=1e-5)
     assert any(g.abs().sum() > 0 for g in grads.values())
     for name, param in model.named_parameters():  # gradients up to ~50 (τ = 0.02): a relative tolerance
         if param.requires_grad:
@@ -649,6 +653,7 @@ def test_bad_input_gives_one_clear_line(tmp_path, flags, message):
     (["--metric_for_best_model", "eval_valid_ndcg@50"], "valid ranking figure (test is held out) — choose one of "
                                                         "eval_valid_ndcg@5, "),
     (["--metric_for_best_model", "eval_test_ndcg@10"], "--metric_for_best_model 'eval_test_ndcg@10': models are"),
+    (["--reasoning", "False", "--num_iterations", "2"], "--reasoning False trains by cross-entropy, one update"),
     (["--metric_for_best_model", "valid_reasoning_length"], "--metric_for_best_model 'valid_reasoning_length'"),
     (["--save_strategy", "no"], "Save strategy:"),  # the message's later lines are kept
     (["--save_steps", "7"], "--save_steps 7: with --load_best_model_at_end"),
@@ -794,6 +799,10 @@ def test_earlier_run_in_a_folder_named_with_glob_characters(tmp_path):
     (lambda c: (c / "adapter_config.json").write_text(json.dumps(
         {"r": 4, "lora_alpha": 128, "target_modules": list(LORA_TARGETS), "base_model_name_or_path": "/models/gemma-2-2b-it"})),
      "was trained on /models/gemma-2-2b-it, not Qwen/Qwen2.5-3B-Instruct — resume with that --model"),
+    (lambda c: (c / "r2ec_run.json").write_text(json.dumps({"reasoning": False, "window_size": 5})),
+     "was trained with --reasoning False, not True — resume with --reasoning False"),
+    (lambda c: (c / "r2ec_run.json").write_text(json.dumps({"tau": 0.05})), "was trained with --tau 0.05, not 0.02"),
+    (lambda c: (c / "r2ec_run.json").write_text("[1"), "r2ec_run.json' is not readable JSON"),
     (lambda c: (c / "trainer_state.json").unlink(), "is incomplete (no trainer_state.json: its save was cut short)"),
     (lambda c: (c / "adapter_model.safetensors").write_bytes(b"\x10\x00"), "adapter weights cannot be read"),
     (lambda c: (c / "optimizer.pt").write_bytes(b"garbage"), "optimizer.pt is truncated or corrupt"),
