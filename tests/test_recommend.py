@@ -4,6 +4,7 @@ and one-line errors for bad input."""
 import contextlib
 import io
 import json
+import math
 import os
 import shutil
 import subprocess
@@ -85,7 +86,8 @@ def test_top_k_equals_a_ranking_computed_by_hand(run_dir, dataset, shown):
             assert [item["item_id"] for item in record["top_k"]] == order.tolist()
             torch.testing.assert_close(torch.tensor([item["score"] for item in record["top_k"]]), scores[order],
                                        rtol=1e-4, atol=1e-3)
-            assert record["target_rank"] == int((scores >= scores[sample["item_id"]]).sum())
+            bought_before = sample["item_id"] in sample["history_item_id"]
+            assert record["target_rank"] == (None if bought_before else int((scores >= scores[sample["item_id"]]).sum()))
 
 
 def test_json_lines_schema(dataset, shown):
@@ -97,7 +99,9 @@ def test_json_lines_schema(dataset, shown):
                                "reasoning_tokens", "top_k"}
         assert (record["user_id"], record["split"], record["target_item_id"]) == (
             sample["user_id"], "test", sample["item_id"])
-        assert record["reasoning"].endswith("<answer>") and 1 <= record["target_rank"] <= 16
+        assert record["reasoning"].endswith("<answer>")
+        assert (record["target_rank"] is None) == (record["row"] == 3)  # test row 3 is bought before
+        assert record["target_rank"] is None or 1 <= record["target_rank"] <= 16
         assert len(record["top_k"]) == 10
         for item in record["top_k"]:
             assert set(item) == {"item_id", "title", "score"} and isinstance(item["score"], float)
@@ -113,8 +117,9 @@ def test_printout_shows_history_reasoning_top_k_and_the_target(dataset, shown):
         sample = dataset["test"][record["row"]]
         assert all(title in printed for title in sample["history_item_title"])
         assert record["reasoning"] in printed
-        assert f"rank {record['target_rank']} of 16" in printed
-        if record["target_rank"] <= 10:
+        if record["target_rank"] is not None:
+            assert f"rank {record['target_rank']} of 16" in printed
+        if record["target_rank"] is not None and record["target_rank"] <= 10:
             assert f"*{record['target_rank']:>3}. " in printed
 
 
@@ -130,13 +135,15 @@ def test_printout_shows_only_the_history_lines_the_prompt_held(dataset, shown):
 
 
 def test_printout_of_a_target_bought_before(dataset, shown):
-    _, records = shown
-    record = records[0]
-    sample = dict(dataset["test"][record["row"]])
-    text = recommend.format_sample(sample, {**record, "target_rank": None}, 16, window_size=5)  # as ranked
-    assert text.splitlines()[-1].endswith("not ranked: bought before, and history items are never recommended "
-                                          "(a miss in every metric)")
-    assert " of 16" not in text
+    printed, records = shown
+    record = records[0]  # test row 3: its target is its first history item
+    sample = dataset["test"][record["row"]]
+    assert record["target_item_id"] == sample["history_item_id"][0] and record["target_rank"] is None
+    assert all(item["item_id"] != record["target_item_id"] for item in record["top_k"])
+    last_lines = [block.strip().splitlines()[-1] for block in printed.split("== test row ")[1:]]
+    assert [line.endswith("not ranked: bought before, and history items are never recommended (a miss in every "
+                          "metric)") for line in last_lines] == [True, False, True]
+    assert sum(" of 16" in line for line in last_lines) == 1
 
 
 def test_evaluate_table_matches_the_per_sample_ranks_and_training(run_dir, tmp_path):
@@ -146,7 +153,10 @@ def test_evaluate_table_matches_the_per_sample_ranks_and_training(run_dir, tmp_p
              if line.startswith(("NDCG", "Hit"))}
     records = read_jsonl(output)
     assert len(records) == 4 and "4 samples, mean reasoning length 8.0 tokens" in printed
-    expected = ranking_metrics(torch.tensor([r["target_rank"] for r in records]))
+    assert [r["target_rank"] is None for r in records] == [False, False, False, True]  # a miss at every k
+    expected = ranking_metrics(torch.tensor([math.inf if r["target_rank"] is None else r["target_rank"]
+                                             for r in records]))
+    assert table["Hit"][2] == pytest.approx(0.75)  # 16 items, so every ranked target is in the top 20
     with open(os.path.join(run_dir, "final_results.json")) as f:
         trained = json.load(f)  # train.py's last evaluation, same weights, same 4 test samples
     for label, name in (("NDCG", "ndcg"), ("Hit", "hit")):

@@ -165,8 +165,11 @@ def test_evaluate_reports_every_metric_and_saves_reasoning(tmp_path):
         with open(tmp_path / "run" / "reasoning" / f"step0_{split}.jsonl") as f:
             records = [json.loads(line) for line in f]
         assert [r["row"] for r in records] == [0, 1, 2, 3] and all(r["split"] == split for r in records)
-        assert all(r["reasoning"].endswith("<answer>") and r["target_rank"] >= 1 for r in records)
-        ranks, lengths = [r["target_rank"] for r in records], [r["reasoning_tokens"] for r in records]
+        assert all(r["reasoning"].endswith("<answer>") for r in records)
+        assert [r["target_rank"] is None for r in records] == [False, False, False, True]  # row 3: bought before
+        ranks = [math.inf if r["target_rank"] is None else r["target_rank"] for r in records]
+        lengths = [r["reasoning_tokens"] for r in records]
+        assert all(1 <= r <= 16 for r in ranks[:3])
         assert metrics[f"eval_{split}_hit@20"] == pytest.approx(sum(r <= 20 for r in ranks) / 4)
         assert metrics[f"eval_{split}_ndcg@5"] == pytest.approx(sum(1 / math.log2(r + 1) for r in ranks if r <= 5) / 4)
         assert metrics[f"eval_{split}_reasoning_length"] == pytest.approx(sum(lengths) / 4)
@@ -301,7 +304,9 @@ def test_evaluation_over_four_processes_counts_every_sample_once(tmp_path):
     items = len(one["table"])
     assert one["encoded"] == [items] and split["encoded"] == [-(-items // 4)] * 4  # each process a quarter
     torch.testing.assert_close(torch.tensor(split["table"]), torch.tensor(one["table"]), atol=1e-5, rtol=1e-4)
-    ranks = torch.tensor([r["target_rank"] for r in split["records"]], dtype=torch.float64)
+    assert [r["target_rank"] is None for r in split["records"]] == [False] * 8 + [True]  # row 8: bought before
+    ranks = torch.tensor([math.inf if r["target_rank"] is None else r["target_rank"] for r in split["records"]],
+                         dtype=torch.float64)
     for k in (5, 10, 20):  # SPEC §5, averaged over the 9 samples, each once
         hit = (ranks <= k).double()
         assert split["metrics"][f"hit@{k}"] == pytest.approx(hit.mean().item())

@@ -39,9 +39,18 @@ def sample_rows(items: list[dict], num_users: int = 8, history: int = 3) -> list
     return rows
 
 
+def bought_again(row: dict, items: list[dict]) -> None:
+    """Make the row's target its first history item: masked with the history, never ranked."""
+    target = row["history_item_id"][0]
+    row.update(item_id=target, item_asin=items[target]["parent_asin"], item_title=items[target]["title"])
+
+
 def tiny_dataset(num_train: int = 8, num_eval: int = 4) -> DatasetDict:
+    """The last valid and the last test sample are repeat purchases (`bought_again`)."""
     items = item_rows()
     samples = sample_rows(items, num_users=num_train + 2 * num_eval)
+    for row in (samples[num_train + num_eval - 1], samples[-1]):
+        bought_again(row, items)
     return DatasetDict({
         "train": Dataset.from_list(samples[:num_train]),
         "valid": Dataset.from_list(samples[num_train:num_train + num_eval]),
