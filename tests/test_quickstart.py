@@ -4,6 +4,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 from tests.backbones import tiny_backbone
 
@@ -23,6 +24,18 @@ def test_quickstart_pipeline_prints_the_table_and_an_example(tmp_path):
     assert "top 5 (* = the true next item):" in out and "true next item:" in out and "reasoning:" in out
     assert os.path.exists(tmp_path / "quick" / "training_curves.png")
     assert os.path.isdir(os.path.join(ROOT, "data", "sample", "Video_Games_0_2022-10-2023-10"))
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="with a GPU the quick start always trains in bf16")
+def test_bf16_only_on_cpus_with_bf16_instructions(tmp_path):
+    from quickstart import bf16_is_fast
+
+    cpuinfo = tmp_path / "cpuinfo"
+    for flags, fast in (("avx2 avx512f avx512_vnni", False), ("avx512f amx_bf16 amx_tile", True),
+                        ("avx512f avx512_bf16", True)):
+        cpuinfo.write_text(f"processor\t: 0\nflags\t\t: fpu {flags} sha_ni\n")
+        assert bf16_is_fast(str(cpuinfo)) is fast, flags
+    assert bf16_is_fast(str(tmp_path / "missing")) is False
 
 
 @pytest.mark.parametrize("flags, message", [
