@@ -14,11 +14,13 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 def test_quickstart_pipeline_prints_the_table_and_an_example(tmp_path):
     result = subprocess.run(
         [sys.executable, "quickstart.py", "--model", tiny_backbone("qwen2"), "--steps", "1", "--eval_samples", "4",
-         "--output_dir", str(tmp_path / "quick")],
+         "--output_dir", str(tmp_path / "quick"), "--float32"],
         cwd=ROOT, capture_output=True, text=True,
     )
     assert result.returncode == 0, result.stderr[-2000:]
     out = result.stdout
+    train_command = next(line for line in out.splitlines() if line.startswith("$ ") and "train.py" in line)
+    assert train_command.endswith(" --bf16 False") and "note: this CPU" not in out
     for row in ("valid before", "valid after", "test before", "test after"):
         assert row in out
     assert "top 5 (* = the true next item):" in out and "true next item:" in out and "reasoning:" in out
@@ -26,16 +28,16 @@ def test_quickstart_pipeline_prints_the_table_and_an_example(tmp_path):
     assert os.path.isdir(os.path.join(ROOT, "data", "sample", "Video_Games_0_2022-10-2023-10"))
 
 
-@pytest.mark.skipif(torch.cuda.is_available(), reason="with a GPU the quick start always trains in bf16")
-def test_bf16_only_on_cpus_with_bf16_instructions(tmp_path):
-    from quickstart import bf16_is_fast
+@pytest.mark.skipif(torch.cuda.is_available(), reason="with a GPU the CPU's instructions do not matter")
+def test_a_cpu_without_bf16_instructions_is_told_apart(tmp_path):
+    from quickstart import cpu_lacks_bf16
 
     cpuinfo = tmp_path / "cpuinfo"
-    for flags, fast in (("avx2 avx512f avx512_vnni", False), ("avx512f amx_bf16 amx_tile", True),
-                        ("avx512f avx512_bf16", True)):
+    for flags, lacks in (("avx2 avx512f avx512_vnni", True), ("avx512f amx_bf16 amx_tile", False),
+                         ("avx512f avx512_bf16", False)):
         cpuinfo.write_text(f"processor\t: 0\nflags\t\t: fpu {flags} sha_ni\n")
-        assert bf16_is_fast(str(cpuinfo)) is fast, flags
-    assert bf16_is_fast(str(tmp_path / "missing")) is False
+        assert cpu_lacks_bf16(str(cpuinfo)) is lacks, flags
+    assert cpu_lacks_bf16(str(tmp_path / "missing")) is False  # not Linux: no claim
 
 
 @pytest.mark.parametrize("flags, message", [
