@@ -37,8 +37,8 @@ def parse_args(argv=None):
     parser.add_argument("--eval_samples", type=int, default=64, help="valid and test samples evaluated")
     parser.add_argument("--model", default=DEFAULT_MODEL)
     parser.add_argument("--float32", action="store_true",
-                        help="Train in float32, not bf16: on CPUs without bf16 instructions 2.3x faster, "
-                             "but 15.5 instead of 10 GiB of memory, and other figures than the README's.")
+                        help="Train in float32, not bf16: on CPUs without bf16 instructions about 2.3x faster, "
+                             "but 15.5 instead of about 10 GiB of memory, and other figures than the README's.")
     args = parser.parse_args(argv)
     # --steps becomes train.py's --max_steps, where < 1 means "train whole epochs" (hours): checked here
     if args.steps < 1:
@@ -60,18 +60,33 @@ def run(command: list[str]):
 
 
 def cpu_lacks_bf16(cpuinfo: str = "/proc/cpuinfo") -> bool:
-    """Training runs on a CPU known to lack bf16 instructions (AMX, AVX512-BF16), which emulates
-    bf16 (the quick start on a 2-core Xeon without them: 28 min in bf16, 12 in float32)."""
+    """Training runs on a CPU known to lack bf16 instructions, which then emulates bf16 (the quick
+    start on a 2-core Xeon without them: 28 min in bf16, 12 in float32). Known only on Linux: x86's
+    `flags` (amx_bf16, avx512_bf16; the fast figures were measured with AMX), ARM's `Features` (bf16)."""
     import torch
 
     if torch.cuda.is_available():
         return False
     try:
         with open(cpuinfo) as f:
-            flags = set(f.read().split())
+            lines = f.read().splitlines()
     except OSError:  # not Linux: cannot tell
         return False
-    return not flags & {"amx_bf16", "avx512_bf16"}
+    for line in lines:
+        key, _, value = line.partition(":")
+        if key.strip() == "flags":
+            return not set(value.split()) & {"amx_bf16", "avx512_bf16"}
+        if key.strip() == "Features":
+            return "bf16" not in value.split()
+    return False
+
+
+def bf16_note(float32: bool) -> str | None:
+    """What to tell a user whose CPU emulates bf16."""
+    if float32 or not cpu_lacks_bf16():
+        return None
+    return ("note: this CPU has no bf16 instructions, so bf16 runs emulated: on 2 cores the quick start takes "
+            "about 30 min instead of 8; `bash quickstart.sh --float32` takes about 12 min (15.5 GiB of memory)")
 
 
 def train_flags(args, bf16: bool) -> list[str]:
@@ -125,9 +140,9 @@ def main(argv=None):
     args = parse_args(argv)
     python = sys.executable
     run([python, "preprocess.py", "--category", CATEGORY, "--data_root_dir", os.path.join("data", "sample")])
-    if not args.float32 and cpu_lacks_bf16():
-        print("note: this CPU has no bf16 instructions (AMX, AVX512-BF16), so bf16 runs emulated: the quick start "
-              "takes about 30 min instead of 8 (--float32: about 12 min, with 15.5 GiB of memory)", flush=True)
+    note = bf16_note(args.float32)
+    if note:
+        print(note, flush=True)
     run([python, "train.py", *train_flags(args, bf16=not args.float32)])
     output_dir = os.path.join(ROOT, args.output_dir)
     before, after = before_and_after(output_dir)

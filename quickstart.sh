@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Command one of the README: install (into .venv), preprocess the sample, train, evaluate, show.
-# Usage: bash quickstart.sh [--seed N] [--steps N] [--eval_samples N] [--output_dir DIR] [--model NAME]
+# Usage: bash quickstart.sh [--seed N] [--steps N] [--eval_samples N] [--output_dir DIR] [--model NAME] [--float32]
 set -euo pipefail
 cd "$(dirname "$0")"
 bash setup_env.sh

@@ -29,15 +29,21 @@ def test_quickstart_pipeline_prints_the_table_and_an_example(tmp_path):
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="with a GPU the CPU's instructions do not matter")
-def test_a_cpu_without_bf16_instructions_is_told_apart(tmp_path):
-    from quickstart import cpu_lacks_bf16
+def test_a_cpu_without_bf16_instructions_is_told_apart(tmp_path, monkeypatch):
+    import quickstart
 
     cpuinfo = tmp_path / "cpuinfo"
-    for flags, lacks in (("avx2 avx512f avx512_vnni", True), ("avx512f amx_bf16 amx_tile", False),
-                         ("avx512f avx512_bf16", False)):
-        cpuinfo.write_text(f"processor\t: 0\nflags\t\t: fpu {flags} sha_ni\n")
-        assert cpu_lacks_bf16(str(cpuinfo)) is lacks, flags
-    assert cpu_lacks_bf16(str(tmp_path / "missing")) is False  # not Linux: no claim
+    for line, lacks in (("flags\t\t: fpu avx2 avx512f avx512_vnni sha_ni", True),
+                        ("flags\t\t: fpu avx512f amx_bf16 amx_tile", False), ("flags\t\t: avx512f avx512_bf16", False),
+                        ("Features\t: fp asimd sve bf16 i8mm", False), ("Features\t: fp asimd evtstrm crc32", True)):
+        cpuinfo.write_text(f"processor\t: 0\n{line}\n")
+        assert quickstart.cpu_lacks_bf16(str(cpuinfo)) is lacks, line
+    assert quickstart.cpu_lacks_bf16(str(tmp_path / "missing")) is False  # not Linux: no claim
+    monkeypatch.setattr(quickstart, "cpu_lacks_bf16", lambda: True)
+    assert "bash quickstart.sh --float32" in quickstart.bf16_note(float32=False)
+    assert quickstart.bf16_note(float32=True) is None
+    args = quickstart.parse_args([])
+    assert quickstart.train_flags(args, bf16=not args.float32)[-2:] == ["--bf16", "True"]  # bf16 by default
 
 
 @pytest.mark.parametrize("flags, message", [
