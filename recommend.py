@@ -131,7 +131,7 @@ def load_recommender(folder: str, run: dict, config: RecPOConfig, dataset, categ
     except (OSError, ValueError) as e:
         raise UserError(f"the tokenizer in {folder!r} cannot be loaded ({one_line(e)}) — {damaged}") from e
     tokenizer.padding_side = "left"  # not saved with the tokenizer; prompts are left-padded
-    check_length_limits(config, tokenizer, category, setting="r2ec_run.json's {}")  # before the model loads
+    check_length_limits(config, tokenizer, dataset, category, setting="r2ec_run.json's {}")  # before the model loads
     path = base_model_path(run)
     base, _ = load_backbone(path, dtype=dtype)
     try:

@@ -249,7 +249,7 @@ def check_run(config: RecPOConfig) -> None:
     processes = int(os.environ.get("R2EC_PROCESSES", "1"))  # set by launch_train.sh
     check_train_size(len(dataset["train"]), config.per_device_train_batch_size * processes)
     check_gpus_per_machine(int(os.environ.get("R2EC_PROCESSES_PER_MACHINE", "1")))
-    check_length_limits(config, check_backbone(config), category)
+    check_length_limits(config, check_backbone(config), dataset, category)
     print(f"ok: flags, {config.output_dir}, {config.dataset_dir} ({category}) and model {resolve_model(config.model)}")
     if not torch.cuda.is_available():
         print("warning: no GPU visible — training will run on the CPU, which takes days at full scale; "

@@ -396,16 +396,16 @@ def check_train_size(num_train: int, global_batch: int):
                         "(--train_batch_size × processes) — use a smaller batch or a larger dataset")
 
 
-def check_length_limits(args: RecPOConfig, tokenizer, category: str, setting: str = "--{}"):
-    """The limits must hold a prompt's instruction and an item sequence's fixed text. `setting`
-    names where a limit came from: a flag, or (recommend.py) the run's record."""
-    unbounded = 10**9
-    no_history = {"history_item_title": [], "history_rating": [], "history_timestamp": [], "timestamp": 0}
-    limits = {  # setting: (limit, tokens of the fixed text)
-        "max_prompt_tokens": (args.max_prompt_tokens,
-                              len(user_prompt_tokens(tokenizer, user_prompt(no_history, category), unbounded))),
-        "max_item_tokens": (args.max_item_tokens,
-                            len(item_prompt_tokens(tokenizer, {}, category, unbounded))),
+def check_length_limits(args: RecPOConfig, tokenizer, dataset, category: str, setting: str = "--{}"):
+    """The limits must hold what shortening cannot remove: a prompt's instruction (every history
+    line dropped) and an item sequence's fixed text (the pad item, its description cut to nothing).
+    Measured on the dataset's own rows, so an edited prompt that reads other columns is measured
+    too. `setting` names where a limit came from: a flag, or (recommend.py) the run's record."""
+    limits = {  # setting: (limit, tokens left at the shortest)
+        "max_prompt_tokens": (args.max_prompt_tokens, len(user_prompt_tokens(
+            tokenizer, user_prompt(dataset["train"][0], category, args.window_size), max_tokens=0))),
+        "max_item_tokens": (args.max_item_tokens, len(item_prompt_tokens(
+            tokenizer, dataset["item_info"][0], category, max_tokens=0))),
     }
     for name, (limit, needed) in limits.items():
         if limit <= needed:
@@ -496,7 +496,7 @@ class RecPOTrainer(Trainer):
     """Hugging Face `Trainer` whose training step is RecPO and whose evaluation is full ranking."""
 
     def __init__(self, model, args: RecPOConfig, tokenizer, dataset, category: str, callbacks=None):
-        check_length_limits(args, tokenizer, category)
+        check_length_limits(args, tokenizer, dataset, category)
         super().__init__(
             model=model,
             args=args,

@@ -60,6 +60,30 @@ def test_length_limits_must_hold_the_text_every_sequence_starts_with(tmp_path, f
     tiny_trainer(tmp_path, **{flag: needed + 1})  # room for one token more: accepted
 
 
+def test_length_limits_are_measured_on_the_dataset_rows_an_edited_prompt_reads(tmp_path, monkeypatch):
+    """A prompt edit that reads another column (here user_id) is measured, not a KeyError; the
+    instruction is what dropping every history line leaves, the item text the pad item's."""
+    import prompts
+    from trainer import check_length_limits
+    from transformers import AutoTokenizer
+
+    def with_user_id(sample, category, window_size=20):
+        return prompts.user_prompt(sample, category, window_size).replace("a user's", f"user {sample['user_id']}'s", 1)
+
+    monkeypatch.setattr("trainer.user_prompt", with_user_id)
+    tokenizer = AutoTokenizer.from_pretrained(tiny_backbone("qwen2"))
+    dataset = tiny_dataset()
+    header = with_user_id(dataset["train"][0], "Video_Games").split("\n")[:prompts.HEADER_LINES]
+    instruction = tokenizer(prompts.chat_prompt(tokenizer, "\n".join(header)), add_special_tokens=False)["input_ids"]
+    assert dataset["train"][0]["user_id"] in tokenizer.decode(instruction)
+    pad_item = prompts.item_sequence(tokenizer, prompts.item_prompt(dataset["item_info"][0], "Video_Games", 0))
+    item_text = tokenizer(pad_item, add_special_tokens=False)["input_ids"]
+    for flag, needed in (("max_prompt_tokens", len(instruction)), ("max_item_tokens", len(item_text))):
+        with pytest.raises(UserError, match=f"--{flag} {needed} cannot hold the {needed} tokens"):
+            check_length_limits(tiny_config(tmp_path, **{flag: needed}), tokenizer, dataset, "Video_Games")
+        check_length_limits(tiny_config(tmp_path, **{flag: needed + 1}), tokenizer, dataset, "Video_Games")
+
+
 @pytest.mark.parametrize("family", ["qwen2", "gemma2"])
 def test_one_step_changes_lora_and_logs_finite_metrics(tmp_path, family):
     trainer = tiny_trainer(tmp_path, family)
