@@ -38,10 +38,17 @@ def load_backbone(name_or_path: str, dtype: torch.dtype | None = torch.bfloat16)
         model = AutoModelForCausalLM.from_pretrained(path, config=config, dtype=dtype,
                                                      attn_implementation=attention_implementation(config))
     except (OSError, ValueError, SafetensorError) as e:  # no or truncated weights
-        raise UserError(f"cannot load model {name_or_path!r} from {path!r}: {one_line(e)} — "
-                        "point paths.py or --model at a complete model folder") from e
+        raise load_failure(name_or_path, path, e) from e
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     return model, tokenizer
+
+
+def load_failure(name_or_path: str, path: str, error: Exception) -> UserError:
+    """The one-line error of a model that would not load; a path that is no folder was a hub id."""
+    fix = "point paths.py or --model at a complete model folder"
+    if not os.path.isdir(path):
+        fix = f"{path!r} is no local folder, so it was read as a hub id: check the id and the connection, or {fix}"
+    return UserError(f"cannot load model {name_or_path!r} from {path!r}: {one_line(error)} — {fix}")
 
 
 def load_backbone_config(name_or_path: str):
@@ -59,8 +66,7 @@ def load_backbone_config(name_or_path: str):
         config = AutoConfig.from_pretrained(path)
         tokenizer = AutoTokenizer.from_pretrained(path)
     except (OSError, ValueError) as e:  # no config or tokenizer, unknown model type
-        raise UserError(f"cannot load model {name_or_path!r} from {path!r}: {one_line(e)} — "
-                        "point paths.py or --model at a complete model folder") from e
+        raise load_failure(name_or_path, path, e) from e
     for sub in {id(c): c for c in (config, config.get_text_config())}.values():
         for key, value in vars(sub).items():
             if "dropout" in key and isinstance(value, float):
