@@ -3,8 +3,9 @@ never a half-written output file.
 
 Every command-line entry point (`preprocess.py`, `train.py`, `recommend.py`, ...) runs its
 `main` through `run_cli`, and every check that a user can fix raises `UserError`. Outputs are
-checked before the work that produces them, and written with `write_atomically` (or
-`write_json` / `write_jsonl`, which use it).
+checked before the work that produces them; files are written with `write_atomically` (or
+`write_json` / `write_jsonl`, which use it), folders under a temporary name renamed into place
+(the dataset: `preprocess.save_atomically`; the converted quick-start model: `paths.build_once`).
 """
 import json
 import os

@@ -29,6 +29,7 @@ from prompts import MAX_ITEM_TOKENS, item_prompt_tokens, left_pad
 TAU = 0.02  # = τ, the temperature of the cosine score
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")  # any one of them
 LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+SIMILARITY_TYPES = ("cosine", "dot", "L2")  # the kinds `similarity` scores (--similarity_type)
 
 
 def load_backbone(name_or_path: str, dtype: torch.dtype | None = torch.bfloat16):
@@ -225,7 +226,7 @@ def similarity(user_h: torch.Tensor, item_h: torch.Tensor, kind: str = "cosine",
         return user_h @ item_h.T  # (B, N)
     if kind == "L2":
         return -torch.cdist(user_h, item_h)  # (B, N)
-    raise ValueError(f"unknown similarity {kind!r}: use one of cosine, dot, L2")
+    raise ValueError(f"unknown similarity {kind!r}: use one of {', '.join(SIMILARITY_TYPES)}")
 
 
 def mask_seen(scores: torch.Tensor, history_item_ids: list[list[int]]) -> torch.Tensor:

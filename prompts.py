@@ -215,7 +215,8 @@ def answer_stop(tokenizer, end_ids=()) -> StopRule:
 
 
 def user_prompt_tokens(tokenizer, user_text: str, max_tokens: int = MAX_PROMPT_TOKENS) -> list[int]:
-    """Token ids of the chat-formatted user prompt, at most `max_tokens`.
+    """Token ids of the chat-formatted user prompt, at most `max_tokens` where dropping history
+    lines can get it there: the instruction is never cut (`max_tokens=0` returns it alone).
 
     Too long: the oldest history lines are dropped, whole, until it fits. Cutting tokens from
     the left instead would lose the instruction and the template's opening; the recent end of

@@ -559,14 +559,14 @@ def _active(st: _DecodeState):
 
 def generate_rollouts(model, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, num_samples: int,
                       sampling: SamplingConfig, stop: StopRule, pad_token_id: int,
-                      *, cuda_graphs: bool = True, compile_step: bool = False) -> Rollouts:
+                      *, compile_step: bool = False) -> Rollouts:
     """`num_samples` (= G) reasonings per prompt, each ending as `stop` says.
 
     prompt_ids, prompt_mask (num_prompts, P) left-padded, on the model's device. A row stops
     when its generated tokens end with a pattern of `stop`; a row that ends its turn, or is
     still going after `max_new_tokens - len(stop.forced)` tokens, gets `stop.forced`, so every
-    row ends with a stop within `max_new_tokens`. `cuda_graphs=False` runs the same steps eagerly
-    (the CPU always does). `compile_step=True` runs the decode step through `torch.compile`
+    row ends with a stop within `max_new_tokens`. On a GPU the decode step is a replayed CUDA graph;
+    the CPU runs the same steps eagerly. `compile_step=True` runs the decode step through `torch.compile`
     (fused kernels inside the graph; the first call of each shape pays the compilation).
     `user_states` holds each row's h at its last token, as `encode` (model.py) of prompt + reasoning
     gives it (in eval mode, the mode of generation), so the caller need not run that forward.
@@ -575,7 +575,7 @@ def generate_rollouts(model, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor
     device = prompt_ids.device
     B, P = prompt_ids.shape
     st = _state_for(model, B, num_samples, P, sampling, stop, pad_token_id, device, compile_step)
-    use_graph = cuda_graphs and device.type == "cuda"
+    use_graph = device.type == "cuda"
     # The user-state hook is registered for the whole call, outside the (possibly compiled)
     # step, so the warm-up, the capture and every eager or compiled step run it: a captured
     # graph records its write, dynamo traces it in (no graph break, no recompilation per call).

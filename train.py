@@ -34,9 +34,12 @@ METHOD_SETTINGS = ("reasoning", "similarity_type", "tau")  # of RUN_SETTINGS, wh
 
 
 def parse_config(argv: list[str]) -> RecPOConfig:
-    """Flags -> RecPOConfig, on the CPU when no GPU is found."""
+    """Flags -> RecPOConfig, on the CPU (with a warning, unless --use_cpu is given) when no GPU is found."""
     if not torch.cuda.is_available() and not any(arg.startswith("--use_cpu") for arg in argv):
         argv = [*argv, "--use_cpu", "True"]  # the Trainer (and DeepSpeed through it) needs this without a GPU
+        if os.environ.get("LOCAL_RANK", "0") == "0":  # once per machine under a launcher
+            print("warning: no GPU visible — training will run on the CPU, which takes days at full scale; "
+                  "check CUDA_VISIBLE_DEVICES and the CUDA install (--use_cpu True says it is meant)", file=sys.stderr)
     parser = one_line_parser_errors(HfArgumentParser(RecPOConfig), "python train.py --help")
     for action in parser._actions:  # HfArgumentParser gives --no_bf16 the help (and default) of --bf16
         if action.option_strings and action.option_strings[0] == f"--no_{action.dest}":
@@ -251,9 +254,6 @@ def check_run(config: RecPOConfig) -> None:
     check_gpus_per_machine(int(os.environ.get("R2EC_PROCESSES_PER_MACHINE", "1")))
     check_length_limits(config, check_backbone(config), dataset, category)
     print(f"ok: flags, {config.output_dir}, {config.dataset_dir} ({category}) and model {resolve_model(config.model)}")
-    if not torch.cuda.is_available():
-        print("warning: no GPU visible — training will run on the CPU, which takes days at full scale; "
-              "check CUDA_VISIBLE_DEVICES and the CUDA install", file=sys.stderr)
 
 
 def main(argv: list[str]):

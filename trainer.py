@@ -30,7 +30,8 @@ from transformers import Trainer, TrainingArguments
 
 from errors import UserError, one_line, read_json, write_jsonl
 from metrics import METRIC_NAMES, ndcg_at_k, split_metrics, target_rank
-from model import LORA_TARGETS, TAU, ItemTable, encode, end_of_turn_ids, mask_seen, policy_forward, similarity
+from model import (LORA_TARGETS, SIMILARITY_TYPES, TAU, ItemTable, encode, end_of_turn_ids, mask_seen, policy_forward,
+                   similarity)
 from paths import DEFAULT_MODEL
 from prompts import (MAX_ITEM_TOKENS, MAX_PROMPT_TOKENS, answer_stop, item_prompt_tokens, left_pad, user_prompt,
                      user_prompt_tokens)
@@ -41,7 +42,6 @@ from rollouts import Rollouts, SamplingConfig, generate_rollouts
 warnings.filterwarnings("ignore", message="`(is_)?gradient_checkpointing(_kwargs)?` is deprecated", category=FutureWarning)
 
 ADVANTAGE_TYPES = ("gaussian", "rloo")
-SIMILARITY_TYPES = ("cosine", "dot", "L2")
 EVAL_SPLITS = ("valid", "test")
 SELECTION_METRICS = [f"eval_valid_{name}" for name in METRIC_NAMES]  # test is held out; longer is not better
 EVAL_TOP_ITEMS = 10  # top_k of each saved evaluation record: recommended items (id, title, score)
@@ -397,10 +397,11 @@ def check_train_size(num_train: int, global_batch: int):
 
 
 def check_length_limits(args: RecPOConfig, tokenizer, dataset, category: str, setting: str = "--{}"):
-    """The limits must hold what shortening cannot remove: a prompt's instruction (every history
-    line dropped) and an item sequence's fixed text (the pad item, its description cut to nothing).
-    Measured on the dataset's own rows, so an edited prompt that reads other columns is measured
-    too. `setting` names where a limit came from: a flag, or (recommend.py) the run's record."""
+    """The limits must hold what shortening cannot remove: a prompt's instruction (the first
+    train sample with every history line dropped) and an item sequence's fixed text (the pad
+    item, description cut to nothing). Measured on real rows, so an edited prompt that reads
+    other columns is measured too. `setting` names where a limit came from: a flag, or
+    (recommend.py) the run's record."""
     limits = {  # setting: (limit, tokens left at the shortest)
         "max_prompt_tokens": (args.max_prompt_tokens, len(user_prompt_tokens(
             tokenizer, user_prompt(dataset["train"][0], category, args.window_size), max_tokens=0))),
@@ -409,8 +410,8 @@ def check_length_limits(args: RecPOConfig, tokenizer, dataset, category: str, se
     }
     for name, (limit, needed) in limits.items():
         if limit <= needed:
-            raise UserError(f"{setting.format(name)} {limit} cannot hold the {needed} tokens of text every sequence starts with "
-                            f"— raise it (SPEC §2: {MAX_PROMPT_TOKENS} for prompts, {MAX_ITEM_TOKENS} for items)")
+            raise UserError(f"{setting.format(name)} {limit} cannot hold the {needed} tokens of text no shortening "
+                            f"removes — raise it (SPEC §2: {MAX_PROMPT_TOKENS} for prompts, {MAX_ITEM_TOKENS} for items)")
 
 
 class RepeatedBatchSampler(Sampler):
@@ -801,8 +802,8 @@ class RecPOTrainer(Trainer):
         )
         metrics = {}
         for split, dataset in datasets.items():
-            split_metrics, records = self.evaluate_split(model, dataset, split)
-            metrics.update({f"{metric_key_prefix}_{split}_{name}": value for name, value in split_metrics.items()})
+            figures, records = self.evaluate_split(model, dataset, split)
+            metrics.update({f"{metric_key_prefix}_{split}_{name}": value for name, value in figures.items()})
             self._save_reasoning(records, split)
         metrics[f"{metric_key_prefix}_seconds"] = time.perf_counter() - start
         self.log(metrics)

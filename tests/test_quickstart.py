@@ -43,7 +43,7 @@ def test_a_cpu_without_bf16_instructions_is_told_apart(tmp_path, monkeypatch):
     assert "bash quickstart.sh --float32" in quickstart.bf16_note(float32=False)
     assert quickstart.bf16_note(float32=True) is None
     args = quickstart.parse_args([])
-    assert quickstart.train_flags(args, bf16=not args.float32)[-2:] == ["--bf16", "True"]  # bf16 by default
+    assert quickstart.train_flags(args, bf16=not args.float32)[-4:-2] == ["--bf16", "True"]  # bf16 by default
 
 
 @pytest.mark.parametrize("flags, message", [

@@ -514,6 +514,8 @@ def test_check_only_validates_without_training_and_warns_without_a_gpu(tmp_path)
     assert not (tmp_path / "out").exists()  # nothing written, no model loaded
     warned = "warning: no GPU visible" in result.stderr
     assert warned != torch.cuda.is_available()
+    meant = run_train(quick_flags(tmp_path, "--check_only", "True", "--use_cpu", "True"), check=False)
+    assert meant.returncode == 0 and "warning: no GPU visible" not in meant.stderr  # the CPU is meant
     empty_model = tmp_path / "empty_model"
     empty_model.mkdir()
     flags = quick_flags(tmp_path, "--check_only", "True")
