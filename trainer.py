@@ -367,23 +367,23 @@ def clipped_token_loss(logprobs, old_logprobs, advantages, mask, epsilon_low, ep
     return loss, clip_fraction.detach()
 
 
-def clipped_item_loss(logits, labels, old_probs, weighted_advantages, epsilon_low, epsilon_high, num_trajectories):
+def clipped_item_loss(logits, labels, old_logprobs, weighted_advantages, epsilon_low, epsilon_high, num_trajectories):
     """SPEC §4.6 item loss: -min(qÂ, clip(q, 1-ε_low, 1+ε_high)Â), q = p/p_old, Â = A × relabel.
 
     logits (R, I): in-batch scores of R trajectories over I target items; labels (R,);
-    old_probs (R,) or None (on-policy: q = 1 in value, gradient of p/p.detach());
+    old_logprobs (R,) log p_old, or None (on-policy: q = 1 in value, gradient of p/p.detach());
     weighted_advantages (R,). Summed over rows and divided by `num_trajectories`, the number of
     trajectories of the whole step, so micro-batches add up to the mean over trajectories.
-    Returns (loss, p (R,) detached).
+    Returns (loss, log p (R,) detached).
     """
-    # q in log space: on-policy it is exactly 1 however small p is (a quotient of probabilities
-    # would underflow below float32's range)
+    # q in log space: p below float32's range (e^-88, a cosine gap of ~1.8 at τ = 0.02) would
+    # make a quotient of probabilities, or a stored p_old, underflow
     logprobs = logits.float().log_softmax(dim=-1).gather(1, labels[:, None]).squeeze(1)  # (R,)
-    reference = logprobs.detach() if old_probs is None else old_probs.clamp(min=torch.finfo(torch.float32).tiny).log()
+    reference = logprobs.detach() if old_logprobs is None else old_logprobs
     ratio = torch.exp(logprobs - reference)  # (R,)
     clipped = torch.clamp(ratio, 1 - epsilon_low, 1 + epsilon_high)
     per_row = -torch.min(ratio * weighted_advantages, clipped * weighted_advantages)  # (R,)
-    return per_row.sum() / num_trajectories, logprobs.exp().detach()
+    return per_row.sum() / num_trajectories, logprobs.detach()
 
 
 # ----------------------------------------------------------------------------------------------
@@ -485,7 +485,7 @@ class RecPOBatch(NamedTuple):
     targets: torch.Tensor  # (B,) target item ids
     advantages: torch.Tensor  # (N,)
     relabel: torch.Tensor  # (N,) 1 where the trajectory feeds the item loss
-    item_old_probs: torch.Tensor | None = None  # (N,) p_old of the item loss, set by the first update
+    item_old_logprobs: torch.Tensor | None = None  # (N,) log p_old of the item loss, set by the first update
     token_old_logprobs: torch.Tensor | None = None  # (N, C) π_old of the token loss, set by the first update
 
 
@@ -657,13 +657,13 @@ class RecPOTrainer(Trainer):
             self.args.epsilon_low, self.args.epsilon_high,
         )
 
-    def item_loss(self, user_states, item_states, batch: RecPOBatch, rows, weighted_advantages, old_probs):
+    def item_loss(self, user_states, item_states, batch: RecPOBatch, rows, weighted_advantages, old_logprobs):
         """SPEC §4.6 on the micro-batch `rows`, in-batch softmax over every process's targets.
 
         Other processes' user and item states join detached: each process holds the gradient of
         the full loss through its own states, so the sum over processes is the full gradient.
-        `weighted_advantages` (Â) and `old_probs` (or None) are every process's, (W·N,).
-        Returns (loss, p of the local rows).
+        `weighted_advantages` (Â) and `old_logprobs` (or None) are every process's, (W·N,).
+        Returns (loss, log p of the local rows).
         """
         world, rank = self.accelerator.num_processes, self.accelerator.process_index
         users = self._gather_keeping_grad(user_states)  # (W·M, D)
@@ -673,28 +673,29 @@ class RecPOTrainer(Trainer):
         local_rows = torch.as_tensor(rows, device=users.device)  # (M,)
         labels = torch.cat([local_rows // group + q * num_users for q in range(world)])  # (W·M,)
         global_rows = torch.cat([local_rows + q * num_local for q in range(world)])  # (W·M,)
-        old_probs = None if old_probs is None else old_probs[global_rows]
+        old_logprobs = None if old_logprobs is None else old_logprobs[global_rows]
         logits = similarity(users, items, self.args.similarity_type, self.args.tau)  # (W·M, W·B)
-        loss, probs = clipped_item_loss(
-            logits, labels, old_probs, weighted_advantages[global_rows], self.args.epsilon_low,
+        loss, item_logprobs = clipped_item_loss(
+            logits, labels, old_logprobs, weighted_advantages[global_rows], self.args.epsilon_low,
             self.args.epsilon_high, world * num_local,
         )
         mine = slice(rank * len(local_rows), (rank + 1) * len(local_rows))
-        return loss, probs[mine]
+        return loss, item_logprobs[mine]
 
-    def micro_batch_losses(self, model, batch: RecPOBatch, rows, item_states, weighted_advantages, old_probs):
+    def micro_batch_losses(self, model, batch: RecPOBatch, rows, item_states, weighted_advantages, item_old_logprobs):
         """SPEC §4.5 and §4.6 on the trajectories `rows`, from one forward of the policy.
 
         The token loss is normalised to B = per_device_train_batch_size users, so a process
         holding a larger batch (the single-process reference of the tests) averages over its
-        B-sized shares instead of summing them. -> token loss, item loss, the item loss's p of
+        B-sized shares instead of summing them. -> token loss, item loss, the item loss's log p of
         these rows (M,) and their token log-probs (M, C).
         """
         ids, mask, completion_len = self._user_sequences(batch.rollouts, rows)
         logprobs, user_states = policy_forward(model, ids, mask, completion_len, self.sampling.policy_temperature)
-        item, probs = self.item_loss(user_states, item_states, batch, rows, weighted_advantages, old_probs)
+        item, item_logprobs = self.item_loss(user_states, item_states, batch, rows, weighted_advantages,
+                                             item_old_logprobs)
         # The in-batch cross-entropy of each trajectory's own target: the item loss's value is -Â on-policy.
-        self._record(**{"item/nll": -probs.clamp(min=torch.finfo(torch.float32).tiny).log().mean()})
+        self._record(**{"item/nll": -item_logprobs.mean()})
         if self.args.reasoning:
             token, clip_fraction = self.token_loss(logprobs, batch, rows, completion_len)
             token = token * self.args.per_device_train_batch_size / len(batch.targets)
@@ -702,7 +703,7 @@ class RecPOTrainer(Trainer):
         else:  # the ablation: `<answer>` was forced, not chosen, so there is no token loss
             token = torch.zeros_like(item)
         self._check_finite(token + item, "loss")
-        return token, item, probs, logprobs
+        return token, item, item_logprobs, logprobs
 
     def update(self, model, batch: RecPOBatch) -> torch.Tensor:
         """SPEC §4.7: token + item loss over micro-batches, one backward each; returns the loss.
@@ -719,12 +720,12 @@ class RecPOTrainer(Trainer):
         accumulated = getattr(self, "current_gradient_accumulation_steps", args.gradient_accumulation_steps)
         num_local = len(batch.advantages)
         micro_batches = torch.arange(num_local, device=args.device).split(args.micro_batch_size)
-        item_probs = torch.zeros(num_local, device=args.device)
+        item_logprobs = torch.zeros(num_local, device=args.device)  # (N,) log p_old for later iterations
         token_logprobs = torch.zeros_like(batch.rollouts.logprobs)  # (N, C) π_old for later iterations
         sync_at_end = self.accelerator.sync_gradients
         token_total = item_total = torch.zeros((), device=args.device)  # the step's loss terms: micro-batches add up
         weighted_advantages = gather(batch.advantages * batch.relabel)  # (W·N,) Â of every process
-        old_probs = None if batch.item_old_probs is None else gather(batch.item_old_probs)  # (W·N,)
+        item_old_logprobs = None if batch.item_old_logprobs is None else gather(batch.item_old_logprobs)  # (W·N,)
         # Items run on the unwrapped module: DDP allows one wrapped forward per backward.
         item_inputs = {k: v.to(args.device) for k, v in self.item_table.batch(batch.targets).items()}
         item_states = encode(self.accelerator.unwrap_model(model), **item_inputs)  # (B, D)
@@ -735,8 +736,8 @@ class RecPOTrainer(Trainer):
             # DDP must know before the forward whether this backward all-reduces.
             defer_all_reduce = not (last or self.is_deepspeed_enabled)
             with self.accelerator.no_sync(model) if defer_all_reduce else contextlib.nullcontext():
-                token, item, probs, logprobs = self.micro_batch_losses(
-                    model, batch, rows, item_states if last else detached_items, weighted_advantages, old_probs)
+                token, item, rows_item_logprobs, logprobs = self.micro_batch_losses(
+                    model, batch, rows, item_states if last else detached_items, weighted_advantages, item_old_logprobs)
                 # Every process computes the same full item loss value but holds the gradient only
                 # through its own states; DDP averages gradients over processes, hence × world.
                 loss = (token + item * world) / accumulated
@@ -747,14 +748,14 @@ class RecPOTrainer(Trainer):
                 self.accelerator.gradient_state._set_sync_gradients(sync_at_end and last)
                 backward_kwargs = {"scale_wrt_gas": False} if self.is_deepspeed_enabled else {}
                 self.accelerator.backward(loss, **backward_kwargs)
-            item_probs[rows] = probs
+            item_logprobs[rows] = rows_item_logprobs
             token_logprobs[rows, :logprobs.shape[1]] = logprobs.detach()
             token_total, item_total = token_total + token.detach(), item_total + item.detach()
         self.accelerator.gradient_state._set_sync_gradients(sync_at_end)
         # Every process writes every process's targets, so all processes score against one table.
         self.item_table.update(gather(batch.targets), gather(item_states.detach()))
-        if batch.item_old_probs is None:
-            self._buffer = batch._replace(item_old_probs=item_probs, token_old_logprobs=token_logprobs)
+        if batch.item_old_logprobs is None:
+            self._buffer = batch._replace(item_old_logprobs=item_logprobs, token_old_logprobs=token_logprobs)
             reasoning = batch.rollouts.completion_mask.bool()  # how far the sampler's log-probs are off
             self._record(**{"rollout/logprob_gap": (token_logprobs - batch.rollouts.logprobs)[reasoning].abs().mean()})
         self._record(**{"loss/token": token_total, "loss/item": item_total})

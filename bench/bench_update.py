@@ -100,7 +100,7 @@ def main():
     relabel = relabel_mask(advantages.view(-1, args.group), 1).flatten()
     targets = torch.tensor([s["item_id"] for s in samples], device=prompt_ids.device)
     batch = RecPOBatch(Rollouts(prompt_ids, prompt_mask, completion_ids, completion_mask, old, user_states.float()),
-                       targets, advantages, relabel, item_old_probs=None)  # keyword: older checkouts need it
+                       targets, advantages, relabel, None)  # p_old: none (older checkouts need the argument)
 
     seconds = []
     for _ in range(args.repeats + 1):

@@ -108,16 +108,30 @@ def test_item_loss_by_hand():
     logits = torch.tensor([[2.0, 0.0], [1.0, 1.0]], requires_grad=True)
     labels = torch.tensor([0, 1])
     p0 = math.exp(2) / (math.exp(2) + 1)
-    old = torch.tensor([p0 / 1.5, 0.5])  # row 0: q = 1.5 -> clipped to 1.28 with Â = 2; row 1: q = 1
-    loss, probs = clipped_item_loss(logits, labels, old, torch.tensor([2.0, -1.0]), 0.2, 0.28, num_trajectories=4)
-    torch.testing.assert_close(probs, torch.tensor([p0, 0.5]))
+    old = torch.tensor([p0 / 1.5, 0.5]).log()  # row 0: q = 1.5 -> clipped to 1.28 with Â = 2; row 1: q = 1
+    loss, logprobs = clipped_item_loss(logits, labels, old, torch.tensor([2.0, -1.0]), 0.2, 0.28, num_trajectories=4)
+    torch.testing.assert_close(logprobs, torch.tensor([p0, 0.5]).log())
     assert loss.item() == pytest.approx((-1.28 * 2 + 1.0) / 4, rel=1e-5)
     on_policy, _ = clipped_item_loss(logits, labels, None, torch.tensor([2.0, -1.0]), 0.2, 0.28, 2)
     assert on_policy.item() == pytest.approx((-2.0 + 1.0) / 2)
     # The lower bound is 1 - ε_low: q = 0.5 with Â = -1 is clipped to 0.8, -min(-0.5, -0.8) = 0.8.
-    low, _ = clipped_item_loss(torch.zeros(1, 2), torch.tensor([0]), torch.tensor([1.0]), torch.tensor([-1.0]),
+    low, _ = clipped_item_loss(torch.zeros(1, 2), torch.tensor([0]), torch.tensor([0.0]), torch.tensor([-1.0]),
                                0.2, 0.28, num_trajectories=1)
     assert low.item() == pytest.approx(0.8)
+
+
+def test_off_policy_item_loss_is_exact_below_float32_probabilities():
+    """--num_iterations > 1: an unchanged policy has q = 1 even where p_old = e^-90 is below
+    float32's normal range (a stored probability would read back as e^-87.3: q = 0.07, and with
+    Â = -1 the clip would take 0.8 and drop the row's gradient)."""
+    logits = torch.tensor([[0.0, 90.0]], requires_grad=True)
+    labels = torch.tensor([0])
+    _, old = clipped_item_loss(logits, labels, None, torch.tensor([-1.0]), 0.2, 0.28, num_trajectories=1)
+    assert old.item() == pytest.approx(-90, rel=1e-6)
+    loss, _ = clipped_item_loss(logits, labels, old, torch.tensor([-1.0]), 0.2, 0.28, num_trajectories=1)
+    assert loss.item() == pytest.approx(1.0)  # -min(q·Â, clip(q)·Â) with q = 1, Â = -1
+    loss.backward()
+    torch.testing.assert_close(logits.grad, torch.tensor([[1.0, -1.0]]), atol=1e-6, rtol=0)  # -Â·(softmax - onehot)·-1
 
 
 def test_on_policy_item_loss_is_exact_for_tiny_probabilities():
@@ -126,9 +140,9 @@ def test_on_policy_item_loss_is_exact_for_tiny_probabilities():
     logits = torch.tensor([[0.0, 60.0], [0.0, 0.0]], requires_grad=True)
     labels = torch.tensor([0, 1])
     advantages = torch.tensor([1.5, -0.5])
-    loss, probs = clipped_item_loss(logits, labels, None, advantages, 0.2, 0.28, num_trajectories=2)
+    loss, logprobs = clipped_item_loss(logits, labels, None, advantages, 0.2, 0.28, num_trajectories=2)
     assert loss.item() == pytest.approx(-(1.5 - 0.5) / 2)
-    assert probs[0].item() == pytest.approx(math.exp(-60), rel=1e-4)
+    assert logprobs[0].item() == pytest.approx(-60, rel=1e-6)
     loss.backward()
     softmax = torch.tensor([[math.exp(-60), 1.0], [0.5, 0.5]])
     onehot = torch.tensor([[1.0, 0.0], [0.0, 1.0]])

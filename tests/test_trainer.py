@@ -941,8 +941,8 @@ def test_num_iterations_reuses_each_rollout_batch_with_real_old_probabilities(tm
     trainer.train()
     assert len(batches) == 2 and len(updates) == 4  # 2 rollout batches, 2 optimizer steps each
     assert updates[0] is not updates[1] and updates[1].rollouts is updates[0].rollouts
-    assert updates[0].item_old_probs is None  # first update: on-policy
-    assert updates[1].item_old_probs is not None and updates[1].item_old_probs.shape == (4,)
+    assert updates[0].item_old_logprobs is None  # first update: on-policy
+    assert updates[1].item_old_logprobs is not None and updates[1].item_old_logprobs.shape == (4,)
     old_logprobs, reasoning = updates[1].token_old_logprobs, updates[1].rollouts.completion_mask.bool()
     assert old_logprobs.shape == reasoning.shape and (old_logprobs[reasoning] < 0).all() and (old_logprobs[~reasoning] == 0).all()
     assert batches[0] != batches[1]
@@ -960,11 +960,11 @@ def test_num_iterations_second_update_reads_the_first_update_s_probabilities(tmp
     monkeypatch.setattr(trainer, "update", lambda model, batch: updates.append(batch) or update(model, batch))
     trainer.train()
     first, second = updates
-    assert second.rollouts is first.rollouts and first.item_old_probs is None
+    assert second.rollouts is first.rollouts and first.item_old_logprobs is None
     reasoning = first.rollouts.completion_mask.bool()
     torch.testing.assert_close(second.token_old_logprobs[reasoning], first.rollouts.logprobs[reasoning],
                                atol=1e-4, rtol=0)  # the sampler's log-probs, row by row
-    assert bool((second.item_old_probs > 0).all() and (second.item_old_probs < 1).all())
+    assert bool((second.item_old_logprobs < 0).all() and second.item_old_logprobs.isfinite().all())
     logged = [entry for entry in trainer.state.log_history if "loss/item" in entry]
     assert [entry["clip_ratio/token"] for entry in logged] == [0, 0] and logged[0]["loss/item"] != 0
     assert logged[1]["loss/item"] == pytest.approx(logged[0]["loss/item"], rel=1e-5)
