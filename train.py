@@ -124,7 +124,8 @@ def earlier_run(folder: str) -> bool:
 
 
 def check_checkpoint(checkpoint: str, config: RecPOConfig):
-    """The checkpoint's files are whole and its LoRA shape is this run's, so resuming cannot fail halfway."""
+    """The checkpoint's files are whole and its LoRA shape, method settings and backbone are this
+    run's, so resuming cannot fail halfway or switch method."""
     fix = "resume from another checkpoint-* folder, or start afresh in another --output_dir"
     if not os.path.isfile(os.path.join(checkpoint, "trainer_state.json")):
         raise UserError(f"{checkpoint} is incomplete (no trainer_state.json: its save was cut short) — delete it "
@@ -140,7 +141,7 @@ def check_checkpoint(checkpoint: str, config: RecPOConfig):
         "lora_alpha": (adapter.get("lora_alpha"), config.lora_alpha),
         "lora_target_modules": (",".join(sorted(adapter.get("target_modules") or [])), ",".join(sorted(config.lora_targets))),
     }
-    record_path = os.path.join(checkpoint, RUN_RECORD)  # in checkpoints since 2026-11-29
+    record_path = os.path.join(checkpoint, RUN_RECORD)  # checkpoints of older versions lack it
     record = read_json(record_path, fix) if os.path.isfile(record_path) else {}
     for flag in METHOD_SETTINGS:  # a resume must not switch method halfway (length limits may change)
         if isinstance(record, dict) and flag in record:
