@@ -29,6 +29,8 @@ from prompts import MAX_ITEM_TOKENS, item_prompt_tokens, left_pad
 TAU = 0.02  # = τ, the temperature of the cosine score
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")  # any one of them
 LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+LORA_R, LORA_ALPHA, LORA_DROPOUT = 4, 128, 0.05  # SPEC §4
+ITEM_BATCH_SIZE = 32  # items per forward when encoding the table
 SIMILARITY_TYPES = ("cosine", "dot", "L2")  # the kinds `similarity` scores (--similarity_type)
 
 
@@ -103,7 +105,8 @@ def attention_implementation(config) -> str | None:
     return "eager" if any(getattr(c, "attn_logit_softcapping", None) for c in configs) else None
 
 
-def add_lora(model, r: int = 4, alpha: int = 128, dropout: float = 0.05, target_modules=LORA_TARGETS):
+def add_lora(model, r: int = LORA_R, alpha: int = LORA_ALPHA, dropout: float = LORA_DROPOUT,
+             target_modules=LORA_TARGETS):
     """Wrap the backbone with LoRA adapters (SPEC §4 defaults); returns the PeftModel."""
     from peft import LoraConfig, get_peft_model  # import cost only for training
 
@@ -248,7 +251,8 @@ class ItemTable:
     gradient. `batch` gives the sequences to encode.
     """
 
-    def __init__(self, item_info, tokenizer, category: str, batch_size: int = 32, max_tokens: int = MAX_ITEM_TOKENS):
+    def __init__(self, item_info, tokenizer, category: str, batch_size: int = ITEM_BATCH_SIZE,
+                 max_tokens: int = MAX_ITEM_TOKENS):
         items = sorted(item_info, key=lambda item: item["item_id"])  # a Dataset or a list of rows
         if [item["item_id"] for item in items] != list(range(len(items))):
             raise ValueError(f"item_info's item ids must be 0..{len(items) - 1}, each once")

@@ -22,6 +22,7 @@ ANSWER_CLOSE = "</answer>"
 MAX_PROMPT_TOKENS = 2048  # user prompt, template included; oldest history lines go first
 MAX_ITEM_TOKENS = 768  # item sequence; the description is shortened to fit
 DESCRIPTION_WORDS = 100  # description cut, then "..."
+WINDOW_SIZE = 20  # history lines a user prompt shows (the dataset keeps up to preprocess.py's --window_size)
 
 CATEGORY_WORDS = {  # (plural, singular) for the paper's categories
     "Video_Games": ("video games", "video game"),
@@ -82,7 +83,7 @@ def format_elapsed(seconds: float) -> str:
     return f"{days}d {tenth_hours / 10:.1f}h ago"
 
 
-def user_prompt(sample: dict, category: str, window_size: int = 20) -> str:
+def user_prompt(sample: dict, category: str, window_size: int = WINDOW_SIZE) -> str:
     """User-turn text: the instruction, then one line per history item, oldest first.
 
     `sample` is a preprocessed row; times are relative to the target's `timestamp` (ms).

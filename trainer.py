@@ -30,10 +30,10 @@ from transformers import Trainer, TrainingArguments
 
 from errors import UserError, one_line, read_json, write_jsonl
 from metrics import METRIC_NAMES, ndcg_at_k, split_metrics, target_rank
-from model import (LORA_TARGETS, SIMILARITY_TYPES, TAU, ItemTable, encode, end_of_turn_ids, mask_seen, policy_forward,
-                   similarity)
+from model import (ITEM_BATCH_SIZE, LORA_ALPHA, LORA_DROPOUT, LORA_R, LORA_TARGETS, SIMILARITY_TYPES, TAU, ItemTable,
+                   encode, end_of_turn_ids, mask_seen, policy_forward, similarity)
 from paths import DEFAULT_MODEL
-from prompts import (MAX_ITEM_TOKENS, MAX_PROMPT_TOKENS, answer_stop, item_prompt_tokens, left_pad, user_prompt,
+from prompts import (MAX_ITEM_TOKENS, MAX_PROMPT_TOKENS, WINDOW_SIZE, answer_stop, item_prompt_tokens, left_pad, user_prompt,
                      user_prompt_tokens)
 from rollouts import Rollouts, SamplingConfig, generate_rollouts
 
@@ -69,10 +69,10 @@ class RecPOConfig(TrainingArguments):
         default=DEFAULT_MODEL,
         metadata={"help": "gemma | qwen | a key of paths.model_names | a local folder | a hub id."},
     )
-    window_size: int = field(default=20, metadata={"help": "History lines shown in the user prompt."})
+    window_size: int = field(default=WINDOW_SIZE, metadata={"help": "History lines shown in the user prompt."})
     max_prompt_tokens: int = field(default=MAX_PROMPT_TOKENS, metadata={"help": "User prompt length limit."})
     max_item_tokens: int = field(default=MAX_ITEM_TOKENS, metadata={"help": "Item prompt length limit."})
-    item_batch_size: int = field(default=32, metadata={"help": "Items per forward when encoding the table."})
+    item_batch_size: int = field(default=ITEM_BATCH_SIZE, metadata={"help": "Items per forward when encoding the table."})
 
     # Parameters that control the run's folder
     check_only: bool = field(
@@ -87,9 +87,9 @@ class RecPOConfig(TrainingArguments):
     )
 
     # Parameters that control LoRA
-    lora_r: int = field(default=4, metadata={"help": "LoRA rank."})
-    lora_alpha: int = field(default=128, metadata={"help": "LoRA alpha."})
-    lora_dropout: float = field(default=0.05, metadata={"help": "LoRA dropout."})
+    lora_r: int = field(default=LORA_R, metadata={"help": "LoRA rank."})
+    lora_alpha: int = field(default=LORA_ALPHA, metadata={"help": "LoRA alpha."})
+    lora_dropout: float = field(default=LORA_DROPOUT, metadata={"help": "LoRA dropout."})
     lora_target_modules: str = field(
         default=",".join(LORA_TARGETS), metadata={"help": "Comma-separated module names that get LoRA adapters."}
     )
