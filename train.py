@@ -33,13 +33,21 @@ RUN_SETTINGS = ("window_size", "max_new_tokens", "reasoning", "similarity_type",
 METHOD_SETTINGS = ("reasoning", "similarity_type", "tau")  # of RUN_SETTINGS, what a resume must keep
 
 
+def falls_back_to_cpu(argv: list[str]) -> bool:
+    """No GPU is visible and --use_cpu is not given: the run goes to the CPU, with a warning."""
+    return not torch.cuda.is_available() and not any(arg.startswith("--use_cpu") for arg in argv)
+
+
+def warn_about_cpu(argv: list[str]):
+    if falls_back_to_cpu(argv):
+        print("warning: no GPU visible — training will run on the CPU, which takes days at full scale; "
+              "check CUDA_VISIBLE_DEVICES and the CUDA install (--use_cpu True says it is meant)", file=sys.stderr)
+
+
 def parse_config(argv: list[str]) -> RecPOConfig:
-    """Flags -> RecPOConfig, on the CPU (with a warning, unless --use_cpu is given) when no GPU is found."""
-    if not torch.cuda.is_available() and not any(arg.startswith("--use_cpu") for arg in argv):
+    """Flags -> RecPOConfig, on the CPU when no GPU is found."""
+    if falls_back_to_cpu(argv):
         argv = [*argv, "--use_cpu", "True"]  # the Trainer (and DeepSpeed through it) needs this without a GPU
-        if os.environ.get("LOCAL_RANK", "0") == "0":  # once per machine under a launcher
-            print("warning: no GPU visible — training will run on the CPU, which takes days at full scale; "
-                  "check CUDA_VISIBLE_DEVICES and the CUDA install (--use_cpu True says it is meant)", file=sys.stderr)
     parser = one_line_parser_errors(HfArgumentParser(RecPOConfig), "python train.py --help")
     for action in parser._actions:  # HfArgumentParser gives --no_bf16 the help (and default) of --bf16
         if action.option_strings and action.option_strings[0] == f"--no_{action.dest}":
@@ -263,10 +271,13 @@ def main(argv: list[str]):
     config = parse_config(argv)
     resume = check_output_dir(config)
     if config.check_only:
-        return check_run(config)
+        check_run(config)
+        return warn_about_cpu(argv)
     if resume is not None:
         config.eval_on_start = False  # the checkpoint's model was evaluated before it was saved
     trainer = build_trainer(config)
+    if trainer.is_world_process_zero():  # once the run is sure to start
+        warn_about_cpu(argv)
     replaces = config.overwrite_output_dir and not resumes_in_place(config, resume)
     if trainer.is_world_process_zero() and replaces and earlier_run(config.output_dir):
         clear_earlier_run(config.output_dir)
