@@ -8,6 +8,7 @@ Three processes with DeepSpeed ZeRO-2 (launch_train.sh runs this, with its check
 `--eval_batch_size`) are accepted too.
 """
 import argparse
+import fnmatch
 import glob
 import os
 import re
@@ -31,6 +32,9 @@ RUN_RECORD = "r2ec_run.json"  # what recommend.py needs: in the output folder an
 RUN_SETTINGS = ("window_size", "max_new_tokens", "reasoning", "similarity_type", "tau", "max_prompt_tokens",
                 "max_item_tokens")
 METHOD_SETTINGS = ("reasoning", "similarity_type", "tau")  # of RUN_SETTINGS, what a resume must keep
+RUN_OUTPUTS = ("checkpoint-*", "runs", "reasoning", RUN_RECORD, "trainer_state.json", "*_results.json",
+               "training_args.bin", "training_curves.png", "adapter_*", "README.md", "tokenizer*", "*.jinja",
+               "special_tokens_map.json", "added_tokens.json", "vocab.json", "merges.txt")  # what a run writes
 
 
 def falls_back_to_cpu(argv: list[str]) -> bool:
@@ -94,6 +98,11 @@ def check_output_dir(config: RecPOConfig) -> str | None:
                         "a checkpoint-* folder or 'last'")
     if resume is not None:
         check_checkpoint(resume, config)
+    foreign = [] if resumes_in_place(config, resume) else foreign_files(folder)
+    if foreign:
+        raise UserError(f"--output_dir {config.output_dir} holds files no run writes ({', '.join(foreign[:3])}"
+                        f"{', ...' if len(foreign) > 3 else ''}), which the run's files would mix with — pick a new "
+                        "or empty folder")
     if not resumes_in_place(config, resume) and earlier_run(folder) and not config.overwrite_output_dir:
         raise UserError(f"--output_dir {config.output_dir} holds an earlier run — continue it with "
                         "--resume_from_checkpoint last, pick another --output_dir, or pass "
@@ -115,15 +124,26 @@ def checkpoint_folders(folder: str) -> list[str]:
     return glob.glob(os.path.join(glob.escape(folder), "checkpoint-*"))  # a folder name may hold [ ] * ?
 
 
+def foreign_files(folder: str) -> list[str]:
+    """Entries of `folder` that no run writes (hidden ones aside): a run would mix its files with them."""
+    names = sorted(os.listdir(folder)) if os.path.isdir(folder) else []
+    return [name for name in names
+            if not name.startswith(".") and not any(fnmatch.fnmatch(name, pattern) for pattern in RUN_OUTPUTS)]
+
+
 def clear_earlier_run(folder: str):
-    """--overwrite_output_dir: remove the earlier run's checkpoints (`last` and checkpoint rotation
-    must see only the new run's), its reasoning records, and its run record, without which
-    recommend.py refuses the folder until the new run completes it. Called once the new run is
-    built, so a bad flag or backbone leaves the earlier run whole."""
-    for old in checkpoint_folders(folder) + [os.path.join(folder, "reasoning")]:
-        shutil.rmtree(old, ignore_errors=True)
-    if os.path.exists(os.path.join(folder, RUN_RECORD)):
-        os.remove(os.path.join(folder, RUN_RECORD))
+    """--overwrite_output_dir: remove everything the earlier run wrote, so that `last`, checkpoint
+    rotation, curves.py and recommend.py (which refuses a folder without a run record until the
+    new run completes it) never see a mix of two runs. Called once the new run is built, so a bad
+    flag or backbone leaves the earlier run whole; the folder holds nothing else (`foreign_files`)."""
+    for name in os.listdir(folder):
+        path = os.path.join(folder, name)
+        if name.startswith(".") or not any(fnmatch.fnmatch(name, pattern) for pattern in RUN_OUTPUTS):
+            continue
+        if os.path.isdir(path):
+            shutil.rmtree(path, ignore_errors=True)
+        else:
+            os.remove(path)
 
 
 def earlier_run(folder: str) -> bool:

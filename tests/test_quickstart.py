@@ -60,13 +60,25 @@ def test_bad_flags_give_one_line_before_anything_runs(tmp_path, flags, message):
     assert not (tmp_path / "quick").exists()
 
 
-def test_a_folder_holding_another_run_is_refused_untouched(tmp_path):
+@pytest.mark.parametrize("given", ["{tmp}/my_run", "~/my_run"])  # ~ as train.py reads it: the same folder
+def test_a_folder_holding_another_run_is_refused_untouched(tmp_path, given):
     run = tmp_path / "my_run"
     (run / "checkpoint-40").mkdir(parents=True)
     (run / "r2ec_run.json").write_text("{}")
-    result = subprocess.run([sys.executable, "quickstart.py", "--output_dir", str(run)], cwd=ROOT,
-                            capture_output=True, text=True)
+    result = subprocess.run([sys.executable, "quickstart.py", "--output_dir", given.format(tmp=tmp_path)], cwd=ROOT,
+                            capture_output=True, text=True, env=dict(os.environ, HOME=str(tmp_path)))
     assert result.returncode == 2 and result.stdout == ""
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith(f"error: --output_dir {run} holds an earlier run"), lines
     assert sorted(os.listdir(run)) == ["checkpoint-40", "r2ec_run.json"]
+
+
+def test_a_folder_holding_other_files_is_refused_untouched(tmp_path):
+    (tmp_path / "README.md").write_text("mine")
+    (tmp_path / "notes.txt").write_text("mine")
+    result = subprocess.run([sys.executable, "quickstart.py", "--output_dir", str(tmp_path)], cwd=ROOT,
+                            capture_output=True, text=True)
+    lines = result.stderr.strip().splitlines()
+    assert result.returncode == 2 and len(lines) == 1, lines
+    assert lines[0].startswith(f"error: --output_dir {tmp_path} holds files no run writes (notes.txt)"), lines
+    assert (tmp_path / "README.md").read_text() == "mine" and sorted(os.listdir(tmp_path)) == ["README.md", "notes.txt"]

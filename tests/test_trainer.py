@@ -789,13 +789,34 @@ def test_an_earlier_run_is_kept_unless_replaced_on_purpose(tmp_path):
     result = run_train(flags, check=False)
     assert result.returncode == 2 and "LoRA targets qkv_proj" in result.stderr
     assert (run / "checkpoint-3").exists() and (run / "r2ec_run.json").exists()  # a failed start loses nothing
+    for name in ("final_results.json", "training_curves.png", "adapter_model.safetensors", "README.md", ".notes"):
+        (run / name).write_text("old")
+    (run / "runs").mkdir()
     train.clear_earlier_run(str(run))
-    assert sorted(os.listdir(run)) == ["trainer_state.json"]
+    assert sorted(os.listdir(run)) == [".notes"]  # nothing of the old run is left to mix with the new one
     fake_checkpoint(run / "checkpoint-3")
     fake_checkpoint(tmp_path / "other" / "checkpoint-5")  # another run's checkpoint, resumed into this folder
     with pytest.raises(UserError, match="holds an earlier run"):
         train.check_output_dir(config("--resume_from_checkpoint", str(tmp_path / "other" / "checkpoint-5")))
     assert train.check_output_dir(config("--resume_from_checkpoint", "last")) == str(run / "checkpoint-3")
+
+
+def test_a_folder_holding_other_files_is_refused_even_when_overwriting(tmp_path):
+    """--output_dir . in the repository, a backbone or a dataset folder: the run's README.md,
+    tokenizer and adapter would overwrite or mix with what is there."""
+    for folder, others in (("repo", ("README.md", "train.py")), ("backbone", ("config.json", "model.safetensors")),
+                           ("data", ("dataset_dict.json",))):
+        for name in others:
+            (tmp_path / folder).mkdir(exist_ok=True)
+            (tmp_path / folder / name).write_text("{}")
+        for flags in ([], ["--overwrite_output_dir", "True"], ["--check_only", "True"]):
+            config = train.parse_config(["--output_dir", str(tmp_path / folder), *flags])
+            foreign = ", ".join(sorted(set(others) - {"README.md"}))
+            with pytest.raises(UserError, match=f"holds files no run writes \\({foreign}\\).*pick a new or empty folder"):
+                train.check_output_dir(config)
+    (tmp_path / "killed").mkdir()
+    (tmp_path / "killed" / "runs").mkdir()  # a run killed before its first save: started afresh
+    assert train.check_output_dir(train.parse_config(["--output_dir", str(tmp_path / "killed")])) is None
 
 
 def test_every_checkpoint_holds_the_run_record_so_a_killed_run_can_be_served(tmp_path):
