@@ -10,7 +10,7 @@ import re
 
 import pyarrow.compute as pc
 
-from errors import UserError, one_line
+from errors import UserError, one_line, read_json
 
 PREPROCESS_RECORD = "preprocess.json"
 SAMPLE_SPLITS = ("train", "valid", "test")
@@ -35,11 +35,12 @@ def category_of(folder: str) -> str | None:
 
 def load_dataset_dir(folder: str | None, category: str | None = None):
     """The DatasetDict written by preprocess.py, checked.  -> (dataset, category); the category
-    is read from the folder name unless given (--dataset_category)."""
+    is read from preprocess.json, else the folder name, unless given (--dataset_category)."""
     from datasets import DatasetDict, load_from_disk  # import cost only where a dataset is loaded
 
     if not folder:
         raise UserError("no --dataset_dir given — run preprocess.py and pass the folder it prints")
+    folder, category = os.path.expanduser(folder), category or None  # an empty --dataset_category: not given
     if not os.path.isdir(folder):
         state = "is a file" if os.path.exists(folder) else "does not exist"
         raise UserError(f"dataset folder {folder!r} {state} — run preprocess.py first or fix --dataset_dir")
@@ -68,12 +69,27 @@ def load_dataset_dir(folder: str | None, category: str | None = None):
                             "smaller --K) so that every split holds samples")
     check_item_ids(dataset, folder)
     named = category_of(folder)
+    recorded = recorded_category(folder)
+    if recorded is not None and named is not None and recorded != named:
+        raise UserError(f"dataset folder {folder!r} is named for {named} but holds {recorded} (its {PREPROCESS_RECORD}) "
+                        f"— give it back its name, or rerun preprocess.py for {named}")
+    named = recorded or named
     if category is None and named is None:
         raise UserError(f"cannot read the category from the folder name {folder!r} — pass --dataset_category")
     if category is not None and named is not None and named != category:
         raise UserError(f"dataset folder {folder!r} holds {named}, not {category} — point --dataset_dir at a "
                         f"{category} dataset (or, training, fix DATASET_CAT/--dataset_category)")
     return dataset, category or named
+
+
+def recorded_category(folder: str) -> str | None:
+    """The category preprocess.py recorded in the folder (None: no record, as in older folders)."""
+    path = os.path.join(folder, PREPROCESS_RECORD)
+    if not os.path.isfile(path):
+        return None
+    record = read_json(path, "rerun preprocess.py for this folder")
+    category = record.get("category") if isinstance(record, dict) else None
+    return category if isinstance(category, str) and category else None
 
 
 def check_item_ids(dataset, folder: str):

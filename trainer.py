@@ -19,7 +19,7 @@ import os
 import time
 import warnings
 from collections import defaultdict
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Callable, NamedTuple
 
 import torch
@@ -182,6 +182,10 @@ class RecPOConfig(TrainingArguments):
     save_steps_from_eval: bool = field(default=False, init=False, repr=False)
 
     def __post_init__(self):
+        for name in (f.name for f in fields(self)):  # nan and inf parse as floats
+            value = getattr(self, name)
+            if isinstance(value, float) and not math.isfinite(value):
+                raise UserError(f"--{name} {value}: must be a finite number")
         if self.output_dir == "":
             raise UserError("--output_dir is empty (an unset variable?) — pass a folder, or leave the flag out "
                             "for outputs/<--run_name>")
@@ -244,6 +248,9 @@ class RecPOConfig(TrainingArguments):
             (self.early_stopping_patience >= 1,
              f"--early_stopping_patience {self.early_stopping_patience}: must be at least 1"),
             (self.group_size >= 1, f"--group_size {self.group_size}: must be at least 1"),
+            (self.group_size > 1 or self.advantage_type != "rloo" or not self.reasoning,
+             "--advantage_type rloo with --group_size 1 has no other sample to compare with: every advantage "
+             "is 0 and nothing trains — raise --group_size or use gaussian"),
             (self.advantage_type in ADVANTAGE_TYPES,
              f"--advantage_type {self.advantage_type!r}: choose one of {', '.join(ADVANTAGE_TYPES)}"),
             (self.similarity_type in SIMILARITY_TYPES,
@@ -257,7 +264,7 @@ class RecPOConfig(TrainingArguments):
             (0 < self.gen_top_p <= 1, f"--gen_top_p {self.gen_top_p}: must be in (0, 1]"),
             (0 <= self.beta <= 1, f"--beta {self.beta}: must be in [0, 1]"),
             (self.reward_ndcg_k >= 1, f"--reward_ndcg_k {self.reward_ndcg_k}: must be at least 1"),
-            (0 < self.tau < math.inf, f"--tau {self.tau}: must be positive and finite"),
+            (self.tau > 0, f"--tau {self.tau}: must be positive"),
             (self.micro_batch_size >= 1, f"--micro_batch_size {self.micro_batch_size}: must be at least 1"),
             (self.num_iterations >= 1, f"--num_iterations {self.num_iterations}: must be at least 1"),
             (self.reasoning or self.num_iterations == 1,

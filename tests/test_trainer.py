@@ -691,7 +691,12 @@ def test_bad_input_gives_one_clear_line(tmp_path, flags, message):
     (["--save_steps", "7", "--eval_steps", "5"], "drop --save_steps"),
     (["--gradient_accumulation_steps", "0"], "--gradient_accumulation_steps 0: must be at least 1"),
     (["--seed", "-1"], "--seed -1: must be between 0 and 2**32 - 1"),
-    (["--tau", "inf"], "--tau inf: must be positive and finite"),
+    (["--tau", "inf"], "--tau inf: must be a finite number"),
+    (["--warmup_steps", "nan"], "--warmup_steps nan: must be a finite number"),  # passed --check_only, then crashed
+    (["--num_train_epochs", "inf"], "--num_train_epochs inf: must be a finite number"),
+    (["--eval_steps", "inf"], "--eval_steps inf: must be a finite number"),
+    (["--max_grad_norm", "nan"], "--max_grad_norm nan: must be a finite number"),  # would turn clipping off
+    (["--advantage_type", "rloo", "--group_size", "1"], "every advantage is 0 and nothing trains"),
     (["--eval_steps", "0"], "--eval_steps 0: must be positive"),
     (["--eval_steps", "-1"], "--eval_steps -1: must be positive"),
     (["--save_steps", "-2", "--load_best_model_at_end", "False"], "--save_steps -2: must be positive"),
@@ -902,6 +907,25 @@ def test_category_that_contradicts_the_dataset_folder_is_named(tmp_path):
     result = run_train(quick_flags(tmp_path, "--dataset_category", "CDs_and_Vinyl"), check=False)
     last = result.stderr.strip().splitlines()[-1]
     assert result.returncode == 2 and "holds Video_Games, not CDs_and_Vinyl" in last
+
+
+def test_the_category_preprocess_recorded_wins_over_the_folder_name(tmp_path, monkeypatch):
+    """A copied or renamed folder must not get another category's prompts; a custom name needs no flag."""
+    dataset = tiny_dataset()
+    for name in ("CDs_and_Vinyl_0_2022-10-2023-10", "my_games"):
+        dataset.save_to_disk(str(tmp_path / name))
+        (tmp_path / name / "preprocess.json").write_text(json.dumps({"category": "Video_Games", "K": 0}))
+    with pytest.raises(UserError, match="is named for CDs_and_Vinyl but holds Video_Games \\(its preprocess.json\\)"):
+        load_dataset_dir(str(tmp_path / "CDs_and_Vinyl_0_2022-10-2023-10"))
+    assert load_dataset_dir(str(tmp_path / "my_games"))[1] == "Video_Games"
+    assert load_dataset_dir(str(tmp_path / "my_games"), "")[1] == "Video_Games"  # an empty flag: not given
+    with pytest.raises(UserError, match="holds Video_Games, not Books"):
+        load_dataset_dir(str(tmp_path / "my_games"), "Books")
+    (tmp_path / "my_games" / "preprocess.json").unlink()
+    with pytest.raises(UserError, match="cannot read the category from the folder name"):
+        load_dataset_dir(str(tmp_path / "my_games"), "")  # was an AttributeError in the prompts
+    monkeypatch.setenv("HOME", str(tmp_path))
+    assert load_dataset_dir("~/my_games", "Video_Games")[1] == "Video_Games"
 
 
 def test_a_split_folder_is_refused_with_its_parent_named(tmp_path):
