@@ -27,9 +27,12 @@ PANELS = (
 
 def series(log_history: list[dict], key: str) -> tuple[list[float], list[float]]:
     """(steps, values) of one logged key, in logging order; entries without it, or with a value
-    that is not a number, are skipped."""
+    or step that is not a number, are skipped."""
+    def number(value) -> bool:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+
     points = [(entry.get("step", i), entry[key]) for i, entry in enumerate(log_history)
-              if isinstance(entry.get(key), (int, float)) and not isinstance(entry[key], bool)]
+              if number(entry.get(key)) and number(entry.get("step", i))]
     return [s for s, _ in points], [v for _, v in points]
 
 
@@ -75,8 +78,7 @@ def check_output(path: str) -> None:
 def read_log_history(state_file: str) -> list[dict]:
     """trainer_state.json's log_history, checked."""
     fix = "retry if the run is saving right now, else delete it or pass one of the run's checkpoint-* folders"
-    state = read_json(state_file, fix)
-    history = state.get("log_history") if isinstance(state, dict) else None
+    history = read_json(state_file, fix).get("log_history")
     if not isinstance(history, list) or not all(isinstance(entry, dict) for entry in history):
         raise UserError(f"{state_file!r} has no log_history (a list of log entries) — {fix}")
     if not any(series(history, key)[0] for _, keys in PANELS for key in keys):

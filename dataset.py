@@ -87,8 +87,7 @@ def recorded_category(folder: str) -> str | None:
     path = os.path.join(folder, PREPROCESS_RECORD)
     if not os.path.isfile(path):
         return None
-    record = read_json(path, "rerun preprocess.py for this folder")
-    category = record.get("category") if isinstance(record, dict) else None
+    category = read_json(path, "rerun preprocess.py for this folder").get("category")
     return category if isinstance(category, str) and category else None
 
 

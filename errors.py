@@ -25,13 +25,17 @@ def one_line(error: BaseException, limit: int = 300) -> str:
     return text if len(text) <= limit else text[:limit - 1] + "…"
 
 
-def read_json(path: str, fix: str):
-    """The JSON value in `path`; unreadable, truncated or not JSON: one line naming it and `fix`."""
+def read_json(path: str, fix: str) -> dict:
+    """The JSON object in `path` (every JSON file the project reads holds one); unreadable,
+    truncated, not JSON or another JSON value: one line naming it and `fix`."""
     try:
         with open(path) as f:
-            return json.load(f)
+            value = json.load(f)
     except (OSError, ValueError) as e:  # ValueError: not JSON, not UTF-8
         raise UserError(f"{path!r} is not readable JSON ({one_line(e)}) — {fix}") from e
+    if not isinstance(value, dict):
+        raise UserError(f"{path!r} holds a JSON {type(value).__name__}, not an object — {fix}")
+    return value
 
 
 def folder_problem(folder: str) -> str | None:

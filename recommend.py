@@ -65,8 +65,6 @@ def parse_run_file(path: str) -> dict:
     """r2ec_run.json, checked: a JSON object with the keys recommend needs, as text."""
     fix = "re-run train.py for this run or restore the file"
     run = read_json(path, fix)
-    if not isinstance(run, dict):
-        raise UserError(f"{path!r} holds a JSON {type(run).__name__}, not the object train.py writes — {fix}")
     bad = [key for key in RUN_KEYS if not isinstance(run.get(key), str) or not run[key]]
     if bad:
         raise UserError(f"{path!r} has no {', '.join(bad)} (or not as text) — {fix}")

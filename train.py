@@ -158,8 +158,9 @@ def check_checkpoint(checkpoint: str, config: RecPOConfig):
     if not os.path.isfile(os.path.join(checkpoint, "trainer_state.json")):
         raise UserError(f"{checkpoint} is incomplete (no trainer_state.json: its save was cut short) — delete it "
                         "and resume from the checkpoint before it")
-    state = read_json(os.path.join(checkpoint, "trainer_state.json"), fix)
-    step = state.get("global_step", 0) if isinstance(state, dict) else 0
+    step = read_json(os.path.join(checkpoint, "trainer_state.json"), fix).get("global_step", 0)
+    if not isinstance(step, int):
+        raise UserError(f"{checkpoint}/trainer_state.json's global_step {step!r} is not a step number — {fix}")
     if 0 < config.max_steps <= step:  # the Trainer would still train one more step
         raise UserError(f"{checkpoint} has already trained {step} steps, --max_steps {config.max_steps} — "
                         "raise --max_steps to continue")
@@ -172,8 +173,10 @@ def check_checkpoint(checkpoint: str, config: RecPOConfig):
     record_path = os.path.join(checkpoint, RUN_RECORD)  # checkpoints of older versions lack it
     record = read_json(record_path, fix) if os.path.isfile(record_path) else {}
     for flag in METHOD_SETTINGS:  # a resume must not switch method halfway (length limits may change)
-        if isinstance(record, dict) and flag in record:
+        if flag in record:
             saved_and_given[flag] = (record[flag], getattr(config, flag))
+    if isinstance(record.get("dataset_dir"), str) and config.dataset_dir:  # the data may sit elsewhere now
+        saved_and_given["dataset_dir"] = (folder_name(record["dataset_dir"]), folder_name(config.dataset_dir))
     for flag, (saved, given) in saved_and_given.items():
         if saved != given:
             raise UserError(f"{checkpoint} was trained with --{flag} {saved}, not {given} — resume with --{flag} {saved}")

@@ -99,7 +99,8 @@ def run_folder(tmp_path):
     ('{"global_step": 30, "log_history": [{"step": 1, "lo', "is not readable JSON"),  # truncated mid-write
     ('{"global_step": 30}', "has no log_history"),
     ('{"log_history": [1, 2]}', "has no log_history"),
-    ("[]", "has no log_history"),
+    ("[]", "holds a JSON list, not an object"),
+    (json.dumps({"log_history": [{"step": [1], "loss": 0.5}]}), "logs none of the plotted values"),  # a step that is no number
     ('{"log_history": []}', "logs none of the plotted values yet"),
     ('{"log_history": [{"step": 1, "reward/mean": [0.5], "loss": {"a": 1}}]}', "logs none of the plotted values yet"),
 ])

@@ -743,10 +743,13 @@ def test_output_folder_follows_the_run_name_in_either_spelling():
 
 
 def fake_checkpoint(folder, lora_r=4):
-    """The files check_checkpoint reads, whole: state, adapter config and weights, optimizer, scheduler."""
+    """The files check_checkpoint reads, whole: state, adapter config and weights, optimizer, scheduler,
+    and a run record of the default settings on a Video_Games dataset kept elsewhere."""
     from safetensors.torch import save_file
     folder.mkdir(parents=True)
     (folder / "trainer_state.json").write_text("{}")
+    (folder / "r2ec_run.json").write_text(json.dumps(
+        {"dataset_dir": "/data/Video_Games_0_2022-10-2023-10", "reasoning": True, "similarity_type": "cosine", "tau": 0.02}))
     (folder / "adapter_config.json").write_text(json.dumps(
         {"r": lora_r, "lora_alpha": 128, "target_modules": list(LORA_TARGETS)}))
     save_file({"lora_A": torch.zeros(lora_r, 2)}, str(folder / "adapter_model.safetensors"))
@@ -860,6 +863,11 @@ def test_earlier_run_in_a_folder_named_with_glob_characters(tmp_path):
      "was trained with --reasoning False, not True — resume with --reasoning False"),
     (lambda c: (c / "r2ec_run.json").write_text(json.dumps({"tau": 0.05})), "was trained with --tau 0.05, not 0.02"),
     (lambda c: (c / "r2ec_run.json").write_text("[1"), "r2ec_run.json' is not readable JSON"),
+    (lambda c: (c / "r2ec_run.json").write_text("[1]"), "r2ec_run.json' holds a JSON list, not an object"),
+    (lambda c: (c / "adapter_config.json").write_text("[]"), "adapter_config.json' holds a JSON list, not an object"),
+    (lambda c: (c / "trainer_state.json").write_text('{"global_step": "1"}'), "global_step '1' is not a step number"),
+    (lambda c: (c / "r2ec_run.json").write_text(json.dumps({"dataset_dir": "/data/Musical_Instruments_0_2022-10-2023-10"})),
+     "was trained with --dataset_dir Musical_Instruments_0_2022-10-2023-10, not Video_Games_0_2022-10-2023-10"),
     (lambda c: (c / "trainer_state.json").unlink(), "is incomplete (no trainer_state.json: its save was cut short)"),
     (lambda c: (c / "adapter_model.safetensors").write_bytes(b"\x10\x00"), "adapter weights cannot be read"),
     (lambda c: (c / "optimizer.pt").write_bytes(b"garbage"), "optimizer.pt is truncated or corrupt"),
@@ -874,7 +882,8 @@ def test_a_damaged_or_mismatched_checkpoint_is_named_before_resuming(tmp_path, d
     damage(checkpoint)
     with pytest.raises(UserError, match=re.escape(message)) as caught:
         train.check_output_dir(train.parse_config(["--output_dir", str(tmp_path / "run"), "--max_steps", "5",
-                                                   "--model", "Qwen/Qwen2.5-3B-Instruct", "--resume_from_checkpoint", "last"]))
+                                                   "--model", "Qwen/Qwen2.5-3B-Instruct", "--resume_from_checkpoint", "last",
+                                                   "--dataset_dir", "/elsewhere/Video_Games_0_2022-10-2023-10/"]))
     assert "\n" not in str(caught.value)
 
 
