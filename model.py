@@ -24,9 +24,10 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
 from errors import UserError, one_line
 from paths import resolve_model
-from prompts import MAX_ITEM_TOKENS, item_prompt_tokens, left_pad
+from prompts import ANSWER, MAX_ITEM_TOKENS, item_prompt_tokens, left_pad
 
 TAU = 0.02  # = τ, the temperature of the cosine score
+TOKENIZER_ERRORS = (OSError, ValueError, AttributeError, TypeError, KeyError)  # what loading bad files raises
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")  # any one of them
 LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 LORA_R, LORA_ALPHA, LORA_DROPOUT = 4, 128, 0.05  # SPEC §4
@@ -68,8 +69,9 @@ def load_backbone_config(name_or_path: str):
     try:
         config = AutoConfig.from_pretrained(path)
         tokenizer = AutoTokenizer.from_pretrained(path)
-    except (OSError, ValueError) as e:  # no config or tokenizer, unknown model type
+    except TOKENIZER_ERRORS as e:  # no config or tokenizer, unknown model type, files of the wrong shape
         raise load_failure(name_or_path, path, e) from e
+    check_tokenizer(tokenizer, f"model {name_or_path!r} ({path!r})", "copy the tokenizer files released with the model")
     for sub in {id(c): c for c in (config, config.get_text_config())}.values():
         for key, value in vars(sub).items():
             if "dropout" in key and isinstance(value, float):
@@ -81,6 +83,14 @@ def load_backbone_config(name_or_path: str):
     if tokenizer.pad_token is None:  # the mask, not the id, tells padding apart, so eos is safe
         tokenizer.pad_token = tokenizer.eos_token
     return path, config, tokenizer
+
+
+def check_tokenizer(tokenizer, owner: str, fix: str):
+    """A tokenizer that loads but encodes nothing (transformers builds one from a tokenizer_config.json
+    whose vocabulary file is missing) fails here, not in the stop rule."""
+    if not tokenizer(ANSWER, add_special_tokens=False)["input_ids"]:
+        raise UserError(f"the tokenizer of {owner} turns text into no tokens (its vocabulary file, e.g. "
+                        f"tokenizer.json, is missing?) — {fix}")
 
 
 def enable_checkpointing(model):

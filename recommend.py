@@ -30,7 +30,7 @@ import torch
 from dataset import SAMPLE_SPLITS, load_dataset_dir
 from errors import UserError, check_output_file, one_line, one_line_parser_errors, read_json, run_cli, write_jsonl
 from metrics import KS, RANKING_METRICS, split_metrics
-from model import load_backbone
+from model import TOKENIZER_ERRORS, check_tokenizer, load_backbone
 from paths import resolve_model
 from train import RUN_RECORD  # written into each checkpoint and, when a run ends, its output folder
 from trainer import RecPOConfig, RecPOTrainer, check_length_limits
@@ -126,8 +126,9 @@ def load_recommender(folder: str, run: dict, config: RecPOConfig, dataset, categ
     damaged = f"re-run train.py for {folder!r} or restore its files"
     try:
         tokenizer = AutoTokenizer.from_pretrained(folder)
-    except (OSError, ValueError) as e:
+    except TOKENIZER_ERRORS as e:
         raise UserError(f"the tokenizer in {folder!r} cannot be loaded ({one_line(e)}) — {damaged}") from e
+    check_tokenizer(tokenizer, repr(folder), damaged)
     tokenizer.padding_side = "left"  # not saved with the tokenizer; prompts are left-padded
     check_length_limits(config, tokenizer, dataset, category, setting="r2ec_run.json's {}")  # before the model loads
     path = base_model_path(run)

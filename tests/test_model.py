@@ -260,6 +260,23 @@ def test_a_folder_without_a_model_fails_in_one_line(tmp_path):
         load_backbone("/no/such/model")
 
 
+def test_a_tokenizer_without_its_vocabulary_or_of_the_wrong_shape_fails_in_one_line(tmp_path):
+    """transformers builds an empty tokenizer from a tokenizer_config.json alone (it encodes
+    nothing, and the stop rule then failed with an IndexError); a config that is a list raised an
+    AttributeError."""
+    import shutil
+    from model import load_backbone_config
+
+    folder = tmp_path / "model"
+    shutil.copytree(tiny_backbone("qwen2"), folder)
+    (folder / "tokenizer.json").unlink()
+    with pytest.raises(UserError, match=r"turns text into no tokens \(its vocabulary file, e.g. tokenizer.json, is missing\?\)"):
+        load_backbone_config(str(folder))
+    (folder / "tokenizer_config.json").write_text("[1]")
+    with pytest.raises(UserError, match=r"cannot load model .*'list' object has no attribute"):
+        load_backbone_config(str(folder))
+
+
 def test_a_backbone_without_a_chat_template_is_named(tmp_path):
     folder = tmp_path / "base_model"
     shutil.copytree(tiny_backbone("llama"), folder)

@@ -271,6 +271,8 @@ def test_a_run_trained_without_reasoning_is_served_without_it(run_copy, tmp_path
     (lambda f: (f / "adapter_config.json").write_text("{not json"), "the adapter in"),
     (lambda f: [os.remove(f / name) for name in os.listdir(f) if name.startswith(("tokenizer", "chat_template"))],
      "the tokenizer in"),
+    (lambda f: os.remove(f / "tokenizer.json"), "turns text into no tokens"),
+    (lambda f: (f / "tokenizer_config.json").write_text("[1]"), "the tokenizer in"),
 ])
 def test_damaged_run_folder_gives_one_line(run_copy, capsys, tmp_path, damage, message):
     folder, _ = run_copy
