@@ -105,8 +105,8 @@ def latest_trainer_state(output_dir: str) -> str:
 def main(argv: list[str]) -> str:
     parser = argparse.ArgumentParser(description="Plot the training curves of an R²ec run.")
     one_line_parser_errors(parser, "python curves.py --help")
-    parser.add_argument("output_dir", help="The --output_dir of a train.py run.")
-    parser.add_argument("--output", help="Image to write: .png, .pdf, .svg, ... "
+    parser.add_argument("output_dir", type=os.path.expanduser, help="The --output_dir of a train.py run.")
+    parser.add_argument("--output", type=os.path.expanduser, help="Image to write: .png, .pdf, .svg, ... "
                         "(default: OUTPUT_DIR/training_curves.png).")
     args = parser.parse_args(argv)
     state_file = latest_trainer_state(args.output_dir)

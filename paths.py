@@ -178,7 +178,7 @@ def resolve_model(name: str) -> str:
     name = os.path.expanduser(name)  # a quoted or --model=~/... path reaches us unexpanded
     key = aliases.get(name, name)
     if key in model_names:
-        path = model_names[key]
+        path = os.path.expanduser(model_names[key])
         if path == EMBEDDED:
             return convert_embedded()
         if is_model_folder(path):

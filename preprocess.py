@@ -547,7 +547,8 @@ def parse_args(argv=None):
     p.add_argument("--ed_year", type=int, default=2023, help="window end year")
     p.add_argument("--ed_month", type=int, default=10, help="window end month (1-12)")
     p.add_argument("--window_size", type=int, default=20, help="history length of a sample")
-    p.add_argument("--data_root_dir", default="data", help="folder for raw files and the dataset")
+    p.add_argument("--data_root_dir", default="data", type=os.path.expanduser,
+                   help="folder for raw files and the dataset")
     p.add_argument("--postfix", default="", help="appended to the output folder name as _POSTFIX")
     p.add_argument("--base_url", default=os.environ.get(BASE_URL_ENV) or DEFAULT_BASE_URL,
                    help=f"download host (default: ${BASE_URL_ENV}, else the McAuley Lab host)")

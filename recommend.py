@@ -208,7 +208,8 @@ def format_metrics(metrics: dict[str, float], split: str, count: int) -> str:
 def parse_args(argv: list[str]):
     parser = argparse.ArgumentParser(description="Recommend with a trained R²ec model (see the file docstring).")
     one_line_parser_errors(parser, "python recommend.py --help")
-    parser.add_argument("--output_dir", required=True, help="A train.py output folder (or a checkpoint-* in it).")
+    parser.add_argument("--output_dir", required=True, type=os.path.expanduser,
+                        help="A train.py output folder (or a checkpoint-* in it).")
     parser.add_argument("--split", default="test", help=f"One of {', '.join(SAMPLE_SPLITS)}.")
     which = parser.add_mutually_exclusive_group()
     which.add_argument("--samples", type=int, nargs="+", default=[0], help="Rows of the split (default: 0).")
@@ -216,8 +217,9 @@ def parse_args(argv: list[str]):
     which.add_argument("--evaluate", action="store_true", help="Metric table over the split.")
     parser.add_argument("--max_samples", type=int, help="With --evaluate: only the first N samples.")
     parser.add_argument("--top_k", type=int, default=10, help="Items listed per sample.")
-    parser.add_argument("--output", help="Write one JSON line per sample to this file.")
-    parser.add_argument("--dataset_dir", help="Dataset folder; default: the one the run was trained on.")
+    parser.add_argument("--output", type=os.path.expanduser, help="Write one JSON line per sample to this file.")
+    parser.add_argument("--dataset_dir", type=os.path.expanduser,
+                        help="Dataset folder; default: the one the run was trained on.")
     parser.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
     parser.add_argument("--dtype", default="auto", choices=("auto", *DTYPES),
                         help="Default: bfloat16 on cuda, float32 on cpu.")

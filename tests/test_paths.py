@@ -1,6 +1,7 @@
 """paths.py: keys, aliases, folders and hub ids resolve; placeholders fail in one line."""
 import errno
 import os
+import re
 import stat
 import subprocess
 import sys
@@ -101,6 +102,21 @@ def test_a_home_relative_path_is_expanded(monkeypatch, tmp_path):
     assert paths.resolve_model("~/models/mine") == str(tmp_path / "models" / "mine")
     with pytest.raises(UserError, match=r"model folder '.*/models/other' does not exist"):
         paths.resolve_model("~/models/other")
+    monkeypatch.setitem(paths.model_names, "Gemma-2-2b-it", "~/models/mine")  # as written in paths.py
+    assert paths.resolve_model("gemma") == str(tmp_path / "models" / "mine")
+
+
+def test_every_command_reads_a_home_relative_path(monkeypatch, tmp_path):
+    import curves
+    import preprocess
+    import recommend
+
+    monkeypatch.setenv("HOME", str(tmp_path))
+    assert preprocess.parse_args(["--data_root_dir", "~/raw"]).data_root_dir == str(tmp_path / "raw")
+    args = recommend.parse_args(["--output_dir", "~/run", "--output", "~/r.jsonl", "--dataset_dir", "~/data"])
+    assert (args.output_dir, args.output, args.dataset_dir) == tuple(str(tmp_path / n) for n in ("run", "r.jsonl", "data"))
+    with pytest.raises(UserError, match=re.escape(f"{str(tmp_path / 'run')!r} is not a folder")):
+        curves.main(["~/run"])
 
 
 def test_command_line_error_is_one_line():
