@@ -56,10 +56,15 @@ def folder_problem(folder: str) -> str | None:
 
 
 def check_output_file(path: str, flag: str) -> None:
-    """`path` (given as `flag`) can be written as a file: not a folder, in a writable folder that exists."""
+    """`path` (given as `flag`) can be written as a file: not a folder, in a writable folder that
+    exists, and a regular file if it exists (the write renames a new file into place, which would
+    replace a link, a pipe or a device rather than write through it)."""
     folder = os.path.dirname(os.path.abspath(path))
     if os.path.isdir(path):
         raise UserError(f"{flag} {path!r} is a folder — pass a file name")
+    if os.path.lexists(path) and (os.path.islink(path) or not os.path.isfile(path)):
+        raise UserError(f"{flag} {path!r} is a link or a special file, which the write would replace — pass the "
+                        "path of a regular file")
     if not os.path.isdir(folder):
         raise UserError(f"{flag} {path!r}: folder {folder!r} does not exist — create it or pick another path")
     if not os.access(folder, os.W_OK | os.X_OK) or (os.path.exists(path) and not os.access(path, os.W_OK)):

@@ -32,7 +32,7 @@ from errors import UserError, check_output_file, one_line, one_line_parser_error
 from metrics import KS, RANKING_METRICS, split_metrics
 from model import TOKENIZER_ERRORS, check_tokenizer, load_backbone
 from paths import resolve_model
-from train import RUN_RECORD  # written into each checkpoint and, when a run ends, its output folder
+from train import RUN_RECORD, earlier_run, is_run_output  # the record: in each checkpoint and a finished run's folder
 from trainer import RecPOConfig, RecPOTrainer, check_length_limits
 
 RUN_KEYS = ("model", "dataset_dir", "category")  # needed in r2ec_run.json; any RecPOConfig field in it is read too
@@ -236,6 +236,8 @@ def parse_args(argv: list[str]):
         raise UserError(f"--max_samples {args.max_samples}: must be at least 1 (leave it out for the whole split)")
     if args.output is not None:
         check_output_file(args.output, "--output")  # here, not after minutes of inference
+        if earlier_run(os.path.dirname(os.path.abspath(args.output))) and is_run_output(args.output):
+            raise UserError(f"--output {args.output!r} is one of the run's own files — pick another name")
     return args
 
 

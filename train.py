@@ -124,11 +124,16 @@ def checkpoint_folders(folder: str) -> list[str]:
     return glob.glob(os.path.join(glob.escape(folder), "checkpoint-*"))  # a folder name may hold [ ] * ?
 
 
+def is_run_output(path: str) -> bool:
+    """Whether a run writes an entry of this name at its folder's top level (hidden ones aside)."""
+    name = os.path.basename(os.path.normpath(path))
+    return not name.startswith(".") and any(fnmatch.fnmatch(name, pattern) for pattern in RUN_OUTPUTS)
+
+
 def foreign_files(folder: str) -> list[str]:
     """Entries of `folder` that no run writes (hidden ones aside): a run would mix its files with them."""
     names = sorted(os.listdir(folder)) if os.path.isdir(folder) else []
-    return [name for name in names
-            if not name.startswith(".") and not any(fnmatch.fnmatch(name, pattern) for pattern in RUN_OUTPUTS)]
+    return [name for name in names if not name.startswith(".") and not is_run_output(name)]
 
 
 def clear_earlier_run(folder: str):
@@ -136,9 +141,8 @@ def clear_earlier_run(folder: str):
     rotation, curves.py and recommend.py (which refuses a folder without a run record until the
     new run completes it) never see a mix of two runs. Called once the new run is built, so a bad
     flag or backbone leaves the earlier run whole; the folder holds nothing else (`foreign_files`)."""
-    for name in os.listdir(folder):
-        path = os.path.join(folder, name)
-        if name.startswith(".") or not any(fnmatch.fnmatch(name, pattern) for pattern in RUN_OUTPUTS):
+    for path in (os.path.join(folder, name) for name in os.listdir(folder)):
+        if not is_run_output(path):
             continue
         if os.path.isdir(path):
             shutil.rmtree(path, ignore_errors=True)

@@ -293,6 +293,23 @@ def test_bad_output_path_fails_before_the_model_loads(run_dir, tmp_path, capsys,
     assert os.listdir(tmp_path) == []
 
 
+def test_output_that_is_a_link_a_pipe_or_one_of_the_run_s_files_is_refused(run_dir, tmp_path, capsys, monkeypatch):
+    """The write renames a new file into place: it would have replaced a link or a pipe, or the run's
+    own r2ec_run.json (the run then unusable)."""
+    monkeypatch.setattr(recommend, "load_recommender", lambda *a: pytest.fail("the model was loaded"))
+    (tmp_path / "target").write_text("keep")
+    os.symlink(tmp_path / "target", tmp_path / "link")
+    os.mkfifo(tmp_path / "pipe")
+    for name in ("link", "pipe"):
+        assert_one_line_error(capsys, ["--output_dir", run_dir, "--output", str(tmp_path / name)],
+                              "is a link or a special file, which the write would replace")
+    assert os.path.islink(tmp_path / "link") and (tmp_path / "target").read_text() == "keep"
+    record = os.path.join(run_dir, "r2ec_run.json")
+    before = open(record).read()
+    assert_one_line_error(capsys, ["--output_dir", run_dir, "--output", record], "is one of the run's own files")
+    assert open(record).read() == before
+
+
 def test_failed_write_leaves_no_file(tmp_path):
     path = tmp_path / "ranks.jsonl"
     path.write_text("earlier\n")
