@@ -32,7 +32,7 @@ from errors import UserError, check_output_file, one_line, one_line_parser_error
 from metrics import KS, RANKING_METRICS, split_metrics
 from model import TOKENIZER_ERRORS, check_tokenizer, load_backbone
 from paths import resolve_model
-from train import RUN_RECORD, earlier_run, is_run_output  # the record: in each checkpoint and a finished run's folder
+from train import RUN_RECORD, earlier_run, folder_name, is_run_output  # the record: in each checkpoint and a finished run's folder
 from trainer import RecPOConfig, RecPOTrainer, check_length_limits
 
 RUN_KEYS = ("model", "dataset_dir", "category")  # needed in r2ec_run.json; any RecPOConfig field in it is read too
@@ -132,6 +132,11 @@ def load_recommender(folder: str, run: dict, config: RecPOConfig, dataset, categ
     tokenizer.padding_side = "left"  # not saved with the tokenizer; prompts are left-padded
     check_length_limits(config, tokenizer, dataset, category, setting="r2ec_run.json's {}")  # before the model loads
     path = base_model_path(run)
+    trained_on = run.get("model_path")
+    if isinstance(trained_on, str) and folder_name(trained_on) != folder_name(path):  # it may sit elsewhere now
+        raise UserError(f"the adapter in {folder!r} was trained on {trained_on!r}, but the run's model {run['model']!r} "
+                        f"now resolves to {path!r} — point paths.py's model_names (or \"model\" in r2ec_run.json) back "
+                        "at the backbone it was trained on")
     base, _ = load_backbone(path, dtype=dtype)
     try:
         model = PeftModel.from_pretrained(base, folder)  # inference mode: adapters frozen, dropout off

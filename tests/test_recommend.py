@@ -320,12 +320,23 @@ def test_failed_write_leaves_no_file(tmp_path):
     assert read_jsonl(path) == [{"row": 0}] and os.listdir(tmp_path) == ["ranks.jsonl"]
 
 
+def test_a_model_name_that_now_resolves_to_another_backbone_is_refused(run_copy, tmp_path, capsys, monkeypatch):
+    """paths.py re-pointed since training: the adapter would run on another backbone (same shapes:
+    silently wrong recommendations)."""
+    monkeypatch.setattr(recommend, "load_backbone", lambda *a, **k: pytest.fail("the backbone was loaded"))
+    folder, run = run_copy
+    other = tiny_backbone("llama")
+    (folder / "r2ec_run.json").write_text(json.dumps(dict(run, model=other)))
+    assert_one_line_error(capsys, ["--output_dir", str(folder)], f"was trained on {run['model_path']!r}",
+                          f"now resolves to {other!r} — point paths.py's model_names")
+
+
 def test_adapter_of_another_backbone_size_gives_one_line(run_copy, tmp_path, capsys):
     """The run's `model` now resolves to a backbone of another hidden size than the adapter's."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
     folder, run = run_copy
-    other = tmp_path / "narrow_qwen2"
+    other = tmp_path / "elsewhere" / os.path.basename(run["model_path"])  # the backbone's folder name, moved
     shutil.copytree(tiny_backbone("qwen2"), other)  # its tokenizer; config and weights replaced
     config = AutoConfig.from_pretrained(other)
     config.hidden_size, config.intermediate_size = 32, 64
