@@ -196,6 +196,8 @@ def resolve_model(name: str) -> str:
             raise UserError(f"model folder {name!r} has no config.json — pass the folder of a Hugging Face "
                             "model (config.json, tokenizer and weights)")
         return name
+    if os.path.isfile(name):
+        raise UserError(f"model {name!r} is a file — pass the folder that holds the model's config.json")
     if HUB_ID.fullmatch(name):
         return name
     if os.sep in name or name.startswith("."):  # no hub id: a path

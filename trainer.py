@@ -297,7 +297,7 @@ class RecPOConfig(TrainingArguments):
 
     @property
     def lora_targets(self) -> tuple[str, ...]:
-        return tuple(self.lora_target_modules.split(","))
+        return tuple(name.strip() for name in self.lora_target_modules.split(","))  # "q_proj, v_proj" too
 
     @property
     def sampling(self) -> SamplingConfig:

@@ -102,6 +102,9 @@ def test_a_home_relative_path_is_expanded(monkeypatch, tmp_path):
     assert paths.resolve_model("~/models/mine") == str(tmp_path / "models" / "mine")
     with pytest.raises(UserError, match=r"model folder '.*/models/other' does not exist"):
         paths.resolve_model("~/models/other")
+    (tmp_path / "models" / "mine" / "model.safetensors").write_text("")
+    with pytest.raises(UserError, match=r"model '.*/models/mine/model.safetensors' is a file — pass the folder"):
+        paths.resolve_model("~/models/mine/model.safetensors")  # read as a hub id before
     monkeypatch.setitem(paths.model_names, "Gemma-2-2b-it", "~/models/mine")  # as written in paths.py
     assert paths.resolve_model("gemma") == str(tmp_path / "models" / "mine")
 

@@ -527,6 +527,7 @@ def test_check_only_validates_without_training_and_warns_without_a_gpu(tmp_path)
 @pytest.mark.parametrize("flags, message", [
     (["--model", "models/qwen"], "'models/qwen' is no local folder, so it was read as a hub id"),  # a mistyped folder
     (["--lora_target_modules", "q_proj,qkv_proj"], "LoRA targets qkv_proj are not modules of this backbone"),
+    (["--lora_target_modules", "q_proj, qkv_proj"], "LoRA targets qkv_proj are not modules"),  # spaces after commas
     (["--max_prompt_tokens", "8"], "--max_prompt_tokens 8 cannot hold the"),
 ])
 def test_check_only_refuses_what_building_the_trainer_would(tmp_path, flags, message):
