@@ -8,6 +8,7 @@ the category; it holds a `datasets.DatasetDict` with the sample splits and `item
 import os
 import re
 
+import pyarrow as pa
 import pyarrow.compute as pc
 
 from errors import UserError, one_line, read_json
@@ -67,6 +68,12 @@ def load_dataset_dir(folder: str | None, category: str | None = None):
         if len(dataset[split]) == 0:
             raise UserError(f"the {split} split of {folder!r} is empty — preprocess a wider window (or a "
                             "smaller --K) so that every split holds samples")
+        columns = [dataset[split].data.column(c) for c in TRAINING_COLUMNS]
+        with_nulls = [c for c, values in zip(TRAINING_COLUMNS, columns) if values.null_count
+                      or (pa.types.is_list(values.type) and pc.list_flatten(values).null_count)]
+        if with_nulls:
+            raise UserError(f"the {split} split of {folder!r} has empty values in {', '.join(with_nulls)} — "
+                            "rerun preprocess.py for it")
     check_item_ids(dataset, folder)
     named = category_of(folder)
     recorded = recorded_category(folder)

@@ -919,6 +919,18 @@ def test_category_that_contradicts_the_dataset_folder_is_named(tmp_path):
     assert result.returncode == 2 and "holds Video_Games, not CDs_and_Vinyl" in last
 
 
+def test_empty_values_in_a_training_column_are_named(tmp_path):
+    """A null rating inside a history (a hand-edited dataset) failed in the prompt with a TypeError."""
+    dataset = tiny_dataset()
+    ratings = list(dataset["test"]["history_rating"])
+    ratings[1] = [None, *ratings[1][1:]]
+    dataset["test"] = dataset["test"].remove_columns("history_rating").add_column("history_rating", ratings)
+    folder = tmp_path / "Video_Games_0_2022-10-2023-10"
+    dataset.save_to_disk(str(folder))
+    with pytest.raises(UserError, match="the test split .* has empty values in history_rating — rerun preprocess.py"):
+        load_dataset_dir(str(folder))
+
+
 def test_the_category_preprocess_recorded_wins_over_the_folder_name(tmp_path, monkeypatch):
     """A copied or renamed folder must not get another category's prompts; a custom name needs no flag."""
     dataset = tiny_dataset()
