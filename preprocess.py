@@ -413,8 +413,12 @@ def select_window(users, items, timestamps, start, end, k):
     moves back while fewer than MIN_WINDOW_ITEMS items remain and its year is later than the
     earliest rating's year.
     """
-    earliest_year = datetime.datetime.fromtimestamp(
-        timestamps.min() / 1000, tz=datetime.timezone.utc).year
+    first, last = (datetime.datetime.fromtimestamp(t / 1000, tz=datetime.timezone.utc)
+                   for t in (timestamps.min(), timestamps.max()))
+    if month_start_ms(*start) > timestamps.max():  # the back-off would take every rating, under this name
+        raise UserError(f"the window starts {start[0]}-{start[1]}, after the last rating ({last:%Y-%m-%d}) — pick "
+                        f"a window within the ratings, {first:%Y-%m} to {last:%Y-%m}")
+    earliest_year = first.year
     end_ms = month_start_ms(*end)
     while True:
         inside = np.flatnonzero((timestamps >= month_start_ms(*start)) & (timestamps <= end_ms))

@@ -192,6 +192,15 @@ def test_window_bounds_are_inclusive():
     assert kept == [(0, 1, ms(2022, 10)), (0, 2, ms(2023, 10))] and start == (2022, 10)
 
 
+def test_a_window_after_the_last_rating_is_refused():
+    """A mistyped year: the back-off would take every rating into a folder named for 2030."""
+    ratings = [(0, 0, ms(2021, 3)), (0, 1, ms(2023, 9) + 5)]
+    with pytest.raises(UserError, match="the window starts 2030-1, after the last rating \\(2023-09-01\\) — pick a "
+                                        "window within the ratings, 2021-03 to 2023-09"):
+        window(ratings, (2030, 1), (2030, 6))
+    assert window(ratings, (2023, 9), (2030, 6))[0] == [(0, 1, ms(2023, 9) + 5)]  # starting before it: kept
+
+
 def test_backoff_stops_once_10000_items_are_reached():
     # 4,000 items in the window, 4,000 more in each 3-month step back, first rating in 2015
     ratings = [(i, i, ms(2023, 1)) for i in range(4000)]
