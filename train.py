@@ -8,6 +8,7 @@ Three processes with DeepSpeed ZeRO-2 (launch_train.sh runs this, with its check
 `--eval_batch_size`) are accepted too.
 """
 import argparse
+import errno
 import fnmatch
 import glob
 import os
@@ -292,6 +293,11 @@ def check_run(config: RecPOConfig) -> None:
     print(f"ok: flags, {config.output_dir}, {config.dataset_dir} ({category}) and model {resolve_model(config.model)}")
 
 
+def disk_full(error: BaseException) -> bool:
+    """Whether a write failed for want of space (the tokenizers library raises a plain Exception)."""
+    return (isinstance(error, OSError) and error.errno == errno.ENOSPC) or "No space left on device" in str(error)
+
+
 def main(argv: list[str]):
     if any(arg.startswith("--deepspeed") for arg in argv):
         set_single_process_rendezvous()  # before parsing, which sets the processes up
@@ -311,15 +317,21 @@ def main(argv: list[str]):
     record = run_record(config, trainer.category)
     trainer.add_callback(RecordInCheckpoints(record))  # recommend.py also reads a killed run's checkpoints
     trainer.accelerator.wait_for_everyone()  # on every process: the others may find the folder cleared already
-    trainer.train(resume_from_checkpoint=resume)
-
-    trainer.save_model(config.output_dir)
-    metrics = final_metrics(trainer)
-    trainer.save_state()  # trainer_state.json with the whole log history, next to the adapter
-    if trainer.is_world_process_zero():
-        trainer.save_metrics("final", metrics)
-        write_json(os.path.join(config.output_dir, RUN_RECORD), record)
-        plot_training_curves(trainer.state.log_history, os.path.join(config.output_dir, "training_curves.png"))
+    try:
+        trainer.train(resume_from_checkpoint=resume)
+        trainer.save_model(config.output_dir)
+        metrics = final_metrics(trainer)
+        trainer.save_state()  # trainer_state.json with the whole log history, next to the adapter
+        if trainer.is_world_process_zero():
+            trainer.save_metrics("final", metrics)
+            write_json(os.path.join(config.output_dir, RUN_RECORD), record)
+            plot_training_curves(trainer.state.log_history, os.path.join(config.output_dir, "training_curves.png"))
+    except Exception as e:
+        if not disk_full(e):
+            raise
+        raise UserError(f"no space left on the device while writing into {config.output_dir} — free some space, "
+                        "then resume with --resume_from_checkpoint last (an incomplete last checkpoint is named "
+                        "then: delete it)") from e
     trainer.accelerator.end_training()
     return metrics
 

@@ -828,6 +828,30 @@ def test_a_folder_holding_other_files_is_refused_even_when_overwriting(tmp_path)
     assert train.check_output_dir(train.parse_config(["--output_dir", str(tmp_path / "killed")])) is None
 
 
+@pytest.mark.parametrize("error", [OSError(28, "No space left on device"),
+                                   Exception("No space left on device (os error 28)")])  # as tokenizers raises it
+def test_a_full_disk_while_saving_is_one_line_that_says_how_to_continue(tmp_path, monkeypatch, error):
+    class SavingFails:
+        category, accelerator = "Video_Games", type("Accelerator", (), {"wait_for_everyone": lambda self: None})()
+
+        def is_world_process_zero(self):
+            return True
+
+        def add_callback(self, callback):
+            pass
+
+        def train(self, resume_from_checkpoint=None):
+            raise error
+
+    monkeypatch.setattr(train, "build_trainer", lambda config: SavingFails())
+    with pytest.raises(UserError, match="no space left on the device while writing into .* — free some space, then "
+                                        "resume with --resume_from_checkpoint last"):
+        train.main(["--output_dir", str(tmp_path / "run"), "--model", tiny_backbone("qwen2"), "--report_to", "none"])
+    monkeypatch.setattr(SavingFails, "train", lambda self, resume_from_checkpoint=None: 1 / 0)
+    with pytest.raises(ZeroDivisionError):  # other failures are not disguised
+        train.main(["--output_dir", str(tmp_path / "run"), "--model", tiny_backbone("qwen2"), "--report_to", "none"])
+
+
 def test_every_checkpoint_holds_the_run_record_so_a_killed_run_can_be_served(tmp_path):
     import recommend
 
