@@ -20,7 +20,10 @@ def test_quickstart_pipeline_prints_the_table_and_an_example(tmp_path):
     assert result.returncode == 0, result.stderr[-2000:]
     out = result.stdout
     train_command = next(line for line in out.splitlines() if line.startswith("$ ") and "train.py" in line)
-    assert train_command.endswith(" --bf16 False") and "note: this CPU" not in out
+    flags = train_command.split()
+    assert flags[flags.index("--bf16") + 1] == "False" and "note: this CPU" not in out
+    assert flags[flags.index("--use_cpu") + 1] == str(not torch.cuda.is_available())  # the CPU meant: no warning
+    assert "warning: no GPU visible" not in result.stderr
     for row in ("valid before", "valid after", "test before", "test after"):
         assert row in out
     assert "top 5 (* = the true next item):" in out and "true next item:" in out and "reasoning:" in out
