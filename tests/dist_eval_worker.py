@@ -19,17 +19,14 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from model import load_backbone  # noqa: E402
 from tests.backbones import tiny_backbone  # noqa: E402
-from tests.tiny_data import tiny_dataset  # noqa: E402
-from trainer import RecPOConfig, RecPOTrainer  # noqa: E402
+from tests.tiny_data import tiny_config, tiny_dataset  # noqa: E402
+from trainer import RecPOTrainer  # noqa: E402
 
 SAMPLES = 9
 
 
 def main(out_path: str):
-    config = RecPOConfig(
-        output_dir=tempfile.mkdtemp(), use_cpu=True, bf16=False, report_to="none", per_device_eval_batch_size=2,
-        max_new_tokens=8, eval_strategy="no", save_strategy="no", load_best_model_at_end=False, eval_on_start=False,
-    )
+    config = tiny_config(tempfile.mkdtemp(), per_device_eval_batch_size=2, max_new_tokens=8)
     model, tokenizer = load_backbone(tiny_backbone("qwen2"), dtype=torch.float32)
     trainer = RecPOTrainer(model, config, tokenizer, tiny_dataset(num_eval=SAMPLES), "Video_Games")
     encoded = []

@@ -21,17 +21,13 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from accelerate.utils import gather_object  # noqa: E402
 
 from tests.dist_update_worker import tiny_lora_model  # noqa: E402
-from tests.tiny_data import tiny_dataset  # noqa: E402
-from trainer import RecPOConfig, RecPOTrainer  # noqa: E402
+from tests.tiny_data import tiny_config, tiny_dataset  # noqa: E402
+from trainer import RecPOTrainer  # noqa: E402
 
 
 def main(out_path: str):
-    config = RecPOConfig(
-        output_dir=tempfile.mkdtemp(), use_cpu=True, bf16=False, report_to="none", per_device_train_batch_size=2,
-        group_size=2, micro_batch_size=2, max_new_tokens=8, gen_temperature=1.0, gen_top_k=0, lora_dropout=0.0,
-        gradient_checkpointing=False, eval_strategy="no", save_strategy="no", load_best_model_at_end=False,
-        eval_on_start=False, max_steps=2, learning_rate=1e-2, warmup_steps=0,
-    )
+    config = tiny_config(tempfile.mkdtemp(), max_new_tokens=8, lora_dropout=0.0, gradient_checkpointing=False,
+                         max_steps=2)
     model, tokenizer = tiny_lora_model()
     trainer = RecPOTrainer(model, config, tokenizer, tiny_dataset(), "Video_Games")
     rank = trainer.accelerator.process_index

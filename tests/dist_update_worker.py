@@ -21,8 +21,8 @@ from accelerate.utils import gather  # noqa: E402
 from model import add_lora, enable_checkpointing, load_backbone, policy_forward  # noqa: E402
 from rollouts import Rollouts  # noqa: E402
 from tests.backbones import tiny_backbone  # noqa: E402
-from tests.tiny_data import tiny_dataset  # noqa: E402
-from trainer import RecPOBatch, RecPOConfig, RecPOTrainer, relabel_mask  # noqa: E402
+from tests.tiny_data import tiny_config, tiny_dataset  # noqa: E402
+from trainer import RecPOBatch, RecPOTrainer, relabel_mask  # noqa: E402
 
 USERS, GROUP = 4, 2  # the global batch
 
@@ -87,11 +87,8 @@ def fixed_batch(trainer, model, rank: int, world: int, noise_scale: float = 0.3)
 
 def main(out_path: str):
     world = int(os.environ.get("WORLD_SIZE", "1"))
-    config = RecPOConfig(
-        output_dir=tempfile.mkdtemp(), use_cpu=True, bf16=False, report_to="none", per_device_train_batch_size=2,
-        group_size=GROUP, micro_batch_size=2, lora_dropout=0.0, gradient_checkpointing=False, eval_strategy="no",
-        save_strategy="no", load_best_model_at_end=False, eval_on_start=False, max_new_tokens=8,
-    )
+    config = tiny_config(tempfile.mkdtemp(), group_size=GROUP, lora_dropout=0.0, gradient_checkpointing=False,
+                         max_new_tokens=8)
     model, tokenizer = tiny_lora_model()
     trainer = RecPOTrainer(model, config, tokenizer, tiny_dataset(), "Video_Games")
     rank = trainer.accelerator.process_index

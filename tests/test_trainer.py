@@ -19,6 +19,7 @@ from errors import UserError
 from model import LORA_TARGETS, add_lora, encode, load_backbone, policy_forward
 from rollouts import SamplingConfig, fresh_forward
 from tests.backbones import tiny_backbone
+from tests import tiny_data
 from tests.tiny_data import tiny_dataset
 from trainer import RecPOConfig, RecPOTrainer, RepeatedBatchSampler
 
@@ -27,15 +28,7 @@ PYTHON = sys.executable
 
 
 def tiny_config(tmp_path, **overrides) -> RecPOConfig:
-    values = dict(
-        output_dir=str(tmp_path / "run"), use_cpu=True, bf16=False, report_to="none",
-        per_device_train_batch_size=2, group_size=2, micro_batch_size=2, max_new_tokens=12,
-        gen_temperature=1.0, gen_top_k=0, gradient_checkpointing=True, eval_strategy="no", save_strategy="no",
-        load_best_model_at_end=False, eval_on_start=False, max_steps=1, learning_rate=1e-2, warmup_steps=0,
-        per_device_eval_batch_size=4, dataloader_num_workers=0,
-    )
-    values.update(overrides)
-    return RecPOConfig(**values)
+    return tiny_data.tiny_config(str(tmp_path / "run"), **{"gradient_checkpointing": True, **overrides})
 
 
 def lora_state(model) -> dict:

@@ -1,4 +1,5 @@
-"""A tiny dataset in preprocess.py's output format, built in memory for trainer tests."""
+"""A tiny dataset in preprocess.py's output format, built in memory for trainer tests, and the
+trainer settings the tests run it with."""
 import json
 
 from datasets import Dataset, DatasetDict
@@ -57,3 +58,17 @@ def tiny_dataset(num_train: int = 8, num_eval: int = 4) -> DatasetDict:
         "test": Dataset.from_list(samples[num_train + num_eval:]),
         "item_info": Dataset.from_list(items),
     })
+
+
+def tiny_config(output_dir: str, **overrides):
+    """RecPOConfig for tiny backbones on the CPU: float32, nothing logged, evaluated or saved unless
+    asked for, one step of 2 users × 2 reasonings of at most 12 tokens, sampled at temperature 1."""
+    from trainer import RecPOConfig  # torch and transformers only where a trainer is built
+
+    values = dict(
+        output_dir=output_dir, use_cpu=True, bf16=False, report_to="none", eval_strategy="no", save_strategy="no",
+        load_best_model_at_end=False, eval_on_start=False, dataloader_num_workers=0,
+        per_device_train_batch_size=2, group_size=2, micro_batch_size=2, max_new_tokens=12, gen_temperature=1.0,
+        gen_top_k=0, max_steps=1, learning_rate=1e-2, warmup_steps=0, per_device_eval_batch_size=4,
+    )
+    return RecPOConfig(**{**values, **overrides})
