@@ -20,7 +20,7 @@ import torch
 from errors import UserError, one_line_parser_errors, run_cli
 from metrics import METRIC_NAMES
 from paths import DEFAULT_MODEL
-from train import earlier_run, foreign_files
+from train import clashing_files, earlier_run
 from trainer import EVAL_SPLITS
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
@@ -49,9 +49,9 @@ def parse_args(argv=None):
         raise UserError(f"--eval_samples {args.eval_samples}: must be at least 1 (the default is 64)")
     args.output_dir = os.path.expanduser(args.output_dir)  # as train.py will read it
     output_dir = os.path.join(ROOT, args.output_dir)
-    if foreign_files(output_dir):
-        raise UserError(f"--output_dir {args.output_dir} holds files no run writes ({', '.join(foreign_files(output_dir)[:3])}) "
-                        "— pick a new or empty folder")
+    if clashing_files(output_dir):
+        raise UserError(f"--output_dir {args.output_dir} holds {', '.join(clashing_files(output_dir)[:3])}, not an "
+                        "earlier run's, which the run would overwrite or mix with — pick a new or empty folder")
     if os.path.realpath(output_dir) != os.path.realpath(os.path.join(ROOT, OUTPUT_DIR)) and earlier_run(output_dir):
         raise UserError(f"--output_dir {args.output_dir} holds an earlier run, which the quick start would "
                         f"overwrite — pick a new folder, or delete that one (only {OUTPUT_DIR} is overwritten freely)")

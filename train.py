@@ -36,6 +36,8 @@ METHOD_SETTINGS = ("reasoning", "similarity_type", "tau")  # of RUN_SETTINGS, wh
 RUN_OUTPUTS = ("checkpoint-*", "runs", "reasoning", RUN_RECORD, "trainer_state.json", "*_results.json",
                "training_args.bin", "training_curves.png", "adapter_*", "README.md", "tokenizer*", "*.jinja",
                "special_tokens_map.json", "added_tokens.json", "vocab.json", "merges.txt")  # what a run writes
+WRITTEN_BEFORE_A_SAVE = ("runs", "reasoning")  # a run killed before its first checkpoint leaves only these
+OTHER_CONTENT = ("config.json", "*.safetensors", "dataset_dict.json", "preprocess.json", ".git", "*.py")  # a model, data, code
 
 
 def falls_back_to_cpu(argv: list[str]) -> bool:
@@ -99,11 +101,11 @@ def check_output_dir(config: RecPOConfig) -> str | None:
                         "a checkpoint-* folder or 'last'")
     if resume is not None:
         check_checkpoint(resume, config)
-    foreign = [] if resumes_in_place(config, resume) else foreign_files(folder)
-    if foreign:
-        raise UserError(f"--output_dir {config.output_dir} holds files no run writes ({', '.join(foreign[:3])}"
-                        f"{', ...' if len(foreign) > 3 else ''}), which the run's files would mix with — pick a new "
-                        "or empty folder")
+    clashing = [] if resumes_in_place(config, resume) else clashing_files(folder)
+    if clashing:
+        raise UserError(f"--output_dir {config.output_dir} holds {', '.join(clashing[:3])}"
+                        f"{', ...' if len(clashing) > 3 else ''}, not an earlier run's, which the run would overwrite "
+                        "or mix with — pick a new or empty folder")
     if not resumes_in_place(config, resume) and earlier_run(folder) and not config.overwrite_output_dir:
         raise UserError(f"--output_dir {config.output_dir} holds an earlier run — continue it with "
                         "--resume_from_checkpoint last, pick another --output_dir, or pass "
@@ -131,17 +133,25 @@ def is_run_output(path: str) -> bool:
     return not name.startswith(".") and any(fnmatch.fnmatch(name, pattern) for pattern in RUN_OUTPUTS)
 
 
-def foreign_files(folder: str) -> list[str]:
-    """Entries of `folder` that no run writes (hidden ones aside): a run would mix its files with them."""
+def clashing_files(folder: str) -> list[str]:
+    """Entries of `folder` that a run would overwrite or mix with: a model, a dataset or code
+    (`--output_dir .` had PEFT's model card written over the repository's README.md), and, where
+    no earlier run wrote them, the names a run writes. Other files (a log, recommend.py's output)
+    are left alone, and kept when an earlier run is replaced."""
     names = sorted(os.listdir(folder)) if os.path.isdir(folder) else []
-    return [name for name in names if not name.startswith(".") and not is_run_output(name)]
+    earlier = earlier_run(folder)
+    other_content = [name for name in names if any(fnmatch.fnmatch(name, pattern) for pattern in OTHER_CONTENT)
+                     and not name.startswith("adapter_")]
+    unclaimed_run_names = [] if earlier else [name for name in names
+                                               if is_run_output(name) and name not in WRITTEN_BEFORE_A_SAVE]
+    return sorted(other_content + unclaimed_run_names)
 
 
 def clear_earlier_run(folder: str):
-    """--overwrite_output_dir: remove everything the earlier run wrote, so that `last`, checkpoint
-    rotation, curves.py and recommend.py (which refuses a folder without a run record until the
-    new run completes it) never see a mix of two runs. Called once the new run is built, so a bad
-    flag or backbone leaves the earlier run whole; the folder holds nothing else (`foreign_files`)."""
+    """--overwrite_output_dir: remove what the earlier run wrote (the names of RUN_OUTPUTS; other
+    files stay), so that `last`, checkpoint rotation, curves.py and recommend.py (which refuses a
+    folder without a run record until the new run completes it) never see a mix of two runs.
+    Called once the new run is built, so a bad flag or backbone leaves the earlier run whole."""
     for path in (os.path.join(folder, name) for name in os.listdir(folder)):
         if not is_run_output(path):
             continue

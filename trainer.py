@@ -82,8 +82,8 @@ class RecPOConfig(TrainingArguments):
     )
     overwrite_output_dir: bool = field(
         default=False,
-        metadata={"help": "Train into an --output_dir that holds an earlier run (its checkpoints, reasoning records "
-                          "and run record are deleted)."},
+        metadata={"help": "Train into an --output_dir that holds an earlier run (everything it wrote is deleted "
+                          "once the new run has loaded)."},
     )
 
     # Parameters that control LoRA

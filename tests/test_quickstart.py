@@ -83,5 +83,5 @@ def test_a_folder_holding_other_files_is_refused_untouched(tmp_path):
                             capture_output=True, text=True)
     lines = result.stderr.strip().splitlines()
     assert result.returncode == 2 and len(lines) == 1, lines
-    assert lines[0].startswith(f"error: --output_dir {tmp_path} holds files no run writes (notes.txt)"), lines
+    assert lines[0].startswith(f"error: --output_dir {tmp_path} holds README.md, not an earlier run's"), lines
     assert (tmp_path / "README.md").read_text() == "mine" and sorted(os.listdir(tmp_path)) == ["README.md", "notes.txt"]

@@ -803,22 +803,30 @@ def test_an_earlier_run_is_kept_unless_replaced_on_purpose(tmp_path):
     assert train.check_output_dir(config("--resume_from_checkpoint", "last")) == str(run / "checkpoint-3")
 
 
-def test_a_folder_holding_other_files_is_refused_even_when_overwriting(tmp_path):
-    """--output_dir . in the repository, a backbone or a dataset folder: the run's README.md,
-    tokenizer and adapter would overwrite or mix with what is there."""
-    for folder, others in (("repo", ("README.md", "train.py")), ("backbone", ("config.json", "model.safetensors")),
-                           ("data", ("dataset_dict.json",))):
+def test_a_folder_a_run_would_overwrite_or_mix_with_is_refused_even_when_overwriting(tmp_path):
+    """--output_dir . in the repository (PEFT's model card went over its README.md), a backbone or a
+    dataset folder. A log or recommend.py's output beside a run is no reason to refuse, and stays."""
+    for folder, others in (("repo", ("README.md", "train.py", "notes.txt")),
+                           ("backbone", ("config.json", "model.safetensors")), ("data", ("dataset_dict.json",))):
+        (tmp_path / folder).mkdir()
         for name in others:
-            (tmp_path / folder).mkdir(exist_ok=True)
             (tmp_path / folder / name).write_text("{}")
         for flags in ([], ["--overwrite_output_dir", "True"], ["--check_only", "True"]):
             config = train.parse_config(["--output_dir", str(tmp_path / folder), *flags])
-            foreign = ", ".join(sorted(set(others) - {"README.md"}))
-            with pytest.raises(UserError, match=f"holds files no run writes \\({foreign}\\).*pick a new or empty folder"):
+            clashing = ", ".join(sorted(set(others) - {"notes.txt"}))
+            with pytest.raises(UserError, match=f"holds {clashing}, not an earlier run's, which the run would "
+                                                "overwrite or mix with — pick a new or empty folder"):
                 train.check_output_dir(config)
     (tmp_path / "killed").mkdir()
     (tmp_path / "killed" / "runs").mkdir()  # a run killed before its first save: started afresh
+    (tmp_path / "killed" / "train.log").write_text("")  # `> outputs/r1/train.log` exists before train.py starts
     assert train.check_output_dir(train.parse_config(["--output_dir", str(tmp_path / "killed")])) is None
+    run = tmp_path / "run"
+    fake_checkpoint(run / "checkpoint-3")
+    (run / "test.jsonl").write_text("mine")  # README step 4 writes recommend.py's output into the run folder
+    assert train.check_output_dir(train.parse_config(["--output_dir", str(run), "--overwrite_output_dir", "True"])) is None
+    train.clear_earlier_run(str(run))
+    assert os.listdir(run) == ["test.jsonl"]
 
 
 @pytest.mark.parametrize("error", [OSError(28, "No space left on device"),
