@@ -303,9 +303,24 @@ def check_run(config: RecPOConfig) -> None:
     print(f"ok: flags, {config.output_dir}, {config.dataset_dir} ({category}) and model {resolve_model(config.model)}")
 
 
-def disk_full(error: BaseException) -> bool:
-    """Whether a write failed for want of space (the tokenizers library raises a plain Exception)."""
-    return (isinstance(error, OSError) and error.errno == errno.ENOSPC) or "No space left on device" in str(error)
+def full_disk_error(error: Exception, output_dir: str, trained: bool) -> UserError | None:
+    """The one line for a write that failed for want of space; None for any other failure.
+
+    ENOSPC names it, also inside the tokenizers library's plain Exception; torch.save hides it in
+    a RuntimeError ("unexpected pos"), so a nearly full disk under the output folder counts too.
+    """
+    says_so = (isinstance(error, OSError) and error.errno == errno.ENOSPC) or "No space left on device" in str(error)
+    try:
+        output_disk_full = shutil.disk_usage(output_dir).free < 2**20
+    except OSError:
+        output_disk_full = False
+    if not (says_so or output_disk_full):
+        return None
+    where = f"the disk of {output_dir}" if output_disk_full else "a disk (a full /dev/shm or cache folder is common)"
+    then = ("serve its last checkpoint-* with recommend.py (training finished; the final adapter and results were "
+            "not written)" if trained else
+            "resume with --resume_from_checkpoint last (a checkpoint cut short is then named: delete it)")
+    return UserError(f"no space left on {where} ({one_line(error)}) — free some space, then {then}")
 
 
 def main(argv: list[str]):
@@ -327,8 +342,10 @@ def main(argv: list[str]):
     record = run_record(config, trainer.category)
     trainer.add_callback(RecordInCheckpoints(record))  # recommend.py also reads a killed run's checkpoints
     trainer.accelerator.wait_for_everyone()  # on every process: the others may find the folder cleared already
+    trained = False
     try:
         trainer.train(resume_from_checkpoint=resume)
+        trained = True
         trainer.save_model(config.output_dir)
         metrics = final_metrics(trainer)
         trainer.save_state()  # trainer_state.json with the whole log history, next to the adapter
@@ -337,11 +354,10 @@ def main(argv: list[str]):
             write_json(os.path.join(config.output_dir, RUN_RECORD), record)
             plot_training_curves(trainer.state.log_history, os.path.join(config.output_dir, "training_curves.png"))
     except Exception as e:
-        if not disk_full(e):
+        full_disk = full_disk_error(e, config.output_dir, trained)
+        if full_disk is None:
             raise
-        raise UserError(f"no space left on the device while writing into {config.output_dir} — free some space, "
-                        "then resume with --resume_from_checkpoint last (an incomplete last checkpoint is named "
-                        "then: delete it)") from e
+        raise full_disk from e
     trainer.accelerator.end_training()
     return metrics
 
