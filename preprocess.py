@@ -416,7 +416,7 @@ def select_window(users, items, timestamps, start, end, k):
     first, last = (datetime.datetime.fromtimestamp(t / 1000, tz=datetime.timezone.utc)
                    for t in (timestamps.min(), timestamps.max()))
     if month_start_ms(*start) > timestamps.max():  # the back-off would take every rating, under this name
-        raise UserError(f"the window starts {start[0]}-{start[1]}, after the last rating ({last:%Y-%m-%d}) — pick "
+        raise UserError(f"the window starts {start[0]}-{start[1]:02d}, after the last rating ({last:%Y-%m-%d}) — pick "
                         f"a window within the ratings, {first:%Y-%m} to {last:%Y-%m}")
     earliest_year = first.year
     end_ms = month_start_ms(*end)

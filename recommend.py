@@ -136,7 +136,7 @@ def load_recommender(folder: str, run: dict, config: RecPOConfig, dataset, categ
     if isinstance(trained_on, str) and folder_name(trained_on) != folder_name(path):  # it may sit elsewhere now
         raise UserError(f"the adapter in {folder!r} was trained on {trained_on!r}, but the run's model {run['model']!r} "
                         f"now resolves to {path!r} — point paths.py's model_names (or \"model\" in r2ec_run.json) back "
-                        "at the backbone it was trained on")
+                        "at the backbone it was trained on, kept under its folder name")
     base, _ = load_backbone(path, dtype=dtype)
     try:
         model = PeftModel.from_pretrained(base, folder)  # inference mode: adapters frozen, dropout off

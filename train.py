@@ -190,11 +190,13 @@ def check_checkpoint(checkpoint: str, config: RecPOConfig):
     for flag in METHOD_SETTINGS:  # a resume must not switch method halfway (length limits may change)
         if flag in record:
             saved_and_given[flag] = (record[flag], getattr(config, flag))
-    if isinstance(record.get("dataset_dir"), str) and config.dataset_dir:  # the data may sit elsewhere now
-        saved_and_given["dataset_dir"] = (folder_name(record["dataset_dir"]), folder_name(config.dataset_dir))
     for flag, (saved, given) in saved_and_given.items():
         if saved != given:
             raise UserError(f"{checkpoint} was trained with --{flag} {saved}, not {given} — resume with --{flag} {saved}")
+    trained_on_data = record.get("dataset_dir")
+    if isinstance(trained_on_data, str) and folder_name(trained_on_data) != folder_name(config.dataset_dir or ""):
+        raise UserError(f"{checkpoint} was trained on the dataset {trained_on_data}, not {config.dataset_dir} — resume "
+                        "with that --dataset_dir (moved: keep its folder name)")
     trained_on, backbone = adapter.get("base_model_name_or_path"), resolve_model(config.model)
     if trained_on and folder_name(trained_on) != folder_name(backbone):  # the backbone may sit elsewhere now
         raise UserError(f"{checkpoint} was trained on {trained_on}, not {backbone} — resume with that --model")

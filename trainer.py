@@ -191,6 +191,8 @@ class RecPOConfig(TrainingArguments):
                             "for outputs/<--run_name>")
         if self.output_dir is None:
             self.output_dir = os.path.join("outputs", self.run_name or "r2ec")
+        if self.dataset_dir:  # recorded for recommend.py as the run read it
+            self.dataset_dir = os.path.expanduser(self.dataset_dir)
         if isinstance(self.deepspeed, str) and os.path.isfile(self.deepspeed):
             read_json(self.deepspeed, "fix this --deepspeed file, or pass the shipped ds_config.json")
         for flag in ("eval_steps", "save_steps", "logging_steps"):

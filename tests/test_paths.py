@@ -113,9 +113,11 @@ def test_every_command_reads_a_home_relative_path(monkeypatch, tmp_path):
     import curves
     import preprocess
     import recommend
+    import train
 
     monkeypatch.setenv("HOME", str(tmp_path))
     assert preprocess.parse_args(["--data_root_dir", "~/raw"]).data_root_dir == str(tmp_path / "raw")
+    assert train.parse_config(["--dataset_dir", "~/data"]).dataset_dir == str(tmp_path / "data")  # run_record's path
     args = recommend.parse_args(["--output_dir", "~/run", "--output", "~/r.jsonl", "--dataset_dir", "~/data"])
     assert (args.output_dir, args.output, args.dataset_dir) == tuple(str(tmp_path / n) for n in ("run", "r.jsonl", "data"))
     with pytest.raises(UserError, match=re.escape(f"{str(tmp_path / 'run')!r} is not a folder")):

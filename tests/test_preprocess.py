@@ -195,7 +195,7 @@ def test_window_bounds_are_inclusive():
 def test_a_window_after_the_last_rating_is_refused():
     """A mistyped year: the back-off would take every rating into a folder named for 2030."""
     ratings = [(0, 0, ms(2021, 3)), (0, 1, ms(2023, 9) + 5)]
-    with pytest.raises(UserError, match="the window starts 2030-1, after the last rating \\(2023-09-01\\) — pick a "
+    with pytest.raises(UserError, match="the window starts 2030-01, after the last rating \\(2023-09-01\\) — pick a "
                                         "window within the ratings, 2021-03 to 2023-09"):
         window(ratings, (2030, 1), (2030, 6))
     assert window(ratings, (2023, 9), (2030, 6))[0] == [(0, 1, ms(2023, 9) + 5)]  # starting before it: kept

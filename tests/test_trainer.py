@@ -918,7 +918,8 @@ def test_earlier_run_in_a_folder_named_with_glob_characters(tmp_path):
     (lambda c: (c / "adapter_config.json").write_text("[]"), "adapter_config.json' holds a JSON list, not an object"),
     (lambda c: (c / "trainer_state.json").write_text('{"global_step": "1"}'), "global_step '1' is not a step number"),
     (lambda c: (c / "r2ec_run.json").write_text(json.dumps({"dataset_dir": "/data/Musical_Instruments_0_2022-10-2023-10"})),
-     "was trained with --dataset_dir Musical_Instruments_0_2022-10-2023-10, not Video_Games_0_2022-10-2023-10"),
+     "was trained on the dataset /data/Musical_Instruments_0_2022-10-2023-10, not /elsewhere/Video_Games_0_2022-10-2023-10/ "
+     "— resume with that --dataset_dir (moved: keep its folder name)"),
     (lambda c: (c / "trainer_state.json").unlink(), "is incomplete (no trainer_state.json: its save was cut short)"),
     (lambda c: (c / "adapter_model.safetensors").write_bytes(b"\x10\x00"), "adapter weights cannot be read"),
     (lambda c: (c / "optimizer.pt").write_bytes(b"garbage"), "optimizer.pt is truncated or corrupt"),
