@@ -35,9 +35,10 @@ RUN_SETTINGS = ("window_size", "max_new_tokens", "reasoning", "similarity_type",
 METHOD_SETTINGS = ("reasoning", "similarity_type", "tau")  # of RUN_SETTINGS, what a resume must keep
 RUN_OUTPUTS = ("checkpoint-*", "runs", "reasoning", RUN_RECORD, "trainer_state.json", "*_results.json",
                "training_args.bin", "training_curves.png", "adapter_*", "README.md", "tokenizer*", "*.jinja",
-               "special_tokens_map.json", "added_tokens.json", "vocab.json", "merges.txt")  # what a run writes
+               "special_tokens_map.json", "added_tokens.json", "vocab.json", "merges.txt",
+               "global_step*", "latest", "zero_to_fp32.py", "emissions.csv")  # what a run writes, ZeRO-3's too
 WRITTEN_BEFORE_A_SAVE = ("runs", "reasoning")  # a run killed before its first checkpoint leaves only these
-OTHER_CONTENT = ("config.json", "*.safetensors", "dataset_dict.json", "preprocess.json", ".git", "*.py")  # a model, data, code
+OTHER_CONTENT = ("config.json", "*.safetensors", "dataset_dict.json", "preprocess.json", ".git", "*.py")  # not a run's
 
 
 def falls_back_to_cpu(argv: list[str]) -> bool:
@@ -141,7 +142,7 @@ def clashing_files(folder: str) -> list[str]:
     names = sorted(os.listdir(folder)) if os.path.isdir(folder) else []
     earlier = earlier_run(folder)
     other_content = [name for name in names if any(fnmatch.fnmatch(name, pattern) for pattern in OTHER_CONTENT)
-                     and not name.startswith("adapter_")]
+                     and not is_run_output(name)]
     unclaimed_run_names = [] if earlier else [name for name in names
                                                if is_run_output(name) and name not in WRITTEN_BEFORE_A_SAVE]
     return sorted(other_content + unclaimed_run_names)
@@ -194,7 +195,8 @@ def check_checkpoint(checkpoint: str, config: RecPOConfig):
         if saved != given:
             raise UserError(f"{checkpoint} was trained with --{flag} {saved}, not {given} — resume with --{flag} {saved}")
     trained_on_data = record.get("dataset_dir")
-    if isinstance(trained_on_data, str) and folder_name(trained_on_data) != folder_name(config.dataset_dir or ""):
+    moved_or_other = isinstance(trained_on_data, str) and config.dataset_dir
+    if moved_or_other and folder_name(trained_on_data) != folder_name(config.dataset_dir):
         raise UserError(f"{checkpoint} was trained on the dataset {trained_on_data}, not {config.dataset_dir} — resume "
                         "with that --dataset_dir (moved: keep its folder name)")
     trained_on, backbone = adapter.get("base_model_name_or_path"), resolve_model(config.model)

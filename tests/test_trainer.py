@@ -824,6 +824,7 @@ def test_a_folder_a_run_would_overwrite_or_mix_with_is_refused_even_when_overwri
     run = tmp_path / "run"
     fake_checkpoint(run / "checkpoint-3")
     (run / "test.jsonl").write_text("mine")  # README step 4 writes recommend.py's output into the run folder
+    (run / "zero_to_fp32.py").write_text("")  # DeepSpeed ZeRO-3's save_model writes it: a run's file, not code
     assert train.check_output_dir(train.parse_config(["--output_dir", str(run), "--overwrite_output_dir", "True"])) is None
     train.clear_earlier_run(str(run))
     assert os.listdir(run) == ["test.jsonl"]
