@@ -8,6 +8,7 @@ gradient and its item table after the update, and how it averages metrics that o
 recorded, for the test to compare. tests/test_trainer.py also builds its
 single-process gradient check from `tiny_lora_model` and `fixed_batch`.
 """
+import math
 import os
 import sys
 import tempfile
@@ -69,8 +70,9 @@ def fixed_batch(trainer, model, rank: int, world: int, noise_scale: float = 0.3)
     """This process's share of a fixed global batch of USERS × GROUP trajectories.
 
     With `noise_scale` > 0 it is a later update of the batch (`num_iterations` > 1): the token
-    loss's π_old is the current log-probs plus `noise_scale` × noise, so ratios spread around 1
-    and some are clipped. With 0 it is the first update (π_old set by the update, ρ = 1).
+    loss's π_old is the current log-probs plus `noise_scale` × noise, and the item loss's log p_old
+    is that of a uniform in-batch softmax over the USERS targets plus noise, so ratios spread around
+    1 and some are clipped. With 0 it is the first update (π_old and p_old set by the update, ρ = q = 1).
     """
     all_samples = [trainer.train_dataset[i] for i in range(USERS)]
     per_process = USERS // world
@@ -79,10 +81,13 @@ def fixed_batch(trainer, model, rank: int, world: int, noise_scale: float = 0.3)
     completion_ids, completion_mask, noise = (t[mine] for t in fixed_completions(trainer))
     rollouts = local_rollouts(trainer, samples, model, completion_ids, completion_mask)
     old_logprobs = (rollouts.logprobs + noise_scale * noise) * completion_mask if noise_scale else None
+    item_noise = torch.randn(USERS * GROUP, generator=torch.Generator().manual_seed(3))
+    item_old_logprobs = (-math.log(USERS) + noise_scale * 3 * item_noise)[mine] if noise_scale else None
     advantages = torch.randn(USERS * GROUP, generator=torch.Generator().manual_seed(2))
     relabel = relabel_mask(advantages.view(-1, GROUP), 1).flatten()
     targets = torch.tensor([s["item_id"] for s in samples])
-    return RecPOBatch(rollouts, targets, advantages[mine], relabel[mine], token_old_logprobs=old_logprobs)
+    return RecPOBatch(rollouts, targets, advantages[mine], relabel[mine], item_old_logprobs=item_old_logprobs,
+                      token_old_logprobs=old_logprobs)
 
 
 def main(out_path: str):
