@@ -20,7 +20,7 @@ import torch
 from errors import UserError, one_line_parser_errors, run_cli
 from metrics import METRIC_NAMES
 from paths import DEFAULT_MODEL
-from train import clashing_files, earlier_run
+from train import check_no_clash, earlier_run
 from trainer import EVAL_SPLITS
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
@@ -49,9 +49,7 @@ def parse_args(argv=None):
         raise UserError(f"--eval_samples {args.eval_samples}: must be at least 1 (the default is 64)")
     args.output_dir = os.path.expanduser(args.output_dir)  # as train.py will read it
     output_dir = os.path.join(ROOT, args.output_dir)
-    if clashing_files(output_dir):
-        raise UserError(f"--output_dir {args.output_dir} holds {', '.join(clashing_files(output_dir)[:3])}, not an "
-                        "earlier run's, which the run would overwrite or mix with — pick a new or empty folder")
+    check_no_clash(output_dir, args.output_dir)
     if os.path.realpath(output_dir) != os.path.realpath(os.path.join(ROOT, OUTPUT_DIR)) and earlier_run(output_dir):
         raise UserError(f"--output_dir {args.output_dir} holds an earlier run, which the quick start would "
                         f"overwrite — pick a new folder, or delete that one (only {OUTPUT_DIR} is overwritten freely)")
@@ -69,8 +67,6 @@ def cpu_lacks_bf16(cpuinfo: str = "/proc/cpuinfo") -> bool:
     """Training runs on a CPU known to lack bf16 instructions, which then emulates bf16 (the quick
     start on a 2-core Xeon without them: 28 min in bf16, 12 in float32). Known only on Linux: x86's
     `flags` (amx_bf16, avx512_bf16; the fast figures were measured with AMX), ARM's `Features` (bf16)."""
-    import torch
-
     if torch.cuda.is_available():
         return False
     try:

@@ -102,11 +102,8 @@ def check_output_dir(config: RecPOConfig) -> str | None:
                         "a checkpoint-* folder or 'last'")
     if resume is not None:
         check_checkpoint(resume, config)
-    clashing = [] if resumes_in_place(config, resume) else clashing_files(folder)
-    if clashing:
-        raise UserError(f"--output_dir {config.output_dir} holds {', '.join(clashing[:3])}"
-                        f"{', ...' if len(clashing) > 3 else ''}, not an earlier run's, which the run would overwrite "
-                        "or mix with — pick a new or empty folder")
+    if not resumes_in_place(config, resume):
+        check_no_clash(folder, config.output_dir)
     if not resumes_in_place(config, resume) and earlier_run(folder) and not config.overwrite_output_dir:
         raise UserError(f"--output_dir {config.output_dir} holds an earlier run — continue it with "
                         "--resume_from_checkpoint last, pick another --output_dir, or pass "
@@ -148,14 +145,20 @@ def clashing_files(folder: str) -> list[str]:
     return sorted(other_content + unclaimed_run_names)
 
 
+def check_no_clash(folder: str, given: str):
+    """A fresh run (train.py or the quick start) must not go where `clashing_files` finds anything."""
+    clashing = clashing_files(folder)
+    if clashing:
+        raise UserError(f"--output_dir {given} holds {', '.join(clashing[:3])}{', ...' if len(clashing) > 3 else ''}, "
+                        "not an earlier run's, which the run would overwrite or mix with — pick a new or empty folder")
+
+
 def clear_earlier_run(folder: str):
     """--overwrite_output_dir: remove what the earlier run wrote (the names of RUN_OUTPUTS; other
     files stay), so that `last`, checkpoint rotation, curves.py and recommend.py (which refuses a
     folder without a run record until the new run completes it) never see a mix of two runs.
     Called once the new run is built, so a bad flag or backbone leaves the earlier run whole."""
-    for path in (os.path.join(folder, name) for name in os.listdir(folder)):
-        if not is_run_output(path):
-            continue
+    for path in [os.path.join(folder, name) for name in os.listdir(folder) if is_run_output(name)]:
         if os.path.isdir(path):
             shutil.rmtree(path, ignore_errors=True)
         else:

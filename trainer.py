@@ -33,8 +33,8 @@ from metrics import METRIC_NAMES, ndcg_at_k, split_metrics, target_rank
 from model import (ITEM_BATCH_SIZE, LORA_ALPHA, LORA_DROPOUT, LORA_R, LORA_TARGETS, SIMILARITY_TYPES, TAU, ItemTable,
                    encode, end_of_turn_ids, mask_seen, policy_forward, similarity)
 from paths import DEFAULT_MODEL
-from prompts import (MAX_ITEM_TOKENS, MAX_PROMPT_TOKENS, WINDOW_SIZE, answer_stop, item_prompt_tokens, left_pad, user_prompt,
-                     user_prompt_tokens)
+from prompts import (MAX_ITEM_TOKENS, MAX_PROMPT_TOKENS, WINDOW_SIZE, answer_stop, item_prompt_tokens, left_pad,
+                     user_prompt, user_prompt_tokens)
 from rollouts import Rollouts, SamplingConfig, generate_rollouts
 
 # RecPOConfig keeps the checkpointing flags' old names, the only ones transformers 5.17 knows, and
@@ -72,7 +72,8 @@ class RecPOConfig(TrainingArguments):
     window_size: int = field(default=WINDOW_SIZE, metadata={"help": "History lines shown in the user prompt."})
     max_prompt_tokens: int = field(default=MAX_PROMPT_TOKENS, metadata={"help": "User prompt length limit."})
     max_item_tokens: int = field(default=MAX_ITEM_TOKENS, metadata={"help": "Item prompt length limit."})
-    item_batch_size: int = field(default=ITEM_BATCH_SIZE, metadata={"help": "Items per forward when encoding the table."})
+    item_batch_size: int = field(default=ITEM_BATCH_SIZE,
+                                 metadata={"help": "Items per forward when encoding the table."})
 
     # Parameters that control the run's folder
     check_only: bool = field(
