@@ -9,6 +9,7 @@ checked before the work that produces them; files are written with `write_atomic
 """
 import json
 import os
+import signal
 import sys
 
 
@@ -105,7 +106,12 @@ def write_json(path: str, value) -> None:
 
 
 def run_cli(main, *args, **kwargs):
-    """Call `main`; turn a `UserError` into `error: <message>` on stderr and exit code 2."""
+    """Call `main`; turn a `UserError` into `error: <message>` on stderr and exit code 2.
+
+    SIGTERM (`kill`, a scheduler's time limit) interrupts as Ctrl-C does, so that the temporary
+    files and folders of an atomic write are removed on the way out instead of left behind.
+    """
+    on_sigterm = signal.signal(signal.SIGTERM, signal.default_int_handler)
     try:
         return main(*args, **kwargs)
     except UserError as e:
@@ -114,6 +120,8 @@ def run_cli(main, *args, **kwargs):
     except KeyboardInterrupt:
         print("error: interrupted", file=sys.stderr)
         sys.exit(130)
+    finally:
+        signal.signal(signal.SIGTERM, on_sigterm)
 
 
 def one_line_parser_errors(parser, help_command: str):

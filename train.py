@@ -159,10 +159,14 @@ def clear_earlier_run(folder: str):
     folder without a run record until the new run completes it) never see a mix of two runs.
     Called once the new run is built, so a bad flag or backbone leaves the earlier run whole."""
     for path in [os.path.join(folder, name) for name in os.listdir(folder) if is_run_output(name)]:
-        if os.path.isdir(path):
-            shutil.rmtree(path, ignore_errors=True)
-        else:
-            os.remove(path)
+        try:
+            if os.path.isdir(path) and not os.path.islink(path):
+                shutil.rmtree(path)
+            else:
+                os.remove(path)
+        except OSError as e:
+            raise UserError(f"--overwrite_output_dir: cannot remove {path} of the earlier run ({one_line(e)}) — "
+                            "remove it yourself or pick another --output_dir") from e
 
 
 def earlier_run(folder: str) -> bool:

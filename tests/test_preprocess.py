@@ -326,6 +326,38 @@ def test_save_is_atomic_and_replaces_the_old_dataset(tmp_path):
         os.umask(umask)
     assert target.stat().st_mode & 0o777 == 0o755  # as a plain mkdir would make it
 
+
+SIGTERM_MID_SAVE = """
+import sys, time
+sys.path.insert(0, {root!r})
+import preprocess
+from errors import run_cli
+
+def write(folder):
+    open(folder + "/part.arrow", "w").write("new")
+    print("writing", flush=True)
+    time.sleep(60)
+
+run_cli(preprocess.save_atomically, write, {target!r})
+"""
+
+
+def test_sigterm_mid_save_leaves_no_temporary_folder(tmp_path):
+    """`kill` (or a scheduler's time limit) while the dataset is written: exits as Ctrl-C does
+    and removes its hidden temporary folder; the earlier dataset stays."""
+    target = tmp_path / "Toy_0_2022-10-2023-10"
+    target.mkdir()
+    (target / "old.arrow").write_text("old")
+    script = SIGTERM_MID_SAVE.format(root=ROOT, target=str(target))
+    process = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    assert process.stdout.readline() == "writing\n"
+    assert len(os.listdir(tmp_path)) == 2  # the dataset and the temporary folder beside it
+    process.terminate()
+    assert process.wait(timeout=30) == 130
+    assert process.stderr.read() == "error: interrupted\n"
+    assert os.listdir(tmp_path) == [target.name] and os.listdir(target) == ["old.arrow"]
+
+
 # ---------------------------------------------------------------------------------------------
 # Downloads from a loopback server
 

@@ -901,6 +901,25 @@ def test_earlier_run_in_a_folder_named_with_glob_characters(tmp_path):
     assert os.listdir(run) == [] and not train.earlier_run(str(run))
 
 
+def test_an_earlier_run_that_cannot_be_removed_is_named(tmp_path, monkeypatch):
+    """A file of the earlier run that cannot be removed (another user's, a read-only mount):
+    one line naming it, not a traceback, nor a silent mix of the two runs."""
+    run = tmp_path / "run"
+    fake_checkpoint(run / "checkpoint-3")
+    (run / "training_curves.png").write_text("old")
+
+    def remove(path, *args, **kwargs):
+        if os.path.basename(path) == "trainer_state.json":
+            raise PermissionError(13, "Permission denied", path)
+        return os_remove(path, *args, **kwargs)
+
+    os_remove = os.remove
+    monkeypatch.setattr(os, "unlink", remove)  # what shutil.rmtree calls for each file
+    with pytest.raises(UserError, match=re.escape(f"cannot remove {run / 'checkpoint-3'} of the earlier run ([Errno 13] "
+                                                  "Permission denied: 'trainer_state.json') — remove it yourself")):
+        train.clear_earlier_run(str(run))
+
+
 @pytest.mark.parametrize("damage, message", [
     (lambda c: (c / "trainer_state.json").write_text('{"log_hist'), "trainer_state.json' is not readable JSON"),
     (lambda c: (c / "adapter_config.json").write_text(json.dumps({"r": 8, "lora_alpha": 128})),
