@@ -545,9 +545,11 @@ def test_deepspeed_zero2_on_two_cpu_processes_skips_steps_cleanly(tmp_path):
         flags = quick_flags(folder, "--deepspeed", os.path.join(ROOT, "ds_config.json"), "--max_steps", "3",
                             "--eval_strategy", "no", "--save_strategy", "no", "--load_best_model_at_end", "False",
                             "--eval_on_start", "False", "--lora_dropout", "0")  # same random draws in both runs
-        subprocess.run([PYTHON, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-                        "--main_process_port", free_port(), os.path.join(ROOT, "tests", "ds_train_worker.py"),
-                        str(folder), "--fault", fault, *flags], check=True, env=env, cwd=ROOT)
+        done = subprocess.run([PYTHON, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+                               "--main_process_port", free_port(), os.path.join(ROOT, "tests", "ds_train_worker.py"),
+                               str(folder), "--fault", fault, *flags],
+                              env=env, cwd=ROOT, capture_output=True, text=True)
+        assert done.returncode == 0, done.stderr[-4000:]
         ranks = [torch.load(folder / f"rank{r}.pt") for r in (0, 1)]
         assert all(r["deepspeed"] and r["world"] == 2 for r in ranks)
         assert [entry.get("skipped_steps") for entry in ranks[0]["log_history"][:3]] == [None, 1.0, None]
