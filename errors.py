@@ -105,13 +105,17 @@ def write_json(path: str, value) -> None:
     write_atomically(path, write)
 
 
-def run_cli(main, *args, **kwargs):
+def run_cli(main, *args, interrupt_on_sigterm: bool = True, **kwargs):
     """Call `main`; turn a `UserError` into `error: <message>` on stderr and exit code 2.
 
-    SIGTERM (`kill`, a scheduler's time limit) interrupts as Ctrl-C does, so that the temporary
-    files and folders of an atomic write are removed on the way out instead of left behind.
+    With `interrupt_on_sigterm`, SIGTERM (`kill`, a scheduler's time limit) interrupts as Ctrl-C
+    does, so that the temporary files and folders of an atomic write are removed on the way out
+    instead of left behind. Launched training processes keep SIGTERM's default: a launcher
+    sends it to stop them at once, also while they wait in a collective.
     """
-    on_sigterm = signal.signal(signal.SIGTERM, signal.default_int_handler)
+    on_sigterm = signal.getsignal(signal.SIGTERM)
+    if interrupt_on_sigterm:
+        signal.signal(signal.SIGTERM, signal.default_int_handler)
     try:
         return main(*args, **kwargs)
     except UserError as e:

@@ -154,4 +154,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    run_cli(main)
+    run_cli(main, interrupt_on_sigterm=False)  # as train.py, which it runs

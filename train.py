@@ -374,4 +374,4 @@ def main(argv: list[str]):
 
 
 if __name__ == "__main__":
-    run_cli(main, sys.argv[1:])
+    run_cli(main, sys.argv[1:], interrupt_on_sigterm=False)

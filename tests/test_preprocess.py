@@ -10,6 +10,7 @@ import json
 import os
 import re
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -356,6 +357,13 @@ def test_sigterm_mid_save_leaves_no_temporary_folder(tmp_path):
     assert process.wait(timeout=30) == 130
     assert process.stderr.read() == "error: interrupted\n"
     assert os.listdir(tmp_path) == [target.name] and os.listdir(target) == ["old.arrow"]
+
+
+def test_run_cli_sets_sigterm_only_while_main_runs_and_not_for_launched_training():
+    before, seen = signal.getsignal(signal.SIGTERM), []
+    run_cli(lambda: seen.append(signal.getsignal(signal.SIGTERM)))
+    run_cli(lambda: seen.append(signal.getsignal(signal.SIGTERM)), interrupt_on_sigterm=False)  # train.py
+    assert seen == [signal.default_int_handler, before] and signal.getsignal(signal.SIGTERM) == before
 
 
 # ---------------------------------------------------------------------------------------------
