@@ -183,6 +183,8 @@ class RecPOConfig(TrainingArguments):
     save_steps_from_eval: bool = field(default=False, init=False, repr=False)
 
     def __post_init__(self):
+        """Refuse what TrainingArguments would misread (nan, an empty folder), fill the defaults that
+        depend on other flags, let TrainingArguments finish, then refuse values that cannot run."""
         for name in (f.name for f in fields(self)):  # nan and inf parse as floats
             value = getattr(self, name)
             if isinstance(value, float) and not math.isfinite(value):
@@ -221,6 +223,10 @@ class RecPOConfig(TrainingArguments):
             super().__post_init__()
         except (ValueError, ImportError) as e:  # e.g. an unknown --eval_strategy, a missing --deepspeed file
             raise UserError(f"{one_line(e)} — fix the flag (python train.py --help lists them)") from e
+        self.refuse_bad_values()
+
+    def refuse_bad_values(self):
+        """One line for the first flag whose value cannot run, with the range it must be in."""
         from transformers.integrations import get_available_reporting_integrations
 
         unavailable = sorted(set(self.report_to) - set(get_available_reporting_integrations()) - {"none"})
