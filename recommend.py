@@ -12,8 +12,8 @@ title, score}]), the format of the
 reasoning files training saves with each evaluation:
     python recommend.py --output_dir outputs/r2ec --split test --evaluate --output test_ranks.jsonl
 `--output_dir` is a train.py output folder (a `checkpoint-*` folder inside one works too);
-`--device auto|cpu|cuda` (bf16 on a GPU, float32 on the CPU unless `--dtype`), `--dataset_dir`
-overrides the dataset the run was trained on. Tests: `pytest tests/test_recommend.py`.
+`--device auto|cpu|cuda`; `--dtype` (default: the run's precision: bf16 weights under bf16 autocast,
+as training evaluates, or float32); `--dataset_dir` overrides the dataset the run was trained on. Tests: `pytest tests/test_recommend.py`.
 
 The work is RecPOTrainer's own steps (`recommend_rows`, `masked_scores`, the item table), run
 by a trainer built for inference, so the prompts, the user state and the masking are exactly
@@ -101,15 +101,29 @@ def pick_device(name: str) -> str:
     return name
 
 
-def inference_config(args, run: dict, device: str) -> RecPOConfig:
+def precision(args, run: dict, device: str) -> tuple[torch.dtype, bool]:
+    """(the weights' dtype, whether to run under bf16 autocast): the run's precision unless --dtype
+    says otherwise. A bf16 run evaluated under accelerate's bf16 autocast, its LoRA weights in
+    float32; a run recorded before its precision was: bf16 on a GPU, float32 on the CPU."""
+    trained_bf16 = run.get("bf16")
+    if args.dtype != "auto":
+        dtype = DTYPES[args.dtype]
+    elif trained_bf16 is not None:
+        dtype = torch.bfloat16 if trained_bf16 else torch.float32
+    else:
+        dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    return dtype, dtype == torch.bfloat16 and trained_bf16 is True
+
+
+def inference_config(args, run: dict, device: str, autocast: bool) -> RecPOConfig:
     """RecPOConfig for inference: the run's prompt and scoring settings, no training, no logging."""
-    recorded = {key: value for key, value in run.items() if key in CONFIG_FIELDS}  # window_size, tau, ...
+    recorded = {key: value for key, value in run.items() if key in CONFIG_FIELDS and key != "bf16"}  # window_size, ...
     if args.dataset_dir:
         recorded["dataset_dir"] = args.dataset_dir  # the flag wins over the run's dataset
     try:
         return RecPOConfig(
             **recorded, output_dir=args.output_dir, dataset_category=run["category"], use_cpu=device == "cpu",
-            bf16=False, report_to="none", eval_strategy="no", save_strategy="no", load_best_model_at_end=False,
+            bf16=autocast, report_to="none", eval_strategy="no", save_strategy="no", load_best_model_at_end=False,
             eval_on_start=False, gradient_checkpointing=False, per_device_eval_batch_size=args.batch_size,
         )
     except (TypeError, UserError) as e:  # a value RecPOConfig refuses, e.g. "window_size": 0
@@ -147,6 +161,7 @@ def load_recommender(folder: str, run: dict, config: RecPOConfig, dataset, categ
                             "model_names (or \"model\" in r2ec_run.json) back at the backbone it was trained on") from e
         raise UserError(f"the adapter in {folder!r} cannot be loaded ({one_line(e)}) — {damaged}") from e
     trainer = RecPOTrainer(model, config, tokenizer, dataset, category)  # moves the model to config.device
+    trainer.model = trainer.accelerator.prepare_model(trainer.model, evaluation_mode=True)  # bf16 autocast, as trained
     trainer.refresh_item_table(trainer.model)
     return trainer
 
@@ -227,7 +242,7 @@ def parse_args(argv: list[str]):
                         help="Dataset folder; default: the one the run was trained on.")
     parser.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
     parser.add_argument("--dtype", default="auto", choices=("auto", *DTYPES),
-                        help="Default: bfloat16 on cuda, float32 on cpu.")
+                        help="Default: the run's (bf16 under autocast, or float32).")
     parser.add_argument("--batch_size", type=int, default=32, help="Samples per greedy-generation batch.")
     args = parser.parse_args(argv)
     if args.split not in SAMPLE_SPLITS:  # checked here, not by argparse choices: one error line, not usage + line
@@ -250,8 +265,8 @@ def main(argv: list[str]) -> list[dict]:
     args = parse_args(argv)
     run = read_run(args.output_dir)
     device = pick_device(args.device)
-    dtype = DTYPES[args.dtype] if args.dtype != "auto" else torch.bfloat16 if device == "cuda" else torch.float32
-    config = inference_config(args, run, device)
+    dtype, autocast = precision(args, run, device)
+    config = inference_config(args, run, device, autocast)
     dataset, category = load_dataset_dir(config.dataset_dir, config.dataset_category)
     split_data = dataset[args.split]
     rows = pick_rows(split_data, args.split, args)  # bad rows fail here, before the model loads

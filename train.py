@@ -31,7 +31,7 @@ from trainer import RecPOConfig, RecPOTrainer, check_length_limits, check_train_
 
 RUN_RECORD = "r2ec_run.json"  # what recommend.py needs: in the output folder and in every checkpoint
 RUN_SETTINGS = ("window_size", "max_new_tokens", "reasoning", "similarity_type", "tau", "max_prompt_tokens",
-                "max_item_tokens")
+                "max_item_tokens", "bf16")
 METHOD_SETTINGS = ("reasoning", "similarity_type", "tau")  # of RUN_SETTINGS, what a resume must keep
 RUN_OUTPUTS = ("checkpoint-*", "runs", "reasoning", RUN_RECORD, "trainer_state.json", "*_results.json",
                "training_args.bin", "training_curves.png", "adapter_*", "README.md", "tokenizer*", "*.jinja",
@@ -235,7 +235,8 @@ def check_checkpoint(checkpoint: str, config: RecPOConfig):
 
 
 def run_record(config: RecPOConfig, category: str) -> dict:
-    """The run record recommend.py rebuilds a run's inference from: backbone, dataset, prompt and score settings."""
+    """The run record recommend.py rebuilds a run's inference from: backbone, dataset, prompt and score
+    settings, precision."""
     model_path = resolve_model(config.model)
     return {"model": config.model, "model_path": os.path.abspath(model_path) if os.path.isdir(model_path) else model_path,
             "dataset_dir": os.path.abspath(config.dataset_dir), "category": category,

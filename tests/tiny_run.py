@@ -15,9 +15,10 @@ CATEGORY = "Video_Games"
 _RUNS = {}
 
 
-def trained_run(tmp_path_factory) -> str:
-    """Output folder of the shared run (its dataset folder is `r2ec_run.json`'s dataset_dir)."""
-    if "out" not in _RUNS:
+def trained_run(tmp_path_factory, *extra_flags: str) -> str:
+    """Output folder of the shared run (its dataset folder is `r2ec_run.json`'s dataset_dir), or
+    of a run with `extra_flags` added (e.g. `--bf16 True`), also trained once."""
+    if extra_flags not in _RUNS:
         base = tmp_path_factory.mktemp("tiny_run")
         dataset_dir = str(base / f"{CATEGORY}_0_2022-10-2023-10")
         tiny_dataset().save_to_disk(dataset_dir)
@@ -26,9 +27,9 @@ def trained_run(tmp_path_factory) -> str:
                  "--report_to", "none", "--train_batch_size", "2", "--group_size", "2", "--micro_batch_size", "2",
                  "--max_new_tokens", "8", "--eval_batch_size", "4", "--learning_rate", "1e-2", "--warmup_steps", "0",
                  "--max_steps", "1", "--eval_steps", "1", "--eval_on_start", "False", "--max_eval_samples", "4",
-                 "--output_dir", out]
+                 "--output_dir", out, *extra_flags]
         done = subprocess.run([sys.executable, os.path.join(ROOT, "train.py"), *flags], cwd=ROOT,
                               capture_output=True, text=True, env=dict(os.environ, OMP_NUM_THREADS="2"))
         assert done.returncode == 0, done.stderr[-3000:]
-        _RUNS["out"] = out
-    return _RUNS["out"]
+        _RUNS[extra_flags] = out
+    return _RUNS[extra_flags]
