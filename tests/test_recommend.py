@@ -165,10 +165,13 @@ def test_evaluate_table_matches_the_per_sample_ranks_and_training(run_dir, tmp_p
             assert value == pytest.approx(trained[f"eval_test_{name}@{k}"], abs=5e-5)
 
 
-def test_a_bf16_run_is_served_as_training_evaluated_it(tmp_path_factory, tmp_path):
-    """bf16 training evaluates under accelerate's bf16 autocast, its LoRA weights in float32:
-    recommend.py scores the same way, so it repeats the run's last evaluation to the last bit."""
-    run = trained_run(tmp_path_factory, "--bf16", "True")
+@pytest.mark.parametrize("deepspeed", [[], ["--deepspeed", os.path.join(ROOT, "ds_config.json")]],
+                         ids=["plain", "deepspeed"])
+def test_a_bf16_run_is_served_as_training_evaluated_it(tmp_path_factory, tmp_path, deepspeed):
+    """bf16 training evaluates under accelerate's bf16 autocast with float32 LoRA weights (DeepSpeed:
+    bf16 weights, no autocast): recommend.py runs bf16 weights under bf16 autocast, and repeats
+    the run's last evaluation to the last bit."""
+    run = trained_run(tmp_path_factory, "--bf16", "True", *deepspeed)
     output = tmp_path / "test.jsonl"
     run_recommend("--output_dir", run, "--split", "test", "--evaluate", "--max_samples", "4", "--batch_size", "4",
                   "--output", str(output))

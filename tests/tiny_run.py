@@ -29,7 +29,8 @@ def trained_run(tmp_path_factory, *extra_flags: str) -> str:
                  "--max_steps", "1", "--eval_steps", "1", "--eval_on_start", "False", "--max_eval_samples", "4",
                  "--output_dir", out, *extra_flags]
         done = subprocess.run([sys.executable, os.path.join(ROOT, "train.py"), *flags], cwd=ROOT,
-                              capture_output=True, text=True, env=dict(os.environ, OMP_NUM_THREADS="2"))
+                              capture_output=True, text=True, env=dict(os.environ, OMP_NUM_THREADS="2",
+                              TORCH_EXTENSIONS_DIR=os.path.join(ROOT, ".cache", "torch_extensions")))  # DeepSpeed's
         assert done.returncode == 0, done.stderr[-3000:]
         _RUNS[extra_flags] = out
     return _RUNS[extra_flags]
