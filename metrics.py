@@ -20,6 +20,17 @@ def target_rank(scores: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     return ranks.masked_fill(~(target_scores.squeeze(1) > -math.inf), math.inf)  # NaN too: never a hit
 
 
+def top_items(scores: torch.Tensor, targets: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The k best items of each row, best first, ties as `target_rank` counts them: items scored
+    like the target before it, other ties by item id; a ranked target sits at its rank.
+    scores (B, N), targets (B,) -> (values (B, k), item ids (B, k))."""
+    target_last = torch.argsort((torch.arange(scores.shape[1], device=scores.device) == targets[:, None]).int(),
+                                dim=1, stable=True)  # (B, N) ids, each row's target moved to the end
+    by_score = torch.argsort(scores.gather(1, target_last), dim=1, descending=True, stable=True)[:, :k]
+    ids = target_last.gather(1, by_score)  # (B, k)
+    return scores.gather(1, ids), ids
+
+
 def ndcg_at_k(ranks: torch.Tensor, k: int) -> torch.Tensor:
     """NDCG@k for one relevant item: 1/log2(rank+1) if rank <= k else 0.  ranks (B,) -> (B,)."""
     gain = 1.0 / torch.log2(ranks.double() + 1.0)

@@ -29,7 +29,7 @@ from tqdm.auto import tqdm
 from transformers import Trainer, TrainingArguments
 
 from errors import UserError, one_line, read_json, write_jsonl
-from metrics import METRIC_NAMES, ndcg_at_k, split_metrics, target_rank
+from metrics import METRIC_NAMES, ndcg_at_k, split_metrics, target_rank, top_items
 from model import (ITEM_BATCH_SIZE, LORA_ALPHA, LORA_DROPOUT, LORA_R, LORA_TARGETS, SIMILARITY_TYPES, TAU, ItemTable,
                    encode, end_of_turn_ids, mask_seen, policy_forward, similarity)
 from paths import DEFAULT_MODEL
@@ -622,7 +622,7 @@ class RecPOTrainer(Trainer):
         rollouts = self.rollout(model, samples, greedy, 1)
         scores = self.masked_scores(rollouts.user_states, samples)  # (B, I), history and pad at -inf
         ranks = target_rank(scores, self.target_ids(samples)).tolist()
-        top_scores, top_ids = scores.topk(min(top_k, scores.shape[1]), dim=1)  # (B, K)
+        top_scores, top_ids = top_items(scores, self.target_ids(samples), top_k)  # (B, K)
         lengths = rollouts.completion_mask.sum(1).tolist()
         texts = reasoning_texts(self.processing_class, rollouts)
         return [

@@ -4,7 +4,7 @@ import math
 import pytest
 import torch
 
-from metrics import ranking_metrics, split_metrics, target_rank
+from metrics import ranking_metrics, split_metrics, target_rank, top_items
 from trainer import (RepeatedBatchSampler, clipped_item_loss, clipped_token_loss, group_advantages, recpo_reward,
                      relabel_mask)
 
@@ -29,6 +29,20 @@ def test_reward_rank_ndcg_and_softmax_by_hand():
 def test_ties_rank_the_target_behind_equal_scores():
     scores = torch.tensor([[NEG, 1.0, 1.0, 1.0]])
     assert target_rank(scores, torch.tensor([1])).item() == 3
+
+
+def test_top_items_list_the_target_at_its_rank():
+    scores = torch.tensor([[NEG, 1.0, 1.0, 0.0], [NEG, 1.0, 1.0, 0.0]])  # items 1 and 2 tie
+    values, ids = top_items(scores, torch.tensor([1, 3]), 3)
+    assert ids.tolist() == [[2, 1, 3], [1, 2, 3]] and values.tolist() == [[1.0, 1.0, 0.0], [1.0, 1.0, 0.0]]
+    generator = torch.Generator().manual_seed(0)
+    scores = torch.randint(0, 4, (50, 12), generator=generator).float()  # many ties
+    scores[:, 0] = NEG
+    targets = torch.randint(1, 12, (50,), generator=generator)
+    _, ids = top_items(scores, targets, 12)
+    positions = (ids == targets[:, None]).float().argmax(dim=1) + 1
+    assert positions.tolist() == target_rank(scores, targets).tolist()
+    assert all(sorted(row) == list(range(12)) for row in ids.tolist())
 
 
 def test_a_masked_target_is_a_miss_at_every_k():
