@@ -238,7 +238,9 @@ def similarity(user_h: torch.Tensor, item_h: torch.Tensor, kind: str = "cosine",
     if kind == "dot":
         return user_h @ item_h.T  # (B, N)
     if kind == "L2":
-        return -torch.cdist(user_h, item_h)  # (B, N)
+        # Not |u|² + |v|² - 2u·v (cdist's matmul path past 25 rows): with norms in the hundreds, as
+        # LLM states have, float32 loses the small gaps between close items there.
+        return -torch.cdist(user_h, item_h, compute_mode="donot_use_mm_for_euclid_dist")  # (B, N)
     raise ValueError(f"unknown similarity {kind!r}: use one of {', '.join(SIMILARITY_TYPES)}")
 
 

@@ -156,6 +156,11 @@ def test_similarity_by_hand():
     torch.testing.assert_close(similarity(u, v), cosine / 0.02)
     torch.testing.assert_close(similarity(u, v, "dot"), torch.tensor([[8.0, 50.0, -3.0], [0.0, 6.0, -1.0]]))
     torch.testing.assert_close(similarity(u, v, "L2")[0], -torch.tensor([13.0**0.5, 5.0, 32.0**0.5]))
+    generator = torch.Generator().manual_seed(0)
+    user = torch.randn(1, 256, generator=generator) * 25  # norm ~400, as LLM final states have
+    items = user + 0.05 * torch.randn(200, 256, generator=generator)  # 0.8 away, within ~0.01 of each other
+    exact = -(user.double() - items.double()).norm(dim=-1)  # (200,), in float64
+    assert similarity(user, items, "L2")[0].argsort().tolist() == exact.argsort().tolist()
     with pytest.raises(ValueError, match="cosine, dot, L2"):
         similarity(u, v, "cos")
 
