@@ -202,6 +202,11 @@ class RecPOConfig(TrainingArguments):
             value = getattr(self, flag)
             if value is not None and not value > 0:
                 raise UserError(f"--{flag} {value:g}: must be positive (steps, or a fraction of the run below 1)")
+        for flag in ("eval_steps", "save_steps"):
+            value = getattr(self, flag)
+            if value is not None and value >= 1 and self.num_iterations >= 1 and value % self.num_iterations:
+                raise UserError(f"--{flag} {value:g}: must be a multiple of --num_iterations {self.num_iterations}, "
+                                "so that no checkpoint falls between the updates of one rollout batch")
         # Without --eval_steps, `set_intervals` derives the SPEC §5 interval once the data size is known
         # (TrainingArguments would otherwise fall back to logging_steps); checkpoints follow it
         # unless --save_steps is given, so the best one exists when it is evaluated.
@@ -291,10 +296,12 @@ class RecPOConfig(TrainingArguments):
 
     def default_eval_steps(self, num_train: int) -> int:
         """SPEC §5: evaluate every floor(len(train) / (B · grad_accum · processes) / 8) steps (at least 1),
-        the steps of an epoch counted with each rollout batch repeated `num_iterations` times: still 8 per epoch."""
-        steps_per_epoch = num_train // (self.per_device_train_batch_size * self.gradient_accumulation_steps
-                                        * self.world_size) * self.num_iterations
-        return max(1, steps_per_epoch // 8)
+        in rollout batches of `num_iterations` steps each: still 8 per epoch, each after a batch's
+        last update, so that no checkpoint falls between the updates of one batch (its rollouts
+        are not saved, and a resume there would sample new ones)."""
+        batches_per_epoch = num_train // (self.per_device_train_batch_size * self.gradient_accumulation_steps
+                                          * self.world_size)
+        return max(1, batches_per_epoch // 8) * self.num_iterations
 
     def set_intervals(self, num_train: int):
         """SPEC §5's evaluation interval unless --eval_steps is given; checkpoints follow it unless

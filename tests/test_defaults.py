@@ -48,8 +48,9 @@ def test_flagless_config_has_the_spec_defaults():
     assert TAU == 0.02 and ",".join(LORA_TARGETS) == SPEC_DEFAULTS["lora_target_modules"]
 
 
-# floor(27,498 / (4·1·W) · I / 8): 6,874 steps an epoch on one process, 2,291 on three, each repeated I times
-@pytest.mark.parametrize("processes, iterations, expected", [(1, 1, 859), (3, 1, 286), (1, 2, 1718), (3, 3, 859)])
+# floor(27,498 / (4·1·W) / 8) · I: 6,874 rollout batches an epoch on one process, 2,291 on three, each
+# updated I times; evaluations (and checkpoints) fall after a batch's last update
+@pytest.mark.parametrize("processes, iterations, expected", [(1, 1, 859), (3, 1, 286), (1, 2, 1718), (3, 3, 858)])
 def test_evaluation_interval_is_an_eighth_of_an_epoch(monkeypatch, processes, iterations, expected):
     monkeypatch.setattr(RecPOConfig, "world_size", property(lambda self: processes))
     flags = ["--num_iterations", str(iterations)]
