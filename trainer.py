@@ -26,7 +26,7 @@ import torch
 from accelerate.utils import gather, gather_object
 from torch.utils.data import Sampler
 from tqdm.auto import tqdm
-from transformers import Trainer, TrainingArguments
+from transformers import EarlyStoppingCallback, Trainer, TrainingArguments
 
 from errors import UserError, one_line, read_json, write_jsonl
 from metrics import METRIC_NAMES, ndcg_at_k, split_metrics, target_rank, top_items
@@ -785,6 +785,15 @@ class RecPOTrainer(Trainer):
         return (token_total + item_total) / accumulated
 
     # -- Trainer hooks -------------------------------------------------------------------------
+
+    def _load_callback_state(self):
+        """On a resume, early stopping keeps its count of evaluations without a gain but takes this
+        run's --early_stopping_patience (Trainer restores the checkpoint's, which would stop a run
+        resumed with more patience at its first evaluation without a gain)."""
+        super()._load_callback_state()
+        for callback in self.callback_handler.callbacks:
+            if isinstance(callback, EarlyStoppingCallback):
+                callback.early_stopping_patience = self.args.early_stopping_patience
 
     def training_step(self, model, inputs, num_items_in_batch=None):
         """One RecPO step: fresh rollouts every `num_iterations` steps, then the clipped update.

@@ -42,6 +42,19 @@ def tiny_trainer(tmp_path, family="qwen2", **overrides):
     return RecPOTrainer(model, config, tokenizer, tiny_dataset(), "Video_Games")
 
 
+def test_a_resume_keeps_early_stopping_s_count_and_takes_the_new_patience(tmp_path):
+    from transformers import EarlyStoppingCallback
+
+    trainer = tiny_trainer(tmp_path, early_stopping_patience=20)
+    trainer.add_callback(EarlyStoppingCallback(early_stopping_patience=20))
+    trainer.state.stateful_callbacks = {"EarlyStoppingCallback": {  # as a checkpoint's trainer_state.json holds it
+        "args": {"early_stopping_patience": 8, "early_stopping_threshold": 0.0},
+        "attributes": {"early_stopping_patience_counter": 8}}}  # the run had stopped early
+    trainer._load_callback_state()
+    [callback] = [c for c in trainer.callback_handler.callbacks if isinstance(c, EarlyStoppingCallback)]
+    assert (callback.early_stopping_patience, callback.early_stopping_patience_counter) == (20, 8)
+
+
 @pytest.mark.parametrize("flag", ["max_prompt_tokens", "max_item_tokens"])
 def test_length_limits_must_hold_the_text_every_sequence_starts_with(tmp_path, flag):
     with pytest.raises(UserError, match=f"--{flag} 10 cannot hold the [0-9]+ tokens") as caught:
