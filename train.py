@@ -175,8 +175,8 @@ def earlier_run(folder: str) -> bool:
 
 
 def check_checkpoint(checkpoint: str, config: RecPOConfig):
-    """The checkpoint's files are whole and its LoRA shape, method settings and backbone are this
-    run's, so resuming cannot fail halfway or switch method."""
+    """The checkpoint's files are whole and its LoRA shape, method settings, data order and backbone
+    are this run's, so resuming cannot fail halfway, switch method or retrain samples."""
     fix = "resume from another checkpoint-* folder, or start afresh in another --output_dir"
     if not os.path.isfile(os.path.join(checkpoint, "trainer_state.json")):
         raise UserError(f"{checkpoint} is incomplete (no trainer_state.json: its save was cut short) — delete it "
@@ -201,6 +201,13 @@ def check_checkpoint(checkpoint: str, config: RecPOConfig):
     for flag, (saved, given) in saved_and_given.items():
         if saved != given:
             raise UserError(f"{checkpoint} was trained with --{flag} {saved}, not {given} — resume with --{flag} {saved}")
+    saved_order, order = record.get("data_order"), data_order(config)
+    if isinstance(saved_order, dict) and saved_order != order and not config.ignore_data_skip:
+        changed = ", ".join(f"{key} {saved_order.get(key)}, not {value}" for key, value in order.items()
+                            if saved_order.get(key) != value)
+        raise UserError(f"{checkpoint} was trained with {changed}: the resume would skip the wrong samples of its epoch "
+                        "— resume with the same --train_batch_size × --gradient_accumulation_steps × processes, "
+                        "--num_iterations and --seed, or pass --ignore_data_skip True to start the epoch's order afresh")
     trained_on_data = record.get("dataset_dir")
     moved_or_other = isinstance(trained_on_data, str) and config.dataset_dir
     if moved_or_other and folder_name(trained_on_data) != folder_name(config.dataset_dir):
@@ -234,13 +241,19 @@ def check_checkpoint(checkpoint: str, config: RecPOConfig):
         raise UserError(f"{optimizer} is truncated or corrupt — {fix}")
 
 
+def data_order(config: RecPOConfig) -> dict:
+    """What decides which samples each step trains: a resume skips the samples of the steps done."""
+    return {"samples_per_step": config.per_device_train_batch_size * config.gradient_accumulation_steps * config.world_size,
+            "num_iterations": config.num_iterations, "seed": config.seed}
+
+
 def run_record(config: RecPOConfig, category: str) -> dict:
     """The run record recommend.py rebuilds a run's inference from: backbone, dataset, prompt and score
     settings, precision."""
     model_path = resolve_model(config.model)
     return {"model": config.model, "model_path": os.path.abspath(model_path) if os.path.isdir(model_path) else model_path,
             "dataset_dir": os.path.abspath(config.dataset_dir), "category": category,
-            **{key: getattr(config, key) for key in RUN_SETTINGS}}
+            **{key: getattr(config, key) for key in RUN_SETTINGS}, "data_order": data_order(config)}
 
 
 class RecordInCheckpoints(TrainerCallback):

@@ -938,6 +938,22 @@ def test_an_earlier_run_that_cannot_be_removed_is_named(tmp_path, monkeypatch):
         train.clear_earlier_run(str(run))
 
 
+def test_a_checkpoint_of_the_same_data_order_resumes_and_another_one_with_ignore_data_skip(tmp_path):
+    checkpoint = tmp_path / "run" / "checkpoint-2"
+    fake_checkpoint(checkpoint)
+    flags = ["--output_dir", str(tmp_path / "run"), "--max_steps", "5", "--resume_from_checkpoint", "last",
+             "--dataset_dir", "/data/Video_Games_0_2022-10-2023-10", "--lora_r", "4"]
+    record = json.loads((checkpoint / "r2ec_run.json").read_text())
+    record["data_order"] = train.data_order(train.parse_config(flags))
+    assert record["data_order"] == {"samples_per_step": 4, "num_iterations": 1, "seed": 42}  # B = 4, 1 process
+    (checkpoint / "r2ec_run.json").write_text(json.dumps(record))
+    assert train.check_output_dir(train.parse_config(flags)) == str(checkpoint)
+    for changed in (["--train_batch_size", "2"], ["--gradient_accumulation_steps", "2"], ["--seed", "1"]):
+        with pytest.raises(UserError, match="the resume would skip the wrong samples"):
+            train.check_output_dir(train.parse_config(flags + changed))
+        assert train.check_output_dir(train.parse_config(flags + changed + ["--ignore_data_skip", "True"])) == str(checkpoint)
+
+
 @pytest.mark.parametrize("damage, message", [
     (lambda c: (c / "trainer_state.json").write_text('{"log_hist'), "trainer_state.json' is not readable JSON"),
     (lambda c: (c / "adapter_config.json").write_text(json.dumps({"r": 8, "lora_alpha": 128})),
@@ -951,6 +967,14 @@ def test_an_earlier_run_that_cannot_be_removed_is_named(tmp_path, monkeypatch):
     (lambda c: (c / "r2ec_run.json").write_text(json.dumps({"reasoning": False, "window_size": 5})),
      "was trained with --reasoning False, not True — resume with --reasoning False"),
     (lambda c: (c / "r2ec_run.json").write_text(json.dumps({"tau": 0.05})), "was trained with --tau 0.05, not 0.02"),
+    (lambda c: (c / "r2ec_run.json").write_text(json.dumps({"data_order": {  # 3 processes then, 1 now
+        "samples_per_step": 12, "num_iterations": 1, "seed": 42}})),
+     "was trained with samples_per_step 12, not 4: the resume would skip the wrong samples of its epoch — resume with "
+     "the same --train_batch_size × --gradient_accumulation_steps × processes, --num_iterations and --seed, or pass "
+     "--ignore_data_skip True"),
+    (lambda c: (c / "r2ec_run.json").write_text(json.dumps({"data_order": {
+        "samples_per_step": 4, "num_iterations": 2, "seed": 7}})),
+     "was trained with num_iterations 2, not 1, seed 7, not 42: the resume"),
     (lambda c: (c / "r2ec_run.json").write_text("[1"), "r2ec_run.json' is not readable JSON"),
     (lambda c: (c / "r2ec_run.json").write_text("[1]"), "r2ec_run.json' holds a JSON list, not an object"),
     (lambda c: (c / "adapter_config.json").write_text("[]"), "adapter_config.json' holds a JSON list, not an object"),
