@@ -241,10 +241,15 @@ def check_checkpoint(checkpoint: str, config: RecPOConfig):
         raise UserError(f"{optimizer} is truncated or corrupt — {fix}")
 
 
+def run_processes(config: RecPOConfig) -> int:
+    """The run's processes: this launch's, or the ones launch_train.sh starts after its --check_only."""
+    return int(os.environ.get("R2EC_PROCESSES", config.world_size))
+
+
 def data_order(config: RecPOConfig) -> dict:
     """What decides which samples each step trains: a resume skips the samples of the steps done."""
-    return {"samples_per_step": config.per_device_train_batch_size * config.gradient_accumulation_steps * config.world_size,
-            "num_iterations": config.num_iterations, "seed": config.seed}
+    samples_per_step = config.per_device_train_batch_size * config.gradient_accumulation_steps * run_processes(config)
+    return {"samples_per_step": samples_per_step, "num_iterations": config.num_iterations, "seed": config.seed}
 
 
 def run_record(config: RecPOConfig, category: str) -> dict:
@@ -321,8 +326,7 @@ def check_run(config: RecPOConfig) -> None:
     """--check_only (launch_train.sh runs it before starting the processes): what would refuse the
     run, without loading weights or writing anything."""
     dataset, category = load_dataset_dir(config.dataset_dir, config.dataset_category)
-    processes = int(os.environ.get("R2EC_PROCESSES", "1"))  # set by launch_train.sh
-    check_train_size(len(dataset["train"]), config.per_device_train_batch_size * processes)
+    check_train_size(len(dataset["train"]), config.per_device_train_batch_size * run_processes(config))
     check_gpus_per_machine(int(os.environ.get("R2EC_PROCESSES_PER_MACHINE", "1")))
     check_length_limits(config, check_backbone(config), dataset, category)
     print(f"ok: flags, {config.output_dir}, {config.dataset_dir} ({category}) and model {resolve_model(config.model)}")

@@ -938,7 +938,7 @@ def test_an_earlier_run_that_cannot_be_removed_is_named(tmp_path, monkeypatch):
         train.clear_earlier_run(str(run))
 
 
-def test_a_checkpoint_of_the_same_data_order_resumes_and_another_one_with_ignore_data_skip(tmp_path):
+def test_a_checkpoint_of_the_same_data_order_resumes_and_another_one_with_ignore_data_skip(tmp_path, monkeypatch):
     checkpoint = tmp_path / "run" / "checkpoint-2"
     fake_checkpoint(checkpoint)
     flags = ["--output_dir", str(tmp_path / "run"), "--max_steps", "5", "--resume_from_checkpoint", "last",
@@ -952,6 +952,11 @@ def test_a_checkpoint_of_the_same_data_order_resumes_and_another_one_with_ignore
         with pytest.raises(UserError, match="the resume would skip the wrong samples"):
             train.check_output_dir(train.parse_config(flags + changed))
         assert train.check_output_dir(train.parse_config(flags + changed + ["--ignore_data_skip", "True"])) == str(checkpoint)
+    # launch_train.sh's --check_only runs as one process and says how many it will start
+    monkeypatch.setenv("R2EC_PROCESSES", "2")
+    with pytest.raises(UserError, match="samples_per_step 4, not 8"):
+        train.check_output_dir(train.parse_config(flags))
+    assert train.check_output_dir(train.parse_config(flags + ["--train_batch_size", "2"])) == str(checkpoint)
 
 
 @pytest.mark.parametrize("damage, message", [
