@@ -204,9 +204,9 @@ class RecPOConfig(TrainingArguments):
                 raise UserError(f"--{flag} {value:g}: must be positive (steps, or a fraction of the run below 1)")
         for flag in ("eval_steps", "save_steps"):
             value = getattr(self, flag)
-            if value is not None and value >= 1 and self.num_iterations >= 1 and value % self.num_iterations:
-                raise UserError(f"--{flag} {value:g}: must be a multiple of --num_iterations {self.num_iterations}, "
-                                "so that no checkpoint falls between the updates of one rollout batch")
+            if value is not None and self.num_iterations > 1 and (value < 1 or value % self.num_iterations):
+                raise UserError(f"--{flag} {value:g}: must be a multiple of --num_iterations {self.num_iterations} "
+                                "(in steps), so that no checkpoint falls between the updates of one rollout batch")
         # Without --eval_steps, `set_intervals` derives the SPEC §5 interval once the data size is known
         # (TrainingArguments would otherwise fall back to logging_steps); checkpoints follow it
         # unless --save_steps is given, so the best one exists when it is evaluated.

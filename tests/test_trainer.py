@@ -695,8 +695,10 @@ def test_bad_input_gives_one_clear_line(tmp_path, flags, message):
     (["--metric_for_best_model", "eval_test_ndcg@10"], "--metric_for_best_model 'eval_test_ndcg@10': models are"),
     (["--reasoning", "False", "--num_iterations", "2"], "--reasoning False trains by cross-entropy, one update"),
     (["--num_iterations", "2", "--eval_steps", "5"], "--eval_steps 5: must be a multiple of --num_iterations 2"),
+    (["--num_iterations", "2", "--eval_steps", "0.1"], "--eval_steps 0.1: must be a multiple of --num_iterations 2 "
+                                                        "(in steps)"),
     (["--num_iterations", "3", "--save_steps", "4", "--load_best_model_at_end", "False"],
-     "--save_steps 4: must be a multiple of --num_iterations 3, so that no checkpoint falls between"),
+     "--save_steps 4: must be a multiple of --num_iterations 3 (in steps), so that no checkpoint falls between"),
     (["--metric_for_best_model", "valid_reasoning_length"], "--metric_for_best_model 'valid_reasoning_length'"),
     (["--save_strategy", "no"], "Save strategy:"),  # the message's later lines are kept
     (["--save_steps", "7"], "--save_steps 7: with --load_best_model_at_end"),
