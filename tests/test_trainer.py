@@ -940,6 +940,15 @@ def test_an_earlier_run_that_cannot_be_removed_is_named(tmp_path, monkeypatch):
         train.clear_earlier_run(str(run))
 
 
+def test_a_checkpoint_of_an_older_version_without_run_records_resumes(tmp_path):
+    checkpoint = tmp_path / "run" / "checkpoint-2"
+    for step in (1, 2):
+        fake_checkpoint(tmp_path / "run" / f"checkpoint-{step}")
+        (tmp_path / "run" / f"checkpoint-{step}" / "r2ec_run.json").unlink()
+    flags = ["--output_dir", str(tmp_path / "run"), "--max_steps", "5", "--resume_from_checkpoint", "last", "--lora_r", "4"]
+    assert train.check_output_dir(train.parse_config(flags)) == str(checkpoint)
+
+
 def test_a_checkpoint_of_the_same_data_order_resumes_and_another_one_with_ignore_data_skip(tmp_path, monkeypatch):
     checkpoint = tmp_path / "run" / "checkpoint-2"
     fake_checkpoint(checkpoint)
@@ -990,6 +999,8 @@ def test_a_checkpoint_of_the_same_data_order_resumes_and_another_one_with_ignore
      "was trained on the dataset /data/Musical_Instruments_0_2022-10-2023-10, not /elsewhere/Video_Games_0_2022-10-2023-10/ "
      "— resume with that --dataset_dir (moved: keep its folder name)"),
     (lambda c: (c / "trainer_state.json").unlink(), "is incomplete (no trainer_state.json: its save was cut short)"),
+    (lambda c: ((c / "r2ec_run.json").unlink(), fake_checkpoint(c.parent / "checkpoint-1")),  # killed mid-save
+     "is incomplete (no r2ec_run.json, which its run writes last into each checkpoint: its save was cut short)"),
     (lambda c: (c / "adapter_model.safetensors").write_bytes(b"\x10\x00"), "adapter weights cannot be read"),
     (lambda c: (c / "optimizer.pt").write_bytes(b"garbage"), "optimizer.pt is truncated or corrupt"),
     (lambda c: (c / "scheduler.pt").unlink(), "lacks scheduler.pt, the optimizer and learning-rate state"),
