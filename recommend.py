@@ -13,7 +13,8 @@ reasoning files training saves with each evaluation:
     python recommend.py --output_dir outputs/r2ec --split test --evaluate --output test_ranks.jsonl
 `--output_dir` is a train.py output folder (a `checkpoint-*` folder inside one works too);
 `--device auto|cpu|cuda`; `--dtype` (default: the run's precision: bf16 weights under bf16 autocast,
-as training evaluates, or float32); `--dataset_dir` overrides the dataset the run was trained on. Tests: `pytest tests/test_recommend.py`.
+as training evaluates, or float32); `--dataset_dir` overrides the dataset the run was trained on.
+Tests: `pytest tests/test_recommend.py`.
 
 The work is RecPOTrainer's own steps (`recommend_rows`, `masked_scores`, the item table), run
 by a trainer built for inference, so the prompts, the user state and the masking are exactly
@@ -117,13 +118,14 @@ def precision(args, run: dict, device: str) -> tuple[torch.dtype, bool]:
 
 def inference_config(args, run: dict, device: str, autocast: bool) -> RecPOConfig:
     """RecPOConfig for inference: the run's prompt and scoring settings, no training, no logging."""
-    recorded = {key: value for key, value in run.items() if key in CONFIG_FIELDS and key != "bf16"}  # window_size, ...
+    recorded = {key: value for key, value in run.items() if key in CONFIG_FIELDS}  # window_size, tau, ...
+    recorded["bf16"] = autocast  # the run's, unless --dtype chose other weights
     if args.dataset_dir:
         recorded["dataset_dir"] = args.dataset_dir  # the flag wins over the run's dataset
     try:
         return RecPOConfig(
             **recorded, output_dir=args.output_dir, dataset_category=run["category"], use_cpu=device == "cpu",
-            bf16=autocast, report_to="none", eval_strategy="no", save_strategy="no", load_best_model_at_end=False,
+            report_to="none", eval_strategy="no", save_strategy="no", load_best_model_at_end=False,
             eval_on_start=False, gradient_checkpointing=False, per_device_eval_batch_size=args.batch_size,
         )
     except (TypeError, UserError) as e:  # a value RecPOConfig refuses, e.g. "window_size": 0

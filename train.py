@@ -193,13 +193,15 @@ def check_checkpoint(checkpoint: str, config: RecPOConfig):
         "lora_alpha": (adapter.get("lora_alpha"), config.lora_alpha),
         "lora_target_modules": (",".join(sorted(adapter.get("target_modules") or [])), ",".join(sorted(config.lora_targets))),
     }
-    record_path = os.path.join(checkpoint, RUN_RECORD)  # checkpoints of older versions lack it
+    record_path = os.path.join(checkpoint, RUN_RECORD)
     run_folder = os.path.dirname(os.path.abspath(checkpoint))
-    if not os.path.isfile(record_path) and any(os.path.isfile(os.path.join(folder, RUN_RECORD))
-                                               for folder in [run_folder, *checkpoint_folders(run_folder)]):
+    if os.path.isfile(record_path):
+        record = read_json(record_path, fix)
+    elif any(os.path.isfile(os.path.join(folder, RUN_RECORD)) for folder in [run_folder, *checkpoint_folders(run_folder)]):
         raise UserError(f"{checkpoint} is incomplete (no {RUN_RECORD}, which its run writes last into each "
                         "checkpoint: its save was cut short) — delete it and resume from the checkpoint before it")
-    record = read_json(record_path, fix) if os.path.isfile(record_path) else {}
+    else:
+        record = {}  # a checkpoint of an older version, whose runs wrote no record
     for flag in METHOD_SETTINGS:  # a resume must not switch method halfway (length limits may change)
         if flag in record:
             saved_and_given[flag] = (record[flag], getattr(config, flag))

@@ -628,8 +628,9 @@ class RecPOTrainer(Trainer):
         greedy = SamplingConfig(max_new_tokens=self.sampling.max_new_tokens, greedy=True)
         rollouts = self.rollout(model, samples, greedy, 1)
         scores = self.masked_scores(rollouts.user_states, samples)  # (B, I), history and pad at -inf
-        ranks = target_rank(scores, self.target_ids(samples)).tolist()
-        top_scores, top_ids = top_items(scores, self.target_ids(samples), top_k)  # (B, K)
+        targets = self.target_ids(samples)  # (B,)
+        ranks = target_rank(scores, targets).tolist()
+        top_scores, top_ids = top_items(scores, targets, top_k)  # (B, K)
         lengths = rollouts.completion_mask.sum(1).tolist()
         texts = reasoning_texts(self.processing_class, rollouts)
         return [
