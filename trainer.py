@@ -23,7 +23,7 @@ from dataclasses import dataclass, field, fields
 from typing import Callable, NamedTuple
 
 import torch
-from accelerate.utils import gather, gather_object
+from accelerate.utils import gather, gather_object, set_seed
 from torch.utils.data import Sampler
 from tqdm.auto import tqdm
 from transformers import EarlyStoppingCallback, Trainer, TrainingArguments
@@ -542,6 +542,9 @@ class RecPOTrainer(Trainer):
         self._metrics = defaultdict(list)
         self._table_encoded = False
         self._buffer: RecPOBatch | None = None
+        # Each process samples with noise of its own (the model is built, identical on all, by now);
+        # a resume restores every process's RNG state from its checkpoint file.
+        set_seed(args.seed, device_specific=True)
 
     # -- data order ----------------------------------------------------------------------------
 

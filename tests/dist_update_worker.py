@@ -5,7 +5,8 @@
 
 Rank 0 writes the step's loss (averaged over processes, as the Trainer logs it), every LoRA
 gradient and its item table after the update, and how it averages metrics that only rank 1
-recorded, for the test to compare. tests/test_trainer.py also builds its
+recorded, and the reasonings each process sampled for one same prompt, for the test to
+compare. tests/test_trainer.py also builds its
 single-process gradient check from `tiny_lora_model` and `fixed_batch`.
 """
 import math
@@ -17,7 +18,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from accelerate.utils import gather  # noqa: E402
+from accelerate.utils import gather, gather_object  # noqa: E402
 
 from model import add_lora, enable_checkpointing, load_backbone, policy_forward  # noqa: E402
 from rollouts import Rollouts  # noqa: E402
@@ -97,6 +98,8 @@ def main(out_path: str):
     model, tokenizer = tiny_lora_model()
     trainer = RecPOTrainer(model, config, tokenizer, tiny_dataset(), "Video_Games")
     rank = trainer.accelerator.process_index
+    same_prompt = trainer.rollout(model, [trainer.train_dataset[0]], trainer.sampling, num_samples=GROUP)
+    sampled = gather_object([same_prompt.completion_ids.tolist()])  # one list of G reasonings per process
     trainer.refresh_item_table(model)
     batch = fixed_batch(trainer, model, rank, world)
 
@@ -109,7 +112,7 @@ def main(out_path: str):
     logged = trainer._average_over_processes({"shared": float(rank), **({"only_rank_1": 5.0} if rank == 1 else {})})
     if rank == 0:
         torch.save({"loss": loss, "grads": grads, "table": trainer.item_table.embeddings,
-                    "targets": targets, "logged": logged}, out_path)
+                    "targets": targets, "logged": logged, "sampled": sampled}, out_path)
     trainer.accelerator.end_training()
 
 

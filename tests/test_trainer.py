@@ -297,6 +297,9 @@ def test_two_processes_equal_one_process_on_the_concatenated_batch(tmp_path):
     # Logged means: each key over the processes that recorded it.
     assert one["logged"] == {"shared": 0.0}
     assert two["logged"] == {"only_rank_1": 5.0, "shared": 0.5}
+    # Each process samples with noise of its own: the same prompt gets other reasonings on process 1.
+    first, second = two["sampled"]
+    assert len(first) == len(second) == 2 and first != second
 
 
 def test_a_process_out_of_memory_in_its_rollout_skips_the_step_on_every_process(tmp_path):
