@@ -111,9 +111,9 @@ class Rollouts(NamedTuple):
 
 
 def _check_inputs(prompt_ids, prompt_mask, num_samples, sampling, stop: StopRule):
-    if prompt_ids.ndim != 2 or prompt_ids.shape != prompt_mask.shape:
+    if prompt_ids.ndim != 2 or prompt_ids.shape != prompt_mask.shape or 0 in prompt_ids.shape:
         raise ValueError(f"prompt_ids {tuple(prompt_ids.shape)} and prompt_mask {tuple(prompt_mask.shape)} "
-                         "must both be (num_prompts, P)")
+                         "must both be (num_prompts, P), with at least one prompt of at least one token")
     if not bool(prompt_mask[:, -1].all()):
         raise ValueError("prompts must be left-padded (prompt_mask[:, -1] all 1): tokenize with padding_side='left'")
     if num_samples < 1:

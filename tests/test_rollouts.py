@@ -291,6 +291,8 @@ def test_bad_inputs_are_refused():
     ids, mask = prompts()
     with pytest.raises(ValueError, match="left-padded"):
         generate_rollouts(model, ids, mask.flip(1), 2, SamplingConfig(8), StopRule.exact([[5]]), PAD)
+    with pytest.raises(ValueError, match="at least one prompt"):
+        generate_rollouts(model, ids[:0], mask[:0], 2, SamplingConfig(8), StopRule.exact([[5]]), PAD)
     with pytest.raises(ValueError, match="raise max_new_tokens"):
         generate_rollouts(model, ids, mask, 2, SamplingConfig(2), StopRule.exact([[5, 6, 7]]), PAD)
     with pytest.raises(ValueError, match="top_p"):
