@@ -27,6 +27,7 @@ from accelerate.utils import gather, gather_object, set_seed
 from torch.utils.data import Sampler
 from tqdm.auto import tqdm
 from transformers import EarlyStoppingCallback, Trainer, TrainingArguments
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, get_last_checkpoint
 
 from errors import UserError, one_line, read_json, write_jsonl
 from metrics import METRIC_NAMES, ndcg_at_k, split_metrics, target_rank, top_items
@@ -44,6 +45,7 @@ warnings.filterwarnings("ignore", message="`(is_)?gradient_checkpointing(_kwargs
 ADVANTAGE_TYPES = ("gaussian", "rloo")
 EVAL_SPLITS = ("valid", "test")
 SELECTION_METRICS = [f"eval_valid_{name}" for name in METRIC_NAMES]  # test is held out; longer is not better
+ITEM_TABLE_FILE = "item_table.pt"  # in a checkpoint saved between evaluations: the table a resume starts from
 EVAL_TOP_ITEMS = 10  # top_k of each saved evaluation record: recommended items (id, title, score)
 
 
@@ -541,6 +543,8 @@ class RecPOTrainer(Trainer):
         self.sampling = args.sampling if args.reasoning else SamplingConfig(len(self.stop.forced), greedy=True)
         self._metrics = defaultdict(list)
         self._table_encoded = False
+        self._table_rows_written = False  # by training steps since the last full encoding
+        self._resume_from: str | None = None
         self._buffer: RecPOBatch | None = None
         # Each process samples with noise of its own (the model is built, identical on all, by now);
         # a resume restores every process's RNG state from its checkpoint file.
@@ -586,7 +590,25 @@ class RecPOTrainer(Trainer):
         gathered = gather(h.to(self.args.device))  # (W·size, D), process by process
         real = torch.cat([torch.arange(size) < len(share) for share in shares])  # the padding left out
         table.update([item for share in shares for item in share], gathered[real.to(gathered.device)])
-        self._table_encoded = True
+        self._table_encoded, self._table_rows_written = True, False
+
+    def restore_item_table(self, model):
+        """The table a run starts training from: the resumed checkpoint's when it holds one (saved
+        between evaluations, with rows written by the steps since), else every item encoded afresh."""
+        path = os.path.join(self._resume_from, ITEM_TABLE_FILE) if self._resume_from else ""
+        if not self._every_process_ok(os.path.isfile(path)):  # all load it, or all encode together
+            return self.refresh_item_table(model)
+        try:
+            embeddings = torch.load(path, map_location=self.args.device, weights_only=True)
+        except Exception as e:
+            raise UserError(f"{path} cannot be read ({one_line(e)}) — delete it (the items are then encoded "
+                            "afresh, as at an evaluation) or resume from the checkpoint before") from e
+        expected = (len(self.item_table), self.accelerator.unwrap_model(model).config.hidden_size)
+        if not isinstance(embeddings, torch.Tensor) or tuple(embeddings.shape) != expected:
+            raise UserError(f"{path} is not an item table of {expected[0]} items × {expected[1]} — it belongs to "
+                            "another dataset or backbone: delete it or resume from another checkpoint")
+        self.item_table.embeddings = embeddings.float()
+        self._table_encoded, self._table_rows_written = True, True
 
     def rollout(self, model, samples: list[dict], sampling: SamplingConfig, num_samples: int) -> Rollouts:
         """SPEC §4.1: `num_samples` reasonings per sample, all B·G generated together."""
@@ -781,6 +803,7 @@ class RecPOTrainer(Trainer):
         self.accelerator.gradient_state._set_sync_gradients(sync_at_end)
         # Every process writes every process's targets, so all processes score against one table.
         self.item_table.update(gather(batch.targets), gather(item_states.detach()))
+        self._table_rows_written = True
         if batch.item_old_logprobs is None:
             self._buffer = batch._replace(item_old_logprobs=item_logprobs, token_old_logprobs=token_logprobs)
             reasoning = batch.rollouts.completion_mask.bool()  # how far the sampler's log-probs are off
@@ -789,6 +812,22 @@ class RecPOTrainer(Trainer):
         return (token_total + item_total) / accumulated
 
     # -- Trainer hooks -------------------------------------------------------------------------
+
+    def train(self, resume_from_checkpoint: str | bool | None = None, **kwargs):
+        """Trainer.train, noting the checkpoint a resume starts from (see `restore_item_table`)."""
+        if resume_from_checkpoint is True and os.path.isdir(self.args.output_dir):
+            self._resume_from = get_last_checkpoint(self.args.output_dir)
+        elif isinstance(resume_from_checkpoint, str):
+            self._resume_from = resume_from_checkpoint
+        return super().train(resume_from_checkpoint=resume_from_checkpoint, **kwargs)
+
+    def _save_checkpoint(self, model, trial):
+        """Trainer's checkpoint, plus the item table when steps since the last evaluation wrote rows
+        of it: encoding every item afresh on a resume would start from another table."""
+        super()._save_checkpoint(model, trial)
+        if self._table_rows_written and self.args.should_save:
+            folder = os.path.join(self._get_output_dir(trial), f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}")
+            torch.save(self.item_table.embeddings.cpu(), os.path.join(folder, ITEM_TABLE_FILE))
 
     def _load_callback_state(self):
         """On a resume, early stopping keeps its count of evaluations without a gain but takes this
@@ -808,7 +847,7 @@ class RecPOTrainer(Trainer):
         model.train()
         if not self._table_encoded:  # the first step, also of a resumed run
             with self._timed("item_table"):
-                self.refresh_item_table(model)
+                self.restore_item_table(model)
         try:
             if self._buffer is None or self.state.global_step % self.args.num_iterations == 0:
                 self._buffer = None

@@ -4,6 +4,7 @@ import json
 import math
 import os
 import re
+import shutil
 import subprocess
 import sys
 import warnings
@@ -630,14 +631,21 @@ def test_the_data_order_follows_the_trainer_state_epoch(tmp_path):
     assert list(sampler) == list(RepeatedBatchSampler(8, 2, 1, seed=trainer.args.seed + 1)) != first
 
 
-def test_resume_from_checkpoint_matches_the_uninterrupted_run(tmp_path):
-    """Killed right after its step-5 checkpoint, the first step of epoch 2 (8 samples, 2 a step),
-    and resumed: the resumed steps see epoch 2's order, as the uninterrupted run's did."""
-    common = ["--eval_steps", "5", "--max_eval_samples", "2", "--gen_temperature", "1.0",
-              "--load_best_model_at_end", "False", "--save_total_limit", "5"]
-    run_train(quick_flags(tmp_path / "a", "--max_steps", "7", *common))
-    run_train(quick_flags(tmp_path / "b", "--max_steps", "5", *common))
-    run_train(quick_flags(tmp_path / "b", "--max_steps", "7", "--resume_from_checkpoint", "last", *common))
+@pytest.mark.parametrize("eval_steps, evaluations", [("5", [0, 5, 7]), ("3", [0, 3, 6, 7])],
+                         ids=["saved_at_an_evaluation", "saved_between_evaluations"])
+def test_resume_from_checkpoint_matches_the_uninterrupted_run(tmp_path, eval_steps, evaluations):
+    """A run killed right after its step-5 checkpoint (what the uninterrupted run wrote by then),
+    the first step of epoch 2 (8 samples, 2 a step), and resumed: the resumed steps see epoch 2's
+    order, as the uninterrupted run's did. Saved between evaluations, the checkpoint keeps the item
+    table (which the steps since the last evaluation wrote rows of) and the resume starts from it."""
+    common = ["--eval_steps", eval_steps, "--save_steps", "5", "--max_eval_samples", "2", "--gen_temperature", "1.0",
+              "--load_best_model_at_end", "False", "--save_total_limit", "5", "--max_steps", "7"]
+    run_train(quick_flags(tmp_path / "a", *common))
+    killed = tmp_path / "b" / "out"
+    shutil.copytree(tmp_path / "a" / "out" / "checkpoint-5", killed / "checkpoint-5")
+    shutil.copy(tmp_path / "a" / "out" / "r2ec_run.json", killed)
+    assert (killed / "checkpoint-5" / "item_table.pt").exists() == (eval_steps == "3")
+    run_train(quick_flags(tmp_path / "b", "--resume_from_checkpoint", "last", *common))
     from safetensors.torch import load_file
     a = load_file(str(tmp_path / "a" / "out" / "adapter_model.safetensors"))
     b = load_file(str(tmp_path / "b" / "out" / "adapter_model.safetensors"))
@@ -649,8 +657,31 @@ def test_resume_from_checkpoint_matches_the_uninterrupted_run(tmp_path):
     assert len(rewards(state_a)) == 7 and rewards(state_b) == pytest.approx(rewards(state_a), rel=1e-4)
     # No second evaluation of the checkpoint's step, and early stopping's count carried over
     evaluated = lambda s: [e["step"] for e in s["log_history"] if "eval_valid_ndcg@10" in e]  # noqa: E731
-    assert evaluated(state_b) == evaluated(state_a) == [0, 5, 7]
+    assert evaluated(state_b) == evaluated(state_a) == evaluations
     assert state_b["stateful_callbacks"]["EarlyStoppingCallback"] == state_a["stateful_callbacks"]["EarlyStoppingCallback"]
+
+
+def test_a_resume_takes_the_checkpoint_s_item_table_and_names_a_bad_one(tmp_path):
+    trainer = tiny_trainer(tmp_path)
+    checkpoint = tmp_path / "checkpoint-5"
+    checkpoint.mkdir()
+    trainer._resume_from = str(checkpoint)
+    items, width = len(trainer.item_table), trainer.model.config.hidden_size
+    saved = torch.randn(items, width)
+    torch.save(saved, checkpoint / "item_table.pt")
+    trainer.restore_item_table(trainer.model)
+    assert torch.equal(trainer.item_table.embeddings, saved)  # taken as saved, not encoded afresh
+    (checkpoint / "item_table.pt").write_bytes(b"garbage")
+    with pytest.raises(UserError, match=re.escape("item_table.pt cannot be read (")) as caught:
+        trainer.restore_item_table(trainer.model)
+    assert "\n" not in str(caught.value)
+    torch.save(torch.randn(items - 1, width), checkpoint / "item_table.pt")  # another dataset's
+    with pytest.raises(UserError, match=re.escape(f"is not an item table of {items} items × {width} —")):
+        trainer.restore_item_table(trainer.model)
+    (checkpoint / "item_table.pt").unlink()  # a checkpoint saved at an evaluation: every item encoded afresh
+    trainer.restore_item_table(trainer.model)
+    fresh = trainer.item_table.encode(trainer.model, list(range(items)))
+    torch.testing.assert_close(trainer.item_table.embeddings, fresh)
 
 
 def test_early_stopping_ends_the_run_after_patience_evaluations_without_a_gain(tmp_path):
