@@ -599,7 +599,7 @@ class RecPOTrainer(Trainer):
         if not self._every_process_ok(os.path.isfile(path)):  # all load it, or all encode together
             return self.refresh_item_table(model)
         try:
-            embeddings = torch.load(path, map_location=self.args.device, weights_only=True)
+            embeddings = torch.load(path, map_location="cpu", weights_only=True)
         except Exception as e:
             raise UserError(f"{path} cannot be read ({one_line(e)}) — delete it (the items are then encoded "
                             "afresh, as at an evaluation) or resume from the checkpoint before") from e
@@ -607,7 +607,7 @@ class RecPOTrainer(Trainer):
         if not isinstance(embeddings, torch.Tensor) or tuple(embeddings.shape) != expected:
             raise UserError(f"{path} is not an item table of {expected[0]} items × {expected[1]} — it belongs to "
                             "another dataset or backbone: delete it or resume from another checkpoint")
-        self.item_table.embeddings = embeddings.float()
+        self.item_table.embeddings = embeddings.to(self.args.device, torch.float32)
         self._table_encoded, self._table_rows_written = True, True
 
     def rollout(self, model, samples: list[dict], sampling: SamplingConfig, num_samples: int) -> Rollouts:

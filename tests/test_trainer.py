@@ -588,6 +588,7 @@ def test_deepspeed_without_a_launcher_trains_as_one_process_and_resumes(tmp_path
                    capture_output=True, env=env)
     assert (tmp_path / "out" / "adapter_model.safetensors").exists()
     assert glob.glob(str(tmp_path / "out" / "checkpoint-1" / "global_step*"))  # DeepSpeed's optimizer state
+    assert (tmp_path / "out" / "checkpoint-1" / "item_table.pt").exists()  # no evaluation: the resume takes it
     subprocess.run([PYTHON, os.path.join(ROOT, "train.py"), *flags, "--max_steps", "2", "--resume_from_checkpoint",
                     "last"], cwd=ROOT, check=True, capture_output=True, env=env)
     assert json.loads((tmp_path / "out" / "trainer_state.json").read_text())["global_step"] == 2
