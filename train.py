@@ -293,8 +293,14 @@ def build_trainer(config: RecPOConfig) -> RecPOTrainer:
     return RecPOTrainer(model, config, tokenizer, dataset, category, callbacks=callbacks)
 
 
-def check_gpus_per_machine(processes: int):
-    """Each of a machine's processes needs a GPU of its own (NCCL refuses to share one)."""
+def check_gpus_per_machine(processes: int, cpu_fallback: bool = False):
+    """Each of a machine's processes needs a GPU of its own (NCCL refuses to share one). Several
+    processes with no GPU at all is a CUDA setup gone wrong, unless --use_cpu says the CPU is meant
+    (`cpu_fallback`: no GPU and no --use_cpu)."""
+    if cpu_fallback and processes > 1:
+        raise UserError(f"NUM_PROCESSES={processes} but no GPU visible (CUDA_VISIBLE_DEVICES="
+                        f"{os.environ.get('CUDA_VISIBLE_DEVICES', 'unset')}) — check CUDA_VISIBLE_DEVICES and the "
+                        "CUDA install, or pass --use_cpu True to train on the CPU")
     if torch.cuda.is_available() and processes > torch.cuda.device_count():
         raise UserError(f"NUM_PROCESSES={processes} but {torch.cuda.device_count()} GPU(s) visible "
                         f"(CUDA_VISIBLE_DEVICES={os.environ.get('CUDA_VISIBLE_DEVICES', 'unset')}) — start at most one "
@@ -329,12 +335,12 @@ def final_metrics(trainer: RecPOTrainer) -> dict:
     return trainer.evaluate()
 
 
-def check_run(config: RecPOConfig) -> None:
+def check_run(config: RecPOConfig, cpu_fallback: bool = False) -> None:
     """--check_only (launch_train.sh runs it before starting the processes): what would refuse the
     run, without loading weights or writing anything."""
     dataset, category = load_dataset_dir(config.dataset_dir, config.dataset_category)
     check_train_size(len(dataset["train"]), config.per_device_train_batch_size * run_processes(config))
-    check_gpus_per_machine(int(os.environ.get("R2EC_PROCESSES_PER_MACHINE", "1")))
+    check_gpus_per_machine(int(os.environ.get("R2EC_PROCESSES_PER_MACHINE", "1")), cpu_fallback)
     check_length_limits(config, check_backbone(config), dataset, category)
     print(f"ok: flags, {config.output_dir}, {config.dataset_dir} ({category}) and model {resolve_model(config.model)}")
 
@@ -365,7 +371,7 @@ def main(argv: list[str]):
     config = parse_config(argv)
     resume = check_output_dir(config)
     if config.check_only:
-        check_run(config)
+        check_run(config, falls_back_to_cpu(argv))
         return warn_about_cpu(argv)
     if resume is not None:
         config.eval_on_start = False  # the checkpoint's model was evaluated before it was saved

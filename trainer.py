@@ -65,7 +65,8 @@ class RecPOConfig(TrainingArguments):
     # Parameters that control the data, the prompts and the backbone
     dataset_dir: str = field(default="", metadata={"help": "Folder written by preprocess.py."})
     dataset_category: str | None = field(
-        default=None, metadata={"help": "Amazon category; default: read from the dataset folder name."}
+        default=None, metadata={"help": "Amazon category; default: the one preprocess.py recorded in the dataset folder "
+                                 "(preprocess.json), else the one in the folder's name."}
     )
     model: str = field(
         default=DEFAULT_MODEL,

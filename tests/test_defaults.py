@@ -1,11 +1,13 @@
 """The defaults a user gets without flags, and what launch_train.sh passes, are SPEC's (§4–§6)."""
 import json
+import re
 import os
 import socket
 import subprocess
 import sys
 
 import pytest
+import torch
 
 import train
 from errors import UserError
@@ -134,6 +136,19 @@ def test_launcher_stops_bad_input_with_one_line_before_starting_processes(variab
     assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0]
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the machine has a GPU")
+def test_launcher_refuses_several_processes_without_a_gpu(tmp_path):
+    from tests.tiny_data import tiny_dataset
+
+    folder = tmp_path / "Musical_Instruments_0_2022-10-2023-10"
+    tiny_dataset().save_to_disk(str(folder))
+    env = {**os.environ, "PYTHON": sys.executable, "OMP_NUM_THREADS": "1", "DATASET_DIR": str(folder),
+           "TRAIN_BATCH_SIZE": "1", "NUM_PROCESSES": "2", "RUN_NAME": str(tmp_path / "run")}
+    result = subprocess.run(["bash", os.path.join(ROOT, "launch_train.sh")], env=env, capture_output=True, text=True)
+    assert result.returncode == 2 and not (tmp_path / "run").exists()
+    assert result.stderr.strip().splitlines()[-1].startswith("error: NUM_PROCESSES=2 but no GPU visible")
+
+
 def test_launcher_checks_the_train_split_against_every_process_batch(tmp_path):
     """8 train samples hold one batch of 3 users on one process, not on three."""
     from tests.tiny_data import tiny_dataset
@@ -156,6 +171,17 @@ def test_check_only_wants_a_gpu_per_process(monkeypatch):
     train.check_gpus_per_machine(1)
     with pytest.raises(UserError, match=r"NUM_PROCESSES=3 but 1 GPU\(s\) visible \(CUDA_VISIBLE_DEVICES=0\)"):
         train.check_gpus_per_machine(3)
+
+
+def test_several_processes_without_a_gpu_are_refused_unless_the_cpu_is_meant(monkeypatch):
+    monkeypatch.setattr(train.torch.cuda, "is_available", lambda: False)
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0,1,2,3")
+    train.check_gpus_per_machine(1, cpu_fallback=True)  # one process: the warning only
+    train.check_gpus_per_machine(3, cpu_fallback=False)  # --use_cpu True
+    with pytest.raises(UserError, match=re.escape("NUM_PROCESSES=3 but no GPU visible (CUDA_VISIBLE_DEVICES=0,1,2,3) "
+                                                  "— check CUDA_VISIBLE_DEVICES and the CUDA install, or pass "
+                                                  "--use_cpu True")):
+        train.check_gpus_per_machine(3, cpu_fallback=True)
 
 
 def test_negative_flags_say_what_they_do(capsys):
