@@ -54,6 +54,9 @@ def read_run(folder: str) -> dict:
     if not os.path.isfile(os.path.join(folder, "adapter_config.json")):
         raise UserError(f"{folder!r} holds no LoRA adapter (adapter_config.json) — pass a train.py output "
                         "folder or one of its checkpoint-* folders")
+    if not os.path.isfile(os.path.join(folder, "adapter_model.safetensors")):
+        raise UserError(f"{folder!r} lacks the adapter's weights (adapter_model.safetensors; its save was cut "
+                        "short?) — pass another checkpoint-* folder of the run, or re-run train.py")
     for place in (folder, os.path.dirname(os.path.abspath(folder))):
         path = os.path.join(place, RUN_RECORD)
         if os.path.isfile(path):
@@ -269,6 +272,9 @@ def main(argv: list[str]) -> list[dict]:
     device = pick_device(args.device)
     dtype, autocast = precision(args, run, device)
     config = inference_config(args, run, device, autocast)
+    if not args.dataset_dir and not os.path.isdir(config.dataset_dir):
+        raise UserError(f"the run's dataset {config.dataset_dir!r} (in its {RUN_RECORD}) is gone — pass its new "
+                        "place as --dataset_dir, or rerun preprocess.py with the run's settings")
     dataset, category = load_dataset_dir(config.dataset_dir, config.dataset_category)
     split_data = dataset[args.split]
     rows = pick_rows(split_data, args.split, args)  # bad rows fail here, before the model loads

@@ -282,6 +282,7 @@ def test_a_run_trained_without_reasoning_is_served_without_it(run_copy, tmp_path
 @pytest.mark.parametrize("damage, message", [
     (lambda f: (f / "adapter_model.safetensors").write_bytes(b"\x10\x00"), "the adapter in"),
     (lambda f: (f / "adapter_config.json").write_text("{not json"), "the adapter in"),
+    (lambda f: (f / "adapter_model.safetensors").unlink(), "lacks the adapter's weights (adapter_model.safetensors;"),
     (lambda f: [os.remove(f / name) for name in os.listdir(f) if name.startswith(("tokenizer", "chat_template"))],
      "the tokenizer in"),
     (lambda f: os.remove(f / "tokenizer.json"), "turns text into no tokens"),
@@ -293,6 +294,13 @@ def test_damaged_run_folder_gives_one_line(run_copy, capsys, tmp_path, damage, m
     output = tmp_path / "ranks.jsonl"
     assert_one_line_error(capsys, ["--output_dir", str(folder), "--output", str(output)], message, "re-run train.py")
     assert not output.exists()
+
+
+def test_a_run_whose_dataset_is_gone_names_the_record_and_the_flag(run_copy, capsys, tmp_path):
+    folder, run = run_copy
+    (folder / "r2ec_run.json").write_text(json.dumps({**run, "dataset_dir": str(tmp_path / "moved")}))
+    assert_one_line_error(capsys, ["--output_dir", str(folder)], f"the run's dataset {str(tmp_path / 'moved')!r} "
+                          "(in its r2ec_run.json) is gone — pass its new place as --dataset_dir")
 
 
 @pytest.mark.parametrize("output, message", [
