@@ -54,6 +54,9 @@ def load_dataset_dir(folder: str | None, category: str | None = None):
         readable = os.access(folder, os.R_OK | os.X_OK)
         inside = [os.path.join(folder, name) for name in sorted(os.listdir(folder) if readable else [])
                   if os.path.isfile(os.path.join(folder, name, "dataset_dict.json"))]
+        if os.path.isfile(os.path.join(folder, "dataset_dict.json")):
+            raise UserError(f"dataset folder {folder!r} is damaged ({one_line(e)}) — rerun preprocess.py to write "
+                            "it again") from e
         fix = (f"it holds {', '.join(inside)}: pass that as --dataset_dir" if inside
                else "point --dataset_dir at the folder preprocess.py printed ({category}_{K}_{start}-{end})")
         raise UserError(f"{folder!r} is not a dataset saved by preprocess.py ({one_line(e)}) — {fix}") from e

@@ -1129,6 +1129,11 @@ def test_a_split_folder_is_refused_with_its_parent_named(tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(UserError, match=re.escape("— point --dataset_dir at the folder preprocess.py printed")):
         load_dataset_dir(str(tmp_path / "empty"))
+    (arrow,) = glob.glob(os.path.join(folder, "valid", "*.arrow"))
+    os.truncate(arrow, os.path.getsize(arrow) // 2)  # a copy cut short
+    with pytest.raises(UserError, match=re.escape(f"dataset folder {folder!r} is damaged (") + ".*" +
+                       re.escape("— rerun preprocess.py to write it again")):
+        load_dataset_dir(folder)
 
 
 @pytest.mark.parametrize("flags, message", [
