@@ -66,13 +66,13 @@ def image_format(path: str) -> str:
     return os.path.splitext(path)[1][1:].lower() or "png"
 
 
-def check_output(path: str) -> None:
+def check_output(path: str, flag: str = "--output") -> None:
     """The image path must name a format matplotlib writes, in an existing, writable folder."""
     formats = FigureCanvasAgg(Figure()).get_supported_filetypes()
     if image_format(path) not in formats:
-        raise UserError(f"--output {path!r}: cannot write .{image_format(path)} images — end the name in .png "
+        raise UserError(f"{flag} {path!r}: cannot write .{image_format(path)} images — end the name in .png "
                         "(or .pdf, .svg, .jpg)")
-    check_output_file(path, "--output")
+    check_output_file(path, flag)
 
 
 def read_log_history(state_file: str) -> list[dict]:
@@ -96,6 +96,8 @@ def latest_trainer_state(output_dir: str) -> str:
         raise UserError(f"{output_dir!r} is not a folder — pass the --output_dir of a training run")
     candidates = glob.glob(os.path.join(glob.escape(output_dir), "trainer_state.json"))
     candidates += glob.glob(os.path.join(glob.escape(output_dir), "checkpoint-*", "trainer_state.json"))
+    if not candidates and os.path.isfile(os.path.join(output_dir, "dataset_dict.json")):
+        raise UserError(f"{output_dir!r} is a dataset folder — pass the --output_dir of a training run")
     if not candidates:
         raise UserError(f"no trainer_state.json in {output_dir!r} or its checkpoint-* folders — the run has "
                         "not saved a checkpoint yet (see --save_steps)")
@@ -111,7 +113,7 @@ def main(argv: list[str]) -> str:
     args = parser.parse_args(argv)
     state_file = latest_trainer_state(args.output_dir)
     path = args.output or os.path.join(args.output_dir, "training_curves.png")
-    check_output(path)
+    check_output(path, "--output" if args.output else "the image (the default --output)")
     log_history = read_log_history(state_file)
     plot_training_curves(log_history, path)
     print(f"{path}  ({len(log_history)} log entries from {state_file})")

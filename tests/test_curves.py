@@ -77,6 +77,18 @@ def test_folder_without_trainer_state_gives_one_line(tmp_path, capsys):
     assert capsys.readouterr().err.strip().startswith("error: no trainer_state.json")
 
 
+def test_a_dataset_folder_is_named_as_one(tmp_path, capsys):
+    (tmp_path / "dataset_dict.json").write_text('{"splits": ["train"]}')
+    error = run_curves_error(capsys, str(tmp_path))
+    assert error == f"error: {str(tmp_path)!r} is a dataset folder — pass the --output_dir of a training run"
+
+
+def test_the_default_image_path_is_named_as_such(run_folder, capsys):
+    (run_folder / "training_curves.png").mkdir()
+    error = run_curves_error(capsys, str(run_folder))
+    assert f"the image (the default --output) {str(run_folder / 'training_curves.png')!r} is a folder" in error
+
+
 def run_curves_error(capsys, *argv) -> str:
     """curves.py's main exits 2; -> its last stderr line, checked to be one `error: ` line."""
     with pytest.raises(SystemExit) as exit_info:
