@@ -635,14 +635,14 @@ def main(argv=None):
         ratings, kept_lines, (args.st_year, args.st_month), (args.ed_year, args.ed_month), args.K,
         args.window_size)
     n = samples.num_rows
+    fix = "widen the window or lower --K" if args.K > 0 else "widen the window"
     if n == 0:
         raise UserError(f"the window {start[0]}-{start[1]} .. {args.ed_year}-{args.ed_month} with "
-                        f"K={args.K} leaves no samples — widen the window or lower --K")
+                        f"K={args.K} leaves no samples — {fix}")
     a, b = split_bounds(n)
     if a == b or b == n:
         raise UserError(f"the window {start[0]}-{start[1]} .. {args.ed_year}-{args.ed_month} with K={args.K} "
-                        f"leaves {n} samples, too few for the 80/10/10 split to give valid and test any — "
-                        "widen the window or lower --K")
+                        f"leaves {n} samples, too few for the 80/10/10 split to give valid and test any — {fix}")
     dataset = datasets.DatasetDict({
         "train": datasets.Dataset(samples.slice(0, a)),
         "valid": datasets.Dataset(samples.slice(a, b - a)),

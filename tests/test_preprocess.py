@@ -539,6 +539,7 @@ def test_too_few_samples_for_valid_and_test(tmp_path, capsys):
     write_raw(tmp_path, ratings, HAND_META)
     line = user_error(capsys, ["--category", "Toy", "--data_root_dir", str(tmp_path)])
     assert "leaves 3 samples, too few for the 80/10/10 split to give valid and test any" in line
+    assert line.endswith("— widen the window")  # not "or lower --K": K is 0
     assert sorted(os.listdir(tmp_path)) == ["Toy.csv.gz", "meta_Toy.jsonl.gz"]
 
 
