@@ -370,6 +370,9 @@ def read_ratings(path):
             raise UserError(f"{path} lacks a required column — the header must be "
                             f"{','.join(RATING_COLUMNS)}: delete the file and rerun to download "
                             f"it again") from e
+        if "Empty CSV file" in detail:
+            raise UserError(f"{path} is empty (no header, no ratings) — delete the file and rerun to download it "
+                            "again") from e
         raise UserError(f"{path} has a line with missing or malformed fields ({detail}) — delete "
                         f"the file and rerun to download it again") from e
     for name in RATING_COLUMNS:

@@ -564,6 +564,7 @@ def test_a_flag_of_the_wrong_type_is_one_line(tmp_path, capsys):
     ("user_id,parent_asin,rating,timestamp\nu,I1,5.0,1\n,I2,5.0,2\n", "line 3 has no user_id"),
     ("user_id,parent_asin,rating,timestamp\nu,I1,5.0,soon\n", "missing or malformed"),
     ("user_id,parent_asin,rating,timestamp\n", "Toy.csv.gz has a header but no ratings — delete the file"),
+    ("", "Toy.csv.gz is empty (no header, no ratings) — delete the file"),
 ])
 def test_bad_ratings_csv(tmp_path, capsys, csv, message):
     write_raw(tmp_path, [], [meta("I1", "Alpha")])
