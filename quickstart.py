@@ -17,9 +17,9 @@ import sys
 
 import torch
 
-from errors import UserError, one_line_parser_errors, run_cli
+from errors import UserError, folder_problem, one_line_parser_errors, run_cli
 from metrics import METRIC_NAMES
-from paths import DEFAULT_MODEL
+from paths import DEFAULT_MODEL, resolve_model
 from train import check_no_clash, earlier_run
 from trainer import EVAL_SPLITS
 
@@ -47,12 +47,18 @@ def parse_args(argv=None):
         raise UserError(f"--steps {args.steps}: must be at least 1 (the default is 12)")
     if args.eval_samples < 1:
         raise UserError(f"--eval_samples {args.eval_samples}: must be at least 1 (the default is 64)")
+    if not 0 <= args.seed < 2**32:
+        raise UserError(f"--seed {args.seed}: must be between 0 and 2**32 - 1")
     args.output_dir = os.path.expanduser(args.output_dir)  # as train.py will read it
     output_dir = os.path.join(ROOT, args.output_dir)
+    problem = folder_problem(output_dir)
+    if problem:
+        raise UserError(f"--output_dir {args.output_dir} {problem} — pass a folder you can write to")
     check_no_clash(output_dir, args.output_dir)
     if os.path.realpath(output_dir) != os.path.realpath(os.path.join(ROOT, OUTPUT_DIR)) and earlier_run(output_dir):
         raise UserError(f"--output_dir {args.output_dir} holds an earlier run, which the quick start would "
                         f"overwrite — pick a new folder, or delete that one (only {OUTPUT_DIR} is overwritten freely)")
+    resolve_model(args.model)  # a placeholder or unknown name fails before preprocess.py runs
     return args
 
 

@@ -1,11 +1,14 @@
 """The quick-start pipeline (preprocess → train → before/after table → one example) at a tiny size."""
 import os
+import re
 import subprocess
 import sys
 
 import pytest
 import torch
 
+import quickstart
+from errors import UserError
 from tests.backbones import tiny_backbone
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -55,12 +58,23 @@ def test_a_cpu_without_bf16_instructions_is_told_apart(tmp_path, monkeypatch):
     (["--eval_samples", "0"], "--eval_samples 0: must be at least 1"),
 ])
 def test_bad_flags_give_one_line_before_anything_runs(tmp_path, flags, message):
-    result = subprocess.run([sys.executable, "quickstart.py", *flags, "--output_dir", str(tmp_path / "quick")],
+    result = subprocess.run([sys.executable, "quickstart.py", "--output_dir", str(tmp_path / "quick"), *flags],
                             cwd=ROOT, capture_output=True, text=True)
     assert result.returncode == 2 and result.stdout == ""  # no preprocess/train command started
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], lines
     assert not (tmp_path / "quick").exists()
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--seed", "-1"], "--seed -1: must be between 0 and 2**32 - 1"),
+    (["--model", "gemma"], "model 'Gemma-2-2b-it' points to '/path/to/your/gemma-2-2b-it', which is a placeholder"),
+    (["--output_dir", "README.md"], "--output_dir README.md is a file — pass a folder you can write to"),
+])
+def test_flags_train_py_would_refuse_are_refused_before_preprocessing(tmp_path, flags, message):
+    """parse_args runs before preprocess.py, which rewrites data/sample's dataset."""
+    with pytest.raises(UserError, match=re.escape(message)):
+        quickstart.parse_args(["--output_dir", str(tmp_path / "quick"), *flags])
 
 
 @pytest.mark.parametrize("given", ["{tmp}/my_run", "~/my_run"])  # ~ as train.py reads it: the same folder
