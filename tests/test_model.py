@@ -2,6 +2,7 @@
 scoring, masking, the item table, and the embedded SmolLM2 backbone."""
 import json
 import os
+import re
 import shutil
 
 import pytest
@@ -292,7 +293,7 @@ def test_a_backbone_without_a_chat_template_is_named(tmp_path):
         load_backbone(str(folder))
 
 
-def test_missing_or_truncated_weights_fail_in_one_line(tmp_path):
+def test_missing_or_truncated_weights_fail_in_one_line(tmp_path, monkeypatch):
     folder = tmp_path / "no_weights"
     shutil.copytree(tiny_backbone("llama"), folder)
     weights = folder / "model.safetensors"
@@ -302,6 +303,9 @@ def test_missing_or_truncated_weights_fail_in_one_line(tmp_path):
         load_backbone(str(folder), dtype=torch.float32)
     weights.unlink()
     with pytest.raises(UserError, match=r"cannot load model .*complete model folder"):
+        load_backbone(str(folder), dtype=torch.float32)
+    monkeypatch.setenv("R2EC_CACHE_DIR", str(tmp_path))  # a converted copy, as the embedded default's
+    with pytest.raises(UserError, match=re.escape(f"— delete {folder} (a converted copy): the next run converts it")):
         load_backbone(str(folder), dtype=torch.float32)
 
 
