@@ -113,7 +113,7 @@ def main(argv: list[str]) -> str:
     args = parser.parse_args(argv)
     state_file = latest_trainer_state(args.output_dir)
     path = args.output or os.path.join(args.output_dir, "training_curves.png")
-    check_output(path, "--output" if args.output else "the image (the default --output)")
+    check_output(path, "--output" if args.output else "the default --output")
     log_history = read_log_history(state_file)
     plot_training_curves(log_history, path)
     print(f"{path}  ({len(log_history)} log entries from {state_file})")

@@ -23,7 +23,7 @@ from tqdm.auto import tqdm
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
 from errors import UserError, one_line
-from paths import cache_dir, resolve_model
+from paths import embedded_folder, resolve_model
 from prompts import ANSWER, MAX_ITEM_TOKENS, item_prompt_tokens, left_pad
 
 TAU = 0.02  # = τ, the temperature of the cosine score
@@ -50,8 +50,8 @@ def load_backbone(name_or_path: str, dtype: torch.dtype | None = torch.bfloat16)
 def load_failure(name_or_path: str, path: str, error: Exception) -> UserError:
     """The one-line error of a model that would not load; a path that is no folder was a hub id."""
     fix = "point paths.py or --model at a complete model folder"
-    if os.path.realpath(path).startswith(os.path.realpath(cache_dir()) + os.sep):
-        fix = f"delete {path} (a converted copy): the next run converts it again"
+    if os.path.realpath(path) == os.path.realpath(embedded_folder()):
+        fix = f"delete {path} (the converted default backbone): the next run converts it again"
     elif not os.path.isdir(path):
         fix = f"{path!r} is no local folder, so it was read as a hub id: check the id and the connection, or {fix}"
     return UserError(f"cannot load model {name_or_path!r} from {path!r}: {one_line(error)} — {fix}")
@@ -262,7 +262,8 @@ class ItemTable:
     Items are tokenised once, at construction. `encode` gives items' h with the current weights
     and `update` writes rows: every row before training and at every evaluation (the trainer
     splits that work between processes), and the rows a training step re-encoded with
-    gradient. `batch` gives the sequences to encode.
+    gradient. A resume may set `embeddings` from its checkpoint instead of the first encoding
+    (RecPOTrainer.restore_item_table). `batch` gives the sequences to encode.
     """
 
     def __init__(self, item_info, tokenizer, category: str, batch_size: int = ITEM_BATCH_SIZE,

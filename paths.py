@@ -179,7 +179,7 @@ def resolve_model(name: str) -> str:
     name = os.path.expanduser(name)  # a quoted or --model=~/... path reaches us unexpanded
     key = aliases.get(name, name)
     if key in model_names:
-        if not isinstance(model_names[key], str):
+        if not isinstance(model_names[key], (str, os.PathLike)):
             raise UserError(f"model {key!r} is set to {model_names[key]!r} in paths.py — edit paths.py so that "
                             f"model_names[{key!r}] is the path of your local {key} folder, as a string")
         path = os.path.expanduser(model_names[key])

@@ -240,8 +240,9 @@ class RecPOConfig(TrainingArguments):
         from transformers.integrations import get_available_reporting_integrations
         from transformers.integrations.integration_utils import INTEGRATION_TO_CALLBACK
 
-        unknown = sorted(set(self.report_to) - set(INTEGRATION_TO_CALLBACK) - {"none", "all"})
-        unavailable = sorted(set(self.report_to) - set(get_available_reporting_integrations()) - {"none", "all"})
+        alone = {"none", "all"} if len(self.report_to) == 1 else set()  # words Trainer takes only on their own
+        unknown = sorted(set(self.report_to) - set(INTEGRATION_TO_CALLBACK) - alone)
+        unavailable = sorted(set(self.report_to) - set(get_available_reporting_integrations()) - alone)
         checks = [
             (not unknown, f"--report_to {','.join(unknown)}: no such integration — choose from "
                           f"{', '.join(sorted(INTEGRATION_TO_CALLBACK))}, or none"),
@@ -556,8 +557,8 @@ class RecPOTrainer(Trainer):
         self._resume_from: str | None = None
         self._buffer: RecPOBatch | None = None
         # Each process samples with noise of its own (the model is built, identical on all, by now);
-        # a resume restores every process's RNG state from its checkpoint file.
-        set_seed(args.seed, device_specific=True)
+        # checkpoints keep every process's RNG state.
+        set_seed((args.seed + self.accelerator.process_index) % 2**32)
 
     # -- data order ----------------------------------------------------------------------------
 
@@ -612,7 +613,7 @@ class RecPOTrainer(Trainer):
         except Exception as e:
             raise UserError(f"{path} cannot be read ({one_line(e)}) — delete it (the items are then encoded "
                             "afresh, as at an evaluation) or resume from the checkpoint before") from e
-        expected = (len(self.item_table), self.accelerator.unwrap_model(model).config.hidden_size)
+        expected = (len(self.item_table), self.accelerator.unwrap_model(model).config.get_text_config().hidden_size)
         if not isinstance(embeddings, torch.Tensor) or tuple(embeddings.shape) != expected:
             raise UserError(f"{path} is not an item table of {expected[0]} items × {expected[1]} — it belongs to "
                             "another dataset or backbone: delete it or resume from another checkpoint")

@@ -86,7 +86,7 @@ def test_a_dataset_folder_is_named_as_one(tmp_path, capsys):
 def test_the_default_image_path_is_named_as_such(run_folder, capsys):
     (run_folder / "training_curves.png").mkdir()
     error = run_curves_error(capsys, str(run_folder))
-    assert f"the image (the default --output) {str(run_folder / 'training_curves.png')!r} is a folder" in error
+    assert f"the default --output {str(run_folder / 'training_curves.png')!r} is a folder" in error
 
 
 def run_curves_error(capsys, *argv) -> str:

@@ -304,9 +304,10 @@ def test_missing_or_truncated_weights_fail_in_one_line(tmp_path, monkeypatch):
     weights.unlink()
     with pytest.raises(UserError, match=r"cannot load model .*complete model folder"):
         load_backbone(str(folder), dtype=torch.float32)
-    monkeypatch.setenv("R2EC_CACHE_DIR", str(tmp_path))  # a converted copy, as the embedded default's
-    with pytest.raises(UserError, match=re.escape(f"— delete {folder} (a converted copy): the next run converts it")):
-        load_backbone(str(folder), dtype=torch.float32)
+    monkeypatch.setenv("R2EC_CACHE_DIR", str(tmp_path))
+    converted = folder.rename(tmp_path / DEFAULT_MODEL)  # as if the embedded default's conversion were cut short
+    with pytest.raises(UserError, match=re.escape(f"— delete {converted} (the converted default backbone): the next")):
+        load_backbone(str(converted), dtype=torch.float32)
 
 
 def test_lora_targets_missing_from_the_backbone_are_named(backbone):
