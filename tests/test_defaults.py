@@ -136,28 +136,27 @@ def test_launcher_stops_bad_input_with_one_line_before_starting_processes(variab
     assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0]
 
 
-@pytest.mark.skipif(torch.cuda.is_available(), reason="the machine has a GPU")
-def test_launcher_refuses_several_processes_without_a_gpu(tmp_path):
+def launch_on_tiny_dataset(tmp_path, **variables) -> subprocess.CompletedProcess:
+    """launch_train.sh on the 8-train-sample tiny dataset, run folder tmp_path/run."""
     from tests.tiny_data import tiny_dataset
 
     folder = tmp_path / "Musical_Instruments_0_2022-10-2023-10"
     tiny_dataset().save_to_disk(str(folder))
     env = {**os.environ, "PYTHON": sys.executable, "OMP_NUM_THREADS": "1", "DATASET_DIR": str(folder),
-           "TRAIN_BATCH_SIZE": "1", "NUM_PROCESSES": "2", "RUN_NAME": str(tmp_path / "run")}
-    result = subprocess.run(["bash", os.path.join(ROOT, "launch_train.sh")], env=env, capture_output=True, text=True)
+           "RUN_NAME": str(tmp_path / "run"), **variables}
+    return subprocess.run(["bash", os.path.join(ROOT, "launch_train.sh")], env=env, capture_output=True, text=True)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the machine has a GPU")
+def test_launcher_refuses_several_processes_without_a_gpu(tmp_path):
+    result = launch_on_tiny_dataset(tmp_path, TRAIN_BATCH_SIZE="1", NUM_PROCESSES="2")
     assert result.returncode == 2 and not (tmp_path / "run").exists()
     assert result.stderr.strip().splitlines()[-1].startswith("error: NUM_PROCESSES=2 but no GPU visible")
 
 
 def test_launcher_checks_the_train_split_against_every_process_batch(tmp_path):
     """8 train samples hold one batch of 3 users on one process, not on three."""
-    from tests.tiny_data import tiny_dataset
-
-    folder = tmp_path / "Musical_Instruments_0_2022-10-2023-10"
-    tiny_dataset().save_to_disk(str(folder))
-    env = {**os.environ, "PYTHON": sys.executable, "OMP_NUM_THREADS": "1", "DATASET_DIR": str(folder),
-           "TRAIN_BATCH_SIZE": "3", "NUM_PROCESSES": "3", "RUN_NAME": str(tmp_path / "run")}
-    result = subprocess.run(["bash", os.path.join(ROOT, "launch_train.sh")], env=env, capture_output=True, text=True)
+    result = launch_on_tiny_dataset(tmp_path, TRAIN_BATCH_SIZE="3", NUM_PROCESSES="3")
     assert result.returncode == 2
     assert result.stderr.strip().splitlines() == [
         "error: the train split has 8 samples, fewer than one batch of 9 (--train_batch_size × processes) — "
