@@ -20,7 +20,7 @@ import torch
 from errors import UserError, folder_problem, one_line_parser_errors, run_cli
 from metrics import METRIC_NAMES
 from paths import DEFAULT_MODEL, resolve_model
-from train import check_no_clash, earlier_run
+from train import check_no_clash, earlier_run, parse_config
 from trainer import EVAL_SPLITS
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
@@ -47,8 +47,7 @@ def parse_args(argv=None):
         raise UserError(f"--steps {args.steps}: must be at least 1 (the default is 12)")
     if args.eval_samples < 1:
         raise UserError(f"--eval_samples {args.eval_samples}: must be at least 1 (the default is 64)")
-    if not 0 <= args.seed < 2**32:
-        raise UserError(f"--seed {args.seed}: must be between 0 and 2**32 - 1")
+    parse_config(train_flags(args, bf16=not args.float32))  # train.py's flag checks, before preprocess.py runs
     args.output_dir = os.path.expanduser(args.output_dir)  # as train.py will read it
     output_dir = os.path.join(ROOT, args.output_dir)
     problem = folder_problem(output_dir)
