@@ -297,14 +297,13 @@ def check_gpus_per_machine(processes: int, cpu_fallback: bool = False):
     """Each of a machine's processes needs a GPU of its own (NCCL refuses to share one). Several
     processes with no GPU at all is a CUDA setup gone wrong, unless --use_cpu says the CPU is meant
     (`cpu_fallback`: no GPU and no --use_cpu)."""
+    visible = f"CUDA_VISIBLE_DEVICES={os.environ.get('CUDA_VISIBLE_DEVICES', 'unset')}"
     if cpu_fallback and processes > 1:
-        raise UserError(f"NUM_PROCESSES={processes} but no GPU visible (CUDA_VISIBLE_DEVICES="
-                        f"{os.environ.get('CUDA_VISIBLE_DEVICES', 'unset')}) — check CUDA_VISIBLE_DEVICES and the "
-                        "CUDA install, or pass --use_cpu True to train on the CPU")
+        raise UserError(f"NUM_PROCESSES={processes} but no GPU visible ({visible}) — check CUDA_VISIBLE_DEVICES and "
+                        "the CUDA install, or pass --use_cpu True to train on the CPU")
     if torch.cuda.is_available() and processes > torch.cuda.device_count():
-        raise UserError(f"NUM_PROCESSES={processes} but {torch.cuda.device_count()} GPU(s) visible "
-                        f"(CUDA_VISIBLE_DEVICES={os.environ.get('CUDA_VISIBLE_DEVICES', 'unset')}) — start at most one "
-                        "process per GPU")
+        raise UserError(f"NUM_PROCESSES={processes} but {torch.cuda.device_count()} GPU(s) visible ({visible}) — "
+                        "start at most one process per GPU")
 
 
 def check_backbone(config: RecPOConfig):
