@@ -6,11 +6,13 @@ Every command-line entry point (`preprocess.py`, `train.py`, `recommend.py`, ...
 checked before the work that produces them; files are written with `write_atomically` (or
 `write_json` / `write_jsonl`, which use it), folders under a temporary name renamed into place
 (the dataset: `preprocess.save_atomically`; the converted quick-start model: `paths.build_once`).
+Importing this module also makes a mistake in an edit of `paths.py` one line (`report_paths_edit_errors`).
 """
 import json
 import os
 import signal
 import sys
+import traceback
 
 
 class UserError(Exception):
@@ -136,3 +138,34 @@ def one_line_parser_errors(parser, help_command: str):
 
     parser.error = error
     return parser
+
+
+def paths_edit_error(error: BaseException) -> str | None:
+    """The one-line message for an exception raised by the code of `paths.py` itself, the file
+    users edit (a missing quote or comma, an unquoted path); None for any other exception."""
+    if isinstance(error, SyntaxError):
+        filename, line = error.filename, error.lineno
+    else:
+        frames = traceback.extract_tb(error.__traceback__)
+        at_top_level = frames and frames[-1].name == "<module>"  # not a function of paths.py failing
+        filename, line = (frames[-1].filename, frames[-1].lineno) if at_top_level else (None, None)
+    if os.path.basename(filename or "") != "paths.py":
+        return None
+    message = error.msg if isinstance(error, SyntaxError) else f"{type(error).__name__}: {one_line(error)}"
+    return f"{filename} line {line}: {message} — fix that line of paths.py (paths are quoted strings)"
+
+
+def report_paths_edit_errors(kind, error, trace):
+    """`sys.excepthook`: a mistake in paths.py ends the command with one line and exit code 2;
+    every other uncaught exception is shown as Python shows it."""
+    message = paths_edit_error(error)
+    if message is None:
+        sys.__excepthook__(kind, error, trace)
+        return
+    print(f"error: {message}", file=sys.stderr)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(2)  # an excepthook cannot set the exit code otherwise
+
+
+sys.excepthook = report_paths_edit_errors  # every command imports this module before paths.py

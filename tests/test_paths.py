@@ -2,6 +2,7 @@
 import errno
 import os
 import re
+import shutil
 import stat
 import subprocess
 import sys
@@ -246,3 +247,35 @@ def test_read_only_cache_dir_for_real(tmp_path, monkeypatch, capsys):
     finally:
         tmp_path.chmod(0o755)
     assert os.listdir(tmp_path) == []
+
+
+@pytest.mark.parametrize("entry_point", ["train.py", "recommend.py", "quickstart.py"])
+@pytest.mark.parametrize("edit, problem", [
+    ('"Gemma-2-2b-it": "/data/gemma-2-2b-it,', "unterminated string literal"),  # a missing quote
+    ('"Gemma-2-2b-it": data_root + "/gemma-2-2b-it",', "NameError: name 'data_root' is not defined"),
+])
+def test_a_broken_edit_of_paths_py_is_one_line(tmp_path, entry_point, edit, problem):
+    """Every command names the line of paths.py to fix, not Python's traceback through its imports."""
+    repo = os.path.dirname(paths.__file__)
+    for name in os.listdir(repo):
+        if name.endswith(".py"):
+            shutil.copy(os.path.join(repo, name), tmp_path / name)
+    source = (tmp_path / "paths.py").read_text()
+    placeholder = '"Gemma-2-2b-it": "/path/to/your/gemma-2-2b-it",'
+    (tmp_path / "paths.py").write_text(source.replace(placeholder, edit))
+    line = source[:source.index(placeholder)].count("\n") + 1
+    run = subprocess.run([sys.executable, entry_point, "--help"], capture_output=True, text=True, cwd=tmp_path)
+    assert run.returncode == 2 and run.stdout == "" and run.stderr.count("\n") == 1
+    assert run.stderr.startswith(f"error: {tmp_path / 'paths.py'} line {line}: {problem}")
+    assert run.stderr.rstrip().endswith("fix that line of paths.py (paths are quoted strings)")
+
+
+def test_a_failure_inside_a_paths_py_function_is_not_called_an_edit():
+    """Only the module's own top-level code is the user's edit; a function of it failing is not."""
+    from errors import paths_edit_error
+
+    try:
+        paths.resolve_model(42)  # a bug in the caller, raised inside paths.py
+    except TypeError as error:
+        assert paths_edit_error(error) is None
+    assert paths_edit_error(ValueError("elsewhere")) is None
