@@ -606,19 +606,30 @@ class RecPOTrainer(Trainer):
         """The table a run starts training from: the resumed checkpoint's when it holds one (saved
         between evaluations, with rows written by the steps since), else every item encoded afresh."""
         path = os.path.join(self._resume_from, ITEM_TABLE_FILE) if self._resume_from else ""
-        if not self._every_process_ok(os.path.isfile(path)):  # all load it, or all encode together
+        saved = self.read_item_table(path, model) if os.path.isfile(path) else None
+        if not self._every_process_ok(saved is not None):  # all load it, or all encode together
             return self.refresh_item_table(model)
+        self.item_table.embeddings = saved.to(self.args.device, torch.float32)
+        self._table_encoded, self._table_rows_written = True, True
+
+    def save_item_table(self, folder: str):
+        torch.save({"embeddings": self.item_table.embeddings.cpu(), "max_item_tokens": self.args.max_item_tokens},
+                   os.path.join(folder, ITEM_TABLE_FILE))
+
+    def read_item_table(self, path: str, model) -> torch.Tensor | None:
+        """The item embeddings `save_item_table` wrote; None when they were encoded under another
+        --max_item_tokens (the resume changed it: every item is encoded afresh under the new one)."""
         try:
-            embeddings = torch.load(path, map_location="cpu", weights_only=True)
+            saved = torch.load(path, map_location="cpu", weights_only=True)
         except Exception as e:
             raise UserError(f"{path} cannot be read ({one_line(e)}) — delete it (the items are then encoded "
                             "afresh, as at an evaluation) or resume from the checkpoint before") from e
+        embeddings = saved.get("embeddings") if isinstance(saved, dict) else None
         expected = (len(self.item_table), self.accelerator.unwrap_model(model).config.get_text_config().hidden_size)
         if not isinstance(embeddings, torch.Tensor) or tuple(embeddings.shape) != expected:
             raise UserError(f"{path} is not an item table of {expected[0]} items × {expected[1]} — it belongs to "
                             "another dataset or backbone: delete it or resume from another checkpoint")
-        self.item_table.embeddings = embeddings.to(self.args.device, torch.float32)
-        self._table_encoded, self._table_rows_written = True, True
+        return embeddings if saved.get("max_item_tokens") == self.args.max_item_tokens else None
 
     def rollout(self, model, samples: list[dict], sampling: SamplingConfig, num_samples: int) -> Rollouts:
         """SPEC §4.1: `num_samples` reasonings per sample, all B·G generated together."""
@@ -837,7 +848,7 @@ class RecPOTrainer(Trainer):
         super()._save_checkpoint(model, trial)
         if self._table_rows_written and self.args.should_save:
             folder = os.path.join(self._get_output_dir(trial), f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}")
-            torch.save(self.item_table.embeddings.cpu(), os.path.join(folder, ITEM_TABLE_FILE))
+            self.save_item_table(folder)
 
     def _load_callback_state(self):
         """On a resume, early stopping keeps its count of evaluations without a gain but takes this

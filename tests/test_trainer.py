@@ -669,19 +669,28 @@ def test_a_resume_takes_the_checkpoint_s_item_table_and_names_a_bad_one(tmp_path
     trainer._resume_from = str(checkpoint)
     items, width = len(trainer.item_table), trainer.model.config.hidden_size
     saved = torch.randn(items, width)
-    torch.save(saved, checkpoint / "item_table.pt")
+    trainer.item_table.embeddings = saved
+    trainer.save_item_table(str(checkpoint))
+    trainer.item_table.embeddings = torch.zeros(items, width)
     trainer.restore_item_table(trainer.model)
     assert torch.equal(trainer.item_table.embeddings, saved)  # taken as saved, not encoded afresh
     (checkpoint / "item_table.pt").write_bytes(b"garbage")
     with pytest.raises(UserError, match=re.escape("item_table.pt cannot be read (")) as caught:
         trainer.restore_item_table(trainer.model)
     assert "\n" not in str(caught.value)
-    torch.save(torch.randn(items - 1, width), checkpoint / "item_table.pt")  # another dataset's
+    another_dataset = {"embeddings": torch.randn(items - 1, width), "max_item_tokens": trainer.args.max_item_tokens}
+    torch.save(another_dataset, checkpoint / "item_table.pt")
     with pytest.raises(UserError, match=re.escape(f"is not an item table of {items} items × {width} —")):
         trainer.restore_item_table(trainer.model)
-    (checkpoint / "item_table.pt").unlink()  # a checkpoint saved at an evaluation: every item encoded afresh
-    trainer.restore_item_table(trainer.model)
     fresh = trainer.item_table.encode(trainer.model, list(range(items)))
+    # Encoded under another --max_item_tokens (the resume changed it), or saved at an evaluation
+    # (no file): every item encoded afresh
+    torch.save({"embeddings": saved, "max_item_tokens": trainer.args.max_item_tokens + 1}, checkpoint / "item_table.pt")
+    trainer.restore_item_table(trainer.model)
+    torch.testing.assert_close(trainer.item_table.embeddings, fresh)
+    (checkpoint / "item_table.pt").unlink()
+    trainer.item_table.embeddings = torch.zeros(items, width)
+    trainer.restore_item_table(trainer.model)
     torch.testing.assert_close(trainer.item_table.embeddings, fresh)
 
 
