@@ -229,6 +229,9 @@ class RecPOConfig(TrainingArguments):
         if self.gradient_checkpointing_kwargs is None:
             # Re-entrant checkpointing breaks DDP when the same weights run twice before one backward.
             self.gradient_checkpointing_kwargs = {"use_reentrant": False}
+        if not self.use_cpu and not torch.cuda.is_available():  # train.py sets it when the flag is not given
+            raise UserError("--use_cpu False, but no GPU is visible — check CUDA_VISIBLE_DEVICES and the CUDA install, "
+                            "or drop --use_cpu False to train on the CPU")
         try:
             super().__post_init__()
         except (ValueError, ImportError) as e:  # e.g. an unknown --eval_strategy, a missing --deepspeed file
