@@ -81,6 +81,33 @@ def test_launcher_passes_the_released_settings(tmp_path):
     assert deepspeed["bf16"]["enabled"] == "auto" and deepspeed["gradient_clipping"] == "auto"  # from bf16, 1.0
 
 
+def readme_launcher_table() -> list[tuple[list[str], list[str], list[str]]]:
+    """README's table of launch_train.sh variables: (variables, train.py flags, defaults) per row."""
+    with open(os.path.join(ROOT, "README.md")) as f:
+        text = f.read()
+    table = text[text.index("| variable | train.py flag | default | meaning |"):].split("\n\n")[0].splitlines()[2:]
+    cells = [row.strip("|").split(" | ") for row in table]
+    return [tuple([part.strip(" `") for part in cell.split(", ")] for cell in row[:3]) for row in cells]
+
+
+def test_readme_names_each_launcher_variable_s_flag_and_default():
+    """Set every variable to a value of its own: each reaches the flag README names; README's
+    defaults are the script's."""
+    rows = readme_launcher_table()
+    flag_of = {variable: flag for variables, flags, _ in rows for variable, flag in zip(variables, flags) if flag != "–"}
+    assert len(flag_of) == 15 and flag_of["RELABEL_TOPK"] == "--trainer_relabel_topk"
+    env = {k: v for k, v in os.environ.items() if k != "CUDA_VISIBLE_DEVICES"}
+    result = subprocess.run(["bash", os.path.join(ROOT, "launch_train.sh")], capture_output=True, text=True, check=True,
+                            env={**env, "PYTHON": "echo", **{variable: f"set_{variable}" for variable in flag_of}})
+    words = result.stdout.split()
+    assert {flag: words[words.index(flag) + 1] for flag in flag_of.values()} == {
+        flag: f"set_{variable}" for variable, flag in flag_of.items()}
+    with open(os.path.join(ROOT, "launch_train.sh")) as f:
+        script = dict(re.findall(r"^(\w+)=\$\{\1:-(.*?)\}(?:\s+#.*)?$", f.read(), re.MULTILINE))
+    readme = {variable: default for variables, _, defaults in rows for variable, default in zip(variables, defaults)}
+    assert readme == {variable: default.replace('"', "") for variable, default in script.items()}
+
+
 def test_launcher_names_the_run_after_the_models_last_path_part():
     result = subprocess.run(["bash", os.path.join(ROOT, "launch_train.sh")], env={
         **os.environ, "PYTHON": "echo", "MODEL": "/data/models/Llama-3.2-3B-Instruct"},
@@ -181,6 +208,16 @@ def test_several_processes_without_a_gpu_are_refused_unless_the_cpu_is_meant(mon
                                                   "— check CUDA_VISIBLE_DEVICES and the CUDA install, or pass "
                                                   "--use_cpu True")):
         train.check_gpus_per_machine(3, cpu_fallback=True)
+
+
+def test_use_cpu_false_without_a_gpu_is_refused(monkeypatch):
+    """The user asked for a GPU: not training on the CPU instead, silently (nor with a warning)."""
+    monkeypatch.setattr(train.torch.cuda, "is_available", lambda: False)
+    assert train.parse_config([]).use_cpu is True and train.parse_config(["--use_cpu", "True"]).use_cpu is True
+    for flags in (["--use_cpu", "False"], ["--use_cpu=false", "--bf16", "False"]):  # float32: transformers accepts it
+        with pytest.raises(UserError, match=re.escape("--use_cpu False, but no GPU is visible — check "
+                                                      "CUDA_VISIBLE_DEVICES and the CUDA install")):
+            train.parse_config(flags)
 
 
 def test_negative_flags_say_what_they_do(capsys):
