@@ -275,7 +275,7 @@ class RecordInCheckpoints(TrainerCallback):
         self.record = record
 
     def on_save(self, args, state, control, **kwargs):
-        if state.is_world_process_zero:
+        if args.should_save:  # process 0, or each node's first with --save_on_each_node
             write_json(os.path.join(args.output_dir, f"checkpoint-{state.global_step}", RUN_RECORD), self.record)
 
 

@@ -17,6 +17,7 @@ import contextlib
 import math
 import os
 import time
+import uuid
 import warnings
 from collections import defaultdict
 from dataclasses import dataclass, field, fields
@@ -46,6 +47,7 @@ ADVANTAGE_TYPES = ("gaussian", "rloo")
 EVAL_SPLITS = ("valid", "test")
 SELECTION_METRICS = [f"eval_valid_{name}" for name in METRIC_NAMES]  # test is held out; longer is not better
 ITEM_TABLE_FILE = "item_table.pt"  # in a checkpoint saved between evaluations: the table a resume starts from
+SHARED_FOLDER_MARKER = ".r2ec_shared_check"  # written by process 0 for a moment, read by all
 EVAL_TOP_ITEMS = 10  # top_k of each saved evaluation record: recommended items (id, title, score)
 
 
@@ -838,12 +840,40 @@ class RecPOTrainer(Trainer):
     # -- Trainer hooks -------------------------------------------------------------------------
 
     def train(self, resume_from_checkpoint: str | bool | None = None, **kwargs):
-        """Trainer.train, noting the checkpoint a resume starts from (see `restore_item_table`)."""
+        """Trainer.train, once every process sees the run's folder, noting the checkpoint a resume
+        starts from (see `restore_item_table`)."""
+        self.check_output_dir_shared()
         if resume_from_checkpoint is True and os.path.isdir(self.args.output_dir):
             self._resume_from = get_last_checkpoint(self.args.output_dir)
         elif isinstance(resume_from_checkpoint, str):
             self._resume_from = resume_from_checkpoint
         return super().train(resume_from_checkpoint=resume_from_checkpoint, **kwargs)
+
+    def check_output_dir_shared(self):
+        """Every process reads what process 0 writes into --output_dir. Without --save_on_each_node
+        the checkpoints are written by process 0 alone, and every process loads the best one at the
+        end (and resumes from one): a multi-node run whose folder is on each node's own disk fails
+        here, not after training. Every process must call it."""
+        if self.accelerator.num_processes == 1 or self.args.save_on_each_node:
+            return
+        marker = os.path.join(self.args.output_dir, SHARED_FOLDER_MARKER)
+        if self.is_world_process_zero():
+            os.makedirs(self.args.output_dir, exist_ok=True)
+            with open(marker, "w") as f:
+                f.write(uuid.uuid4().hex)
+        self.accelerator.wait_for_everyone()
+        try:
+            with open(marker) as f:
+                seen = f.read()
+        except OSError:
+            seen = None
+        seen_by_all = gather_object([seen])  # also: every process has read it before it goes
+        if self.is_world_process_zero():
+            os.unlink(marker)
+        if len(set(seen_by_all)) > 1:
+            raise UserError(f"--output_dir {self.args.output_dir} is not one folder for all processes (on each node's "
+                            "own disk?), but process 0 alone writes the checkpoints that all load — put it on a file "
+                            "system every node shares, or pass --save_on_each_node True")
 
     def _save_checkpoint(self, model, trial):
         """Trainer's checkpoint, plus the item table when steps since the last evaluation wrote rows

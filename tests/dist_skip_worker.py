@@ -11,7 +11,6 @@ history, each process's skip warnings and a checksum of each process's LoRA weig
 import json
 import os
 import sys
-import tempfile
 import warnings
 
 import torch
@@ -26,7 +25,7 @@ from trainer import RecPOTrainer  # noqa: E402
 
 
 def main(out_path: str):
-    config = tiny_config(tempfile.mkdtemp(), max_new_tokens=8, lora_dropout=0.0, gradient_checkpointing=False,
+    config = tiny_config(os.path.join(os.path.dirname(os.path.abspath(out_path)), "run"), max_new_tokens=8, lora_dropout=0.0, gradient_checkpointing=False,
                          max_steps=2)
     model, tokenizer = tiny_lora_model()
     trainer = RecPOTrainer(model, config, tokenizer, tiny_dataset(), "Video_Games")

@@ -5,8 +5,8 @@
 
 Rank 0 writes the step's loss (averaged over processes, as the Trainer logs it), every LoRA
 gradient and its item table after the update, and how it averages metrics that only rank 1
-recorded, and the reasonings each process sampled for one same prompt, for the test to
-compare. tests/test_trainer.py also builds its
+recorded, the reasonings each process sampled for one same prompt, and what the check of a
+run folder shared by all processes says, for the test to compare. tests/test_trainer.py also builds its
 single-process gradient check from `tiny_lora_model` and `fixed_batch`.
 """
 import math
@@ -20,6 +20,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from accelerate.utils import gather, gather_object  # noqa: E402
 
+from errors import UserError  # noqa: E402
 from model import add_lora, enable_checkpointing, load_backbone, policy_forward  # noqa: E402
 from rollouts import Rollouts  # noqa: E402
 from tests.backbones import tiny_backbone  # noqa: E402
@@ -110,9 +111,20 @@ def main(out_path: str):
     grads = {name: p.grad.detach().clone() for name, p in model.named_parameters() if p.requires_grad}
     targets = gather(batch.targets)
     logged = trainer._average_over_processes({"shared": float(rank), **({"only_rank_1": 5.0} if rank == 1 else {})})
+    try:
+        trainer.check_output_dir_shared()  # each process its own mkdtemp() folder, as nodes without a shared disk
+        unshared = "passed"
+    except UserError as error:
+        unshared = str(error)
+    trainer.args.output_dir = os.path.join(os.path.dirname(os.path.abspath(out_path)), "run")  # one for all
+    os.makedirs(trainer.args.output_dir, exist_ok=True)
+    trainer.check_output_dir_shared()
+    left_in_shared = os.listdir(trainer.args.output_dir)
+    unshared = gather_object([unshared])
     if rank == 0:
         torch.save({"loss": loss, "grads": grads, "table": trainer.item_table.embeddings,
-                    "targets": targets, "logged": logged, "sampled": sampled}, out_path)
+                    "targets": targets, "logged": logged, "sampled": sampled,
+                    "unshared": unshared, "left_in_shared": left_in_shared}, out_path)
     trainer.accelerator.end_training()
 
 

@@ -301,6 +301,11 @@ def test_two_processes_equal_one_process_on_the_concatenated_batch(tmp_path):
     # Each process samples with noise of its own: the same prompt gets other reasonings on process 1.
     first, second = two["sampled"]
     assert len(first) == len(second) == 2 and first != second
+    # A run folder that is not one for all processes (each node's own disk) is refused on every process.
+    assert one["unshared"] == ["passed"]  # one process: nothing to share
+    assert [message.split(" is not")[1][:61] for message in two["unshared"]] == [
+        " one folder for all processes (on each node's own disk?), but"] * 2
+    assert two["left_in_shared"] == []  # a shared folder passes, and its marker is gone
 
 
 def test_a_process_out_of_memory_in_its_rollout_skips_the_step_on_every_process(tmp_path):
