@@ -150,8 +150,9 @@ class StopRule:
     allowed at position j of pattern p. The row's last token is then replaced by `last_ids[p]`
     (`>` for a sampled `>[`), so the reasoning ends exactly where the pattern's text does. A row
     that writes one of `end_ids` (its turn ends) gets `forced` from that token on, in place of
-    it; so does a row still going `len(forced)` tokens before max_new_tokens. Frozen and
-    hashable: it keys the rollout engine's captured decode graphs.
+    it; so does a row still going `len(forced)` tokens before max_new_tokens (only the rest of
+    `forced` when the row's last tokens begin it: `written_prefix`). Frozen and hashable: it
+    keys the rollout engine's captured decode graphs.
     """
 
     patterns: tuple[tuple[frozenset, ...], ...]
@@ -164,6 +165,20 @@ class StopRule:
         """Rows end on any of these token sequences; the first of the shortest is forced."""
         patterns = tuple(tuple(frozenset([t]) for t in s) for s in sequences)
         return cls(patterns, tuple(s[-1] for s in sequences), tuple(min(sequences, key=len)), frozenset(end_ids))
+
+    def forced_heads(self) -> tuple[frozenset, ...]:
+        """For each position of `forced` but its last, the tokens that count as writing it: the
+        sets of the pattern that `forced` spells (so '?<' counts as the `<` of `<answer>`)."""
+        spelled = next((p for p in self.patterns if len(p) == len(self.forced)
+                        and all(t in allowed for t, allowed in zip(self.forced, p))), None)
+        return tuple(spelled[j] if spelled else frozenset([t]) for j, t in enumerate(self.forced[:-1]))
+
+    def written_prefix(self, tokens: list[int]) -> int:
+        """How many first positions of `forced` (not all) `tokens` end with: a row stopped while
+        writing `<answer>` is given only the rest of it, not a second whole one (`<<answer>`)."""
+        heads = self.forced_heads()
+        return max([k for k in range(1, len(self.forced)) if len(tokens) >= k
+                    and all(t in allowed for t, allowed in zip(tokens[-k:], heads))], default=0)
 
     def match(self, tokens: list[int]) -> int | None:
         """`last_ids` of the first pattern that `tokens` end with, or None."""

@@ -231,7 +231,7 @@ class _DecodeState:
         # Stop test (StopRule): pattern p matches when allowed[p, j, window[j]] for every j of
         # the window of the last L tokens; shorter patterns are padded with all-True positions on
         # the left, and the extra column V stands for "no token yet".
-        L = max(map(len, stop.patterns))
+        L = max(len(stop.forced), *map(len, stop.patterns))  # the forced stop's first tokens are looked back at too
         allowed = torch.ones(len(stop.patterns), L, vocab_size + 1, dtype=torch.bool)
         for p, pattern in enumerate(stop.patterns):
             for j, ids in enumerate(pattern, L - len(pattern)):
@@ -245,6 +245,11 @@ class _DecodeState:
         self.is_end = torch.zeros(vocab_size, dtype=torch.bool, device=device)  # (V,) tokens that end a turn
         self.is_end[sorted(i for i in stop.end_ids if i < vocab_size)] = True
         self.force = torch.tensor(stop.forced, device=device)  # (F,)
+        heads = torch.zeros(len(stop.forced) - 1, vocab_size + 1, dtype=torch.bool)  # StopRule.forced_heads
+        for j, ids in enumerate(stop.forced_heads()):
+            heads[j, sorted(ids)] = True
+        self.force_heads = heads.to(device)  # (F - 1, V + 1)
+        self.head_index = torch.arange(len(heads), device=device)  # (F - 1,)
         self.force_from = T - len(self.force)  # first step at which unstopped rows are forced
         # each row's first forced step: force_from, or the step at which it wrote an end of turn
         self.force_start = torch.full((N,), self.force_from, dtype=torch.long, device=device)
@@ -408,13 +413,16 @@ def _choose(st: _DecodeState, logits: torch.Tensor):
     """Pick token `step` for every row, record it, run the stop test; all on the device.
 
     logits (N, V) float32. A row that samples an end of turn, or is still going at `force_from`,
-    gets the forced stop sequence from there on instead of samples; a token that completes a
+    gets the forced stop sequence from there on instead of samples (the rest of it, when its last
+    tokens already begin it: `_written_prefix`); a token that completes a
     stop pattern is replaced by the pattern's last id; stopped rows get padding, log-prob 0 and
     mask 0. `finished` marks the rows this token ends, whose h the next step's decoder output is.
     """
     token = _sample_tokens(logits, st.sampling)  # (N,)
     ends_turn = st.is_end[token] & ~st.done & (st.step < st.force_start)  # (N,)
     st.force_start.copy_(torch.where(ends_turn, st.step, st.force_start))
+    starts = (st.step == st.force_start) & ~st.done  # (N,) the row's first forced step
+    st.force_start.sub_(torch.where(starts, _written_prefix(st), 0))
     forced = (st.step >= st.force_start) & ~st.done  # (N,)
     force_index = (st.step - st.force_start).clamp(0, len(st.force) - 1)  # (N,)
     token = torch.where(forced, st.force[force_index], token)
@@ -435,6 +443,15 @@ def _choose(st: _DecodeState, logits: torch.Tensor):
     st.done |= hit
     st.tokens.copy_(token[:, None])
     st.step += 1
+
+
+def _written_prefix(st: _DecodeState) -> torch.Tensor:
+    """`StopRule.written_prefix` of every row's tokens before this step, on the device.  -> (N,)"""
+    written = torch.zeros_like(st.force_start)
+    for k in range(1, len(st.force)):
+        spelled = st.force_heads[st.head_index[:k], st.recent[:, -k:]].all(1)  # (N,) last k tokens
+        written = torch.where(spelled, k, written)
+    return written
 
 
 def _decode_step(model, st: _DecodeState):
@@ -564,8 +581,8 @@ def generate_rollouts(model, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor
 
     prompt_ids, prompt_mask (num_prompts, P) left-padded, on the model's device. A row stops
     when its generated tokens end with a pattern of `stop`; a row that ends its turn, or is
-    still going after `max_new_tokens - len(stop.forced)` tokens, gets `stop.forced`, so every
-    row ends with a stop within `max_new_tokens`. On a GPU the decode step is a replayed CUDA graph;
+    still going after `max_new_tokens - len(stop.forced)` tokens, gets `stop.forced` (its rest, when
+    the row's last tokens begin it), so every row ends with a stop within `max_new_tokens`. On a GPU the decode step is a replayed CUDA graph;
     the CPU runs the same steps eagerly. `compile_step=True` runs the decode step through `torch.compile`
     (fused kernels inside the graph; the first call of each shape pays the compilation).
     `user_states` holds each row's h at its last token, as `encode` (model.py) of prompt + reasoning
@@ -631,8 +648,8 @@ class _StopCriterion(StoppingCriteria):
 
 def _cut_or_force(tokens: list[int], stop: StopRule) -> list[int]:
     """Tokens up to the first completed stop pattern, its last token replaced as the rule says;
-    at an end of turn, or when none completes, the forced stop instead, one token at a time
-    until a pattern completes (as the engine does)."""
+    at an end of turn, or when none completes, the forced stop instead (its rest, when the last
+    tokens begin it), one token at a time until a pattern completes (as the engine does)."""
     out = []
     for token in tokens:
         if token in stop.end_ids:
@@ -641,7 +658,7 @@ def _cut_or_force(tokens: list[int], stop: StopRule) -> list[int]:
         last = stop.match(out)
         if last is not None:
             return out[:-1] + [last]
-    for token in stop.forced:
+    for token in stop.forced[stop.written_prefix(out):]:
         out.append(token)
         if stop.match(out) is not None:
             break

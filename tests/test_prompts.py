@@ -156,6 +156,22 @@ def test_answer_stop_ends_at_the_first_answer_marker(tokenizer, before, after):
     assert tokenizer.decode(list(stop.forced)) == ANSWER
 
 
+@pytest.mark.parametrize("before", ["", " ", "?", "\n"])
+def test_a_reasoning_cut_inside_the_marker_gets_only_its_rest(tokenizer, before):
+    """A reasoning whose budget ends after `<` (alone or merged with the text before it, as
+    '?<') or after the forced stop's first tokens is completed to one `<answer>`, not two."""
+    stop = answer_stop(tokenizer)
+    reasoning = "I pick a tuner" + before
+    cut = ids(tokenizer, reasoning + "<")
+    assert stop.written_prefix(cut) == 1
+    assert tokenizer.decode(cut + list(stop.forced[1:])) == reasoning + ANSWER
+    assert stop.written_prefix(ids(tokenizer, reasoning)) == 0
+    for k in range(len(stop.forced)):
+        tokens = ids(tokenizer, reasoning) + list(stop.forced[:k])
+        assert stop.written_prefix(tokens) == k
+        assert tokenizer.decode(tokens + list(stop.forced[k:])) == reasoning + ANSWER
+
+
 @pytest.mark.parametrize("text", ["I pick a tuner < answer>", "I pick <answer", "<answe r>", "the answer> is"])
 def test_answer_stop_ignores_text_without_the_marker(tokenizer, text):
     assert first_stop(answer_stop(tokenizer), ids(tokenizer, text)) is None

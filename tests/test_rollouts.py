@@ -218,6 +218,42 @@ def test_stop_rule_token_sets_replacement_and_end_of_turn(family):
     assert {"pattern", "end of turn"} <= {expected(r)[1] for r in rows}, "want both kinds of stop"
 
 
+@pytest.mark.parametrize("family", ["qwen2", "llama"])  # tiny gemma2's greedy text repeats one token
+def test_a_row_stopped_inside_the_forced_stop_gets_only_its_rest(family):
+    """A row whose last tokens already begin the forced stop (its first one or two positions,
+    each a set of tokens as in `answer_stop`) when its budget runs out or its turn ends gets the
+    rest of it: `<answer>`, not `<<answer>`. Greedy, engine against `generate`; expected rows
+    written out from the free greedy text."""
+    model = tiny_model(family)
+    ids, mask = prompts()
+    T, F = 24, 3
+    free = generate_rollouts_reference(model, ids, mask, 1, SamplingConfig(T + 3, greedy=True), NEVER, PAD)
+    rows = [row[:T - F] for row in free.completion_ids.tolist()]  # what each row writes before its forced stop
+    cut = next(i for i, t in enumerate(rows[2]) if i >= 2 and t not in rows[2][:i] + rows[0] + rows[1])
+    end = rows[2][cut]  # row 2's turn ends there, rows 0 and 1 run out of budget
+    unused = sorted(set(range(VOCAB)) - {t for row in rows for t in row})
+    forced = unused[:F]
+    first = {forced[0], rows[0][-1], rows[1][-2], rows[2][cut - 1]}  # row 0, 2: one written; row 1: two
+    second = {forced[1], rows[1][-1]}
+    stop = StopRule(patterns=((frozenset(first), frozenset(second), frozenset(forced[2:])),),
+                    last_ids=(forced[2],), forced=tuple(forced), end_ids=frozenset({end}))
+
+    def written(tokens):  # how many first positions of the forced stop the tokens end with
+        return max([k for k, heads in ((1, [first]), (2, [first, second])) if [t in h for t, h in
+                    zip(tokens[-k:], heads)] == [True] * k], default=0)
+
+    before_forced = [row[:row.index(end)] if end in row else row for row in rows]
+    assert [written(row) for row in before_forced[:3]] == [1, 2, 1]
+    expected = [row + forced[written(row):] for row in before_forced]
+    sampling = SamplingConfig(max_new_tokens=T, greedy=True)
+    ours = generate_rollouts(model, ids, mask, 1, sampling, stop, PAD)
+    assert_same_rollouts(ours, generate_rollouts_reference(model, ids, mask, 1, sampling, stop, PAD))
+    assert_user_states_are_encode(model, ours)
+    lengths = ours.completion_mask.sum(1).tolist()
+    assert [ours.completion_ids[i, :n].tolist() for i, n in enumerate(lengths)] == expected
+    assert expected[:3] == [rows[0] + forced[1:], rows[1] + forced[2:], rows[2][:cut] + forced[1:]]
+
+
 @pytest.mark.parametrize("temperature,top_k,top_p", [(1.0, 0, 1.0), (1.5, 5, 1.0), (0.7, 0, 0.8), (1.0, 8, 0.9)])
 def test_sampling_follows_the_filtered_distribution(temperature, top_k, top_p):
     """First token of 8000 samples of one prompt against generate's warpers, chi-square."""
