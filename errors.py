@@ -157,10 +157,10 @@ def paths_edit_error(error: BaseException) -> str | None:
 
 def report_paths_edit_errors(kind, error, trace):
     """`sys.excepthook`: a mistake in paths.py ends the command with one line and exit code 2;
-    every other uncaught exception is shown as Python shows it."""
+    every other uncaught exception is shown as it was before (by Python, or an earlier hook)."""
     message = paths_edit_error(error)
     if message is None:
-        sys.__excepthook__(kind, error, trace)
+        shown_as_before(kind, error, trace)
         return
     print(f"error: {message}", file=sys.stderr)
     sys.stdout.flush()
@@ -168,4 +168,5 @@ def report_paths_edit_errors(kind, error, trace):
     os._exit(2)  # an excepthook cannot set the exit code otherwise
 
 
+shown_as_before = sys.excepthook  # Python's, or a hook a library installed before
 sys.excepthook = report_paths_edit_errors  # every command imports this module before paths.py
