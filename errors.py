@@ -141,18 +141,27 @@ def one_line_parser_errors(parser, help_command: str):
 
 
 def paths_edit_error(error: BaseException) -> str | None:
-    """The one-line message for an exception raised by the code of `paths.py` itself, the file
-    users edit (a missing quote or comma, an unquoted path); None for any other exception."""
+    """The one-line message for an exception raised by the code of this project's `paths.py`
+    itself, the file users edit (a missing quote or comma, an unquoted path); None for any other
+    exception, also one raised inside a function of paths.py that a command called."""
+    if not isinstance(error, Exception):  # Ctrl-C while it was being imported, say
+        return None
     if isinstance(error, SyntaxError):
         filename, line = error.filename, error.lineno
-    else:
-        frames = traceback.extract_tb(error.__traceback__)
-        at_top_level = frames and frames[-1].name == "<module>"  # not a function of paths.py failing
+    else:  # its deepest frame in paths.py: the top level, or a comprehension of it (Python 3.11)
+        frames = [f for f in traceback.extract_tb(error.__traceback__) if is_paths_py(f.filename)]
+        at_top_level = frames and (frames[-1].name == "<module>" or frames[-1].name.endswith("comp>"))
         filename, line = (frames[-1].filename, frames[-1].lineno) if at_top_level else (None, None)
-    if os.path.basename(filename or "") != "paths.py":
+    if not is_paths_py(filename):
         return None
     message = error.msg if isinstance(error, SyntaxError) else f"{type(error).__name__}: {one_line(error)}"
     return f"{filename} line {line}: {message} — fix that line of paths.py (paths are quoted strings)"
+
+
+def is_paths_py(filename: str | None) -> bool:
+    """Whether `filename` is this project's paths.py (not a library module of that name)."""
+    ours = os.path.join(os.path.dirname(os.path.abspath(__file__)), "paths.py")
+    return bool(filename) and os.path.realpath(filename) == os.path.realpath(ours)
 
 
 def report_paths_edit_errors(kind, error, trace):
@@ -162,8 +171,8 @@ def report_paths_edit_errors(kind, error, trace):
     if message is None:
         shown_as_before(kind, error, trace)
         return
-    print(f"error: {message}", file=sys.stderr)
     sys.stdout.flush()
+    print(f"error: {message}", file=sys.stderr)
     sys.stderr.flush()
     os._exit(2)  # an excepthook cannot set the exit code otherwise
 

@@ -270,12 +270,29 @@ def test_a_broken_edit_of_paths_py_is_one_line(tmp_path, entry_point, edit, prob
     assert run.stderr.rstrip().endswith("fix that line of paths.py (paths are quoted strings)")
 
 
-def test_a_failure_inside_a_paths_py_function_is_not_called_an_edit():
-    """Only the module's own top-level code is the user's edit; a function of it failing is not."""
+def raised_by(source: str, filename: str) -> BaseException:
+    """The exception that running `source`, compiled as the file `filename`, raises."""
+    try:
+        exec(compile(source, filename, "exec"), {})
+    except BaseException as error:  # noqa: B036 (KeyboardInterrupt too)
+        return error
+    raise AssertionError("it ran")
+
+
+def test_only_paths_py_s_own_top_level_code_is_called_an_edit(tmp_path):
+    """Its top level (also inside a comprehension, or a library call it makes) is the user's
+    edit; a function of it failing at run time, a library's own paths.py or Ctrl-C are not."""
     from errors import paths_edit_error
 
-    try:
-        paths.resolve_model(42)  # a bug in the caller, raised inside paths.py
-    except TypeError as error:
-        assert paths_edit_error(error) is None
-    assert paths_edit_error(ValueError("elsewhere")) is None
+    ours = paths.__file__
+    fix = "— fix that line of paths.py (paths are quoted strings)"
+    assert paths_edit_error(raised_by("a = 1\nb = data_root", ours)) == (
+        f"{ours} line 2: NameError: name 'data_root' is not defined {fix}")
+    assert paths_edit_error(raised_by("d = {k: root for k in 'ab'}", ours)).startswith(f"{ours} line 1: NameError")
+    assert paths_edit_error(raised_by("import os\np = os.path.join(None, 'x')", ours)).startswith(
+        f"{ours} line 2: TypeError")
+    assert paths_edit_error(raised_by("raise KeyboardInterrupt", ours)) is None
+    assert paths_edit_error(raised_by("b = data_root", str(tmp_path / "paths.py"))) is None  # not ours
+    with pytest.raises(UserError) as caught:
+        paths.resolve_model("llama9")  # raised inside a function of paths.py
+    assert paths_edit_error(caught.value) is None
