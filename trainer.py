@@ -48,6 +48,7 @@ EVAL_SPLITS = ("valid", "test")
 SELECTION_METRICS = [f"eval_valid_{name}" for name in METRIC_NAMES]  # test is held out; longer is not better
 ITEM_TABLE_FILE = "item_table.pt"  # in a checkpoint saved between evaluations: the table a resume starts from
 SHARED_FOLDER_MARKER = ".r2ec_shared_check"  # written by process 0 for a moment, read by all
+SHARED_FOLDER_WAIT_S = 60  # an NFS client may see a new file only once its attribute cache expires (≤ 60 s)
 EVAL_TOP_ITEMS = 10  # top_k of each saved evaluation record: recommended items (id, title, score)
 
 
@@ -503,6 +504,19 @@ def _drop_zero_gradients(engine):
             buffers[group] = None
 
 
+def marker_seen(path: str, token: str, wait_s: float) -> bool:
+    """Whether the file `path` holds `token`, polled once a second for up to `wait_s` seconds."""
+    deadline = time.monotonic() + wait_s
+    while True:
+        with contextlib.suppress(OSError):
+            with open(path, "rb") as f:
+                if f.read() == token.encode():
+                    return True
+        if time.monotonic() >= deadline:
+            return False
+        time.sleep(1)
+
+
 class SkipStep(RuntimeError):
     """Raised on every process when a step must be skipped (OOM or non-finite values somewhere)."""
 
@@ -611,7 +625,13 @@ class RecPOTrainer(Trainer):
         """The table a run starts training from: the resumed checkpoint's when it holds one (saved
         between evaluations, with rows written by the steps since), else every item encoded afresh."""
         path = os.path.join(self._resume_from, ITEM_TABLE_FILE) if self._resume_from else ""
-        saved = self.read_item_table(path, model) if os.path.isfile(path) else None
+        saved, problem = None, None
+        try:
+            saved = self.read_item_table(path, model) if os.path.isfile(path) else None
+        except UserError as e:  # a copy of its own on each node (--save_on_each_node) may fail alone
+            problem = e
+        if not self._every_process_ok(problem is None):
+            raise problem or UserError(f"another process could not read its {ITEM_TABLE_FILE} — see its error line")
         if not self._every_process_ok(saved is not None):  # all load it, or all encode together
             return self.refresh_item_table(model)
         self.item_table.embeddings = saved.to(self.args.device, torch.float32)
@@ -629,6 +649,8 @@ class RecPOTrainer(Trainer):
         except Exception as e:
             raise UserError(f"{path} cannot be read ({one_line(e)}) — delete it (the items are then encoded "
                             "afresh, as at an evaluation) or resume from the checkpoint before") from e
+        if isinstance(saved, torch.Tensor):  # written before the limit was recorded with it: encode afresh
+            return None
         embeddings = saved.get("embeddings") if isinstance(saved, dict) else None
         expected = (len(self.item_table), self.accelerator.unwrap_model(model).config.get_text_config().hidden_size)
         if not isinstance(embeddings, torch.Tensor) or tuple(embeddings.shape) != expected:
@@ -849,7 +871,7 @@ class RecPOTrainer(Trainer):
             self._resume_from = resume_from_checkpoint
         return super().train(resume_from_checkpoint=resume_from_checkpoint, **kwargs)
 
-    def check_output_dir_shared(self):
+    def check_output_dir_shared(self, wait_s: float = SHARED_FOLDER_WAIT_S):
         """Every process reads what process 0 writes into --output_dir. Without --save_on_each_node
         the checkpoints are written by process 0 alone, and every process loads the best one at the
         end (and resumes from one): a multi-node run whose folder is on each node's own disk fails
@@ -857,23 +879,27 @@ class RecPOTrainer(Trainer):
         if self.accelerator.num_processes == 1 or self.args.save_on_each_node:
             return
         marker = os.path.join(self.args.output_dir, SHARED_FOLDER_MARKER)
+        token, problem = (uuid.uuid4().hex, None) if self.is_world_process_zero() else (None, None)
+        if token is not None:
+            try:
+                os.makedirs(self.args.output_dir, exist_ok=True)
+                with open(marker, "w") as f:
+                    f.write(token)
+            except OSError as e:
+                problem = f"cannot be written ({e.strerror})"
+        token, problem = gather_object([(token, problem)])[0]  # process 0's, known to all
+        seen = problem is None and marker_seen(marker, token, wait_s)
+        seen_by_all = gather_object([seen])  # also: no process still reads when the marker goes
         if self.is_world_process_zero():
-            os.makedirs(self.args.output_dir, exist_ok=True)
-            with open(marker, "w") as f:
-                f.write(uuid.uuid4().hex)
-        self.accelerator.wait_for_everyone()
-        try:
-            with open(marker) as f:
-                seen = f.read()
-        except OSError:
-            seen = None
-        seen_by_all = gather_object([seen])  # also: every process has read it before it goes
-        if self.is_world_process_zero():
-            os.unlink(marker)
-        if len(set(seen_by_all)) > 1:
-            raise UserError(f"--output_dir {self.args.output_dir} is not one folder for all processes (on each node's "
-                            "own disk?), but process 0 alone writes the checkpoints that all load — put it on a file "
-                            "system every node shares, or pass --save_on_each_node True")
+            with contextlib.suppress(OSError):
+                os.unlink(marker)
+        if problem is not None:
+            raise UserError(f"--output_dir {self.args.output_dir} {problem} — pass a folder you can write to")
+        if not all(seen_by_all):
+            raise UserError(f"--output_dir {self.args.output_dir} is not one folder for all processes: process "
+                            f"{seen_by_all.index(False)} did not see within {wait_s:g} s a file process 0 wrote "
+                            "into it (each node's own disk?) — put it on a file system every node shares, or pass "
+                            "--save_on_each_node True to keep a copy of the checkpoints on each node")
 
     def _save_checkpoint(self, model, trial):
         """Trainer's checkpoint, plus the item table when steps since the last evaluation wrote rows

@@ -5,8 +5,9 @@
 
 Rank 0 writes the step's loss (averaged over processes, as the Trainer logs it), every LoRA
 gradient and its item table after the update, and how it averages metrics that only rank 1
-recorded, the reasonings each process sampled for one same prompt, and what the check of a
-run folder shared by all processes says, for the test to compare. tests/test_trainer.py also builds its
+recorded, the reasonings each process sampled for one same prompt, what a resume does when one
+process's item table is damaged, and what the check of a run folder shared by all processes
+says, for the test to compare. tests/test_trainer.py also builds its
 single-process gradient check from `tiny_lora_model` and `fixed_batch`.
 """
 import math
@@ -25,7 +26,7 @@ from model import add_lora, enable_checkpointing, load_backbone, policy_forward 
 from rollouts import Rollouts  # noqa: E402
 from tests.backbones import tiny_backbone  # noqa: E402
 from tests.tiny_data import tiny_config, tiny_dataset  # noqa: E402
-from trainer import RecPOBatch, RecPOTrainer, relabel_mask  # noqa: E402
+from trainer import ITEM_TABLE_FILE, RecPOBatch, RecPOTrainer, relabel_mask  # noqa: E402
 
 USERS, GROUP = 4, 2  # the global batch
 
@@ -112,19 +113,29 @@ def main(out_path: str):
     targets = gather(batch.targets)
     logged = trainer._average_over_processes({"shared": float(rank), **({"only_rank_1": 5.0} if rank == 1 else {})})
     try:
-        trainer.check_output_dir_shared()  # each process its own mkdtemp() folder, as nodes without a shared disk
+        trainer.check_output_dir_shared(wait_s=2)  # each process its own mkdtemp() folder: nodes' own disks
         unshared = "passed"
     except UserError as error:
         unshared = str(error)
+    trainer._resume_from = trainer.args.output_dir  # each process its own: rank 1's table damaged
+    trainer.save_item_table(trainer.args.output_dir)
+    if rank == 1:
+        with open(os.path.join(trainer.args.output_dir, ITEM_TABLE_FILE), "wb") as f:
+            f.write(b"garbage")
+    try:
+        trainer.restore_item_table(model)
+        unreadable = "passed"
+    except UserError as error:
+        unreadable = str(error)
     trainer.args.output_dir = os.path.join(os.path.dirname(os.path.abspath(out_path)), "run")  # one for all
     os.makedirs(trainer.args.output_dir, exist_ok=True)
     trainer.check_output_dir_shared()
     left_in_shared = os.listdir(trainer.args.output_dir)
-    unshared = gather_object([unshared])
+    unshared, unreadable = gather_object([unshared]), gather_object([unreadable])
     if rank == 0:
         torch.save({"loss": loss, "grads": grads, "table": trainer.item_table.embeddings,
                     "targets": targets, "logged": logged, "sampled": sampled,
-                    "unshared": unshared, "left_in_shared": left_in_shared}, out_path)
+                    "unshared": unshared, "unreadable": unreadable, "left_in_shared": left_in_shared}, out_path)
     trainer.accelerator.end_training()
 
 

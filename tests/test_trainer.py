@@ -283,7 +283,7 @@ def test_two_processes_equal_one_process_on_the_concatenated_batch(tmp_path):
     worker = os.path.join(ROOT, "tests", "dist_update_worker.py")
     subprocess.run([PYTHON, worker, str(single)], check=True, env=env, cwd=ROOT)
     subprocess.run([PYTHON, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", free_port(),
-                    worker, str(double)], check=True, env=env, cwd=ROOT)
+                    worker, str(double)], check=True, env=env, cwd=ROOT, timeout=600)  # a process left waiting
     one, two = torch.load(single), torch.load(double)
     assert one["loss"].item() != 0
     torch.testing.assert_close(two["loss"], one["loss"], rtol=1e-4, atol=1e-6)
@@ -301,10 +301,16 @@ def test_two_processes_equal_one_process_on_the_concatenated_batch(tmp_path):
     # Each process samples with noise of its own: the same prompt gets other reasonings on process 1.
     first, second = two["sampled"]
     assert len(first) == len(second) == 2 and first != second
+    # One process's item table damaged (a copy on each node): every process stops, none waits.
+    unreadable_0, unreadable_1 = two["unreadable"]
+    assert unreadable_0 == "another process could not read its item_table.pt — see its error line"
+    assert "item_table.pt cannot be read (" in unreadable_1 and one["unreadable"] == ["passed"]
     # A run folder that is not one for all processes (each node's own disk) is refused on every process.
     assert one["unshared"] == ["passed"]  # one process: nothing to share
-    assert [message.split(" is not")[1][:61] for message in two["unshared"]] == [
-        " one folder for all processes (on each node's own disk?), but"] * 2
+    assert [message.split(" is not")[1] for message in two["unshared"]] == [
+        " one folder for all processes: process 1 did not see within 2 s a file process 0 wrote into it (each "
+        "node's own disk?) — put it on a file system every node shares, or pass --save_on_each_node True to keep "
+        "a copy of the checkpoints on each node"] * 2
     assert two["left_in_shared"] == []  # a shared folder passes, and its marker is gone
 
 
@@ -688,8 +694,12 @@ def test_a_resume_takes_the_checkpoint_s_item_table_and_names_a_bad_one(tmp_path
     with pytest.raises(UserError, match=re.escape(f"is not an item table of {items} items × {width} —")):
         trainer.restore_item_table(trainer.model)
     fresh = trainer.item_table.encode(trainer.model, list(range(items)))
-    # Encoded under another --max_item_tokens (the resume changed it), or saved at an evaluation
-    # (no file): every item encoded afresh
+    # Encoded under another --max_item_tokens (the resume changed it), of an older version (a bare
+    # tensor, without the limit), or saved at an evaluation (no file): every item encoded afresh
+    torch.save(saved, checkpoint / "item_table.pt")
+    trainer.restore_item_table(trainer.model)
+    torch.testing.assert_close(trainer.item_table.embeddings, fresh)
+    trainer.item_table.embeddings = torch.zeros(items, width)
     torch.save({"embeddings": saved, "max_item_tokens": trainer.args.max_item_tokens + 1}, checkpoint / "item_table.pt")
     trainer.restore_item_table(trainer.model)
     torch.testing.assert_close(trainer.item_table.embeddings, fresh)
