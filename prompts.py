@@ -168,7 +168,8 @@ class StopRule:
 
     def forced_heads(self) -> tuple[frozenset, ...]:
         """For each position of `forced` but its last, the tokens that count as writing it: the
-        sets of the pattern that `forced` spells (so '?<' counts as the `<` of `<answer>`)."""
+        sets of the pattern of its length that `forced` spells (so '?<' counts as the `<` of
+        `<answer>`), else its own tokens alone."""
         spelled = next((p for p in self.patterns if len(p) == len(self.forced)
                         and all(t in allowed for t, allowed in zip(self.forced, p))), None)
         return tuple(spelled[j] if spelled else frozenset([t]) for j, t in enumerate(self.forced[:-1]))

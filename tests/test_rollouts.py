@@ -254,6 +254,26 @@ def test_a_row_stopped_inside_the_forced_stop_gets_only_its_rest(family):
     assert expected[:3] == [rows[0] + forced[1:], rows[1] + forced[2:], rows[2][:cut] + forced[1:]]
 
 
+def test_a_forced_stop_longer_than_every_pattern_is_looked_back_at_whole():
+    """The engine keeps enough past tokens to find a forced stop's first F - 1 tokens even when
+    every pattern is shorter: row 1 wrote forced[:2] when its budget ran out, and gets forced[2]."""
+    model = tiny_model("qwen2")
+    ids, mask = prompts()
+    T, F = 24, 3
+    free = generate_rollouts_reference(model, ids, mask, 1, SamplingConfig(T + 3, greedy=True), NEVER, PAD)
+    rows = [row[:T - F] for row in free.completion_ids.tolist()]
+    unused = sorted(set(range(VOCAB)) - {t for row in rows for t in row})
+    forced = (rows[1][-2], rows[1][-1], unused[0])
+    stop = StopRule(patterns=((frozenset(forced[1:2]), frozenset(forced[2:])),), last_ids=(forced[2],), forced=forced)
+    assert [stop.written_prefix(row) for row in rows] == [0, 2, 0]
+    sampling = SamplingConfig(max_new_tokens=T, greedy=True)
+    ours = generate_rollouts(model, ids, mask, 1, sampling, stop, PAD)
+    assert_same_rollouts(ours, generate_rollouts_reference(model, ids, mask, 1, sampling, stop, PAD))
+    lengths = ours.completion_mask.sum(1).tolist()
+    assert [ours.completion_ids[i, :n].tolist() for i, n in enumerate(lengths)] == [
+        rows[0] + list(forced), rows[1] + [forced[2]], rows[2] + list(forced)]
+
+
 @pytest.mark.parametrize("temperature,top_k,top_p", [(1.0, 0, 1.0), (1.5, 5, 1.0), (0.7, 0, 0.8), (1.0, 8, 0.9)])
 def test_sampling_follows_the_filtered_distribution(temperature, top_k, top_p):
     """First token of 8000 samples of one prompt against generate's warpers, chi-square."""
