@@ -142,7 +142,9 @@ def timed(fn, device):
 
 
 def check_greedy(model, dtype, device):
-    """Ours against `generate`, greedy, left-padded prompts, G = 2, 32 new tokens, one natural stop."""
+    """Ours against `generate`, greedy, left-padded prompts, G = 2, 32 new tokens, one natural stop;
+    the forced stop's first two tokens are the last two that a row running out of budget writes,
+    so that row gets only the third (`StopRule.written_prefix`, on the device in the graph)."""
     model.to(dtype)
     vocab = model.config.vocab_size
     ids, mask = random_prompts(vocab, [48, 30, 64, 17], device, seed=1)
@@ -151,7 +153,13 @@ def check_greedy(model, dtype, device):
     free = generate_rollouts_reference(model, ids, mask, 1, greedy, never, PAD).completion_ids
     row = free[0].tolist()
     stop = next((t for i, t in enumerate(row) if i >= 8 and t not in row[:i]), vocab - 1)
-    stops = StopRule.exact([[stop]])  # row 0 stops after ~8 tokens on a token it writes; the others may be forced
+    budget = greedy.max_new_tokens - 3  # tokens a row writes before a 3-token forced stop
+    running = next((r for r in free.tolist()[1:] if stop not in r[:budget]), None)
+    written = running[budget - 2:budget] if running else [vocab - 2, vocab - 3]
+    forced = (*written, vocab - 1)
+    # row 0 stops after ~8 tokens on a token it writes; the others are forced, `running` only its last token
+    stops = StopRule(patterns=((frozenset([stop]),), tuple(frozenset([t]) for t in forced)), last_ids=(stop, forced[-1]),
+                     forced=forced)
     ref = generate_rollouts_reference(model, ids, mask, 2, greedy, stops, PAD)
     ours = generate_rollouts(model, ids, mask, 2, greedy, stops, PAD)
     width = max(ref.completion_ids.shape[1], ours.completion_ids.shape[1])
