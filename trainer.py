@@ -879,7 +879,7 @@ class RecPOTrainer(Trainer):
         if self.accelerator.num_processes == 1 or self.args.save_on_each_node:
             return
         marker = os.path.join(self.args.output_dir, SHARED_FOLDER_MARKER)
-        token, problem = (uuid.uuid4().hex, None) if self.is_world_process_zero() else (None, None)
+        token, problem = (uuid.uuid4().hex if self.is_world_process_zero() else None), None
         if token is not None:
             try:
                 os.makedirs(self.args.output_dir, exist_ok=True)
