@@ -19,7 +19,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from accelerate.utils import gather_object  # noqa: E402
 
-from tests.dist_update_worker import tiny_lora_model  # noqa: E402
+from tests.dist_update_worker import exit_without_teardown, tiny_lora_model  # noqa: E402
 from tests.tiny_data import tiny_config, tiny_dataset  # noqa: E402
 from trainer import RecPOTrainer  # noqa: E402
 
@@ -48,7 +48,7 @@ def main(out_path: str):
     if rank == 0:
         with open(out_path, "w") as f:
             json.dump({"log_history": trainer.state.log_history, "skips": skips, "checksums": checksums}, f)
-    trainer.accelerator.end_training()
+    exit_without_teardown(trainer.accelerator)
 
 
 if __name__ == "__main__":

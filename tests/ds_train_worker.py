@@ -14,6 +14,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from tests.dist_update_worker import exit_without_teardown  # noqa: E402
 from train import build_trainer, parse_config  # noqa: E402
 
 FAULTS = ("oom_after_rollout", "nan_second_micro_batch")
@@ -60,12 +61,7 @@ def main(out_dir: str, argv: list[str]):
     torch.save({"before": before, "after": lora(), "deepspeed": trainer.is_deepspeed_enabled,
                 "world": trainer.accelerator.num_processes, "log_history": trainer.state.log_history},
                os.path.join(out_dir, f"rank{rank}.pt"))
-    # Gloo after DeepSpeed on the CPU sometimes aborts in the interpreter's teardown ("terminate called
-    # without an active exception"; 2 runs in about 60 here, after both results were saved): leave without one.
-    trainer.accelerator.wait_for_everyone()
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(0)
+    exit_without_teardown(trainer.accelerator)
 
 
 if __name__ == "__main__":
