@@ -19,6 +19,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from model import load_backbone  # noqa: E402
 from tests.backbones import tiny_backbone  # noqa: E402
+from tests.dist_update_worker import exit_without_teardown  # noqa: E402
 from tests.tiny_data import tiny_config, tiny_dataset  # noqa: E402
 from trainer import RecPOTrainer  # noqa: E402
 
@@ -40,7 +41,7 @@ def main(out_path: str):
         with open(out_path, "w") as f:
             json.dump({"metrics": metrics, "records": records, "encoded": encoded,
                        "table": trainer.item_table.embeddings.tolist()}, f)
-    trainer.accelerator.end_training()
+    exit_without_teardown(trainer.accelerator)
 
 
 if __name__ == "__main__":
