@@ -13,8 +13,8 @@ KS = (5, 10, 20)
 
 
 def target_rank(scores: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """Rank of each row's target among all items, 1 = best, inf where its score is masked (or NaN).
-    scores (B, N), targets (B,) -> (B,) float64."""
+    """SPEC §4.2 rank of each row's target among all items, 1 = best, inf where its score is
+    masked (or NaN).  scores (B, N), targets (B,) -> (B,) float64."""
     target_scores = scores.gather(1, targets[:, None])  # (B, 1)
     ranks = (scores >= target_scores).sum(dim=1).double()  # (B,) the target itself counts once
     return ranks.masked_fill(~(target_scores.squeeze(1) > -math.inf), math.inf)  # NaN too: never a hit
@@ -32,7 +32,7 @@ def top_items(scores: torch.Tensor, targets: torch.Tensor, k: int) -> tuple[torc
 
 
 def ndcg_at_k(ranks: torch.Tensor, k: int) -> torch.Tensor:
-    """NDCG@k for one relevant item: 1/log2(rank+1) if rank <= k else 0.  ranks (B,) -> (B,)."""
+    """SPEC §4.2 NDCG@k for one relevant item: 1/log2(rank+1) if rank <= k else 0.  ranks (B,) -> (B,)."""
     gain = 1.0 / torch.log2(ranks.double() + 1.0)
     return torch.where(ranks <= k, gain, torch.zeros_like(gain))
 

@@ -160,7 +160,7 @@ def _generation_mode(model, attn_implementation: str | None = None):
 
 
 def _sample_tokens(logits: torch.Tensor, sampling: SamplingConfig) -> torch.Tensor:
-    """Next token per row, no host round trip.  logits (N, V) float32 -> (N,) long.
+    """SPEC §4.1 sampling: next token per row, no host round trip.  logits (N, V) float32 -> (N,) long.
 
     Order as in `generate`: temperature, then top-k, then top-p on the temperature-scaled
     logits. The draw is the exponential race argmax(p / E), E ~ Exp(1), which picks token i

@@ -164,7 +164,8 @@ class RecPOConfig(TrainingArguments):
     save_strategy: str = field(default="steps", metadata={"help": "When to save a checkpoint."})
     eval_steps: float | None = field(
         default=None,
-        metadata={"help": "Default: floor(len(train) / (B·grad_accum·processes) · num_iterations / 8) (SPEC §5)."},
+        metadata={"help": "Default: max(1, floor(len(train) / (B·grad_accum·processes) / 8)) · num_iterations "
+                          "(SPEC §5)."},
     )
     save_steps: float | None = field(
         default=None,
@@ -391,6 +392,15 @@ def relabel_mask(advantages: torch.Tensor, topk: int) -> torch.Tensor:
     return torch.zeros_like(advantages).scatter(1, order, 1.0)
 
 
+def clipped_surrogate(ratio, advantages, epsilon_low, epsilon_high):
+    """SPEC §4.5 and §4.6 clipped objective, elementwise: -min(ρA, clip(ρ, 1-ε_low, 1+ε_high)A).
+
+    Returns (the objective, where the clip is active: those elements get no gradient).
+    """
+    clipped = torch.clamp(ratio, 1 - epsilon_low, 1 + epsilon_high)
+    return -torch.min(ratio * advantages, clipped * advantages), clipped * advantages < ratio * advantages
+
+
 def clipped_token_loss(logprobs, old_logprobs, advantages, mask, epsilon_low, epsilon_high):
     """SPEC §4.5 token loss of one micro-batch: -min(ρA, clip(ρ, 1-ε_low, 1+ε_high)A), ρ = π_θ/π_old.
 
@@ -399,12 +409,10 @@ def clipped_token_loss(logprobs, old_logprobs, advantages, mask, epsilon_low, ep
     Returns (loss, fraction of tokens where clipping is active, i.e. that get no gradient).
     """
     ratio = torch.exp(logprobs - old_logprobs)  # (M, T)
-    adv = advantages[:, None]  # (M, 1)
-    clipped = torch.clamp(ratio, 1 - epsilon_low, 1 + epsilon_high)
-    per_token = -torch.min(ratio * adv, clipped * adv)  # (M, T)
+    per_token, clip_active = clipped_surrogate(ratio, advantages[:, None], epsilon_low, epsilon_high)  # (M, T)
     mask = mask.to(per_token.dtype)
     loss = (per_token * mask).sum() / mask.sum().clamp(min=1) / logprobs.shape[0]
-    clip_fraction = ((clipped * adv < ratio * adv).to(mask.dtype) * mask).sum() / mask.sum().clamp(min=1)
+    clip_fraction = (clip_active.to(mask.dtype) * mask).sum() / mask.sum().clamp(min=1)
     return loss, clip_fraction.detach()
 
 
@@ -422,8 +430,7 @@ def clipped_item_loss(logits, labels, old_logprobs, weighted_advantages, epsilon
     logprobs = logits.float().log_softmax(dim=-1).gather(1, labels[:, None]).squeeze(1)  # (R,)
     reference = logprobs.detach() if old_logprobs is None else old_logprobs
     ratio = torch.exp(logprobs - reference)  # (R,)
-    clipped = torch.clamp(ratio, 1 - epsilon_low, 1 + epsilon_high)
-    per_row = -torch.min(ratio * weighted_advantages, clipped * weighted_advantages)  # (R,)
+    per_row, _ = clipped_surrogate(ratio, weighted_advantages, epsilon_low, epsilon_high)  # (R,)
     return per_row.sum() / num_trajectories, logprobs.detach()
 
 
@@ -821,7 +828,7 @@ class RecPOTrainer(Trainer):
         token_logprobs = torch.zeros_like(batch.rollouts.logprobs)  # (N, C) π_old for later iterations
         sync_at_end = self.accelerator.sync_gradients
         token_total = item_total = torch.zeros((), device=args.device)  # the step's loss terms: micro-batches add up
-        weighted_advantages = gather(batch.advantages * batch.relabel)  # (W·N,) Â of every process
+        weighted_advantages = gather(batch.advantages * batch.relabel)  # (W·N,) Â = A × relabel, SPEC §4.6
         item_old_logprobs = None if batch.item_old_logprobs is None else gather(batch.item_old_logprobs)  # (W·N,)
         # Items run on the unwrapped module: DDP allows one wrapped forward per backward.
         item_inputs = {k: v.to(args.device) for k, v in self.item_table.batch(batch.targets).items()}
