@@ -9,8 +9,10 @@ checked before the work that produces them; files are written with `write_atomic
 Importing this module also makes a mistake in an edit of `paths.py` one line (`report_paths_edit_errors`).
 """
 import json
+import logging
 import os
 import signal
+import subprocess
 import sys
 import traceback
 
@@ -128,6 +130,43 @@ def run_cli(main, *args, interrupt_on_sigterm: bool = True, **kwargs):
         sys.exit(130)
     finally:
         signal.signal(signal.SIGTERM, on_sigterm)
+
+
+def launch_processes(argv: list[str]):
+    """`accelerate launch` with `argv` (launch_train.sh), failing as one training process does.
+
+    A failed process has printed its own error line (or traceback); the launcher adds none of
+    its own (accelerate's CalledProcessError, torchrun's ChildFailedError table, its log lines)
+    and exits with that process's code. A process killed by a signal gets one line here.
+    """
+    from accelerate.commands.launch import launch_command, launch_command_parser
+    from torch.distributed.elastic.multiprocessing.api import SignalException
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+
+    logging.disable(logging.ERROR)  # this process only starts the others: its log is theirs again
+    try:
+        launch_command(launch_command_parser().parse_args(argv))
+    except subprocess.CalledProcessError as e:  # one process
+        sys.exit(exit_code_of_process(0, e.returncode))
+    except ChildFailedError as e:
+        rank, failure = e.get_first_failure()
+        sys.exit(exit_code_of_process(rank, failure.exitcode))
+    except SignalException as e:  # Ctrl-C or kill: each process says "error: interrupted" itself
+        sys.exit(128 + int(e.sigval))
+    except KeyboardInterrupt:
+        sys.exit(130)
+
+
+def exit_code_of_process(rank: int, code: int) -> int:
+    """A shell's exit code for a training process's: its own, or 128 + the signal that killed it
+    (named in one line, since the process could not say why it stopped)."""
+    if code >= 0:
+        return code
+    name = signal.Signals(-code).name if -code in signal.valid_signals() else f"signal {-code}"
+    cause = ("most often the machine's memory (RAM) ran out: see `dmesg`, then start fewer processes "
+             "(NUM_PROCESSES) or free some memory" if -code == signal.SIGKILL else "see its output above")
+    print(f"error: training process {rank} was killed by {name} — {cause}", file=sys.stderr)
+    return 128 - code
 
 
 def one_line_parser_errors(parser, help_command: str):

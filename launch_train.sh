@@ -97,7 +97,8 @@ MULTI=()
 if [ "$TOTAL_PROCESSES" -gt 1 ]; then
     MULTI=(--multi_gpu)
 fi
-exec "$PYTHON" -m accelerate.commands.launch "${MULTI[@]}" \
+# errors.launch_processes: `accelerate launch`, whose failures end with the failed process's own error line.
+exec "$PYTHON" -c 'import sys, errors; errors.launch_processes(sys.argv[1:])' "${MULTI[@]}" \
     --num_processes "$TOTAL_PROCESSES" --num_machines "$NUM_MACHINES" \
     --machine_rank "$MACHINE_RANK" --main_process_ip "$MAIN_PROCESS_IP" --main_process_port "$MAIN_PROCESS_PORT" \
     train.py "${TRAIN_ARGS[@]}"

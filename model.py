@@ -13,12 +13,14 @@ There is one code path for every backbone: the model's own forward (so Gemma-2's
 soft-capping applies), PEFT-wrapped or not, gradient checkpointing on or off. No per-model
 classes. Tests: `pytest tests/test_model.py`.
 """
+import glob
+import json
 import os
 from contextlib import contextmanager
 
 import torch
 import torch.nn.functional as F
-from safetensors import SafetensorError
+from safetensors import SafetensorError, safe_open
 from tqdm.auto import tqdm
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
@@ -85,6 +87,35 @@ def load_backbone_config(name_or_path: str):
     if tokenizer.pad_token is None:  # the mask, not the id, tells padding apart, so eos is safe
         tokenizer.pad_token = tokenizer.eos_token
     return path, config, tokenizer
+
+
+def check_weights(name_or_path: str, path: str):
+    """What loading a local model folder's weights would refuse, from the files' headers alone
+    (for --check_only): no weight files, a shard named by the index missing, a truncated or
+    damaged .safetensors file. A hub id's weights are checked as they download."""
+    if not os.path.isdir(path):
+        return
+    fix = "finish copying or downloading the model, or point paths.py or --model at a complete model folder"
+    index = os.path.join(path, "model.safetensors.index.json")
+    if os.path.isfile(index):
+        try:
+            with open(index) as f:
+                shards = sorted(set(json.load(f)["weight_map"].values()))
+        except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
+            raise UserError(f"{index} cannot be read ({one_line(e)}) — {fix}") from e
+        missing = [shard for shard in shards if not os.path.isfile(os.path.join(path, shard))]
+        if missing:
+            raise UserError(f"model folder {path!r} lacks {missing[0]}, a part of its weights named in "
+                            f"{os.path.basename(index)} — {fix}")
+    weights = sorted(glob.glob(os.path.join(glob.escape(path), "*.safetensors")))
+    if not weights and not glob.glob(os.path.join(glob.escape(path), "*.bin")):
+        raise UserError(f"model folder {path!r} has no weights (*.safetensors) — {fix}")
+    for file in weights:
+        try:
+            with safe_open(file, "pt"):
+                pass
+        except (SafetensorError, OSError) as e:
+            raise UserError(f"model weights {file!r} cannot be read ({one_line(e)}) — {fix}") from e
 
 
 def check_tokenizer(tokenizer, owner: str, fix: str):

@@ -25,7 +25,7 @@ from transformers.trainer_utils import get_last_checkpoint
 from curves import plot_training_curves
 from dataset import load_dataset_dir
 from errors import UserError, folder_problem, one_line, one_line_parser_errors, read_json, run_cli, write_json
-from model import add_lora, check_lora_targets, load_backbone, load_backbone_config
+from model import add_lora, check_lora_targets, check_weights, load_backbone, load_backbone_config
 from paths import resolve_model
 from trainer import RecPOConfig, RecPOTrainer, check_length_limits, check_train_size
 
@@ -307,10 +307,12 @@ def check_gpus_per_machine(processes: int, cpu_fallback: bool = False):
 
 
 def check_backbone(config: RecPOConfig):
-    """What loading the backbone would refuse, without its weights (for --check_only): its folder
-    or hub id, tokenizer and chat template, and the LoRA targets (on a weightless skeleton).
+    """What loading the backbone would refuse, without loading its weights (for --check_only): its
+    folder or hub id, tokenizer and chat template, the weight files' headers, and the LoRA targets
+    (on a weightless skeleton).
     Returns its tokenizer."""
-    _, model_config, tokenizer = load_backbone_config(config.model)
+    path, model_config, tokenizer = load_backbone_config(config.model)
+    check_weights(config.model, path)
     try:
         with torch.device("meta"):
             skeleton = AutoModelForCausalLM.from_config(model_config)

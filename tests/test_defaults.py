@@ -59,6 +59,12 @@ def test_evaluation_interval_is_an_eighth_of_an_epoch(monkeypatch, processes, it
     assert train.parse_config(flags).default_eval_steps(27_498) == expected  # Musical_Instruments train
 
 
+def launcher_arguments(words: list[str]) -> list[str]:
+    """What launch_train.sh passes to `accelerate launch`, from its command echoed word by word."""
+    assert words[:2] == ["-c", "import"], words[:4]
+    return words[words.index("errors.launch_processes(sys.argv[1:])") + 1:]
+
+
 def test_launcher_passes_the_released_settings(tmp_path):
     result = subprocess.run(["bash", os.path.join(ROOT, "launch_train.sh"), "--max_steps", "5"], env={
         **{k: v for k, v in os.environ.items() if k != "CUDA_VISIBLE_DEVICES"}, "PYTHON": "echo"},
@@ -74,7 +80,7 @@ def test_launcher_passes_the_released_settings(tmp_path):
         "--num_train_epochs": "3", "--group_size": "4", "--trainer_relabel_topk": "2", "--gen_temperature": "2.0",
         "--gen_top_k": "50", "--seed": "42", "--run_name": "r2ec_gemma_Musical_Instruments", "--max_steps": "5",
     }
-    assert words[:3] == ["-m", "accelerate.commands.launch", "--multi_gpu"] and "train.py" in words
+    assert launcher_arguments(words)[0] == "--multi_gpu" and "train.py" in words
     with open(os.path.join(ROOT, "ds_config.json")) as f:
         deepspeed = json.load(f)
     assert deepspeed["zero_optimization"]["stage"] == 2
@@ -120,7 +126,7 @@ def test_launcher_starts_a_single_process_without_multi_gpu(tmp_path):
     result = subprocess.run(["bash", os.path.join(ROOT, "launch_train.sh")], env={
         **os.environ, "PYTHON": "echo", "NUM_PROCESSES": "1"}, capture_output=True, text=True, check=True)
     words = result.stdout.split()
-    assert words[:2] == ["-m", "accelerate.commands.launch"] and "--multi_gpu" not in words
+    assert launcher_arguments(words)[0] == "--num_processes" and "--multi_gpu" not in words
     assert words[words.index("--num_processes") + 1] == "1"
 
 
@@ -228,3 +234,36 @@ def test_negative_flags_say_what_they_do(capsys):
     help_text = " ".join(capsys.readouterr().out.split())
     assert "--no_bf16, --no-bf16 Turn --bf16 off. " in help_text
     assert "--no_gradient_checkpointing, --no-gradient-checkpointing Turn --gradient_checkpointing off. " in help_text
+
+
+FAILING_PROCESS = """import os, signal, sys
+rank = int(os.environ.get("RANK", "0"))
+if rank == int(sys.argv[1]):
+    if sys.argv[2] == "kill":
+        os.kill(os.getpid(), signal.SIGKILL)
+    print("error: process", rank, "refuses", file=sys.stderr)
+    sys.exit(2)
+"""
+
+
+@pytest.mark.parametrize("processes, failing_rank, how, code, last_line", [
+    (1, 0, "error", 2, "error: process 0 refuses"),
+    (2, 1, "error", 2, "error: process 1 refuses"),
+    (2, 1, "kill", 128 + 9, "error: training process 1 was killed by SIGKILL — most often the machine's memory"),
+])
+def test_a_failed_training_process_ends_the_launch_with_its_own_line_and_code(
+        tmp_path, processes, failing_rank, how, code, last_line):
+    """What launch_train.sh starts the processes with: no launcher traceback or log after the
+    failed process's error line, and the process's exit code (128 + signal when killed)."""
+    script = tmp_path / "fails.py"
+    script.write_text(FAILING_PROCESS)
+    multi = ["--multi_gpu"] if processes > 1 else []
+    result = subprocess.run(
+        [sys.executable, "-c", "import sys, errors; errors.launch_processes(sys.argv[1:])", *multi,
+         "--num_processes", str(processes), "--main_process_port", train.free_port(), str(script),
+         str(failing_rank), how],
+        env={**os.environ, "ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1"}, cwd=ROOT, capture_output=True,
+        text=True)
+    lines = result.stderr.strip().splitlines()
+    assert result.returncode == code, result.stderr[-2000:]
+    assert len(lines) == 1 and lines[0].startswith(last_line), result.stderr[-2000:]

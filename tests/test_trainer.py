@@ -17,7 +17,7 @@ import train
 from train import free_port  # launches never collide on a fixed port
 from dataset import load_dataset_dir
 from errors import UserError
-from model import LORA_TARGETS, add_lora, encode, load_backbone, policy_forward
+from model import LORA_TARGETS, add_lora, check_weights, encode, load_backbone, policy_forward
 from rollouts import SamplingConfig, fresh_forward
 from tests.backbones import tiny_backbone
 from tests import tiny_data
@@ -556,6 +556,35 @@ def test_check_only_refuses_what_building_the_trainer_would(tmp_path, flags, mes
     result = run_train(quick_flags(tmp_path, "--check_only", "True", *flags), check=False)
     lines = result.stderr.strip().splitlines()
     assert result.returncode == 2 and lines[-1].startswith("error: ") and message in lines[-1], lines[-1]
+
+
+def test_check_only_reads_the_weight_files_headers(tmp_path):
+    """A half-copied backbone is refused before launch_train.sh starts any process (loading the
+    weights in every process would fail there, after the launch)."""
+    model = tmp_path / "model"
+    shutil.copytree(tiny_backbone("qwen2"), model)
+    weights = model / "model.safetensors"
+    whole = weights.read_bytes()
+    weights.write_bytes(whole[:len(whole) // 2])
+    flags = quick_flags(tmp_path, "--check_only", "True")
+    flags[flags.index("--model") + 1] = str(model)
+    result = run_train(flags, check=False)
+    lines = result.stderr.strip().splitlines()
+    assert result.returncode == 2 and lines[-1].startswith(f"error: model weights {str(weights)!r} cannot be read")
+    assert lines[-1].endswith("— finish copying or downloading the model, or point paths.py or --model at a "
+                              "complete model folder")
+    weights.write_bytes(whole)
+    check_weights("m", str(model))  # whole again: passes
+    (model / "model.safetensors.index.json").write_text(json.dumps({"weight_map": {
+        "a.weight": "model.safetensors", "b.weight": "model-00002-of-00002.safetensors"}}))
+    with pytest.raises(UserError, match=r"lacks model-00002-of-00002.safetensors, a part of its weights named in "
+                                        r"model.safetensors.index.json"):
+        check_weights("m", str(model))
+    (model / "model.safetensors.index.json").unlink()
+    weights.unlink()
+    with pytest.raises(UserError, match=r"has no weights \(\*.safetensors\)"):
+        check_weights("m", str(model))
+    check_weights("m", "Qwen/Qwen2.5-3B-Instruct")  # a hub id: checked as it downloads
 
 
 def test_deepspeed_zero2_on_two_cpu_processes_skips_steps_cleanly(tmp_path):
