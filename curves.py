@@ -99,8 +99,8 @@ def latest_trainer_state(output_dir: str) -> str:
     if not candidates and os.path.isfile(os.path.join(output_dir, "dataset_dict.json")):
         raise UserError(f"{output_dir!r} is a dataset folder — pass the --output_dir of a training run")
     if not candidates:
-        raise UserError(f"no trainer_state.json in {output_dir!r} or its checkpoint-* folders — the run has "
-                        "not saved a checkpoint yet (see --save_steps)")
+        raise UserError(f"no trainer_state.json in {output_dir!r} or its checkpoint-* folders — pass the "
+                        "--output_dir of a training run (one that has saved a checkpoint: see --save_steps)")
     return max(candidates, key=os.path.getmtime)
 
 

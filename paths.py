@@ -196,6 +196,10 @@ def resolve_model(name: str) -> str:
             f"edit paths.py so that model_names[{key!r}] is your local {key} folder"
         )
     if os.path.isdir(name):
+        if not is_model_folder(name) and os.path.isfile(os.path.join(name, "adapter_config.json")):  # a run
+            raise UserError(f"model folder {name!r} holds a trained adapter, not a backbone — pass the backbone "
+                            "it was trained from (serve the run with recommend.py, continue it with "
+                            "--resume_from_checkpoint)")
         if not is_model_folder(name):
             raise UserError(f"model folder {name!r} has no config.json — pass the folder of a Hugging Face "
                             "model (config.json, tokenizer and weights)")

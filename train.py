@@ -90,14 +90,20 @@ def check_output_dir(config: RecPOConfig) -> str | None:
     problem = folder_problem(folder)
     if problem:
         raise UserError(f"--output_dir {config.output_dir} {problem} — pass a folder you can write to")
+    if is_checkpoint(folder):
+        raise UserError(f"--output_dir {config.output_dir} is a checkpoint of the run in {os.path.dirname(folder)} — "
+                        "pass that folder as --output_dir with --resume_from_checkpoint last to continue the run, "
+                        "or pick another --output_dir")
     resume = config.resume_from_checkpoint
     if resume in ("last", "latest", "True", "true"):
         resume = get_last_checkpoint(folder) if os.path.isdir(folder) else None
         if resume is None:
             raise UserError(f"no checkpoint-* folder in {config.output_dir!r} to resume from — drop "
                             "--resume_from_checkpoint or pass a checkpoint folder")
-    elif resume is not None and not (re.fullmatch(r"checkpoint-\d+", folder_name(resume))
-                                     and os.path.isdir(resume)):
+    elif resume is not None and not os.path.isdir(resume):
+        raise UserError(f"--resume_from_checkpoint {resume!r} does not exist — pass a checkpoint-* folder of a run, "
+                        "or 'last' for the newest one in --output_dir")
+    elif resume is not None and not re.fullmatch(r"checkpoint-\d+", folder_name(resume)):
         raise UserError(f"--resume_from_checkpoint {resume!r} is not a checkpoint folder (checkpoint-N) — pass "
                         "a checkpoint-* folder or 'last'")
     if resume is not None:
@@ -109,6 +115,12 @@ def check_output_dir(config: RecPOConfig) -> str | None:
                         "--resume_from_checkpoint last, pick another --output_dir, or pass "
                         "--overwrite_output_dir True to replace it")
     return resume
+
+
+def is_checkpoint(folder: str) -> bool:
+    """Whether `folder` is a checkpoint-N folder a run saved."""
+    return (re.fullmatch(r"checkpoint-\d+", folder_name(folder)) is not None
+            and os.path.isfile(os.path.join(folder, "trainer_state.json")))
 
 
 def folder_name(path: str) -> str:

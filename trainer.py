@@ -28,7 +28,7 @@ from accelerate.utils import gather, gather_object, set_seed
 from torch.utils.data import Sampler
 from tqdm.auto import tqdm
 from transformers import EarlyStoppingCallback, Trainer, TrainingArguments
-from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, get_last_checkpoint
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, SaveStrategy, get_last_checkpoint
 
 from errors import UserError, one_line, read_json, write_jsonl
 from metrics import METRIC_NAMES, ndcg_at_k, split_metrics, target_rank, top_items
@@ -201,12 +201,16 @@ class RecPOConfig(TrainingArguments):
                             "for outputs/<--run_name>")
         if self.output_dir is None:
             self.output_dir = os.path.join("outputs", self.run_name or "r2ec")
-        if self.dataset_dir:  # recorded for recommend.py as the run read it
-            self.dataset_dir = os.path.expanduser(self.dataset_dir)
+        for flag in ("dataset_dir", "output_dir", "resume_from_checkpoint", "deepspeed"):  # --flag=~/... too
+            if isinstance(getattr(self, flag), str):
+                setattr(self, flag, os.path.expanduser(getattr(self, flag)))
         if isinstance(self.deepspeed, str) and os.path.isdir(self.deepspeed):
             raise UserError(f"--deepspeed {self.deepspeed} is a folder — pass a DeepSpeed config file, e.g. ds_config.json")
         if isinstance(self.deepspeed, str) and os.path.isfile(self.deepspeed):
             read_json(self.deepspeed, "fix this --deepspeed file, or pass the shipped ds_config.json")
+        elif isinstance(self.deepspeed, str) and (self.deepspeed.endswith(".json") or os.sep in self.deepspeed):
+            raise UserError(f"--deepspeed {self.deepspeed}: no such file — pass a DeepSpeed config file, e.g. the "
+                            "shipped ds_config.json (launch_train.sh: DS_CONFIG)")
         for flag in ("eval_steps", "save_steps", "logging_steps"):
             value = getattr(self, flag)
             if value is not None and not value > 0:
@@ -219,6 +223,12 @@ class RecPOConfig(TrainingArguments):
         # Without --eval_steps, `set_intervals` derives the SPEC §5 interval once the data size is known
         # (TrainingArguments would otherwise fall back to logging_steps); checkpoints follow it
         # unless --save_steps is given, so the best one exists when it is evaluated.
+        strategies = {strategy.value for strategy in SaveStrategy}  # "no", "steps", "epoch", "best"
+        if (self.load_best_model_at_end and {self.eval_strategy, self.save_strategy} <= strategies
+                and self.save_strategy not in (self.eval_strategy, "best")):
+            raise UserError(f"--load_best_model_at_end (the default) evaluates every checkpoint, but --eval_strategy "
+                            f"{self.eval_strategy} differs from --save_strategy {self.save_strategy} — pass "
+                            "--load_best_model_at_end False, or the same strategy to both")
         by_steps = self.save_strategy == "steps" and self.eval_strategy == "steps"
         if by_steps and self.load_best_model_at_end and self.save_steps not in (None, self.eval_steps):
             raise UserError(f"--save_steps {self.save_steps:g}: with --load_best_model_at_end (the default) a "
@@ -265,9 +275,12 @@ class RecPOConfig(TrainingArguments):
              f"--gradient_accumulation_steps {self.gradient_accumulation_steps}: must be at least 1"),
             (0 <= self.seed < 2**32, f"--seed {self.seed}: must be between 0 and 2**32 - 1"),
             (self.per_device_train_batch_size >= 1,
-             f"--per_device_train_batch_size {self.per_device_train_batch_size}: must be at least 1"),
+             f"--train_batch_size {self.per_device_train_batch_size}: must be at least 1"),
             (self.per_device_eval_batch_size >= 1,
-             f"--per_device_eval_batch_size {self.per_device_eval_batch_size}: must be at least 1"),
+             f"--eval_batch_size {self.per_device_eval_batch_size}: must be at least 1"),
+            (self.dataloader_num_workers >= 0,
+             f"--dataloader_num_workers {self.dataloader_num_workers}: must be 0 (load in the main process) or "
+             "positive"),
             (self.lora_r >= 1, f"--lora_r {self.lora_r}: must be at least 1"),
             (all(self.lora_targets),
              f"--lora_target_modules {self.lora_target_modules!r}: give comma-separated module names, "

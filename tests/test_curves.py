@@ -74,7 +74,9 @@ def test_folder_without_trainer_state_gives_one_line(tmp_path, capsys):
     with pytest.raises(SystemExit) as exit_info:
         run_cli(curves.main, [str(tmp_path)])
     assert exit_info.value.code == 2
-    assert capsys.readouterr().err.strip().startswith("error: no trainer_state.json")
+    assert capsys.readouterr().err.strip() == (
+        f"error: no trainer_state.json in {str(tmp_path)!r} or its checkpoint-* folders — pass the --output_dir of a "
+        "training run (one that has saved a checkpoint: see --save_steps)")
 
 
 def test_a_dataset_folder_is_named_as_one(tmp_path, capsys):

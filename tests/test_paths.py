@@ -41,6 +41,10 @@ def test_folders_without_config_json_are_not_models(monkeypatch, tmp_path):
     monkeypatch.setitem(paths.model_names, "Gemma-2-2b-it", str(tmp_path))
     with pytest.raises(UserError, match=r"'Gemma-2-2b-it' points to .*a folder without config.json.*edit paths.py"):
         paths.resolve_model("gemma")
+    (tmp_path / "adapter_config.json").write_text("{}")  # a train.py run given as --model
+    with pytest.raises(UserError, match=r"model folder .* holds a trained adapter, not a backbone — pass the "
+                                        r"backbone it was trained from \(serve the run with recommend.py"):
+        paths.resolve_model(str(tmp_path))
 
 
 def test_keys_aliases_folders_and_hub_ids(monkeypatch, tmp_path):

@@ -768,15 +768,18 @@ def test_bad_input_gives_one_clear_line(tmp_path, flags, message):
 @pytest.mark.parametrize("flags, message", [
     (["--foo", "3"], "unknown argument(s) --foo 3"),
     (["--learning_rate", "-1"], "--learning_rate -1.0"),
-    (["--train_batch_size", "0"], "--per_device_train_batch_size 0"),
-    (["--eval_batch_size", "0"], "--per_device_eval_batch_size 0"),
+    (["--train_batch_size", "0"], "--train_batch_size 0: must be at least 1"),  # the flag README and launcher use
+    (["--eval_batch_size", "0"], "--eval_batch_size 0: must be at least 1"),
+    (["--dataloader_num_workers", "-1"], "--dataloader_num_workers -1: must be 0 (load in the main process) or"),
     (["--lora_r", "0"], "--lora_r 0"),
     (["--lora_dropout", "1"], "--lora_dropout 1.0"),
     (["--window_size", "0"], "--window_size 0"),
     (["--max_eval_samples", "0"], "--max_eval_samples 0"),
     (["--early_stopping_patience", "0"], "--early_stopping_patience 0"),
     (["--eval_strategy", "sometimes"], "sometimes is not a valid"),
-    (["--deepspeed", "/nonexistent/ds.json"], "/nonexistent/ds.json"),
+    (["--deepspeed", "/nonexistent/ds.json"], "--deepspeed /nonexistent/ds.json: no such file — pass a DeepSpeed "
+                                              "config file, e.g. the shipped ds_config.json (launch_train.sh: "
+                                              "DS_CONFIG)"),
     (["--report_to", "no_such_tracker"], "--report_to no_such_tracker: no such integration — choose from "),
     (["--report_to", "dvclive"], "--report_to dvclive: not installed here — pip install it"),  # not in requirements.txt
     (["--deepspeed", "tests"], "--deepspeed tests is a folder — pass a DeepSpeed config file"),
@@ -791,7 +794,10 @@ def test_bad_input_gives_one_clear_line(tmp_path, flags, message):
     (["--num_iterations", "3", "--save_steps", "4", "--load_best_model_at_end", "False"],
      "--save_steps 4: must be a multiple of --num_iterations 3 (in steps), so that no checkpoint falls between"),
     (["--metric_for_best_model", "valid_reasoning_length"], "--metric_for_best_model 'valid_reasoning_length'"),
-    (["--save_strategy", "no"], "Save strategy:"),  # the message's later lines are kept
+    (["--save_strategy", "no"], "--load_best_model_at_end (the default) evaluates every checkpoint, but "
+                                "--eval_strategy steps differs from --save_strategy no — pass "
+                                "--load_best_model_at_end False, or the same strategy to both"),
+    (["--eval_strategy", "no"], "--eval_strategy no differs from --save_strategy steps"),
     (["--save_steps", "7"], "--save_steps 7: with --load_best_model_at_end"),
     (["--save_steps", "7", "--eval_steps", "5"], "drop --save_steps"),
     (["--gradient_accumulation_steps", "0"], "--gradient_accumulation_steps 0: must be at least 1"),
@@ -872,9 +878,18 @@ def test_output_and_resume_folders_are_checked_before_any_work(tmp_path, monkeyp
         train.check_output_dir(config("--resume_from_checkpoint", "last"))
     with pytest.raises(UserError, match="not a checkpoint folder"):
         train.check_output_dir(config("--resume_from_checkpoint", str(tmp_path)))
+    with pytest.raises(UserError, match="checkpoint-3' does not exist — pass a checkpoint-\\* folder of a run"):
+        train.check_output_dir(config("--resume_from_checkpoint", str(tmp_path / "run" / "checkpoint-3")))
     for step in (2, 10):
         fake_checkpoint(tmp_path / "run" / f"checkpoint-{step}")
     assert train.check_output_dir(config("--resume_from_checkpoint", "last")) == str(tmp_path / "run" / "checkpoint-10")
+    monkeypatch.setenv("HOME", str(tmp_path))  # --resume_from_checkpoint=~/... reaches Python unexpanded
+    assert train.check_output_dir(config("--resume_from_checkpoint", "~/run/checkpoint-2")) == str(
+        tmp_path / "run" / "checkpoint-2")
+    with pytest.raises(UserError, match=f"--output_dir {re.escape(str(tmp_path))}/run/checkpoint-2 is a checkpoint "
+                                        f"of the run in {re.escape(str(tmp_path))}/run — pass that folder as "
+                                        "--output_dir with --resume_from_checkpoint last"):
+        train.check_output_dir(train.parse_config(["--output_dir", "~/run/checkpoint-2"]))
     (tmp_path / "run" / "trainer_state.json").write_text("{}")  # a run's output folder is not a checkpoint
     with pytest.raises(UserError, match="not a checkpoint folder"):
         train.check_output_dir(config("--resume_from_checkpoint", str(tmp_path / "run")))
