@@ -16,6 +16,7 @@ from errors import UserError, one_line, read_json
 PREPROCESS_RECORD = "preprocess.json"
 SAMPLE_SPLITS = ("train", "valid", "test")
 SPLITS = (*SAMPLE_SPLITS, "item_info")
+DATASET_ENTRIES = ("dataset_dict.json", *SPLITS, PREPROCESS_RECORD)  # what preprocess.py writes into the folder
 TRAINING_COLUMNS = ("user_id", "history_item_id", "history_item_title", "history_rating", "history_timestamp",
                     "item_id", "timestamp")  # of every sample split (preprocess.py writes more)
 NAME = re.compile(r"(?P<category>.+?)_\d+_\d{4}-\d{1,2}-\d{4}-\d{1,2}(_.*)?")

@@ -38,7 +38,7 @@ import requests
 import urllib3
 from tqdm import tqdm
 
-from dataset import PREPROCESS_RECORD, dataset_name
+from dataset import DATASET_ENTRIES, PREPROCESS_RECORD, dataset_name
 from errors import UserError, folder_problem, one_line, one_line_parser_errors, run_cli, write_json
 
 DEFAULT_BASE_URL = "https://mcauleylab.ucsd.edu/public_datasets/data/amazon_2023/"
@@ -418,9 +418,14 @@ def select_window(users, items, timestamps, start, end, k):
     """
     first, last = (datetime.datetime.fromtimestamp(t / 1000, tz=datetime.timezone.utc)
                    for t in (timestamps.min(), timestamps.max()))
+    if last.year < 1990:  # Amazon Reviews 2023 started in 1996
+        raise UserError(f"the ratings end on {last:%Y-%m-%d}: their timestamps look like seconds, not the milliseconds "
+                        "of Amazon Reviews 2023 — check the ratings file (or multiply its timestamp column by 1000)")
+    within = f"pick a window within the ratings, {first:%Y-%m} to {last:%Y-%m}"
+    if month_start_ms(*end) < timestamps.min():
+        raise UserError(f"the window ends {end[0]}-{end[1]:02d}, before the first rating ({first:%Y-%m-%d}) — {within}")
     if month_start_ms(*start) > timestamps.max():  # the back-off would take every rating, under this name
-        raise UserError(f"the window starts {start[0]}-{start[1]:02d}, after the last rating ({last:%Y-%m-%d}) — pick "
-                        f"a window within the ratings, {first:%Y-%m} to {last:%Y-%m}")
+        raise UserError(f"the window starts {start[0]}-{start[1]:02d}, after the last rating ({last:%Y-%m-%d}) — {within}")
     earliest_year = first.year
     end_ms = month_start_ms(*end)
     while True:
@@ -535,6 +540,8 @@ def save_atomically(write, target):
             os.replace(target, os.path.join(old, "dataset"))
         os.replace(tmp, target)
     finally:
+        if old and not os.path.exists(target):  # stopped between the two renames: the earlier dataset stays
+            os.replace(os.path.join(old, "dataset"), target)
         shutil.rmtree(tmp, ignore_errors=True)
         if old:
             shutil.rmtree(old, ignore_errors=True)
@@ -589,6 +596,24 @@ def check_args(args):
                         f"letters, digits, '_', '-' or '.' (no '/'), e.g. v2")
     check_base_url(args.base_url)
     check_data_root(args.data_root_dir)
+    check_replaceable(dataset_folder(args))
+
+
+def dataset_folder(args) -> str:
+    return os.path.join(args.data_root_dir, dataset_name(
+        args.category, args.K, args.st_year, args.st_month, args.ed_year, args.ed_month, args.postfix))
+
+
+def check_replaceable(target):
+    """An earlier dataset of the same name is replaced as a whole: refused when it holds anything
+    preprocess.py does not write (a training run saved into it, say)."""
+    if not os.path.isdir(target):
+        return
+    foreign = sorted(name for name in set(os.listdir(target)) - set(DATASET_ENTRIES) if not name.startswith("."))
+    if foreign:
+        raise UserError(f"{target} holds {', '.join(foreign[:3])}{' …' if len(foreign) > 3 else ''}, which "
+                        "preprocess.py did not write, and the new dataset replaces the folder as a whole — move "
+                        "them out of it, or pass --postfix for a dataset folder of another name")
 
 
 def check_base_url(url):
@@ -652,9 +677,7 @@ def main(argv=None):
         "test": datasets.Dataset(samples.slice(b, n - b)),
         "item_info": datasets.Dataset(item_info),
     })
-    target = os.path.join(args.data_root_dir, dataset_name(
-        args.category, args.K, args.st_year, args.st_month, args.ed_year, args.ed_month,
-        args.postfix))
+    target = dataset_folder(args)
     n_items = item_info.num_rows - 1
     record = {  # the folder's name keeps the requested start (SPEC §1); this keeps what was done
         "category": args.category, "K": args.K, "window_size": args.window_size,

@@ -202,6 +202,20 @@ def test_a_window_after_the_last_rating_is_refused():
     assert window(ratings, (2023, 9), (2030, 6))[0] == [(0, 1, ms(2023, 9) + 5)]  # starting before it: kept
 
 
+def test_a_window_before_the_first_rating_names_the_ratings_span():
+    ratings = [(0, 0, ms(2021, 3)), (0, 1, ms(2023, 9) + 5)]
+    with pytest.raises(UserError, match="the window ends 2020-12, before the first rating \\(2021-03-01\\) — pick a "
+                                        "window within the ratings, 2021-03 to 2023-09"):
+        window(ratings, (2019, 1), (2020, 12))
+
+
+def test_timestamps_in_seconds_are_named_as_such():
+    ratings = [(0, 0, ms(2021, 3) // 1000), (0, 1, ms(2023, 9) // 1000)]
+    with pytest.raises(UserError, match="the ratings end on 1970-01-20: their timestamps look like seconds, not the "
+                                        "milliseconds of Amazon Reviews 2023 — check the ratings file"):
+        window(ratings, (2022, 10), (2023, 10))
+
+
 def test_backoff_stops_once_10000_items_are_reached():
     # 4,000 items in the window, 4,000 more in each 3-month step back, first rating in 2015
     ratings = [(i, i, ms(2023, 1)) for i in range(4000)]
@@ -326,6 +340,35 @@ def test_save_is_atomic_and_replaces_the_old_dataset(tmp_path):
     finally:
         os.umask(umask)
     assert target.stat().st_mode & 0o777 == 0o755  # as a plain mkdir would make it
+
+
+def test_a_save_stopped_between_its_two_renames_keeps_the_earlier_dataset(tmp_path, monkeypatch):
+    target = tmp_path / "Toy_0_2022-10-2023-10"
+    target.mkdir()
+    (target / "old.arrow").write_text("old")
+    replace = os.replace
+
+    def stopped_at_the_second(source, destination):
+        if os.path.basename(source).endswith(".tmp"):  # moving the new dataset in
+            raise KeyboardInterrupt
+        replace(source, destination)
+
+    monkeypatch.setattr(P.os, "replace", stopped_at_the_second)
+    with pytest.raises(KeyboardInterrupt):
+        P.save_atomically(write_part(fail=False), str(target))
+    assert os.listdir(tmp_path) == [target.name] and os.listdir(target) == ["old.arrow"]
+
+
+def test_a_dataset_folder_holding_other_files_is_not_replaced(tmp_path, capsys):
+    """A run saved into the dataset folder would go with the folder: refused before any download."""
+    target = tmp_path / "Toy_0_2022-10-2023-10"
+    (target / "run1").mkdir(parents=True)
+    (target / "dataset_dict.json").write_text("{}")
+    (target / ".DS_Store").write_text("")  # hidden entries do not count
+    line = user_error(capsys, ["--category", "Toy", "--data_root_dir", str(tmp_path)])
+    assert line == (f"error: {target} holds run1, which preprocess.py did not write, and the new dataset replaces the "
+                    "folder as a whole — move them out of it, or pass --postfix for a dataset folder of another name")
+    assert sorted(os.listdir(tmp_path)) == [target.name]
 
 
 SIGTERM_MID_SAVE = """
