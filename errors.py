@@ -142,14 +142,19 @@ def launch_processes(argv: list[str]):
     """`accelerate launch` with `argv` (launch_train.sh), failing as one training process does.
 
     A failed process has printed its own error line (or traceback); the launcher adds none of
-    its own (accelerate's CalledProcessError, torchrun's ChildFailedError table, its log lines)
-    and exits with that process's code. A process killed by a signal gets one line here.
+    its own (accelerate's CalledProcessError, torchrun's ChildFailedError and "failed (exitcode"
+    log line, its notices) and exits with that process's code. What no process could say (killed
+    by a signal, stopped by one sent to the launcher) gets one line here.
     """
+    import torch.distributed.run  # noqa: F401  (creates torchrun's loggers, filtered below)
     from accelerate.commands.launch import launch_command, launch_command_parser
     from torch.distributed.elastic.multiprocessing.api import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
 
-    logging.disable(logging.ERROR)  # this process only starts the others: its log is theirs again
+    logging.disable(logging.WARNING)  # "defaults used", "Sending process … SIGTERM", ...
+    for name in list(logging.root.manager.loggerDict):
+        if name.startswith("torch.distributed.elastic"):
+            logging.getLogger(name).addFilter(lambda record: not record.getMessage().startswith("failed (exitcode"))
     try:
         launch_command(launch_command_parser().parse_args(argv))
     except subprocess.CalledProcessError as e:  # one process
@@ -157,16 +162,22 @@ def launch_processes(argv: list[str]):
     except ChildFailedError as e:
         rank, failure = e.get_first_failure()
         sys.exit(exit_code_of_process(rank, failure.exitcode))
-    except SignalException as e:  # Ctrl-C or kill: each process says "error: interrupted" itself
+    except SignalException as e:  # sent to the launcher; passed on to every process
+        if e.sigval != signal.SIGINT:  # Ctrl-C: each process says "error: interrupted" itself
+            print(f"error: training stopped by {signal.Signals(e.sigval).name} sent to the launcher (a time limit?) "
+                  "— resume with --resume_from_checkpoint last", file=sys.stderr)
         sys.exit(128 + int(e.sigval))
     except KeyboardInterrupt:
         sys.exit(130)
 
 
 def exit_code_of_process(rank: int, code: int) -> int:
-    """A shell's exit code for a training process's: its own, or 128 + the signal that killed it
-    (named in one line, since the process could not say why it stopped)."""
-    if code >= 0:
+    """A shell's exit code for a training process's: its own, or 128 + the signal that killed it.
+    A line is added where the process's own output may not say why it stopped."""
+    if code in (0, 2, 130):  # done, its error line, interrupted
+        return code
+    if code > 0:
+        print(f"error: training process {rank} exited with code {code} — see its output above", file=sys.stderr)
         return code
     name = signal.Signals(-code).name if -code in signal.valid_signals() else f"signal {-code}"
     cause = ("most often the machine's memory (RAM) ran out: see `dmesg`, then start fewer processes "

@@ -89,15 +89,17 @@ def load_backbone_config(name_or_path: str):
     return path, config, tokenizer
 
 
-def check_weights(name_or_path: str, path: str):
+def check_weights(path: str):
     """What loading a local model folder's weights would refuse, from the files' headers alone
     (for --check_only): no weight files, a shard named by the index missing, a truncated or
     damaged .safetensors file. A hub id's weights are checked as they download."""
     if not os.path.isdir(path):
         return
     fix = "finish copying or downloading the model, or point paths.py or --model at a complete model folder"
+    if os.path.realpath(path) == os.path.realpath(embedded_folder()):
+        fix = f"delete {path} (the converted default backbone): the next run converts it again"
     index = os.path.join(path, "model.safetensors.index.json")
-    if os.path.isfile(index):
+    if os.path.isfile(index) and not os.path.isfile(os.path.join(path, "model.safetensors")):  # loaded first
         try:
             with open(index) as f:
                 shards = sorted(set(json.load(f)["weight_map"].values()))
@@ -109,7 +111,7 @@ def check_weights(name_or_path: str, path: str):
                             f"{os.path.basename(index)} — {fix}")
     weights = sorted(glob.glob(os.path.join(glob.escape(path), "*.safetensors")))
     if not weights and not glob.glob(os.path.join(glob.escape(path), "*.bin")):
-        raise UserError(f"model folder {path!r} has no weights (*.safetensors) — {fix}")
+        raise UserError(f"model folder {path!r} has no weights (*.safetensors or *.bin) — {fix}")
     for file in weights:
         try:
             with safe_open(file, "pt"):

@@ -101,9 +101,11 @@ def check_output_dir(config: RecPOConfig) -> str | None:
         if resume is None:
             raise UserError(f"no checkpoint-* folder in {config.output_dir!r} to resume from — drop "
                             "--resume_from_checkpoint or pass a checkpoint folder")
+    elif resume is not None and not os.path.exists(resume):
+        raise UserError(f"--resume_from_checkpoint {missing_path(resume)} does not exist — pass a checkpoint-* folder "
+                        "of a run, or 'last' for the newest one in --output_dir")
     elif resume is not None and not os.path.isdir(resume):
-        raise UserError(f"--resume_from_checkpoint {missing_path(resume)} does not exist — pass a checkpoint-* folder of a run, "
-                        "or 'last' for the newest one in --output_dir")
+        raise UserError(f"--resume_from_checkpoint {resume!r} is a file — pass the checkpoint-* folder that holds it")
     elif resume is not None and not re.fullmatch(r"checkpoint-\d+", folder_name(resume)):
         raise UserError(f"--resume_from_checkpoint {resume!r} is not a checkpoint folder (checkpoint-N) — pass "
                         "a checkpoint-* folder or 'last'")
@@ -325,7 +327,7 @@ def check_backbone(config: RecPOConfig):
     (on a weightless skeleton).
     Returns its tokenizer."""
     path, model_config, tokenizer = load_backbone_config(config.model)
-    check_weights(config.model, path)
+    check_weights(path)
     try:
         with torch.device("meta"):
             skeleton = AutoModelForCausalLM.from_config(model_config)

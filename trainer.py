@@ -208,7 +208,7 @@ class RecPOConfig(TrainingArguments):
             raise UserError(f"--deepspeed {self.deepspeed} is a folder — pass a DeepSpeed config file, e.g. ds_config.json")
         if isinstance(self.deepspeed, str) and os.path.isfile(self.deepspeed):
             read_json(self.deepspeed, "fix this --deepspeed file, or pass the shipped ds_config.json")
-        elif isinstance(self.deepspeed, str) and (self.deepspeed.endswith(".json") or os.sep in self.deepspeed):
+        elif isinstance(self.deepspeed, str) and self.deepspeed.endswith(".json"):  # not inline JSON or base64
             raise UserError(f"--deepspeed {missing_path(self.deepspeed)}: no such file — pass a DeepSpeed config file, e.g. the "
                             "shipped ds_config.json (launch_train.sh: DS_CONFIG)")
         for flag in ("eval_steps", "save_steps", "logging_steps"):

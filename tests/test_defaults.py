@@ -2,6 +2,7 @@
 import json
 import re
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -238,34 +239,56 @@ def test_negative_flags_say_what_they_do(capsys):
     assert "--no_gradient_checkpointing, --no-gradient-checkpointing Turn --gradient_checkpointing off. " in help_text
 
 
-FAILING_PROCESS = """import os, signal, sys
+FAILING_PROCESS = """import os, signal, sys, time
 rank = int(os.environ.get("RANK", "0"))
 if rank == int(sys.argv[1]):
     if sys.argv[2] == "kill":
         os.kill(os.getpid(), signal.SIGKILL)
+    if sys.argv[2] == "exit1":
+        os._exit(1)
+    if sys.argv[2] == "wait":
+        print("started", flush=True)
+        time.sleep(60)
     print("error: process", rank, "refuses", file=sys.stderr)
     sys.exit(2)
 """
+
+
+def launch_failing(tmp_path, processes, failing_rank, how, **kwargs):
+    """What launch_train.sh starts the processes with, on processes that fail as `how` says."""
+    script = tmp_path / "fails.py"
+    script.write_text(FAILING_PROCESS)
+    multi = ["--multi_gpu"] if processes > 1 else []
+    return kwargs.pop("start", subprocess.run)(
+        [sys.executable, "-c", "import sys, errors; errors.launch_processes(sys.argv[1:])", *multi,
+         "--num_processes", str(processes), "--main_process_port", train.free_port(), str(script),
+         str(failing_rank), how],
+        env={**os.environ, "ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1"}, cwd=ROOT, text=True, **kwargs)
 
 
 @pytest.mark.parametrize("processes, failing_rank, how, code, last_line", [
     (1, 0, "error", 2, "error: process 0 refuses"),
     (2, 1, "error", 2, "error: process 1 refuses"),
     (2, 1, "kill", 128 + 9, "error: training process 1 was killed by SIGKILL — most often the machine's memory"),
+    (2, 1, "exit1", 1, "error: training process 1 exited with code 1 — see its output above"),
 ])
 def test_a_failed_training_process_ends_the_launch_with_its_own_line_and_code(
         tmp_path, processes, failing_rank, how, code, last_line):
-    """What launch_train.sh starts the processes with: no launcher traceback or log after the
-    failed process's error line, and the process's exit code (128 + signal when killed)."""
-    script = tmp_path / "fails.py"
-    script.write_text(FAILING_PROCESS)
-    multi = ["--multi_gpu"] if processes > 1 else []
-    result = subprocess.run(
-        [sys.executable, "-c", "import sys, errors; errors.launch_processes(sys.argv[1:])", *multi,
-         "--num_processes", str(processes), "--main_process_port", train.free_port(), str(script),
-         str(failing_rank), how],
-        env={**os.environ, "ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1"}, cwd=ROOT, capture_output=True,
-        text=True)
+    """No launcher traceback or log after the failed process's error line, and the process's exit
+    code (128 + signal when killed); a line where the process could not say why it stopped."""
+    result = launch_failing(tmp_path, processes, failing_rank, how, capture_output=True)
     lines = result.stderr.strip().splitlines()
     assert result.returncode == code, result.stderr[-2000:]
     assert len(lines) == 1 and lines[0].startswith(last_line), result.stderr[-2000:]
+
+
+def test_a_launch_stopped_by_sigterm_says_so_in_one_line(tmp_path):
+    """A scheduler's time limit: the training processes keep SIGTERM's default and say nothing."""
+    launch = launch_failing(tmp_path, 2, 0, "wait", start=subprocess.Popen, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE)
+    assert launch.stdout.readline().strip() == "started"
+    launch.send_signal(signal.SIGTERM)
+    _, stderr = launch.communicate(timeout=60)
+    assert launch.returncode == 128 + 15
+    assert stderr.strip().splitlines() == ["error: training stopped by SIGTERM sent to the launcher (a time limit?) — "
+                                           "resume with --resume_from_checkpoint last"]

@@ -574,17 +574,19 @@ def test_check_only_reads_the_weight_files_headers(tmp_path):
     assert lines[-1].endswith("— finish copying or downloading the model, or point paths.py or --model at a "
                               "complete model folder")
     weights.write_bytes(whole)
-    check_weights("m", str(model))  # whole again: passes
+    check_weights(str(model))  # whole again: passes
     (model / "model.safetensors.index.json").write_text(json.dumps({"weight_map": {
-        "a.weight": "model.safetensors", "b.weight": "model-00002-of-00002.safetensors"}}))
+        "a.weight": "model-00001-of-00002.safetensors", "b.weight": "model-00002-of-00002.safetensors"}}))
+    check_weights(str(model))  # model.safetensors is what transformers loads first
+    weights.rename(model / "model-00001-of-00002.safetensors")
     with pytest.raises(UserError, match=r"lacks model-00002-of-00002.safetensors, a part of its weights named in "
                                         r"model.safetensors.index.json"):
-        check_weights("m", str(model))
+        check_weights(str(model))
     (model / "model.safetensors.index.json").unlink()
-    weights.unlink()
-    with pytest.raises(UserError, match=r"has no weights \(\*.safetensors\)"):
-        check_weights("m", str(model))
-    check_weights("m", "Qwen/Qwen2.5-3B-Instruct")  # a hub id: checked as it downloads
+    (model / "model-00001-of-00002.safetensors").unlink()
+    with pytest.raises(UserError, match=r"has no weights \(\*.safetensors or \*.bin\)"):
+        check_weights(str(model))
+    check_weights("Qwen/Qwen2.5-3B-Instruct")  # a hub id: checked as it downloads
 
 
 def test_deepspeed_zero2_on_two_cpu_processes_skips_steps_cleanly(tmp_path):
@@ -777,7 +779,7 @@ def test_bad_input_gives_one_clear_line(tmp_path, flags, message):
     (["--max_eval_samples", "0"], "--max_eval_samples 0"),
     (["--early_stopping_patience", "0"], "--early_stopping_patience 0"),
     (["--eval_strategy", "sometimes"], "sometimes is not a valid"),
-    (["--deepspeed", "/nonexistent/ds.json"], "--deepspeed /nonexistent/ds.json: no such file — pass a DeepSpeed "
+    (["--deepspeed", "/nonexistent/ds.json"], "--deepspeed '/nonexistent/ds.json': no such file — pass a DeepSpeed "
                                               "config file, e.g. the shipped ds_config.json (launch_train.sh: "
                                               "DS_CONFIG)"),
     (["--report_to", "no_such_tracker"], "--report_to no_such_tracker: no such integration — choose from "),
@@ -880,6 +882,8 @@ def test_output_and_resume_folders_are_checked_before_any_work(tmp_path, monkeyp
         train.check_output_dir(config("--resume_from_checkpoint", str(tmp_path)))
     with pytest.raises(UserError, match="checkpoint-3' does not exist — pass a checkpoint-\\* folder of a run"):
         train.check_output_dir(config("--resume_from_checkpoint", str(tmp_path / "run" / "checkpoint-3")))
+    with pytest.raises(UserError, match="file' is a file — pass the checkpoint-\\* folder that holds it"):
+        train.check_output_dir(config("--resume_from_checkpoint", str(tmp_path / "file")))
     for step in (2, 10):
         fake_checkpoint(tmp_path / "run" / f"checkpoint-{step}")
     assert train.check_output_dir(config("--resume_from_checkpoint", "last")) == str(tmp_path / "run" / "checkpoint-10")
