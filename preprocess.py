@@ -416,11 +416,13 @@ def select_window(users, items, timestamps, start, end, k):
     moves back while fewer than MIN_WINDOW_ITEMS items remain and its year is later than the
     earliest rating's year.
     """
+    unit = "seconds" if timestamps.max() < month_start_ms(1990, 1) else "micro- or nanoseconds" if (
+        timestamps.max() >= month_start_ms(2100, 1)) else None  # Amazon Reviews 2023: 1996-2023, in ms
+    if unit:
+        raise UserError(f"the ratings' last timestamp, {timestamps.max()}, is no date in milliseconds (Amazon Reviews "
+                        f"2023's unit): {unit}? — check the ratings file's timestamp column")
     first, last = (datetime.datetime.fromtimestamp(t / 1000, tz=datetime.timezone.utc)
                    for t in (timestamps.min(), timestamps.max()))
-    if last.year < 1990:  # Amazon Reviews 2023 started in 1996
-        raise UserError(f"the ratings end on {last:%Y-%m-%d}: their timestamps look like seconds, not the milliseconds "
-                        "of Amazon Reviews 2023 — check the ratings file (or multiply its timestamp column by 1000)")
     within = f"pick a window within the ratings, {first:%Y-%m} to {last:%Y-%m}"
     if month_start_ms(*end) < timestamps.min():
         raise UserError(f"the window ends {end[0]}-{end[1]:02d}, before the first rating ({first:%Y-%m-%d}) — {within}")

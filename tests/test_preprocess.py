@@ -209,10 +209,12 @@ def test_a_window_before_the_first_rating_names_the_ratings_span():
         window(ratings, (2019, 1), (2020, 12))
 
 
-def test_timestamps_in_seconds_are_named_as_such():
-    ratings = [(0, 0, ms(2021, 3) // 1000), (0, 1, ms(2023, 9) // 1000)]
-    with pytest.raises(UserError, match="the ratings end on 1970-01-20: their timestamps look like seconds, not the "
-                                        "milliseconds of Amazon Reviews 2023 — check the ratings file"):
+@pytest.mark.parametrize("scale, unit", [(1 / 1000, "seconds"), (1000, "micro- or nanoseconds"),
+                                         (1_000_000, "micro- or nanoseconds")])
+def test_timestamps_in_another_unit_are_named_as_such(scale, unit):
+    ratings = [(0, 0, int(ms(2021, 3) * scale)), (0, 1, int(ms(2023, 9) * scale))]
+    with pytest.raises(UserError, match=f"the ratings' last timestamp, {int(ms(2023, 9) * scale)}, is no date in "
+                                        f"milliseconds \\(Amazon Reviews 2023's unit\\): {unit}\\? — check"):
         window(ratings, (2022, 10), (2023, 10))
 
 
