@@ -146,17 +146,32 @@ def launch_processes(argv: list[str]):
     log line, its notices) and exits with that process's code. What no process could say (killed
     by a signal, stopped by one sent to the launcher) gets one line here.
     """
+    cpp_log_level = os.environ.get("TORCH_CPP_LOG_LEVEL")
+    os.environ["TORCH_CPP_LOG_LEVEL"] = "FATAL"  # read once, at import: no stack trace per retry to reach node 0
     import torch.distributed.run  # noqa: F401  (creates torchrun's loggers, filtered below)
     from accelerate.commands.launch import launch_command, launch_command_parser
     from torch.distributed.elastic.multiprocessing.api import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.elastic.rendezvous import RendezvousError
 
+    if cpp_log_level is None:  # the training processes log as they would have
+        del os.environ["TORCH_CPP_LOG_LEVEL"]
+    else:
+        os.environ["TORCH_CPP_LOG_LEVEL"] = cpp_log_level
     logging.disable(logging.WARNING)  # "defaults used", "Sending process … SIGTERM", ...
     for name in list(logging.root.manager.loggerDict):
         if name.startswith("torch.distributed.elastic"):
             logging.getLogger(name).addFilter(lambda record: not record.getMessage().startswith("failed (exitcode"))
+    args = launch_command_parser().parse_args(argv)
     try:
-        launch_command(launch_command_parser().parse_args(argv))
+        launch_command(args)
+    except (torch.distributed.DistError, RendezvousError) as e:  # the processes never met
+        where = f"{args.main_process_ip}:{args.main_process_port}"
+        fix = ("start launch_train.sh on every node with node 0's address (reachable from the others) as "
+               "MAIN_PROCESS_IP, the same MAIN_PROCESS_PORT and NUM_MACHINES, and its own MACHINE_RANK"
+               if args.num_machines > 1 else "set MAIN_PROCESS_PORT to a free port")
+        print(f"error: the training processes did not meet at {where} ({one_line(e)}) — {fix}", file=sys.stderr)
+        sys.exit(2)
     except subprocess.CalledProcessError as e:  # one process
         sys.exit(exit_code_of_process(0, e.returncode))
     except ChildFailedError as e:

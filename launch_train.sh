@@ -98,6 +98,9 @@ MULTI=()
 if [ "$TOTAL_PROCESSES" -gt 1 ]; then
     MULTI=(--multi_gpu)
 fi
+if [ "$NUM_MACHINES" -gt 1 ]; then
+    echo "node $MACHINE_RANK of $NUM_MACHINES: waiting for the others at $MAIN_PROCESS_IP:$MAIN_PROCESS_PORT"
+fi
 # errors.launch_processes: `accelerate launch`, whose failures end with the failed process's own error line.
 exec "$PYTHON" -c 'import sys, errors; errors.launch_processes(sys.argv[1:])' "${MULTI[@]}" \
     --num_processes "$TOTAL_PROCESSES" --num_machines "$NUM_MACHINES" \

@@ -292,3 +292,27 @@ def test_a_launch_stopped_by_sigterm_says_so_in_one_line(tmp_path):
     assert launch.returncode == 128 + 15
     assert stderr.strip().splitlines() == ["error: training stopped by SIGTERM sent to the launcher (a time limit?) — "
                                            "resume with --resume_from_checkpoint last"]
+
+
+@pytest.mark.parametrize("machine_rank, cause", [
+    (0, "Timed out after"),  # node 0, the other node never came
+    (1, "The client socket has timed out after 3000ms while trying to connect to (127.0.0.1, "),  # no node 0 there
+])
+def test_nodes_that_never_meet_end_in_one_line(tmp_path, machine_rank, cause):
+    """Without the C++ stack trace torch prints at each retry to reach node 0 (every second, for
+    the whole rendezvous timeout)."""
+    script = tmp_path / "never_runs.py"
+    script.write_text("raise SystemExit(5)")
+    port = train.free_port()
+    result = subprocess.run(
+        [sys.executable, "-c", "import sys, errors; errors.launch_processes(sys.argv[1:])", "--multi_gpu",
+         "--num_processes", "2", "--num_machines", "2", "--machine_rank", str(machine_rank), "--main_process_ip",
+         "127.0.0.1", "--main_process_port", port, "--rdzv_conf", "timeout=3", str(script)],
+        env={**os.environ, "ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1"}, cwd=ROOT, capture_output=True,
+        text=True)
+    lines = result.stderr.strip().splitlines()
+    assert result.returncode == 2 and len(lines) == 1, result.stderr[-3000:]
+    assert lines[0].startswith(f"error: the training processes did not meet at 127.0.0.1:{port} ({cause}")
+    assert lines[0].endswith("— start launch_train.sh on every node with node 0's address (reachable from the "
+                             "others) as MAIN_PROCESS_IP, the same MAIN_PROCESS_PORT and NUM_MACHINES, and its own "
+                             "MACHINE_RANK")
