@@ -44,10 +44,8 @@ def load_dataset_dir(folder: str | None, category: str | None = None):
         raise UserError("no --dataset_dir given — run preprocess.py and pass the folder it prints")
     folder, category = os.path.expanduser(folder), category or None  # an empty --dataset_category: not given
     if not os.path.isdir(folder):
-        if os.path.exists(folder):
-            raise UserError(f"dataset folder {folder!r} is a file — run preprocess.py first or fix --dataset_dir")
-        raise UserError(f"dataset folder {missing_path(folder)} does not exist — run preprocess.py first or fix "
-                        "--dataset_dir")
+        state = "is a file" if os.path.exists(folder) else "does not exist"
+        raise UserError(f"dataset folder {missing_path(folder)} {state} — run preprocess.py first or fix --dataset_dir")
     parent = os.path.dirname(os.path.abspath(folder))
     if os.path.basename(os.path.abspath(folder)) in SPLITS and os.path.isfile(os.path.join(parent, "dataset_dict.json")):
         raise UserError(f"{folder!r} is one split of a dataset — pass the dataset folder above it, {parent!r}")

@@ -416,10 +416,10 @@ def select_window(users, items, timestamps, start, end, k):
     moves back while fewer than MIN_WINDOW_ITEMS items remain and its year is later than the
     earliest rating's year.
     """
-    unit = "seconds" if timestamps.max() < month_start_ms(1990, 1) else "micro- or nanoseconds" if (
-        timestamps.max() >= month_start_ms(2100, 1)) else None  # Amazon Reviews 2023: 1996-2023, in ms
-    if unit:
-        raise UserError(f"the ratings' last timestamp, {timestamps.max()}, is no date in milliseconds (Amazon Reviews "
+    latest = timestamps.max()
+    if not month_start_ms(1990, 1) <= latest < month_start_ms(2100, 1):  # Amazon Reviews 2023: 1996-2023, in ms
+        unit = "seconds" if latest < month_start_ms(1990, 1) else "micro- or nanoseconds"
+        raise UserError(f"the ratings' last timestamp, {latest}, is no date in milliseconds (Amazon Reviews "
                         f"2023's unit): {unit}? — check the ratings file's timestamp column")
     first, last = (datetime.datetime.fromtimestamp(t / 1000, tz=datetime.timezone.utc)
                    for t in (timestamps.min(), timestamps.max()))

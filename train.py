@@ -30,6 +30,7 @@ from model import add_lora, check_lora_targets, check_weights, load_backbone, lo
 from paths import resolve_model
 from trainer import RecPOConfig, RecPOTrainer, check_length_limits, check_train_size
 
+CHECKPOINT_NAME = re.compile(r"checkpoint-\d+")  # the folders Trainer saves
 RUN_RECORD = "r2ec_run.json"  # what recommend.py needs: in the output folder and in every checkpoint
 RUN_SETTINGS = ("window_size", "max_new_tokens", "reasoning", "similarity_type", "tau", "max_prompt_tokens",
                 "max_item_tokens", "bf16")
@@ -106,7 +107,7 @@ def check_output_dir(config: RecPOConfig) -> str | None:
                         "of a run, or 'last' for the newest one in --output_dir")
     elif resume is not None and not os.path.isdir(resume):
         raise UserError(f"--resume_from_checkpoint {resume!r} is a file — pass the checkpoint-* folder that holds it")
-    elif resume is not None and not re.fullmatch(r"checkpoint-\d+", folder_name(resume)):
+    elif resume is not None and not CHECKPOINT_NAME.fullmatch(folder_name(resume)):
         raise UserError(f"--resume_from_checkpoint {resume!r} is not a checkpoint folder (checkpoint-N) — pass "
                         "a checkpoint-* folder or 'last'")
     if resume is not None:
@@ -122,7 +123,7 @@ def check_output_dir(config: RecPOConfig) -> str | None:
 
 def is_checkpoint(folder: str) -> bool:
     """Whether `folder` is a checkpoint-N folder a run saved."""
-    return (re.fullmatch(r"checkpoint-\d+", folder_name(folder)) is not None
+    return (CHECKPOINT_NAME.fullmatch(folder_name(folder)) is not None
             and os.path.isfile(os.path.join(folder, "trainer_state.json")))
 
 
