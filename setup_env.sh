@@ -5,12 +5,12 @@
 # Usage: bash setup_env.sh        (then: . .venv/bin/activate)
 set -euo pipefail
 cd "$(dirname "$0")"
-if [ ! -x .venv/bin/python ]; then
-    python3 -m venv .venv
-fi
 installed=.venv/r2ec-installed.txt  # requirements.txt + this script, as last installed
 if cat requirements.txt setup_env.sh | cmp -s - "$installed"; then
     exit 0
+fi
+if ! .venv/bin/python -m pip --version >/dev/null 2>&1; then
+    python3 -m venv --clear .venv  # --clear: a creation stopped halfway leaves a .venv without pip
 fi
 .venv/bin/python -m pip install -q --upgrade pip
 # --no-compile: byte-compiling every installed file (all of torch) takes longer than installing
