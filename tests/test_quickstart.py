@@ -56,37 +56,27 @@ def test_a_cpu_without_bf16_instructions_is_told_apart(tmp_path, monkeypatch):
     (["--steps", "-1"], "--steps -1: must be at least 1"),  # train.py would take it as whole epochs (hours)
     (["--steps", "0"], "--steps 0: must be at least 1"),
     (["--eval_samples", "0"], "--eval_samples 0: must be at least 1"),
-])
-def test_bad_flags_give_one_line_before_anything_runs(tmp_path, flags, message):
-    result = subprocess.run([sys.executable, "quickstart.py", "--output_dir", str(tmp_path / "quick"), *flags],
-                            cwd=ROOT, capture_output=True, text=True)
-    assert result.returncode == 2 and result.stdout == ""  # no preprocess/train command started
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], lines
-    assert not (tmp_path / "quick").exists()
-
-
-@pytest.mark.parametrize("flags, message", [
-    (["--seed", "-1"], "--seed -1: must be between 0 and 2**32 - 1"),
+    (["--seed", "-1"], "--seed -1: must be between 0 and 2**32 - 1"),  # train.py would refuse these three
     (["--model", "gemma"], "model 'Gemma-2-2b-it' points to '/path/to/your/gemma-2-2b-it', which is a placeholder"),
     (["--output_dir", "README.md"], "--output_dir README.md is a file — pass a folder you can write to"),
 ])
-def test_flags_train_py_would_refuse_are_refused_before_preprocessing(tmp_path, flags, message):
-    """parse_args runs before preprocess.py, which rewrites data/sample's dataset."""
+def test_bad_flags_are_refused_before_preprocessing(tmp_path, flags, message):
+    """parse_args runs before preprocess.py, which rewrites data/sample's dataset. (The one-line
+    error of the command itself: test_a_folder_holding_other_files_is_refused_untouched.)"""
     with pytest.raises(UserError, match=re.escape(message)):
         quickstart.parse_args(["--output_dir", str(tmp_path / "quick"), *flags])
+    assert not (tmp_path / "quick").exists()
 
 
 @pytest.mark.parametrize("given", ["{tmp}/my_run", "~/my_run"])  # ~ as train.py reads it: the same folder
-def test_a_folder_holding_another_run_is_refused_untouched(tmp_path, given):
+def test_a_folder_holding_another_run_is_refused_untouched(tmp_path, monkeypatch, given):
     run = tmp_path / "my_run"
     (run / "checkpoint-40").mkdir(parents=True)
     (run / "r2ec_run.json").write_text("{}")
-    result = subprocess.run([sys.executable, "quickstart.py", "--output_dir", given.format(tmp=tmp_path)], cwd=ROOT,
-                            capture_output=True, text=True, env=dict(os.environ, HOME=str(tmp_path)))
-    assert result.returncode == 2 and result.stdout == ""
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith(f"error: --output_dir {run} holds an earlier run"), lines
+    monkeypatch.setenv("HOME", str(tmp_path))
+    with pytest.raises(UserError) as caught:
+        quickstart.parse_args(["--output_dir", given.format(tmp=tmp_path)])
+    assert str(caught.value).startswith(f"--output_dir {run} holds an earlier run"), caught.value
     assert sorted(os.listdir(run)) == ["checkpoint-40", "r2ec_run.json"]
 
 
@@ -96,6 +86,6 @@ def test_a_folder_holding_other_files_is_refused_untouched(tmp_path):
     result = subprocess.run([sys.executable, "quickstart.py", "--output_dir", str(tmp_path)], cwd=ROOT,
                             capture_output=True, text=True)
     lines = result.stderr.strip().splitlines()
-    assert result.returncode == 2 and len(lines) == 1, lines
+    assert result.returncode == 2 and len(lines) == 1 and result.stdout == "", lines  # nothing was started
     assert lines[0].startswith(f"error: --output_dir {tmp_path} holds README.md, not an earlier run's"), lines
     assert (tmp_path / "README.md").read_text() == "mine" and sorted(os.listdir(tmp_path)) == ["README.md", "notes.txt"]
