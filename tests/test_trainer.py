@@ -529,20 +529,21 @@ def quick_flags(tmp_path, *extra) -> list[str]:
             "--output_dir", str(tmp_path / "out"), *extra]
 
 
-def test_check_only_validates_without_training_and_warns_without_a_gpu(tmp_path):
-    result = run_train(quick_flags(tmp_path, "--check_only", "True"), check=False)
-    assert result.returncode == 0 and result.stdout.startswith("ok: flags, ")
+def test_check_only_validates_without_training_and_warns_without_a_gpu(tmp_path, capsys):
+    train.main(quick_flags(tmp_path, "--check_only", "True"))
+    printed = capsys.readouterr()
+    assert printed.out.startswith("ok: flags, ")
     assert not (tmp_path / "out").exists()  # nothing written, no model loaded
-    warned = "warning: no GPU visible" in result.stderr
+    warned = "warning: no GPU visible" in printed.err
     assert warned != torch.cuda.is_available()
-    meant = run_train(quick_flags(tmp_path, "--check_only", "True", "--use_cpu", "True"), check=False)
-    assert meant.returncode == 0 and "warning: no GPU visible" not in meant.stderr  # the CPU is meant
+    train.main(quick_flags(tmp_path, "--check_only", "True", "--use_cpu", "True"))
+    assert "warning: no GPU visible" not in capsys.readouterr().err  # the CPU is meant
     empty_model = tmp_path / "empty_model"
     empty_model.mkdir()
     flags = quick_flags(tmp_path, "--check_only", "True")
     flags[flags.index("--model") + 1] = str(empty_model)
-    result = run_train(flags, check=False)
-    assert result.returncode == 2 and "has no config.json" in result.stderr.strip().splitlines()[-1]
+    with pytest.raises(UserError, match="has no config.json"):
+        train.main(flags)
 
 
 @pytest.mark.parametrize("flags, message", [
@@ -570,11 +571,11 @@ def test_check_only_reads_the_weight_files_headers(tmp_path):
     weights.write_bytes(whole[:len(whole) // 2])
     flags = quick_flags(tmp_path, "--check_only", "True")
     flags[flags.index("--model") + 1] = str(model)
-    result = run_train(flags, check=False)
-    lines = result.stderr.strip().splitlines()
-    assert result.returncode == 2 and lines[-1].startswith(f"error: model weights {str(weights)!r} cannot be read")
-    assert lines[-1].endswith("— finish copying or downloading the model, or point paths.py or --model at a "
-                              "complete model folder")
+    with pytest.raises(UserError) as caught:
+        train.main(flags)
+    assert str(caught.value).startswith(f"model weights {str(weights)!r} cannot be read")
+    assert str(caught.value).endswith("— finish copying or downloading the model, or point paths.py or --model at "
+                                      "a complete model folder")
     weights.write_bytes(whole)
     check_weights(str(model))  # whole again: passes
     (model / "model.safetensors.index.json").write_text(json.dumps({"weight_map": {
@@ -918,8 +919,8 @@ def test_an_earlier_run_is_kept_unless_replaced_on_purpose(tmp_path):
     assert (run / "checkpoint-3").exists()  # the check alone deletes nothing
     flags = quick_flags(tmp_path, "--output_dir", str(run), "--overwrite_output_dir", "True",
                         "--lora_target_modules", "q_proj,qkv_proj")
-    result = run_train(flags, check=False)
-    assert result.returncode == 2 and "LoRA targets qkv_proj" in result.stderr
+    with pytest.raises(UserError, match="LoRA targets qkv_proj"):
+        train.main(flags)
     assert (run / "checkpoint-3").exists() and (run / "r2ec_run.json").exists()  # a failed start loses nothing
     for name in ("final_results.json", "training_curves.png", "adapter_model.safetensors", "README.md", ".notes"):
         (run / name).write_text("old")
@@ -1155,9 +1156,8 @@ def test_every_sample_split_is_checked_for_its_columns(tmp_path):
 
 
 def test_category_that_contradicts_the_dataset_folder_is_named(tmp_path):
-    result = run_train(quick_flags(tmp_path, "--dataset_category", "CDs_and_Vinyl"), check=False)
-    last = result.stderr.strip().splitlines()[-1]
-    assert result.returncode == 2 and "holds Video_Games, not CDs_and_Vinyl" in last
+    with pytest.raises(UserError, match="holds Video_Games, not CDs_and_Vinyl"):
+        train.main(quick_flags(tmp_path, "--dataset_category", "CDs_and_Vinyl"))
 
 
 def test_empty_values_in_a_training_column_are_named(tmp_path):
@@ -1318,8 +1318,8 @@ def test_num_iterations_realigns_rollouts_with_their_users_after_a_skipped_step(
 
 def test_wrong_dataset_folder_is_named(tmp_path):
     (tmp_path / "not_a_dataset").mkdir()
-    result = run_train(quick_flags(tmp_path, "--dataset_dir", str(tmp_path / "not_a_dataset")), check=False)
-    assert result.returncode == 2 and "preprocess.py" in result.stderr.strip().splitlines()[-1]
+    with pytest.raises(UserError, match="preprocess.py"):
+        train.main(quick_flags(tmp_path, "--dataset_dir", str(tmp_path / "not_a_dataset")))
 
 
 def test_warmup_is_linear_then_constant_and_tensorboard_logs_are_written(tmp_path):
