@@ -416,17 +416,16 @@ def select_window(users, items, timestamps, start, end, k):
     moves back while fewer than MIN_WINDOW_ITEMS items remain and its year is later than the
     earliest rating's year.
     """
-    latest = timestamps.max()
+    earliest, latest = timestamps.min(), timestamps.max()
     if not month_start_ms(1990, 1) <= latest < month_start_ms(2100, 1):  # Amazon Reviews 2023: 1996-2023, in ms
         unit = "seconds" if latest < month_start_ms(1990, 1) else "micro- or nanoseconds"
         raise UserError(f"the ratings' last timestamp, {latest}, is no date in milliseconds (Amazon Reviews "
                         f"2023's unit): {unit}? — check the ratings file's timestamp column")
-    first, last = (datetime.datetime.fromtimestamp(t / 1000, tz=datetime.timezone.utc)
-                   for t in (timestamps.min(), timestamps.max()))
+    first, last = (datetime.datetime.fromtimestamp(t / 1000, tz=datetime.timezone.utc) for t in (earliest, latest))
     within = f"pick a window within the ratings, {first:%Y-%m} to {last:%Y-%m}"
-    if month_start_ms(*end) < timestamps.min():
+    if month_start_ms(*end) < earliest:
         raise UserError(f"the window ends {end[0]}-{end[1]:02d}, before the first rating ({first:%Y-%m-%d}) — {within}")
-    if month_start_ms(*start) > timestamps.max():  # the back-off would take every rating, under this name
+    if month_start_ms(*start) > latest:  # the back-off would take every rating, under this name
         raise UserError(f"the window starts {start[0]}-{start[1]:02d}, after the last rating ({last:%Y-%m-%d}) — {within}")
     earliest_year = first.year
     end_ms = month_start_ms(*end)

@@ -410,8 +410,9 @@ def clipped_surrogate(ratio, advantages, epsilon_low, epsilon_high):
 
     Returns (the objective, where the clip is active: those elements get no gradient).
     """
-    clipped = torch.clamp(ratio, 1 - epsilon_low, 1 + epsilon_high)
-    return -torch.min(ratio * advantages, clipped * advantages), clipped * advantages < ratio * advantages
+    unclipped = ratio * advantages
+    clipped = torch.clamp(ratio, 1 - epsilon_low, 1 + epsilon_high) * advantages
+    return -torch.min(unclipped, clipped), clipped < unclipped
 
 
 def clipped_token_loss(logprobs, old_logprobs, advantages, mask, epsilon_low, epsilon_high):
