@@ -139,7 +139,8 @@ def run_cli(main, *args, interrupt_on_sigterm: bool = True, **kwargs):
 
 
 def launch_processes(argv: list[str]):
-    """`accelerate launch` with `argv` (launch_train.sh), failing as one training process does.
+    """`accelerate launch` with `argv` (launch_train.sh), failing as one training process does,
+    and without the user's saved `accelerate config` defaults.
 
     A failed process has printed its own error line (or traceback); the launcher adds none of
     its own (accelerate's CalledProcessError, torchrun's ChildFailedError and "failed (exitcode"
@@ -149,6 +150,7 @@ def launch_processes(argv: list[str]):
     cpp_log_level = os.environ.get("TORCH_CPP_LOG_LEVEL")
     os.environ["TORCH_CPP_LOG_LEVEL"] = "FATAL"  # read once, at import: no stack trace per retry to reach node 0
     import torch.distributed.run  # noqa: F401  (creates torchrun's loggers, filtered below)
+    import accelerate.commands.launch
     from accelerate.commands.launch import launch_command, launch_command_parser
     from torch.distributed.elastic.multiprocessing.api import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
@@ -162,6 +164,9 @@ def launch_processes(argv: list[str]):
     for name in list(logging.root.manager.loggerDict):
         if name.startswith("torch.distributed.elastic"):
             logging.getLogger(name).addFilter(lambda record: not record.getMessage().startswith("failed (exitcode"))
+    # The saved `accelerate config` defaults would override the flags launch_train.sh does not pass
+    # (GPU ids, FSDP, mixed precision): the launch is the script's alone.
+    accelerate.commands.launch.default_config_file = os.devnull
     args = launch_command_parser().parse_args(argv)
     try:
         launch_command(args)

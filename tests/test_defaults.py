@@ -294,6 +294,34 @@ def test_a_launch_stopped_by_sigterm_says_so_in_one_line(tmp_path):
                                            "resume with --resume_from_checkpoint last"]
 
 
+SAVED_ACCELERATE_CONFIG = """compute_environment: LOCAL_MACHINE
+distributed_type: MULTI_GPU
+gpu_ids: '0'
+mixed_precision: fp16
+num_machines: 1
+num_processes: 8
+"""
+
+
+@pytest.mark.parametrize("processes", [1, 2])
+def test_the_launch_ignores_a_saved_accelerate_config(tmp_path, processes):
+    """A left-over `accelerate config` (here one GPU id for a multi-GPU run, which made accelerate
+    raise, and fp16) changes nothing: the processes start as launch_train.sh says."""
+    (tmp_path / "accelerate").mkdir()
+    (tmp_path / "accelerate" / "default_config.yaml").write_text(SAVED_ACCELERATE_CONFIG)
+    script = tmp_path / "show.py"
+    script.write_text("import os\nprint(os.environ.get('WORLD_SIZE'), os.environ['ACCELERATE_MIXED_PRECISION'])")
+    multi = ["--multi_gpu"] if processes > 1 else []
+    result = subprocess.run(
+        [sys.executable, "-c", "import sys, errors; errors.launch_processes(sys.argv[1:])", *multi,
+         "--num_processes", str(processes), "--main_process_port", train.free_port(), str(script)],
+        env={**os.environ, "HF_HOME": str(tmp_path), "ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1"},
+        cwd=ROOT, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr[-2000:]
+    world_size = str(processes) if processes > 1 else "None"
+    assert result.stdout.splitlines() == [f"{world_size} no"] * processes
+
+
 @pytest.mark.parametrize("machine_rank, cause", [
     (0, "Timed out after"),  # node 0, the other node never came
     (1, "The client socket has timed out after 3000ms while trying to connect to (127.0.0.1, "),  # no node 0 there
