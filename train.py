@@ -54,6 +54,13 @@ def warn_about_cpu(argv: list[str]):
               "check CUDA_VISIBLE_DEVICES and the CUDA install (--use_cpu True says it is meant)", file=sys.stderr)
 
 
+def note_unused_gpus(processes: int):
+    """A single process trains on one GPU (RecPOConfig.n_gpu): say so when more are visible."""
+    if processes == 1 and torch.cuda.device_count() > 1:
+        print(f"note: {torch.cuda.device_count()} GPUs are visible and a single process trains on the first — "
+              f"NUM_PROCESSES={torch.cuda.device_count()} bash launch_train.sh trains on all of them", file=sys.stderr)
+
+
 def parse_config(argv: list[str]) -> RecPOConfig:
     """Flags -> RecPOConfig, on the CPU when no GPU is found."""
     if falls_back_to_cpu(argv):
@@ -395,6 +402,7 @@ def main(argv: list[str]):
     trainer = build_trainer(config)
     if trainer.is_world_process_zero():  # once the run is sure to start
         warn_about_cpu(argv)
+        note_unused_gpus(config.world_size)
     replaces = config.overwrite_output_dir and not resumes_in_place(config, resume)
     if trainer.is_world_process_zero() and replaces and earlier_run(config.output_dir):
         clear_earlier_run(config.output_dir)

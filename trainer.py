@@ -344,6 +344,13 @@ class RecPOConfig(TrainingArguments):
             self.save_steps = self.eval_steps
 
     @property
+    def n_gpu(self) -> int:
+        """GPUs per process: one. Trainer would spread a single process over every visible GPU with
+        nn.DataParallel, which the rollouts and the user-state hook do not support; several GPUs
+        take several processes (launch_train.sh)."""
+        return min(super().n_gpu, 1)
+
+    @property
     def lora_targets(self) -> tuple[str, ...]:
         return tuple(name.strip() for name in self.lora_target_modules.split(","))  # "q_proj, v_proj" too
 

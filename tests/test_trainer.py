@@ -529,6 +529,20 @@ def quick_flags(tmp_path, *extra) -> list[str]:
             "--output_dir", str(tmp_path / "out"), *extra]
 
 
+def test_a_single_process_uses_one_gpu_of_several_and_says_so(tmp_path, monkeypatch, capsys):
+    """Trainer would wrap a lone process's model in nn.DataParallel over every visible GPU (and
+    multiply the batch by their number); RecPO keeps one GPU per process."""
+    config = RecPOConfig(output_dir=str(tmp_path), use_cpu=True, per_device_train_batch_size=3)
+    config._n_gpu = 4  # what TrainingArguments finds on a 4-GPU machine without a launcher
+    assert config.n_gpu == 1 and config.train_batch_size == 3
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 4)
+    train.note_unused_gpus(processes=1)
+    train.note_unused_gpus(processes=3)  # launch_train.sh's default leaves the fourth GPU out on purpose
+    assert capsys.readouterr().err.splitlines() == [
+        "note: 4 GPUs are visible and a single process trains on the first — NUM_PROCESSES=4 bash launch_train.sh "
+        "trains on all of them"]
+
+
 def test_check_only_validates_without_training_and_warns_without_a_gpu(tmp_path, capsys):
     train.main(quick_flags(tmp_path, "--check_only", "True"))
     printed = capsys.readouterr()
