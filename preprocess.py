@@ -59,6 +59,7 @@ MAX_TITLE_WORDS = 20
 RATING_COLUMNS = ("user_id", "parent_asin", "rating", "timestamp")
 CHUNK = 1 << 20
 DOWNLOAD_ATTEMPTS = 8
+CONNECT_TIMEOUT_S, READ_TIMEOUT_S = 15, 120
 MIN_YEAR, MAX_YEAR = 1970, 2100  # timestamps are ms since 1970; Amazon Reviews 2023 spans 1996-2023
 MAX_POSTFIX = 100  # keeps the output folder's name (and its temporary name) under 255 bytes
 
@@ -117,7 +118,7 @@ def download(url, dest, category):
         if have:
             headers["Range"] = f"bytes={have}-"
         try:
-            with requests.get(url, headers=headers, stream=True, timeout=(15, 120)) as r:
+            with requests.get(url, headers=headers, stream=True, timeout=(CONNECT_TIMEOUT_S, READ_TIMEOUT_S)) as r:
                 if r.status_code == 404 and category in KNOWN_CATEGORIES and not url.startswith(DEFAULT_BASE_URL):
                     remote = " and ".join(path for path, _ in raw_files(category))
                     raise UserError(f"{url} does not exist (HTTP 404) — a mirror must keep the Amazon host's "
@@ -150,6 +151,10 @@ def download(url, dest, category):
             got = os.path.getsize(part) if os.path.exists(part) else 0
             if got > have:
                 continue  # dropped mid-file after some progress: resume from the new end
+            if isinstance(e, (requests.exceptions.ReadTimeout, urllib3.exceptions.ReadTimeoutError)):
+                raise UserError(f"cannot download {name}: {url_host(url)} answered, then sent nothing for "
+                                f"{READ_TIMEOUT_S} s — rerun later (a partial download resumes), or point "
+                                f"--base_url / {BASE_URL_ENV} at a mirror") from e
             problem = f"cannot download {name}: {url_host(url)} is unreachable ({type(e).__name__})"
             fixes = ["check your network", f"point --base_url / {BASE_URL_ENV} at a mirror",
                      f"put {name} in {os.path.dirname(dest) or '.'}"]

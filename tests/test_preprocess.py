@@ -417,10 +417,11 @@ def test_run_cli_sets_sigterm_only_while_main_runs_and_not_for_launched_training
 
 class Server(http.server.ThreadingHTTPServer):
     """Serves `files` {url path: bytes} with Range support; `drop` {path: n} cuts the first
-    response for that path after n bytes. Every request's (path, Range header) is logged."""
+    response for that path after n bytes; `stall` {path: s} answers it with headers only, then
+    stays silent for s seconds. Every request's (path, Range header) is logged."""
 
-    def __init__(self, files, drop=None):
-        self.files, self.drop, self.log = files, dict(drop or {}), []
+    def __init__(self, files, drop=None, stall=None):
+        self.files, self.drop, self.stall, self.log = files, dict(drop or {}), dict(stall or {}), []
         super().__init__(("127.0.0.1", 0), Handler)
         threading.Thread(target=self.serve_forever, daemon=True).start()
 
@@ -448,6 +449,10 @@ class Handler(http.server.BaseHTTPRequestHandler):
             self.send_response(200)
         self.send_header("Content-Length", str(len(body) - start))
         self.end_headers()
+        if path in self.server.stall:
+            self.wfile.flush()
+            time.sleep(self.server.stall.pop(path))
+            return
         cut = self.server.drop.pop(path, None)
         self.wfile.write(body[start:cut])
         if cut is not None:
@@ -467,8 +472,8 @@ def sample_files():
 def server():
     servers = []
 
-    def start(files, drop=None):
-        servers.append(Server(files, drop))
+    def start(files, drop=None, stall=None):
+        servers.append(Server(files, drop, stall))
         return servers[-1]
 
     yield start
@@ -507,6 +512,19 @@ def test_download_resumes_a_part_file_left_by_an_interrupted_run(tmp_path, serve
     P.fetch_raw("Video_Games", str(tmp_path), s.url)
     assert (tmp_path / SAMPLE_FILES[0]).read_bytes() == files[ratings_remote]
     assert (ratings_remote, "bytes=1000-") in s.log
+
+
+def test_a_server_that_answers_then_stalls_is_named_as_such(tmp_path, server, monkeypatch):
+    """Not "unreachable": it answered. Nothing is left but what a rerun resumes."""
+    monkeypatch.setattr(P, "READ_TIMEOUT_S", 0.5)
+    ratings_remote = P.raw_files("Video_Games")[0][0]
+    s = server(sample_files(), stall={ratings_remote: 3})
+    with pytest.raises(UserError) as error:
+        P.fetch_raw("Video_Games", str(tmp_path), s.url)
+    assert str(error.value) == (f"cannot download {SAMPLE_FILES[0]}: 127.0.0.1 answered, then sent nothing for 0.5 s "
+                                f"— rerun later (a partial download resumes), or point --base_url / "
+                                f"{P.BASE_URL_ENV} at a mirror")
+    assert os.listdir(tmp_path) in ([], [SAMPLE_FILES[0] + ".part"])
 
 
 def test_download_404_names_the_known_categories(tmp_path, server):
