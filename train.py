@@ -177,10 +177,11 @@ def check_no_clash(folder: str, given: str):
 
 
 def clear_earlier_run(folder: str):
-    """--overwrite_output_dir: remove what the earlier run wrote (the names of RUN_OUTPUTS; other
-    files stay), so that `last`, checkpoint rotation, curves.py and recommend.py (which refuses a
-    folder without a run record until the new run completes it) never see a mix of two runs.
-    Called once the new run is built, so a bad flag or backbone leaves the earlier run whole."""
+    """A fresh run removes what an earlier run wrote in its folder (the names of RUN_OUTPUTS; other
+    files stay): the run --overwrite_output_dir replaces, or the logs of one killed before its
+    first save. So `last`, checkpoint rotation, curves.py, TensorBoard and recommend.py (which
+    refuses a folder without a run record until the new run completes it) never see a mix of two
+    runs. Called once the new run is built, so a bad flag or backbone leaves the earlier run whole."""
     for path in [os.path.join(folder, name) for name in os.listdir(folder) if is_run_output(name)]:
         try:
             if os.path.isdir(path) and not os.path.islink(path):
@@ -396,16 +397,17 @@ def main(argv: list[str]):
     resume = check_output_dir(config)
     if config.check_only:
         check_run(config, falls_back_to_cpu(argv))
-        return warn_about_cpu(argv)
+        if "R2EC_PROCESSES" not in os.environ:  # launch_train.sh's check: its training process warns once
+            warn_about_cpu(argv)
+        return
     if resume is not None:
         config.eval_on_start = False  # the checkpoint's model was evaluated before it was saved
     trainer = build_trainer(config)
     if trainer.is_world_process_zero():  # once the run is sure to start
         warn_about_cpu(argv)
         note_unused_gpus(config.world_size)
-    replaces = config.overwrite_output_dir and not resumes_in_place(config, resume)
-    if trainer.is_world_process_zero() and replaces and earlier_run(config.output_dir):
-        clear_earlier_run(config.output_dir)
+    if trainer.is_world_process_zero() and not resumes_in_place(config, resume) and os.path.isdir(config.output_dir):
+        clear_earlier_run(config.output_dir)  # check_output_dir let only an overwritten run or a killed one's logs be
     record = run_record(config, trainer.category)
     trainer.add_callback(RecordInCheckpoints(record))  # recommend.py also reads a killed run's checkpoints
     trainer.accelerator.wait_for_everyone()  # on every process: the others may find the folder cleared already

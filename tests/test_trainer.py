@@ -543,7 +543,7 @@ def test_a_single_process_uses_one_gpu_of_several_and_says_so(tmp_path, monkeypa
         "trains on all of them"]
 
 
-def test_check_only_validates_without_training_and_warns_without_a_gpu(tmp_path, capsys):
+def test_check_only_validates_without_training_and_warns_without_a_gpu(tmp_path, capsys, monkeypatch):
     train.main(quick_flags(tmp_path, "--check_only", "True"))
     printed = capsys.readouterr()
     assert printed.out.startswith("ok: flags, ")
@@ -552,6 +552,9 @@ def test_check_only_validates_without_training_and_warns_without_a_gpu(tmp_path,
     assert warned != torch.cuda.is_available()
     train.main(quick_flags(tmp_path, "--check_only", "True", "--use_cpu", "True"))
     assert "warning: no GPU visible" not in capsys.readouterr().err  # the CPU is meant
+    monkeypatch.setenv("R2EC_PROCESSES", "1")  # launch_train.sh's check: the training process will warn
+    train.main(quick_flags(tmp_path, "--check_only", "True"))
+    assert "warning: no GPU visible" not in capsys.readouterr().err
     empty_model = tmp_path / "empty_model"
     empty_model.mkdir()
     flags = quick_flags(tmp_path, "--check_only", "True")
@@ -1017,6 +1020,44 @@ def test_a_full_disk_is_one_line_that_says_how_to_continue(tmp_path, monkeypatch
         train.main(argv)
     continuation = "resume with --resume_from_checkpoint last" if stage == "train" else "serve its last checkpoint"
     assert continuation in str(caught.value) and "\n" not in str(caught.value)
+
+
+def test_a_fresh_run_clears_the_logs_of_a_run_killed_before_its_first_save(tmp_path, monkeypatch):
+    """Its TensorBoard run and reasoning records would sit beside the new run's; a log file of the
+    user's stays. A resume in place keeps them (they are the run's own)."""
+    run = tmp_path / "run"
+    (run / "runs" / "Nov30_killed").mkdir(parents=True)
+    (run / "reasoning").mkdir()
+    (run / "reasoning" / "step0_valid.jsonl").write_text("old")
+    (run / "train.log").write_text("")
+    listed = []
+
+    class Stop(Exception):
+        pass
+
+    class Recording:
+        category, accelerator = "Video_Games", type("Accelerator", (), {"wait_for_everyone": lambda self: None})()
+
+        def is_world_process_zero(self):
+            return True
+
+        def add_callback(self, callback):
+            pass
+
+        def train(self, resume_from_checkpoint=None):
+            listed.append(sorted(os.listdir(run)))
+            raise Stop
+
+    monkeypatch.setattr(train, "build_trainer", lambda config: Recording())
+    argv = ["--output_dir", str(run), "--model", tiny_backbone("qwen2"), "--report_to", "none"]
+    with pytest.raises(Stop):
+        train.main(argv)
+    assert listed == [["train.log"]]
+    (run / "reasoning").mkdir()
+    fake_checkpoint(run / "checkpoint-3")
+    with pytest.raises(Stop):
+        train.main([*argv, "--resume_from_checkpoint", "last"])
+    assert listed[-1] == ["checkpoint-3", "reasoning", "train.log"]
 
 
 def shutil_usage(free: int):
