@@ -66,14 +66,7 @@ def write_raw(folder, ratings, metas, category="Toy"):
     write_gz(os.path.join(folder, f"meta_{category}.jsonl.gz"), "".join(m + "\n" for m in metas))
 
 
-def closed_port_url():
-    """A loopback URL nothing listens on: connections to it are refused at once."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return f"http://127.0.0.1:{s.getsockname()[1]}/"
-
-
-NOWHERE = closed_port_url()
+NOWHERE = os.environ[P.BASE_URL_ENV]  # conftest's closed loopback port, also the default download host here
 
 
 def run_main(folder, *flags, category="Toy"):
