@@ -154,6 +154,34 @@ def test_a_batch_s_rewards_advantages_and_relabel_mask_by_hand(tmp_path, monkeyp
         assert batch.relabel[2 * group:2 * group + 2].tolist() == ([1.0, 0.0] if first > second else [0.0, 1.0])
 
 
+@pytest.mark.parametrize("similarity_type, tau", [("cosine", 0.05), ("dot", 0.02), ("L2", 0.02)])
+def test_a_batch_under_other_scoring_advantage_and_relabel_flags_by_hand(tmp_path, similarity_type, tau):
+    """The flags reach make_batch: the score is --similarity_type (with --tau for cosine), RLOO
+    advantages within each group of G = 4, the --trainer_relabel_topk 2 best of each relabelled."""
+    trainer = tiny_trainer(tmp_path, similarity_type=similarity_type, tau=tau, advantage_type="rloo", group_size=4,
+                           trainer_relabel_topk=2, gen_temperature=2.0)
+    trainer.refresh_item_table(trainer.model)
+    samples = [dict(trainer.train_dataset[i]) for i in (0, 1)]
+    batch = trainer.make_batch(trainer.model, samples)
+    users, items = batch.rollouts.user_states.float(), trainer.item_table.embeddings.float()
+    rewards = []
+    for row in range(8):
+        sample, user = samples[row // 4], users[row]
+        scores = {"cosine": lambda: torch.stack([torch.dot(user, item) / (user.norm() * item.norm()) for item in items]) / tau,
+                  "dot": lambda: torch.stack([torch.dot(user, item) for item in items]),
+                  "L2": lambda: -torch.stack([(user - item).norm() for item in items])}[similarity_type]()
+        scores[[0, *sample["history_item_id"]]] = -math.inf
+        target = sample["item_id"]
+        rank = int((scores >= scores[target]).sum())
+        rewards.append(0.95 / math.log2(rank + 1) + 0.05 * scores.softmax(0)[target].item())
+    for group in range(2):
+        group_rewards = rewards[4 * group:4 * group + 4]
+        rloo = [r - (sum(group_rewards) - r) / 3 for r in group_rewards]
+        assert batch.advantages[4 * group:4 * group + 4].tolist() == pytest.approx(rloo, rel=1e-3, abs=1e-5)
+        best_two = sorted(range(4), key=lambda i: (-round(group_rewards[i], 5), i))[:2]
+        assert batch.relabel[4 * group:4 * group + 4].tolist() == [float(i in best_two) for i in range(4)]
+
+
 def test_skipped_steps_are_counted_over_the_logging_window(tmp_path):
     trainer = tiny_trainer(tmp_path)
     for reward in (0.2, 0.4, 0.9):
