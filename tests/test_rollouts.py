@@ -342,6 +342,35 @@ def test_one_state_serves_other_prompt_lengths():
         assert state.Pcap == capacity
 
 
+def test_cached_states_follow_the_weights_and_keep_the_four_latest_shapes():
+    """An optimizer step (in place) reuses the state and is read live; weights loaded anew (new
+    tensors) drop it. Of five shapes the four used last are kept, the oldest dropped first."""
+    model = tiny_model("qwen2")
+    rollouts.clear_rollout_cache(model)
+    sampling, stop = SamplingConfig(max_new_tokens=10, greedy=True), StopRule.exact([[7]])
+    ids, mask = prompts()
+
+    def rollout_matches_generate():
+        ours = generate_rollouts(model, ids, mask, 2, sampling, stop, PAD)
+        assert_same_rollouts(ours, generate_rollouts_reference(model, ids, mask, 2, sampling, stop, PAD))
+        (state,) = rollouts._STATES[model].values()
+        return ours.completion_ids, state
+
+    first, state = rollout_matches_generate()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    stepped, stepped_state = rollout_matches_generate()
+    assert stepped_state is state and not torch.equal(stepped, first)
+    model.load_state_dict({name: 1.1 * p for name, p in model.state_dict().items()}, assign=True)
+    reloaded, reloaded_state = rollout_matches_generate()
+    assert reloaded_state is not state and not torch.equal(reloaded, stepped)
+    for num_prompts in (1, 2, 3, 2, 4):  # 3 prompts (the call above) then 1, 2, 3, 2 again, 4
+        short_ids, short_mask = prompts((9, 6, 4, 5)[:num_prompts])
+        generate_rollouts(model, short_ids, short_mask, 2, sampling, stop, PAD)
+    assert [key[0] for key in rollouts._STATES[model]] == [1, 3, 2, 4]
+
+
 def test_bad_inputs_are_refused():
     model = tiny_model("qwen2")
     ids, mask = prompts()
