@@ -427,6 +427,48 @@ def test_update_gradient_equals_one_backward_of_the_whole_loss(tmp_path, checkpo
             torch.testing.assert_close(grads[name], param.grad, rtol=1e-4, atol=1e-6, msg=name)
 
 
+def test_a_later_update_s_clipped_losses_and_gradient_by_hand(tmp_path):
+    """num_iterations > 1: π_old and p_old from the batch, ratios spread around 1, some clipped by
+    the given --epsilon_low / --epsilon_high. The step's loss and every LoRA gradient equal those
+    of SPEC §4.5 + §4.6 written out directly, for all trajectories at once."""
+    from tests.dist_update_worker import GROUP, USERS, fixed_batch, tiny_lora_model
+
+    low, high = 0.05, 0.4  # row 2 of the item loss (q = 0.93, Â < 0) falls under 1 - low
+    model, tokenizer = tiny_lora_model()
+    config = tiny_config(tmp_path, per_device_train_batch_size=USERS, group_size=GROUP, micro_batch_size=3,
+                         lora_dropout=0.0, gradient_checkpointing=False, epsilon_low=low, epsilon_high=high)
+    trainer = RecPOTrainer(model, config, tokenizer, tiny_dataset(), "Video_Games")
+    trainer.refresh_item_table(model)
+    batch = fixed_batch(trainer, model, rank=0, world=1, noise_scale=0.3)
+    loss = trainer.update(trainer.accelerator.prepare_model(model), batch)
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+
+    model.zero_grad(set_to_none=True)
+    rollouts, num = batch.rollouts, len(batch.advantages)
+    completion_len = rollouts.completion_ids.shape[1]
+    logprobs, users = policy_forward(model, torch.cat([rollouts.prompt_ids, rollouts.completion_ids], 1),
+                                     torch.cat([rollouts.prompt_mask, rollouts.completion_mask], 1), completion_len)
+    token, clipped_tokens = 0.0, 0
+    for rows in torch.arange(num).split(3):
+        mask = rollouts.completion_mask[rows].float()
+        ratio = (logprobs[rows] - batch.token_old_logprobs[rows]).exp()
+        advantage = batch.advantages[rows, None]
+        objective = torch.min(ratio * advantage, ratio.clamp(1 - low, 1 + high) * advantage)
+        token = token - (objective * mask).sum() / mask.sum() / len(rows)
+        clipped_tokens += int((((ratio < 1 - low) | (ratio > 1 + high)) * mask).sum())
+    items = encode(model, **trainer.item_table.batch(batch.targets))  # (USERS, D)
+    scores = F.normalize(users, dim=-1) @ F.normalize(items, dim=-1).T / config.tau  # (N, USERS)
+    q = (scores.log_softmax(-1)[torch.arange(num), torch.arange(num) // GROUP] - batch.item_old_logprobs).exp()
+    weighted = batch.advantages * batch.relabel
+    item = -torch.min(q * weighted, q.clamp(1 - low, 1 + high) * weighted).sum() / num
+    (token + item).backward()
+    assert clipped_tokens > 0 and ((q < 1 - low) & (weighted < 0)).any()  # the clip is exercised
+    assert loss.item() == pytest.approx((token + item).item(), rel=1e-4)
+    for name, param in model.named_parameters():
+        if param.requires_grad:
+            torch.testing.assert_close(grads[name], param.grad, rtol=1e-4, atol=1e-6, msg=name)
+
+
 def test_the_item_table_holds_each_item_s_h_and_an_update_rewrites_its_targets(tmp_path):
     """Against `encode` of one unpadded item at a time: the table after a refresh; after an update
     with moved adapters, fresh rows for the batch's targets and the old ones elsewhere; after an
