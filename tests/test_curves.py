@@ -43,6 +43,14 @@ def test_full_history_makes_a_png(tmp_path):
     assert_real_png(path)
 
 
+def test_a_series_is_the_key_s_numeric_points_in_logging_order():
+    history = hand_made_history()
+    assert curves.series(history, "eval_valid_ndcg@10") == ([10, 20, 30], [0.1, 0.2, 0.3])
+    odd = [{"step": 1, "x": 0.5}, {"step": 2, "x": True}, {"step": 3, "x": "n/a"}, {"step": "?", "x": 0.7},
+           {"x": 0.9}, {"step": 6, "y": 1.0}, {"step": 7, "x": 2}]
+    assert curves.series(odd, "x") == ([1, 4, 7], [0.5, 0.9, 2])  # no step: the entry's position
+
+
 @pytest.mark.parametrize("keep", [set(), {"step", "reward/mean"}, {"step", "eval_valid_ndcg@10"}])
 def test_missing_series_are_skipped(tmp_path, keep):
     history = [{k: v for k, v in entry.items() if k in keep} for entry in hand_made_history()]
