@@ -543,6 +543,12 @@ def test_without_reasoning_training_is_in_batch_contrastive_learning(tmp_path):
                                        msg=name)
     records = trainer.recommend(model, samples, [0, 1, 2], "train", top_k=3)
     assert [r["reasoning_tokens"] for r in records] == [len(forced)] * 3
+    num_items = len(trainer.item_table)
+    for record, sample in zip(trainer.recommend(model, samples, [0, 1, 2], "train", top_k=num_items + 5), samples):
+        unseen = set(range(1, num_items)) - set(sample["history_item_id"])  # neither the pad nor a bought item
+        listed = [entry["item_id"] for entry in record["top_k"]]
+        scores = [entry["score"] for entry in record["top_k"]]
+        assert sorted(listed) == sorted(unseen) and scores == sorted(scores, reverse=True)
 
 
 def test_first_update_is_on_policy_although_the_sampler_runs_without_lora_dropout(tmp_path):
