@@ -193,3 +193,6 @@ def test_long_items_lose_description_words(tokenizer):
     cut = item_prompt_tokens(tokenizer, item, "Video_Games", max_tokens=len(full) - 20)
     assert len(cut) <= len(full) - 20 and cut[-len(ids(tokenizer, ANSWER)):] == ids(tokenizer, ANSWER)
     assert "wordy..." in tokenizer.decode(cut)
+    # 20 tokens too many, so 20 words fewer (each word is at least one token): 70 of the 90 kept
+    assert cut == ids(tokenizer, item_sequence(tokenizer, item_prompt(item, "Video_Games", 70)))
+    assert tokenizer.decode(cut).count("wordy") == 70
