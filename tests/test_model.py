@@ -11,7 +11,7 @@ import torch.nn.functional as F
 
 from errors import UserError
 from model import (ItemTable, add_lora, attention_implementation, enable_checkpointing, encode, end_of_turn_ids,
-                   load_backbone, mask_seen, policy_forward, similarity)
+                   load_backbone, load_backbone_config, mask_seen, policy_forward, similarity)
 from paths import DEFAULT_MODEL, resolve_model
 from prompts import chat_prompt, item_prompt_tokens
 from tests.backbones import FAMILIES, tiny_backbone
@@ -235,6 +235,22 @@ def test_load_backbone_turns_dropout_off_and_pads_left(tmp_path):
     assert model.dtype == torch.float32
 
 
+def test_dropout_is_turned_off_inside_a_nested_text_config(tmp_path):
+    """Gemma-3 4b and larger load as a vision-language config whose text config holds the dropout."""
+    from transformers import Gemma3Config
+
+    folder = tmp_path / "gemma3"
+    shutil.copytree(tiny_backbone("gemma2"), folder)
+    text = dict(vocab_size=320, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                num_key_value_heads=2, head_dim=16, attention_dropout=0.3)
+    vision = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2, image_size=28,
+                  patch_size=14, attention_dropout=0.2)
+    Gemma3Config(text_config=text, vision_config=vision).save_pretrained(folder)
+    _, config, _ = load_backbone_config(str(folder))
+    assert config.get_text_config().attention_dropout == 0.0
+    assert config.vision_config.attention_dropout == 0.2  # the text model is the backbone; vision is never run
+
+
 def test_end_of_turn_ids_join_the_tokenizer_and_the_generation_config():
     """Gemma-2-it ends its turn with <end_of_turn>, which only its generation config names; SmolLM2
     with <|im_end|>, its eos."""
@@ -270,9 +286,6 @@ def test_a_tokenizer_without_its_vocabulary_or_of_the_wrong_shape_fails_in_one_l
     """transformers builds an empty tokenizer from a tokenizer_config.json alone (it encodes
     nothing, and the stop rule then failed with an IndexError); a config that is a list raised an
     AttributeError."""
-    import shutil
-    from model import load_backbone_config
-
     folder = tmp_path / "model"
     shutil.copytree(tiny_backbone("qwen2"), folder)
     (folder / "tokenizer.json").unlink()
