@@ -25,6 +25,7 @@ import dataclasses
 import os
 import sys
 import textwrap
+import warnings
 
 import torch
 
@@ -159,17 +160,35 @@ def load_recommender(folder: str, run: dict, config: RecPOConfig, dataset, categ
                         "at the backbone it was trained on, kept under its folder name")
     base, _ = load_backbone(path, dtype=dtype)
     try:
-        model = PeftModel.from_pretrained(base, folder)  # inference mode: adapters frozen, dropout off
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="Found missing adapter keys")  # named below, in one line
+            model = PeftModel.from_pretrained(base, folder)  # inference mode: adapters frozen, dropout off
     except Exception as e:  # another backbone size, truncated weights, a config that is not JSON, ...
         if isinstance(e, RuntimeError) and "size mismatch" in str(e):
-            raise UserError(f"the adapter in {folder!r} was trained on {run['model']!r} ({run.get('model_path')!r} "
-                            f"then), but it now resolves to {path!r}, a backbone of another size — point paths.py's "
-                            "model_names (or \"model\" in r2ec_run.json) back at the backbone it was trained on") from e
+            raise UserError(f"the adapter in {folder!r} (trained on {run['model']!r}, {trained_on!r} then) does not fit "
+                            f"{path!r} (size mismatch): that folder holds a backbone of another size now, or the "
+                            "adapter_config.json was edited — point paths.py's model_names (or \"model\" in "
+                            f"r2ec_run.json) back at the backbone it was trained on, or {damaged}") from e
         raise UserError(f"the adapter in {folder!r} cannot be loaded ({one_line(e)}) — {damaged}") from e
+    missing = missing_adapter_weights(model, folder)
+    if missing:
+        raise UserError(f"the adapter in {folder!r} lacks {len(missing)} of its weights ({missing[0]}, ...; "
+                        f"saved from another LoRA setting, or cut short) — {damaged}")
     trainer = RecPOTrainer(model, config, tokenizer, dataset, category)  # moves the model to config.device
     trainer.model = trainer.accelerator.prepare_model(trainer.model, evaluation_mode=True)  # bf16 autocast, as trained
     trainer.refresh_item_table(trainer.model)
     return trainer
+
+
+def missing_adapter_weights(model, folder: str) -> list[str]:
+    """LoRA weights the model has and the folder's adapter_model.safetensors lacks (PEFT only
+    warns, and would leave them at their initial values: an adapter that does nothing)."""
+    from peft.utils import get_peft_model_state_dict
+    from safetensors import safe_open
+
+    with safe_open(os.path.join(folder, "adapter_model.safetensors"), "pt") as weights:
+        saved = set(weights.keys())
+    return sorted(set(get_peft_model_state_dict(model)) - saved)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -260,10 +279,15 @@ def parse_args(argv: list[str]):
                         "choose rows with --samples or --user_id")
     if args.max_samples is not None and args.max_samples < 1:
         raise UserError(f"--max_samples {args.max_samples}: must be at least 1 (leave it out for the whole split)")
+    if args.output == "":
+        raise UserError("--output is empty (an unset variable?) — pass a file name, or leave the flag out")
     if args.output is not None:
         check_output_file(args.output, "--output")  # here, not after minutes of inference
         if earlier_run(os.path.dirname(os.path.abspath(args.output))) and is_run_output(args.output):
             raise UserError(f"--output {args.output!r} is one of the run's own files — pick another name")
+        if os.path.exists(args.output) and not args.output.endswith(".jsonl"):  # a dataset's or the repo's file
+            raise UserError(f"--output {args.output!r} exists and is no .jsonl file, which recommend.py writes "
+                            "— pick a new name or an earlier output (*.jsonl)")
     return args
 
 
@@ -282,13 +306,17 @@ def main(argv: list[str]) -> list[dict]:
 
     trainer = load_recommender(args.output_dir, run, config, dataset, category, dtype)
     records = trainer.recommend_rows(trainer.model, split_data, args.split, rows, args.top_k)
+    if args.output:
+        write_jsonl(args.output, records)  # before printing: a reader that stops early must not cost the file
     if args.evaluate:
-        print(format_metrics(split_metrics(records), args.split, len(records)))
+        shown = format_metrics(split_metrics(records), args.split, len(records))
     else:
         num_items = len(dataset["item_info"]) - 1  # the pad item is no item
-        print("\n\n".join(format_sample(split_data[r["row"]], r, num_items, config.window_size) for r in records))
-    if args.output:
-        write_jsonl(args.output, records)
+        shown = "\n\n".join(format_sample(split_data[r["row"]], r, num_items, config.window_size) for r in records)
+    try:
+        print(shown, flush=True)
+    except BrokenPipeError:  # `| head` took what it wanted and closed the pipe
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # nor a second error at exit's flush
     return records
 
 

@@ -329,6 +329,31 @@ def test_output_that_is_a_link_a_pipe_or_one_of_the_run_s_files_is_refused(run_d
     before = open(record).read()
     assert_one_line_error(capsys, ["--output_dir", run_dir, "--output", record], "is one of the run's own files")
     assert open(record).read() == before
+    (tmp_path / "dataset_dict.json").write_text("{}")  # a dataset's file, the repository's README.md, ...
+    assert_one_line_error(capsys, ["--output_dir", run_dir, "--output", str(tmp_path / "dataset_dict.json")],
+                          "exists and is no .jsonl file, which recommend.py writes")
+    assert (tmp_path / "dataset_dict.json").read_text() == "{}"
+    assert_one_line_error(capsys, ["--output_dir", run_dir, "--output", ""], "--output is empty")
+
+
+def test_a_reader_that_stops_early_costs_neither_the_output_nor_a_traceback(run_dir, tmp_path, monkeypatch):
+    """`recommend.py ... --output ranks.jsonl | head -1`: the reader is gone when the printout starts."""
+    read_end, write_end = os.pipe()
+    monkeypatch.setattr(sys, "stdout", os.fdopen(write_end, "w"))
+    format_sample = recommend.format_sample
+
+    def reader_gone(*args):
+        if not gone:
+            os.close(read_end)
+            gone.append(read_end)
+        return format_sample(*args)
+
+    gone = []
+    monkeypatch.setattr(recommend, "format_sample", reader_gone)
+    output = tmp_path / "ranks.jsonl"
+    records = run_cli(recommend.main, ["--output_dir", run_dir, "--samples", "0", "1", "--output", str(output),
+                                       "--device", "cpu"])
+    assert [r["row"] for r in records] == [0, 1] and read_jsonl(output) == records
 
 
 def test_failed_write_leaves_no_file(tmp_path):
@@ -365,6 +390,24 @@ def test_adapter_of_another_backbone_size_gives_one_line(run_copy, tmp_path, cap
     (folder / "r2ec_run.json").write_text(json.dumps(dict(run, model=str(other))))
     output = tmp_path / "ranks.jsonl"
     assert_one_line_error(capsys, ["--output_dir", str(folder), "--output", str(output)],
-                          f"the adapter in {str(folder)!r} was trained on {str(other)!r}",
-                          f"resolves to {str(other)!r}, a backbone of another size — point paths.py")
+                          f"the adapter in {str(folder)!r} (trained on {str(other)!r}",
+                          f"does not fit {str(other)!r} (size mismatch): that folder holds a backbone of another "
+                          "size now, or the adapter_config.json was edited — point paths.py")
     assert not output.exists()
+    config = json.loads((folder / "adapter_config.json").read_text())
+    (folder / "adapter_config.json").write_text(json.dumps(dict(config, r=2 * config["r"])))  # the adapter edited
+    (folder / "r2ec_run.json").write_text(json.dumps(run))
+    assert_one_line_error(capsys, ["--output_dir", str(folder)], "does not fit", "(size mismatch)")
+
+
+def test_an_adapter_lacking_weights_gives_one_line(run_copy, tmp_path, capsys):
+    """PEFT only warns about missing keys and leaves those LoRA matrices as initialised: half an
+    adapter, silently. Here the file of a run that adapted the attention alone."""
+    from safetensors.torch import load_file, save_file
+
+    folder, run = run_copy
+    weights = load_file(folder / "adapter_model.safetensors")
+    kept = {name: tensor for name, tensor in weights.items() if "self_attn" in name}
+    save_file(kept, folder / "adapter_model.safetensors")
+    assert_one_line_error(capsys, ["--output_dir", str(folder)],
+                          f"the adapter in {str(folder)!r} lacks {len(weights) - len(kept)} of its weights (")
