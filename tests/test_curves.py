@@ -47,7 +47,8 @@ def test_a_series_is_the_key_s_numeric_points_in_logging_order():
     history = hand_made_history()
     assert curves.series(history, "eval_valid_ndcg@10") == ([10, 20, 30], [0.1, 0.2, 0.3])
     odd = [{"step": 1, "x": 0.5}, {"step": 2, "x": True}, {"step": 3, "x": "n/a"}, {"step": "?", "x": 0.7},
-           {"x": 0.9}, {"step": 6, "y": 1.0}, {"step": 7, "x": 2}]
+           {"x": 0.9}, {"step": 6, "y": 1.0}, {"step": 7, "x": 2}, {"step": 8, "x": float("nan")},
+           {"step": 9, "x": float("inf")}, {"step": 10, "x": 10**400}]
     assert curves.series(odd, "x") == ([1, 4, 7], [0.5, 0.9, 2])  # no step: the entry's position
 
 
