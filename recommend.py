@@ -28,6 +28,7 @@ import textwrap
 import warnings
 
 import torch
+from transformers.trainer_utils import get_last_checkpoint
 
 from dataset import SAMPLE_SPLITS, load_dataset_dir
 from errors import (UserError, check_output_file, missing_path, one_line, one_line_parser_errors, read_json, run_cli,
@@ -53,6 +54,10 @@ def read_run(folder: str) -> dict:
     if not os.path.isdir(folder):
         state = "is a file" if os.path.exists(folder) else "does not exist"
         raise UserError(f"--output_dir {missing_path(folder)} {state} — pass the folder of a train.py run")
+    last_checkpoint = get_last_checkpoint(folder)
+    if not os.path.isfile(os.path.join(folder, "adapter_config.json")) and last_checkpoint:
+        raise UserError(f"{folder!r} holds no final adapter (a run stopped before its end?) — pass its latest "
+                        f"checkpoint: --output_dir {last_checkpoint}")
     if not os.path.isfile(os.path.join(folder, "adapter_config.json")):
         raise UserError(f"{folder!r} holds no LoRA adapter (adapter_config.json) — pass a train.py output "
                         "folder or one of its checkpoint-* folders")

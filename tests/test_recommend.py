@@ -197,6 +197,8 @@ def no_adapter(run_dir, tmp_path):
 @pytest.mark.parametrize("flags, message", [
     (["--output_dir", "/nonexistent/run"], "does not exist"),
     (["--output_dir", "NO_ADAPTER"], "no LoRA adapter"),
+    (["--output_dir", "KILLED"], "holds no final adapter (a run stopped before its end?) — pass its latest "
+                                 "checkpoint: --output_dir KILLED/checkpoint-12"),
     (["--output_dir", "RUN/r2ec_run.json"], "r2ec_run.json' is a file — pass the folder of a train.py run"),
     (["--output_dir", "RUN", "--split", "dev"], "choose one of train, valid, test"),
     (["--output_dir", "RUN", "--samples", "0", "4"], "--samples 4: the test split has 4 samples"),
@@ -204,8 +206,13 @@ def no_adapter(run_dir, tmp_path):
     (["--output_dir", "RUN", "--max_samples", "3"], "--max_samples 3 only applies with --evaluate"),
     (["--output_dir", "RUN", "--top_k", "ten"], "argument --top_k: invalid int value: 'ten'"),
 ])
-def test_bad_input_gives_one_line(run_dir, no_adapter, capsys, flags, message):
-    flags = [{"RUN": run_dir, "NO_ADAPTER": no_adapter}.get(flag, flag.replace("RUN/", run_dir + "/")) for flag in flags]
+def test_bad_input_gives_one_line(run_dir, no_adapter, tmp_path, capsys, flags, message):
+    killed = tmp_path / "killed"  # only checkpoints: stopped before train.py wrote the final adapter
+    for step in (4, 12):
+        (killed / f"checkpoint-{step}").mkdir(parents=True)
+    folders = {"RUN": run_dir, "NO_ADAPTER": no_adapter, "KILLED": str(killed)}
+    flags = [folders.get(flag, flag.replace("RUN/", run_dir + "/")) for flag in flags]
+    message = message.replace("KILLED", str(killed))
     with pytest.raises(SystemExit) as exit_info:
         run_recommend(*flags)
     assert exit_info.value.code == 2
