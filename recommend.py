@@ -21,6 +21,7 @@ by a trainer built for inference, so the prompts, the user state and the masking
 those of training and evaluation.
 """
 import argparse
+import contextlib
 import dataclasses
 import os
 import sys
@@ -309,8 +310,9 @@ def main(argv: list[str]) -> list[dict]:
     split_data = dataset[args.split]
     rows = pick_rows(split_data, args.split, args)  # bad rows fail here, before the model loads
 
-    trainer = load_recommender(args.output_dir, run, config, dataset, category, dtype)
-    records = trainer.recommend_rows(trainer.model, split_data, args.split, rows, args.top_k)
+    with contextlib.redirect_stdout(sys.stderr):  # libraries' notices (DeepSpeed logs to stdout) stay out of the printout
+        trainer = load_recommender(args.output_dir, run, config, dataset, category, dtype)
+        records = trainer.recommend_rows(trainer.model, split_data, args.split, rows, args.top_k)
     if args.output:
         write_jsonl(args.output, records)  # before printing: a reader that stops early must not cost the file
     if args.evaluate:

@@ -343,6 +343,21 @@ def test_output_that_is_a_link_a_pipe_or_one_of_the_run_s_files_is_refused(run_d
     assert_one_line_error(capsys, ["--output_dir", run_dir, "--output", ""], "--output is empty")
 
 
+def test_the_printout_alone_goes_to_stdout(run_dir, tmp_path):
+    """`recommend.py ... | head -1` shows the first sample's header, not a library's notice, and
+    the reader leaving early costs neither the --output file nor a traceback."""
+    output = tmp_path / "ranks.jsonl"
+    with subprocess.Popen([sys.executable, os.path.join(ROOT, "recommend.py"), "--output_dir", run_dir, "--samples",
+                           "0", "1", "--device", "cpu", "--output", str(output)], cwd=ROOT, text=True,
+                          stdout=subprocess.PIPE, stderr=subprocess.PIPE) as process:
+        first_line = process.stdout.readline()
+        process.stdout.close()
+        stderr = process.stderr.read()
+    assert process.returncode == 0 and "Traceback" not in stderr, stderr[-2000:]
+    assert first_line.startswith("== test row 0 · user ")
+    assert [r["row"] for r in read_jsonl(output)] == [0, 1]
+
+
 def test_a_reader_that_stops_early_costs_neither_the_output_nor_a_traceback(run_dir, tmp_path, monkeypatch):
     """`recommend.py ... --output ranks.jsonl | head -1`: the reader is gone when the printout starts."""
     read_end, write_end = os.pipe()
