@@ -45,7 +45,7 @@ warnings.filterwarnings("ignore", message="`(is_)?gradient_checkpointing(_kwargs
 
 ADVANTAGE_TYPES = ("gaussian", "rloo")
 EVAL_SPLITS = ("valid", "test")
-SELECTION_METRICS = [f"eval_valid_{name}" for name in METRIC_NAMES]  # test is held out; longer is not better
+SELECTION_METRICS = [f"eval_valid_{name}" for name in METRIC_NAMES]  # test is held out; reasoning length is no quality
 ITEM_TABLE_FILE = "item_table.pt"  # in a checkpoint saved between evaluations: the table a resume starts from
 SHARED_FOLDER_MARKER = ".r2ec_shared_check"  # written by process 0 for a moment, read by all
 SHARED_FOLDER_WAIT_S = 60  # an NFS client may see a new file only once its attribute cache expires (≤ 60 s)
@@ -958,14 +958,13 @@ class RecPOTrainer(Trainer):
                 self.restore_item_table(model)
         try:
             if self._buffer is None or self.state.global_step % self.args.num_iterations == 0:
-                self._buffer = None
+                self._buffer = None  # stays None when the rollout runs out of memory
                 try:
                     self._buffer = self.make_batch(model, inputs)
                 except torch.OutOfMemoryError:
                     if torch.cuda.is_available():
                         torch.cuda.empty_cache()
-                    self._agree_to_continue(ok=False, reason="out of memory in the rollout")
-            self._agree_to_continue(ok=True)
+            self._agree_to_continue(ok=self._buffer is not None, reason="out of memory in the rollout")
             with self._timed("update"):
                 return self.update(model, self._buffer)
         except SkipStep as skip:
