@@ -225,9 +225,9 @@ class _DecodeState:
         # always padding since every row has stopped by then, lands in column T, never returned.
         self.completion = torch.full((N, T + 1), pad_token_id, dtype=torch.long, device=device)
         self.logprobs = torch.zeros(N, T + 1, device=device)
-        self.active = torch.zeros(N, T + 1, dtype=torch.bool, device=device)
-        self.done = torch.zeros(N, dtype=torch.bool, device=device)
-        self.finished = torch.zeros(N, dtype=torch.bool, device=device)  # last chosen token ends the row
+        self.completion_mask = torch.zeros(N, T + 1, dtype=torch.bool, device=device)
+        self.stopped = torch.zeros(N, dtype=torch.bool, device=device)
+        self.stopped_now = torch.zeros(N, dtype=torch.bool, device=device)  # last chosen token ends the row
         # Stop test (StopRule): pattern p matches when allowed[p, j, window[j]] for every j of
         # the window of the last L tokens; shorter patterns are padded with all-True positions on
         # the left, and the extra column V stands for "no token yet".
@@ -244,13 +244,13 @@ class _DecodeState:
         self.recent = torch.full((N, L - 1), self.no_token, dtype=torch.long, device=device)  # tokens before this one
         self.is_end = torch.zeros(vocab_size, dtype=torch.bool, device=device)  # (V,) tokens that end a turn
         self.is_end[sorted(i for i in stop.end_ids if i < vocab_size)] = True
-        self.force = torch.tensor(stop.forced, device=device)  # (F,)
+        self.forced_ids = torch.tensor(stop.forced, device=device)  # (F,)
         heads = torch.zeros(len(stop.forced) - 1, vocab_size + 1, dtype=torch.bool)  # StopRule.forced_heads
         for j, ids in enumerate(stop.forced_heads()):
             heads[j, sorted(ids)] = True
         self.force_heads = heads.to(device)  # (F - 1, V + 1)
         self.head_index = torch.arange(len(heads), device=device)  # (F - 1,)
-        self.force_from = T - len(self.force)  # first step at which unstopped rows are forced
+        self.force_from = T - len(self.forced_ids)  # first step at which unstopped rows are forced
         # each row's first forced step: force_from, or the step at which it wrote an end of turn
         self.force_start = torch.full((N,), self.force_from, dtype=torch.long, device=device)
         self.graph = None  # the captured decode step (CUDA only)
@@ -273,9 +273,9 @@ class _DecodeState:
         self.step.zero_()
         self.completion.fill_(self.pad_token_id)
         self.logprobs.zero_()
-        self.active.zero_()
-        self.done.zero_()
-        self.finished.zero_()
+        self.completion_mask.zero_()
+        self.stopped.zero_()
+        self.stopped_now.zero_()
         self.recent.fill_(self.no_token)
         self.force_start.fill_(self.force_from)
         if self.user_states is not None:
@@ -402,7 +402,7 @@ def _catch_user_states(module, args, output):
             st.user_states = hidden.new_zeros(st.N, hidden.shape[-1], dtype=torch.float32)
         return
     h = hidden[:, -1].float()  # (N, D) of the token fed this step
-    st.user_states.copy_(torch.where(st.finished[:, None], h, st.user_states))  # (N, D)
+    st.user_states.copy_(torch.where(st.stopped_now[:, None], h, st.user_states))  # (N, D)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -416,31 +416,31 @@ def _choose(st: _DecodeState, logits: torch.Tensor):
     gets the forced stop sequence from there on instead of samples (the rest of it, when its last
     tokens already begin it: `_written_prefix`); a token that completes a
     stop pattern is replaced by the pattern's last id; stopped rows get padding, log-prob 0 and
-    mask 0. `finished` marks the rows this token ends, whose h the next step's decoder output is.
+    mask 0. `stopped_now` marks the rows this token ends, whose h the next step's decoder output is.
     """
     token = _sample_tokens(logits, st.sampling)  # (N,)
-    ends_turn = st.is_end[token] & ~st.done & (st.step < st.force_start)  # (N,)
+    ends_turn = st.is_end[token] & ~st.stopped & (st.step < st.force_start)  # (N,)
     st.force_start.copy_(torch.where(ends_turn, st.step, st.force_start))
-    starts = (st.step == st.force_start) & ~st.done  # (N,) the row's first forced step
+    starts = (st.step == st.force_start) & ~st.stopped  # (N,) the row's first forced step
     st.force_start.sub_(torch.where(starts, _written_prefix(st), 0))
-    forced = (st.step >= st.force_start) & ~st.done  # (N,)
-    force_index = (st.step - st.force_start).clamp(0, len(st.force) - 1)  # (N,)
-    token = torch.where(forced, st.force[force_index], token)
+    forced = (st.step >= st.force_start) & ~st.stopped  # (N,)
+    force_index = (st.step - st.force_start).clamp(0, len(st.forced_ids) - 1)  # (N,)
+    token = torch.where(forced, st.forced_ids[force_index], token)
     window = torch.cat([st.recent, token[:, None]], 1)  # (N, L)
     matches = st.stop_allowed[:, st.window_index, window].all(-1)  # (P, N)
-    hit = matches.any(0) & ~st.done  # (N,)
+    hit = matches.any(0) & ~st.stopped  # (N,)
     token = torch.where(hit, st.stop_last[matches.int().argmax(0)], token)
-    token = torch.where(st.done, st.pad_token_id, token)  # (N,)
+    token = torch.where(st.stopped, st.pad_token_id, token)  # (N,)
     temperature = st.sampling.policy_temperature
     scaled = logits if temperature == 1 else logits / temperature  # (N, V); no copy by default
     logp = scaled.gather(1, token[:, None]) - scaled.logsumexp(-1, keepdim=True)  # (N, 1)
-    logp = logp.masked_fill(st.done[:, None], 0.0)
+    logp = logp.masked_fill(st.stopped[:, None], 0.0)
     st.completion.index_copy_(1, st.step, token[:, None])
     st.logprobs.index_copy_(1, st.step, logp)
-    st.active.index_copy_(1, st.step, ~st.done[:, None])
+    st.completion_mask.index_copy_(1, st.step, ~st.stopped[:, None])
     st.recent.copy_(torch.cat([st.recent, token[:, None]], 1)[:, 1:])  # (N, L - 1)
-    st.finished.copy_(hit)
-    st.done |= hit
+    st.stopped_now.copy_(hit)
+    st.stopped |= hit
     st.tokens.copy_(token[:, None])
     st.step += 1
 
@@ -448,7 +448,7 @@ def _choose(st: _DecodeState, logits: torch.Tensor):
 def _written_prefix(st: _DecodeState) -> torch.Tensor:
     """`StopRule.written_prefix` of every row's tokens before this step, on the device.  -> (N,)"""
     written = torch.zeros_like(st.force_start)
-    for k in range(1, len(st.force)):
+    for k in range(1, len(st.forced_ids)):
         spelled = st.force_heads[st.head_index[:k], st.recent[:, -k:]].all(1)  # (N,) last k tokens
         written = torch.where(spelled, k, written)
     return written
@@ -603,18 +603,18 @@ def generate_rollouts(model, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor
             st.reset_outputs()  # undo the warm-up's writes
         _choose(st, logits)
         for step in range(1, st.T + 1):  # step T only feeds token T-1, for the h of rows ending there
-            if step % CHECK_EVERY == 0 and bool((st.done & ~st.finished).all()):
+            if step % CHECK_EVERY == 0 and bool((st.stopped & ~st.stopped_now).all()):
                 break  # every row has stopped and its final token has been fed
             if use_graph:
                 st.graph.replay()
             else:
                 st.step_fn(model, st)
-    length = int(st.active.sum(1).max())
+    length = int(st.completion_mask.sum(1).max())
     return Rollouts(
         prompt_ids.repeat_interleave(num_samples, 0),
         prompt_mask.repeat_interleave(num_samples, 0),
         st.completion[:, :length].clone(),
-        st.active[:, :length].to(prompt_mask.dtype),
+        st.completion_mask[:, :length].to(prompt_mask.dtype),
         st.logprobs[:, :length].clone(),
         st.user_states.clone(),
     )
