@@ -20,7 +20,8 @@ import torch
 from errors import UserError, folder_problem, one_line_parser_errors, run_cli
 from metrics import METRIC_NAMES
 from paths import DEFAULT_MODEL, resolve_model
-from train import check_no_clash, earlier_run, parse_config
+from run_folder import check_no_clash, earlier_run
+from train import parse_config
 from trainer import EVAL_SPLITS
 
 ROOT = os.path.dirname(os.path.abspath(__file__))

@@ -37,7 +37,7 @@ from errors import (UserError, check_output_file, missing_path, one_line, one_li
 from metrics import KS, RANKING_METRICS, split_metrics
 from model import TOKENIZER_ERRORS, check_tokenizer, load_backbone
 from paths import resolve_model
-from train import RUN_RECORD, earlier_run, folder_name, is_run_output  # RUN_RECORD: in each checkpoint and the run
+from run_folder import RUN_RECORD, earlier_run, folder_name, is_run_output  # RUN_RECORD: in each checkpoint and the run
 from trainer import RecPOConfig, RecPOTrainer, check_length_limits
 
 RUN_KEYS = ("model", "dataset_dir", "category")  # needed in r2ec_run.json; any RecPOConfig field in it is read too

@@ -14,6 +14,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+import run_folder
 import train
 from train import free_port  # launches never collide on a fixed port
 from dataset import load_dataset_dir
@@ -967,34 +968,34 @@ def fake_checkpoint(folder, lora_r=4):
 
 def test_output_and_resume_folders_are_checked_before_any_work(tmp_path, monkeypatch):
     config = lambda *flags: train.parse_config(["--output_dir", str(tmp_path / "run"), *flags])  # noqa: E731
-    assert train.check_output_dir(config()) is None
+    assert run_folder.check_output_dir(config()) is None
     (tmp_path / "file").write_text("x")
     with pytest.raises(UserError, match="is a file"):
-        train.check_output_dir(train.parse_config(["--output_dir", str(tmp_path / "file")]))
+        run_folder.check_output_dir(train.parse_config(["--output_dir", str(tmp_path / "file")]))
     with pytest.raises(UserError, match="no checkpoint-\\* folder"):
-        train.check_output_dir(config("--resume_from_checkpoint", "last"))
+        run_folder.check_output_dir(config("--resume_from_checkpoint", "last"))
     with pytest.raises(UserError, match="not a checkpoint folder"):
-        train.check_output_dir(config("--resume_from_checkpoint", str(tmp_path)))
+        run_folder.check_output_dir(config("--resume_from_checkpoint", str(tmp_path)))
     with pytest.raises(UserError, match="checkpoint-3' does not exist — pass a checkpoint-\\* folder of a run"):
-        train.check_output_dir(config("--resume_from_checkpoint", str(tmp_path / "run" / "checkpoint-3")))
+        run_folder.check_output_dir(config("--resume_from_checkpoint", str(tmp_path / "run" / "checkpoint-3")))
     with pytest.raises(UserError, match="file' is a file — pass the checkpoint-\\* folder that holds it"):
-        train.check_output_dir(config("--resume_from_checkpoint", str(tmp_path / "file")))
+        run_folder.check_output_dir(config("--resume_from_checkpoint", str(tmp_path / "file")))
     for step in (2, 10):
         fake_checkpoint(tmp_path / "run" / f"checkpoint-{step}")
-    assert train.check_output_dir(config("--resume_from_checkpoint", "last")) == str(tmp_path / "run" / "checkpoint-10")
+    assert run_folder.check_output_dir(config("--resume_from_checkpoint", "last")) == str(tmp_path / "run" / "checkpoint-10")
     monkeypatch.setenv("HOME", str(tmp_path))  # --resume_from_checkpoint=~/... reaches Python unexpanded
-    assert train.check_output_dir(config("--resume_from_checkpoint", "~/run/checkpoint-2")) == str(
+    assert run_folder.check_output_dir(config("--resume_from_checkpoint", "~/run/checkpoint-2")) == str(
         tmp_path / "run" / "checkpoint-2")
     with pytest.raises(UserError, match=f"--output_dir {re.escape(str(tmp_path))}/run/checkpoint-2 is a checkpoint "
                                         f"of the run in {re.escape(str(tmp_path))}/run — pass that folder as "
                                         "--output_dir with --resume_from_checkpoint last"):
-        train.check_output_dir(train.parse_config(["--output_dir", "~/run/checkpoint-2"]))
+        run_folder.check_output_dir(train.parse_config(["--output_dir", "~/run/checkpoint-2"]))
     (tmp_path / "run" / "trainer_state.json").write_text("{}")  # a run's output folder is not a checkpoint
     with pytest.raises(UserError, match="not a checkpoint folder"):
-        train.check_output_dir(config("--resume_from_checkpoint", str(tmp_path / "run")))
+        run_folder.check_output_dir(config("--resume_from_checkpoint", str(tmp_path / "run")))
     monkeypatch.setattr(os, "access", lambda path, mode: False)
     with pytest.raises(UserError, match="is not writable"):
-        train.check_output_dir(config())
+        run_folder.check_output_dir(config())
 
 
 def test_an_earlier_run_is_kept_unless_replaced_on_purpose(tmp_path):
@@ -1008,8 +1009,8 @@ def test_an_earlier_run_is_kept_unless_replaced_on_purpose(tmp_path):
     config = lambda *flags: train.parse_config(["--output_dir", str(run), *flags])  # noqa: E731
     for flags in ([], ["--check_only", "True"]):
         with pytest.raises(UserError, match="holds an earlier run — continue it with --resume_from_checkpoint last"):
-            train.check_output_dir(config(*flags))
-    assert train.check_output_dir(config("--overwrite_output_dir", "True")) is None
+            run_folder.check_output_dir(config(*flags))
+    assert run_folder.check_output_dir(config("--overwrite_output_dir", "True")) is None
     assert (run / "checkpoint-3").exists()  # the check alone deletes nothing
     flags = quick_flags(tmp_path, "--output_dir", str(run), "--overwrite_output_dir", "True",
                         "--lora_target_modules", "q_proj,qkv_proj")
@@ -1019,13 +1020,13 @@ def test_an_earlier_run_is_kept_unless_replaced_on_purpose(tmp_path):
     for name in ("final_results.json", "training_curves.png", "adapter_model.safetensors", "README.md", ".notes"):
         (run / name).write_text("old")
     (run / "runs").mkdir()
-    train.clear_earlier_run(str(run))
+    run_folder.clear_earlier_run(str(run))
     assert sorted(os.listdir(run)) == [".notes"]  # nothing of the old run is left to mix with the new one
     fake_checkpoint(run / "checkpoint-3")
     fake_checkpoint(tmp_path / "other" / "checkpoint-5")  # another run's checkpoint, resumed into this folder
     with pytest.raises(UserError, match="holds an earlier run"):
-        train.check_output_dir(config("--resume_from_checkpoint", str(tmp_path / "other" / "checkpoint-5")))
-    assert train.check_output_dir(config("--resume_from_checkpoint", "last")) == str(run / "checkpoint-3")
+        run_folder.check_output_dir(config("--resume_from_checkpoint", str(tmp_path / "other" / "checkpoint-5")))
+    assert run_folder.check_output_dir(config("--resume_from_checkpoint", "last")) == str(run / "checkpoint-3")
 
 
 def test_a_folder_a_run_would_overwrite_or_mix_with_is_refused_even_when_overwriting(tmp_path):
@@ -1041,17 +1042,17 @@ def test_a_folder_a_run_would_overwrite_or_mix_with_is_refused_even_when_overwri
             clashing = ", ".join(sorted(set(others) - {"notes.txt"}))
             with pytest.raises(UserError, match=f"holds {clashing}, not an earlier run's, which the run would "
                                                 "overwrite or mix with — pick a new or empty folder"):
-                train.check_output_dir(config)
+                run_folder.check_output_dir(config)
     (tmp_path / "killed").mkdir()
     (tmp_path / "killed" / "runs").mkdir()  # a run killed before its first save: started afresh
     (tmp_path / "killed" / "train.log").write_text("")  # `> outputs/r1/train.log` exists before train.py starts
-    assert train.check_output_dir(train.parse_config(["--output_dir", str(tmp_path / "killed")])) is None
+    assert run_folder.check_output_dir(train.parse_config(["--output_dir", str(tmp_path / "killed")])) is None
     run = tmp_path / "run"
     fake_checkpoint(run / "checkpoint-3")
     (run / "test.jsonl").write_text("mine")  # README step 4 writes recommend.py's output into the run folder
     (run / "zero_to_fp32.py").write_text("")  # DeepSpeed ZeRO-3's save_model writes it: a run's file, not code
-    assert train.check_output_dir(train.parse_config(["--output_dir", str(run), "--overwrite_output_dir", "True"])) is None
-    train.clear_earlier_run(str(run))
+    assert run_folder.check_output_dir(train.parse_config(["--output_dir", str(run), "--overwrite_output_dir", "True"])) is None
+    run_folder.clear_earlier_run(str(run))
     assert os.listdir(run) == ["test.jsonl"]
 
 
@@ -1181,9 +1182,9 @@ def test_every_checkpoint_holds_the_run_record_so_a_killed_run_can_be_served(tmp
 def test_earlier_run_in_a_folder_named_with_glob_characters(tmp_path):
     run = tmp_path / "run[1]*"
     fake_checkpoint(run / "checkpoint-3")  # a run killed before its first trainer_state.json at the top
-    assert train.earlier_run(str(run))
-    train.clear_earlier_run(str(run))
-    assert os.listdir(run) == [] and not train.earlier_run(str(run))
+    assert run_folder.earlier_run(str(run))
+    run_folder.clear_earlier_run(str(run))
+    assert os.listdir(run) == [] and not run_folder.earlier_run(str(run))
 
 
 def test_an_earlier_run_that_cannot_be_removed_is_named(tmp_path, monkeypatch):
@@ -1202,7 +1203,7 @@ def test_an_earlier_run_that_cannot_be_removed_is_named(tmp_path, monkeypatch):
     monkeypatch.setattr(os, "unlink", remove)  # what shutil.rmtree calls for each file
     with pytest.raises(UserError, match=re.escape(f"cannot remove {run / 'checkpoint-3'} of the earlier run ([Errno 13] "
                                                   "Permission denied: 'trainer_state.json') — remove it yourself")):
-        train.clear_earlier_run(str(run))
+        run_folder.clear_earlier_run(str(run))
 
 
 def test_a_checkpoint_of_an_older_version_without_run_records_resumes(tmp_path):
@@ -1211,7 +1212,7 @@ def test_a_checkpoint_of_an_older_version_without_run_records_resumes(tmp_path):
         fake_checkpoint(tmp_path / "run" / f"checkpoint-{step}")
         (tmp_path / "run" / f"checkpoint-{step}" / "r2ec_run.json").unlink()
     flags = ["--output_dir", str(tmp_path / "run"), "--max_steps", "5", "--resume_from_checkpoint", "last", "--lora_r", "4"]
-    assert train.check_output_dir(train.parse_config(flags)) == str(checkpoint)
+    assert run_folder.check_output_dir(train.parse_config(flags)) == str(checkpoint)
 
 
 def test_a_checkpoint_of_the_same_data_order_resumes_and_another_one_with_ignore_data_skip(tmp_path, monkeypatch):
@@ -1220,19 +1221,19 @@ def test_a_checkpoint_of_the_same_data_order_resumes_and_another_one_with_ignore
     flags = ["--output_dir", str(tmp_path / "run"), "--max_steps", "5", "--resume_from_checkpoint", "last",
              "--dataset_dir", "/data/Video_Games_0_2022-10-2023-10", "--lora_r", "4"]
     record = json.loads((checkpoint / "r2ec_run.json").read_text())
-    record["data_order"] = train.data_order(train.parse_config(flags))
+    record["data_order"] = run_folder.data_order(train.parse_config(flags))
     assert record["data_order"] == {"samples_per_step": 4, "num_iterations": 1, "seed": 42}  # B = 4, 1 process
     (checkpoint / "r2ec_run.json").write_text(json.dumps(record))
-    assert train.check_output_dir(train.parse_config(flags)) == str(checkpoint)
+    assert run_folder.check_output_dir(train.parse_config(flags)) == str(checkpoint)
     for changed in (["--train_batch_size", "2"], ["--gradient_accumulation_steps", "2"], ["--seed", "1"]):
         with pytest.raises(UserError, match="the resume would skip the wrong samples"):
-            train.check_output_dir(train.parse_config(flags + changed))
-        assert train.check_output_dir(train.parse_config(flags + changed + ["--ignore_data_skip", "True"])) == str(checkpoint)
+            run_folder.check_output_dir(train.parse_config(flags + changed))
+        assert run_folder.check_output_dir(train.parse_config(flags + changed + ["--ignore_data_skip", "True"])) == str(checkpoint)
     # launch_train.sh's --check_only runs as one process and says how many it will start
     monkeypatch.setenv("R2EC_PROCESSES", "2")
     with pytest.raises(UserError, match="samples_per_step 4, not 8"):
-        train.check_output_dir(train.parse_config(flags))
-    assert train.check_output_dir(train.parse_config(flags + ["--train_batch_size", "2"])) == str(checkpoint)
+        run_folder.check_output_dir(train.parse_config(flags))
+    assert run_folder.check_output_dir(train.parse_config(flags + ["--train_batch_size", "2"])) == str(checkpoint)
 
 
 @pytest.mark.parametrize("damage, message", [
@@ -1278,7 +1279,7 @@ def test_a_damaged_or_mismatched_checkpoint_is_named_before_resuming(tmp_path, d
     fake_checkpoint(checkpoint)
     damage(checkpoint)
     with pytest.raises(UserError, match=re.escape(message)) as caught:
-        train.check_output_dir(train.parse_config(["--output_dir", str(tmp_path / "run"), "--max_steps", "5",
+        run_folder.check_output_dir(train.parse_config(["--output_dir", str(tmp_path / "run"), "--max_steps", "5",
                                                    "--model", "Qwen/Qwen2.5-3B-Instruct", "--resume_from_checkpoint", "last",
                                                    "--dataset_dir", "/elsewhere/Video_Games_0_2022-10-2023-10/"]))
     assert "\n" not in str(caught.value)
@@ -1386,8 +1387,8 @@ def test_a_symlinked_output_dir_resumes_in_place(tmp_path):
     (tmp_path / "real").mkdir()
     os.symlink(tmp_path / "real", tmp_path / "link")
     config = train.parse_config(["--output_dir", str(tmp_path / "link")])
-    assert train.resumes_in_place(config, str(tmp_path / "real" / "checkpoint-4"))
-    assert not train.resumes_in_place(config, str(tmp_path / "checkpoint-4"))
+    assert run_folder.resumes_in_place(config, str(tmp_path / "real" / "checkpoint-4"))
+    assert not run_folder.resumes_in_place(config, str(tmp_path / "checkpoint-4"))
 
 
 def test_num_iterations_reuses_each_rollout_batch_with_real_old_probabilities(tmp_path, monkeypatch):

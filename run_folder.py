@@ -1,0 +1,245 @@
+"""A run's folder: what a run writes there, what a fresh run refuses or replaces, what a resume
+checks before any work, and the run record recommend.py serves a run from.
+
+A folder holds one run: its checkpoint-* folders, the final adapter and tokenizer, its logs and
+records (RUN_OUTPUTS). A fresh run refuses a folder holding another run unless told to replace
+it, and always one holding what a run would overwrite or mix with (a model, a dataset, code); a
+resume must keep the method, LoRA shape, data order, dataset and backbone of its checkpoint.
+"""
+import fnmatch
+import glob
+import os
+import re
+import shutil
+import zipfile
+
+from transformers import TrainerCallback
+from transformers.trainer_utils import get_last_checkpoint
+
+from errors import UserError, folder_problem, missing_path, one_line, read_json, write_json
+from paths import resolve_model
+from trainer import RecPOConfig
+
+CHECKPOINT_NAME = re.compile(r"checkpoint-\d+")  # the folders Trainer saves
+RUN_RECORD = "r2ec_run.json"  # what recommend.py needs: in the output folder and in every checkpoint
+RUN_SETTINGS = ("window_size", "max_new_tokens", "reasoning", "similarity_type", "tau", "max_prompt_tokens",
+                "max_item_tokens", "bf16")
+METHOD_SETTINGS = ("reasoning", "similarity_type", "tau")  # of RUN_SETTINGS, what a resume must keep
+RUN_OUTPUTS = ("checkpoint-*", "runs", "reasoning", RUN_RECORD, "trainer_state.json", "*_results.json",
+               "training_args.bin", "training_curves.png", "adapter_*", "README.md", "tokenizer*", "*.jinja",
+               "special_tokens_map.json", "added_tokens.json", "vocab.json", "merges.txt",
+               "global_step*", "latest", "zero_to_fp32.py", "emissions.csv")  # what a run writes, ZeRO-3's too
+WRITTEN_BEFORE_A_SAVE = ("runs", "reasoning")  # a run killed before its first checkpoint leaves only these
+OTHER_CONTENT = ("config.json", "*.safetensors", "dataset_dict.json", "preprocess.json", ".git", "*.py")  # not a run's
+
+
+def check_output_dir(config: RecPOConfig) -> str | None:
+    """Fail before any work when the run's folder cannot be written, holds another run, or a
+    resume has nothing whole to read; returns the checkpoint folder to resume from (None: a
+    fresh run)."""
+    folder = os.path.abspath(config.output_dir)
+    problem = folder_problem(folder)
+    if problem:
+        raise UserError(f"--output_dir {config.output_dir} {problem} — pass a folder you can write to")
+    if is_checkpoint(folder):
+        raise UserError(f"--output_dir {config.output_dir} is a checkpoint of the run in {os.path.dirname(folder)} — "
+                        "pass that folder as --output_dir with --resume_from_checkpoint last to continue the run, "
+                        "or pick another --output_dir")
+    resume = config.resume_from_checkpoint
+    if resume in ("last", "latest", "True", "true"):
+        resume = get_last_checkpoint(folder) if os.path.isdir(folder) else None
+        if resume is None:
+            raise UserError(f"no checkpoint-* folder in {config.output_dir!r} to resume from — drop "
+                            "--resume_from_checkpoint or pass a checkpoint folder")
+    elif resume is not None and not os.path.exists(resume):
+        raise UserError(f"--resume_from_checkpoint {missing_path(resume)} does not exist — pass a checkpoint-* folder "
+                        "of a run, or 'last' for the newest one in --output_dir")
+    elif resume is not None and not os.path.isdir(resume):
+        raise UserError(f"--resume_from_checkpoint {resume!r} is a file — pass the checkpoint-* folder that holds it")
+    elif resume is not None and not CHECKPOINT_NAME.fullmatch(folder_name(resume)):
+        raise UserError(f"--resume_from_checkpoint {resume!r} is not a checkpoint folder (checkpoint-N) — pass "
+                        "a checkpoint-* folder or 'last'")
+    if resume is not None:
+        check_checkpoint(resume, config)
+    if not resumes_in_place(config, resume):
+        check_no_clash(folder, config.output_dir)
+    if not resumes_in_place(config, resume) and earlier_run(folder) and not config.overwrite_output_dir:
+        raise UserError(f"--output_dir {config.output_dir} holds an earlier run — continue it with "
+                        "--resume_from_checkpoint last, pick another --output_dir, or pass "
+                        "--overwrite_output_dir True to replace it")
+    return resume
+
+
+def is_checkpoint(folder: str) -> bool:
+    """Whether `folder` is a checkpoint-N folder a run saved."""
+    return (CHECKPOINT_NAME.fullmatch(folder_name(folder)) is not None
+            and os.path.isfile(os.path.join(folder, "trainer_state.json")))
+
+
+def folder_name(path: str) -> str:
+    """The last part of a folder path or hub id, trailing slash or not."""
+    return os.path.basename(os.path.normpath(path))
+
+
+def resumes_in_place(config: RecPOConfig, resume: str | None) -> bool:
+    """Whether the run continues from a checkpoint of its own --output_dir (not another run's)."""
+    return resume is not None and os.path.dirname(os.path.realpath(resume)) == os.path.realpath(config.output_dir)
+
+
+def checkpoint_folders(folder: str) -> list[str]:
+    return glob.glob(os.path.join(glob.escape(folder), "checkpoint-*"))  # a folder name may hold [ ] * ?
+
+
+def is_run_output(path: str) -> bool:
+    """Whether a run writes an entry of this name at its folder's top level (hidden ones aside)."""
+    name = os.path.basename(os.path.normpath(path))
+    return not name.startswith(".") and any(fnmatch.fnmatch(name, pattern) for pattern in RUN_OUTPUTS)
+
+
+def clashing_files(folder: str) -> list[str]:
+    """Entries of `folder` that a run would overwrite or mix with: a model, a dataset or code
+    (`--output_dir .` had PEFT's model card written over the repository's README.md), and, where
+    no earlier run wrote them, the names a run writes. Other files (a log, recommend.py's output)
+    are left alone, and kept when an earlier run is replaced."""
+    names = sorted(os.listdir(folder)) if os.path.isdir(folder) else []
+    earlier = earlier_run(folder)
+    other_content = [name for name in names if any(fnmatch.fnmatch(name, pattern) for pattern in OTHER_CONTENT)
+                     and not is_run_output(name)]
+    unclaimed_run_names = [] if earlier else [name for name in names
+                                               if is_run_output(name) and name not in WRITTEN_BEFORE_A_SAVE]
+    return sorted(other_content + unclaimed_run_names)
+
+
+def check_no_clash(folder: str, given: str):
+    """A fresh run (train.py or the quick start) must not go where `clashing_files` finds anything."""
+    clashing = clashing_files(folder)
+    if clashing:
+        raise UserError(f"--output_dir {given} holds {', '.join(clashing[:3])}{', ...' if len(clashing) > 3 else ''}, "
+                        "not an earlier run's, which the run would overwrite or mix with — pick a new or empty folder")
+
+
+def clear_earlier_run(folder: str):
+    """A fresh run removes what an earlier run wrote in its folder (the names of RUN_OUTPUTS; other
+    files stay): the run --overwrite_output_dir replaces, or the logs of one killed before its
+    first save. So `last`, checkpoint rotation, curves.py, TensorBoard and recommend.py (which
+    refuses a folder without a run record until the new run completes it) never see a mix of two
+    runs. Called once the new run is built, so a bad flag or backbone leaves the earlier run whole."""
+    for path in [os.path.join(folder, name) for name in os.listdir(folder) if is_run_output(name)]:
+        try:
+            if os.path.isdir(path) and not os.path.islink(path):
+                shutil.rmtree(path)
+            else:
+                os.remove(path)
+        except OSError as e:
+            raise UserError(f"--overwrite_output_dir: cannot remove {path} of the earlier run ({one_line(e)}) — "
+                            "remove it yourself or pick another --output_dir") from e
+
+
+def earlier_run(folder: str) -> bool:
+    saved = [os.path.join(folder, name) for name in ("trainer_state.json", RUN_RECORD)]
+    return any(map(os.path.exists, saved)) or bool(checkpoint_folders(folder))
+
+
+def check_checkpoint(checkpoint: str, config: RecPOConfig):
+    """The checkpoint's files are whole and its LoRA shape, method settings, data order and backbone
+    are this run's, so resuming cannot fail halfway, switch method or retrain samples."""
+    fix = "resume from another checkpoint-* folder, or start afresh in another --output_dir"
+    if not os.path.isfile(os.path.join(checkpoint, "trainer_state.json")):
+        raise UserError(f"{checkpoint} is incomplete (no trainer_state.json: its save was cut short) — delete it "
+                        "and resume from the checkpoint before it")
+    step = read_json(os.path.join(checkpoint, "trainer_state.json"), fix).get("global_step", 0)
+    if not isinstance(step, int):
+        raise UserError(f"{checkpoint}/trainer_state.json's global_step {step!r} is not a step number — {fix}")
+    if 0 < config.max_steps <= step:  # the Trainer would still train one more step
+        raise UserError(f"{checkpoint} has already trained {step} steps, --max_steps {config.max_steps} — "
+                        "raise --max_steps to continue")
+    adapter = read_json(os.path.join(checkpoint, "adapter_config.json"), fix)
+    saved_and_given = {  # flag: (the checkpoint's value, this run's)
+        "lora_r": (adapter.get("r"), config.lora_r),
+        "lora_alpha": (adapter.get("lora_alpha"), config.lora_alpha),
+        "lora_target_modules": (",".join(sorted(adapter.get("target_modules") or [])), ",".join(sorted(config.lora_targets))),
+    }
+    record_path = os.path.join(checkpoint, RUN_RECORD)
+    run_folder = os.path.dirname(os.path.abspath(checkpoint))
+    if os.path.isfile(record_path):
+        record = read_json(record_path, fix)
+    elif any(os.path.isfile(os.path.join(folder, RUN_RECORD)) for folder in [run_folder, *checkpoint_folders(run_folder)]):
+        raise UserError(f"{checkpoint} is incomplete (no {RUN_RECORD}, which its run writes last into each "
+                        "checkpoint: its save was cut short) — delete it and resume from the checkpoint before it")
+    else:
+        record = {}  # a checkpoint of an older version, whose runs wrote no record
+    for flag in METHOD_SETTINGS:  # a resume must not switch method halfway (length limits may change)
+        if flag in record:
+            saved_and_given[flag] = (record[flag], getattr(config, flag))
+    for flag, (saved, given) in saved_and_given.items():
+        if saved != given:
+            raise UserError(f"{checkpoint} was trained with --{flag} {saved}, not {given} — resume with --{flag} {saved}")
+    saved_order, order = record.get("data_order"), data_order(config)
+    if isinstance(saved_order, dict) and saved_order != order and not config.ignore_data_skip:
+        changed = ", ".join(f"{key} {saved_order.get(key)}, not {value}" for key, value in order.items()
+                            if saved_order.get(key) != value)
+        raise UserError(f"{checkpoint} was trained with {changed}: the resume would skip the wrong samples of its epoch "
+                        "— resume with the same --train_batch_size × --gradient_accumulation_steps × processes, "
+                        "--num_iterations and --seed, or pass --ignore_data_skip True to start the epoch's order afresh")
+    trained_on_data = record.get("dataset_dir")
+    moved_or_other = isinstance(trained_on_data, str) and config.dataset_dir
+    if moved_or_other and folder_name(trained_on_data) != folder_name(config.dataset_dir):
+        raise UserError(f"{checkpoint} was trained on the dataset {trained_on_data}, not {config.dataset_dir} — resume "
+                        "with that --dataset_dir (moved: keep its folder name)")
+    trained_on, backbone = adapter.get("base_model_name_or_path"), resolve_model(config.model)
+    if trained_on and folder_name(trained_on) != folder_name(backbone):  # the backbone may sit elsewhere now
+        raise UserError(f"{checkpoint} was trained on {trained_on}, not {backbone} — resume with that --model")
+    try:
+        from safetensors import safe_open
+
+        with safe_open(os.path.join(checkpoint, "adapter_model.safetensors"), "pt"):
+            pass
+    except Exception as e:  # missing, truncated or not safetensors: the library raises several kinds
+        raise UserError(f"{checkpoint}'s adapter weights cannot be read ({one_line(e)}) — {fix}") from e
+    # Without its optimizer and scheduler state Trainer would resume with fresh ones, silently.
+    optimizer = os.path.join(checkpoint, "optimizer.pt")
+    deepspeed_state = bool(glob.glob(os.path.join(glob.escape(checkpoint), "global_step*")))  # DeepSpeed's own folder
+    if deepspeed_state and not config.deepspeed:
+        raise UserError(f"{checkpoint} was saved under DeepSpeed — resume with --deepspeed ds_config.json "
+                        "(launch_train.sh passes it)")
+    if config.deepspeed and not deepspeed_state and os.path.exists(optimizer):
+        raise UserError(f"{checkpoint} was saved without DeepSpeed — resume without --deepspeed")
+    if config.deepspeed:
+        missing = [] if deepspeed_state else ["global_step*"]
+    else:
+        missing = [name for name in ("optimizer.pt", "scheduler.pt") if not os.path.exists(os.path.join(checkpoint, name))]
+    if missing:
+        raise UserError(f"{checkpoint} lacks {', '.join(missing)}, the optimizer and learning-rate state — {fix}")
+    if os.path.exists(optimizer) and not zipfile.is_zipfile(optimizer):
+        raise UserError(f"{optimizer} is truncated or corrupt — {fix}")
+
+
+def run_processes(config: RecPOConfig) -> int:
+    """The run's processes: this launch's, or the ones launch_train.sh starts after its --check_only."""
+    return int(os.environ.get("R2EC_PROCESSES", config.world_size))
+
+
+def data_order(config: RecPOConfig) -> dict:
+    """What decides which samples each step trains: a resume skips the samples of the steps done."""
+    samples_per_step = config.per_device_train_batch_size * config.gradient_accumulation_steps * run_processes(config)
+    return {"samples_per_step": samples_per_step, "num_iterations": config.num_iterations, "seed": config.seed}
+
+
+def run_record(config: RecPOConfig, category: str) -> dict:
+    """The run record recommend.py rebuilds a run's inference from: backbone, dataset, prompt and score
+    settings, precision."""
+    model_path = resolve_model(config.model)
+    return {"model": config.model, "model_path": os.path.abspath(model_path) if os.path.isdir(model_path) else model_path,
+            "dataset_dir": os.path.abspath(config.dataset_dir), "category": category,
+            **{key: getattr(config, key) for key in RUN_SETTINGS}, "data_order": data_order(config)}
+
+
+class RecordInCheckpoints(TrainerCallback):
+    """Writes the run record into every checkpoint, so each one can be served without the run finishing."""
+
+    def __init__(self, record: dict):
+        self.record = record
+
+    def on_save(self, args, state, control, **kwargs):
+        if args.should_save:  # process 0, or each node's first with --save_on_each_node
+            write_json(os.path.join(args.output_dir, f"checkpoint-{state.global_step}", RUN_RECORD), self.record)
