@@ -348,13 +348,32 @@ ITEM_INFO_SCHEMA = pa.schema([
 
 def build_item_info(lines):
     """`item_info` table: the pad row (id 0), then one row per window item in id order (1..N)."""
+    rows = [PAD_ROW]
+    for line in lines:
+        try:
+            rows.append(item_row(line))
+        except (TypeError, ValueError) as e:
+            raise unexpected_type_error(json.loads(line)["parent_asin"], e) from e
+    rows = [{**row, "item_id": item_id} for item_id, row in enumerate(rows)]
     try:
-        rows = [PAD_ROW] + [item_row(line) for line in lines]
-        rows = [{**row, "item_id": item_id} for item_id, row in enumerate(rows)]
         return pa.Table.from_pylist(rows, schema=ITEM_INFO_SCHEMA)
     except (TypeError, ValueError, pa.ArrowException) as e:
-        raise UserError(f"a metadata line holds a field of an unexpected type ({one_line(e)}) — delete the "
-                        f"metadata file and rerun to download it again") from e
+        culprits = (row["parent_asin"] for row in rows if not fits_item_schema(row))  # only on this rare path
+        raise unexpected_type_error(next(culprits, "?"), e) from e
+
+
+def fits_item_schema(row: dict) -> bool:
+    try:
+        pa.Table.from_pylist([row], schema=ITEM_INFO_SCHEMA)
+        return True
+    except (TypeError, ValueError, pa.ArrowException):
+        return False
+
+
+def unexpected_type_error(asin: str, error: Exception) -> UserError:
+    return UserError(f"the metadata of item {asin} holds a field of an unexpected type ({one_line(error)}) — delete "
+                     "the metadata file and rerun to download it again (if the error stays, the file itself holds it: "
+                     "drop that item's line)")
 
 # ---------------------------------------------------------------------------------------------
 # Ratings, time window, K-core

@@ -135,8 +135,9 @@ def test_item_info_types_and_defaults():
     table = P.build_item_info([meta("B1", "Alpha", rating_number=None).encode()])
     assert table.schema.field("rating_number").type == pa.int64()
     assert table.to_pylist()[1]["rating_number"] == 0 and table.to_pylist()[1]["details"] == "{}"
-    with pytest.raises(UserError, match="unexpected type"):
-        P.build_item_info([meta("B1", "Alpha", average_rating="four").encode()])
+    for bad in (dict(average_rating="four"), dict(price=[1])):  # refused by pyarrow, by item_row
+        with pytest.raises(UserError, match="^the metadata of item B2 holds a field of an unexpected type"):
+            P.build_item_info([meta("B1", "Alpha").encode(), meta("B2", "Beta", **bad).encode()])
     row = P.build_item_info([meta("B1", "Alpha", description="One paragraph.", features="fast",
                                   categories="Games").encode()]).to_pylist()[1]
     assert (row["description"], row["features"], row["categories"]) == (["One paragraph."], ["fast"], ["Games"])
