@@ -140,10 +140,20 @@ def earlier_run(folder: str) -> bool:
     return any(map(os.path.exists, saved)) or bool(checkpoint_folders(folder))
 
 
+RESUME_ELSEWHERE = "resume from another checkpoint-* folder, or start afresh in another --output_dir"
+
+
 def check_checkpoint(checkpoint: str, config: RecPOConfig):
-    """The checkpoint's files are whole and its LoRA shape, method settings, data order and backbone
-    are this run's, so resuming cannot fail halfway, switch method or retrain samples."""
-    fix = "resume from another checkpoint-* folder, or start afresh in another --output_dir"
+    """The checkpoint's LoRA shape, method settings, data order and backbone are this run's, and its
+    saved state is whole, so resuming cannot switch method, retrain samples or fail halfway."""
+    check_checkpoint_settings(checkpoint, config)
+    check_checkpoint_state(checkpoint, config)
+
+
+def check_checkpoint_settings(checkpoint: str, config: RecPOConfig):
+    """What the checkpoint was trained with (its trainer state, adapter config and run record)
+    against this run's flags."""
+    fix = RESUME_ELSEWHERE
     if not os.path.isfile(os.path.join(checkpoint, "trainer_state.json")):
         raise UserError(f"{checkpoint} is incomplete (no trainer_state.json: its save was cut short) — delete it "
                         "and resume from the checkpoint before it")
@@ -189,6 +199,12 @@ def check_checkpoint(checkpoint: str, config: RecPOConfig):
     trained_on, backbone = adapter.get("base_model_name_or_path"), resolve_model(config.model)
     if trained_on and folder_name(trained_on) != folder_name(backbone):  # the backbone may sit elsewhere now
         raise UserError(f"{checkpoint} was trained on {trained_on}, not {backbone} — resume with that --model")
+
+
+def check_checkpoint_state(checkpoint: str, config: RecPOConfig):
+    """The adapter weights and the optimizer and scheduler state (DeepSpeed's, or Trainer's files)
+    are there and readable."""
+    fix = RESUME_ELSEWHERE
     try:
         from safetensors import safe_open
 
