@@ -119,11 +119,11 @@ def check_no_clash(folder: str, given: str):
 
 
 def clear_earlier_run(folder: str):
-    """A fresh run removes what an earlier run wrote in its folder (the names of RUN_OUTPUTS; other
-    files stay): the run --overwrite_output_dir replaces, or the logs of one killed before its
-    first save. So `last`, checkpoint rotation, curves.py, TensorBoard and recommend.py (which
-    refuses a folder without a run record until the new run completes it) never see a mix of two
-    runs. Called once the new run is built, so a bad flag or backbone leaves the earlier run whole."""
+    """--overwrite_output_dir: remove what the earlier run wrote (the names of RUN_OUTPUTS; other
+    files stay), also when it was killed before its first save (`killed_run_logs`), so that `last`,
+    checkpoint rotation, curves.py, TensorBoard and recommend.py (which refuses a folder without a
+    run record until the new run completes it) never see a mix of two runs. Called once the new
+    run is built, so a bad flag or backbone leaves the earlier run whole."""
     for path in [os.path.join(folder, name) for name in os.listdir(folder) if is_run_output(name)]:
         try:
             if os.path.isdir(path) and not os.path.islink(path):
@@ -133,6 +133,16 @@ def clear_earlier_run(folder: str):
         except OSError as e:
             raise UserError(f"--overwrite_output_dir: cannot remove {path} of the earlier run ({one_line(e)}) — "
                             "remove it yourself or pick another --output_dir") from e
+
+
+def killed_run_logs(folder: str) -> bool:
+    """Whether `folder` holds what a run killed before its first save leaves, and nothing else in
+    those folders: TensorBoard event files under runs/, evaluation records reasoning/step*_*.jsonl."""
+    logs = {"runs": "events.out.tfevents.*", "reasoning": "step*_*.jsonl"}
+    found = [(os.path.join(folder, name), pattern) for name, pattern in logs.items()
+             if os.path.isdir(os.path.join(folder, name))]
+    return bool(found) and all(fnmatch.fnmatch(file, pattern) for top, pattern in found
+                               for _, _, files in os.walk(top) for file in files)
 
 
 def earlier_run(folder: str) -> bool:

@@ -22,8 +22,8 @@ from dataset import load_dataset_dir
 from errors import UserError, one_line, one_line_parser_errors, run_cli, write_json
 from model import add_lora, check_lora_targets, check_weights, load_backbone, load_backbone_config
 from paths import resolve_model
-from run_folder import (RUN_RECORD, RecordInCheckpoints, check_output_dir, clear_earlier_run, resumes_in_place,
-                        run_processes, run_record)
+from run_folder import (RUN_RECORD, RecordInCheckpoints, check_output_dir, clear_earlier_run, earlier_run,
+                        killed_run_logs, resumes_in_place, run_processes, run_record)
 from trainer import RecPOConfig, RecPOTrainer, check_length_limits, check_train_size
 
 
@@ -178,8 +178,10 @@ def main(argv: list[str]):
     if trainer.is_world_process_zero():  # once the run is sure to start
         warn_about_cpu(argv)
         note_unused_gpus(config.world_size)
-    if trainer.is_world_process_zero() and not resumes_in_place(config, resume) and os.path.isdir(config.output_dir):
-        clear_earlier_run(config.output_dir)  # check_output_dir let only an overwritten run or a killed one's logs be
+    replaces = config.overwrite_output_dir and not resumes_in_place(config, resume)
+    leftovers = earlier_run(config.output_dir) or killed_run_logs(config.output_dir)
+    if trainer.is_world_process_zero() and replaces and leftovers:
+        clear_earlier_run(config.output_dir)
     record = run_record(config, trainer.category)
     trainer.add_callback(RecordInCheckpoints(record))  # recommend.py also reads a killed run's checkpoints
     trainer.accelerator.wait_for_everyone()  # on every process: the others may find the folder cleared already

@@ -346,13 +346,14 @@ def test_output_that_is_a_link_a_pipe_or_one_of_the_run_s_files_is_refused(run_d
 def test_the_printout_alone_goes_to_stdout(run_dir, tmp_path):
     """`recommend.py ... | head -1` shows the first sample's header, not a library's notice, and
     the reader leaving early costs neither the --output file nor a traceback."""
-    output = tmp_path / "ranks.jsonl"
-    with subprocess.Popen([sys.executable, os.path.join(ROOT, "recommend.py"), "--output_dir", run_dir, "--samples",
-                           "0", "1", "--device", "cpu", "--output", str(output)], cwd=ROOT, text=True,
-                          stdout=subprocess.PIPE, stderr=subprocess.PIPE) as process:
+    output, errors = tmp_path / "ranks.jsonl", tmp_path / "stderr.txt"
+    with open(errors, "w") as stderr_file, subprocess.Popen(
+            [sys.executable, os.path.join(ROOT, "recommend.py"), "--output_dir", run_dir, "--samples", "0", "1",
+             "--device", "cpu", "--output", str(output)], cwd=ROOT, text=True, stdout=subprocess.PIPE,
+            stderr=stderr_file) as process:  # a file, not a pipe: progress bars can outgrow a pipe's buffer
         first_line = process.stdout.readline()
         process.stdout.close()
-        stderr = process.stderr.read()
+    stderr = errors.read_text()
     assert process.returncode == 0 and "Traceback" not in stderr, stderr[-2000:]
     assert first_line.startswith("== test row 0 · user ")
     assert [r["row"] for r in read_jsonl(output)] == [0, 1]

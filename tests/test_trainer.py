@@ -1100,11 +1100,13 @@ def test_a_full_disk_is_one_line_that_says_how_to_continue(tmp_path, monkeypatch
     assert continuation in str(caught.value) and "\n" not in str(caught.value)
 
 
-def test_a_fresh_run_clears_the_logs_of_a_run_killed_before_its_first_save(tmp_path, monkeypatch):
-    """Its TensorBoard run and reasoning records would sit beside the new run's; a log file of the
-    user's stays. A resume in place keeps them (they are the run's own)."""
+def test_overwriting_clears_the_logs_of_a_run_killed_before_its_first_save(tmp_path, monkeypatch):
+    """Its TensorBoard run and evaluation records would sit beside the new run's (the quick start
+    overwrites its folder). Only what such a run writes goes: a folder named runs/ or reasoning/
+    holding anything else (another run saved as outputs/reasoning) stays, as does a user's log."""
     run = tmp_path / "run"
     (run / "runs" / "Nov30_killed").mkdir(parents=True)
+    (run / "runs" / "Nov30_killed" / "events.out.tfevents.1.host").write_text("")
     (run / "reasoning").mkdir()
     (run / "reasoning" / "step0_valid.jsonl").write_text("old")
     (run / "train.log").write_text("")
@@ -1129,13 +1131,15 @@ def test_a_fresh_run_clears_the_logs_of_a_run_killed_before_its_first_save(tmp_p
     monkeypatch.setattr(train, "build_trainer", lambda config: Recording())
     argv = ["--output_dir", str(run), "--model", tiny_backbone("qwen2"), "--report_to", "none"]
     with pytest.raises(Stop):
-        train.main(argv)
-    assert listed == [["train.log"]]
-    (run / "reasoning").mkdir()
-    fake_checkpoint(run / "checkpoint-3")
+        train.main(argv)  # a fresh run without --overwrite_output_dir deletes nothing
     with pytest.raises(Stop):
-        train.main([*argv, "--resume_from_checkpoint", "last"])
-    assert listed[-1] == ["checkpoint-3", "reasoning", "train.log"]
+        train.main([*argv, "--overwrite_output_dir", "True"])
+    assert listed == [["reasoning", "runs", "train.log"], ["train.log"]]
+    (run / "reasoning").mkdir()
+    (run / "reasoning" / "adapter_config.json").write_text("{}")  # not a killed run's: kept
+    with pytest.raises(Stop):
+        train.main([*argv, "--overwrite_output_dir", "True"])
+    assert listed[-1] == ["reasoning", "train.log"] and (run / "reasoning" / "adapter_config.json").exists()
 
 
 def test_final_metrics_are_the_saved_model_s_logged_evaluation(tmp_path):
