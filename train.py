@@ -179,8 +179,8 @@ def main(argv: list[str]):
         warn_about_cpu(argv)
         note_unused_gpus(config.world_size)
     replaces = config.overwrite_output_dir and not resumes_in_place(config, resume)
-    leftovers = earlier_run(config.output_dir) or killed_run_logs(config.output_dir)
-    if trainer.is_world_process_zero() and replaces and leftovers:
+    if trainer.is_world_process_zero() and replaces and (earlier_run(config.output_dir)
+                                                         or killed_run_logs(config.output_dir)):
         clear_earlier_run(config.output_dir)
     record = run_record(config, trainer.category)
     trainer.add_callback(RecordInCheckpoints(record))  # recommend.py also reads a killed run's checkpoints

@@ -1056,6 +1056,27 @@ def test_a_folder_a_run_would_overwrite_or_mix_with_is_refused_even_when_overwri
     assert os.listdir(run) == ["test.jsonl"]
 
 
+class StandInTrainer:
+    """What train.main uses of a RecPOTrainer, its train() and save_model() given by the test."""
+    category = "Video_Games"
+    accelerator = types.SimpleNamespace(wait_for_everyone=lambda: None)
+
+    def __init__(self, on_train, on_save=lambda: None):
+        self.on_train, self.on_save = on_train, on_save
+
+    def is_world_process_zero(self):
+        return True
+
+    def add_callback(self, callback):
+        pass
+
+    def train(self, resume_from_checkpoint=None):
+        self.on_train()
+
+    def save_model(self, output_dir):
+        self.on_save()
+
+
 @pytest.mark.parametrize("error, output_disk_full, stage, message", [
     (OSError(28, "No space left on device"), True, "train", "no space left on the disk of .*/run \\(\\[Errno 28\\]"),
     (Exception("No space left on device (os error 28)"), True, "train", "no space left on the disk of"),  # tokenizers
@@ -1070,23 +1091,11 @@ def test_a_full_disk_is_one_line_that_says_how_to_continue(tmp_path, monkeypatch
                                                              message):
     """No real full disk in CI: the error each writer raises on one (measured on a 1 MiB tmpfs) and
     the free space of the output folder's disk are given."""
-    class Failing:
-        category, accelerator = "Video_Games", type("Accelerator", (), {"wait_for_everyone": lambda self: None})()
+    def fail():
+        raise error
 
-        def is_world_process_zero(self):
-            return True
-
-        def add_callback(self, callback):
-            pass
-
-        def train(self, resume_from_checkpoint=None):
-            if stage == "train":
-                raise error
-
-        def save_model(self, output_dir):
-            raise error
-
-    monkeypatch.setattr(train, "build_trainer", lambda config: Failing())
+    monkeypatch.setattr(train, "build_trainer", lambda config: StandInTrainer(
+        on_train=fail if stage == "train" else lambda: None, on_save=fail))
     free = 0 if output_disk_full else 2**40
     monkeypatch.setattr(train.shutil, "disk_usage", lambda path: shutil_usage(free))
     argv = ["--output_dir", str(tmp_path / "run"), "--model", tiny_backbone("qwen2"), "--report_to", "none"]
@@ -1115,20 +1124,11 @@ def test_overwriting_clears_the_logs_of_a_run_killed_before_its_first_save(tmp_p
     class Stop(Exception):
         pass
 
-    class Recording:
-        category, accelerator = "Video_Games", type("Accelerator", (), {"wait_for_everyone": lambda self: None})()
+    def list_then_stop():
+        listed.append(sorted(os.listdir(run)))
+        raise Stop
 
-        def is_world_process_zero(self):
-            return True
-
-        def add_callback(self, callback):
-            pass
-
-        def train(self, resume_from_checkpoint=None):
-            listed.append(sorted(os.listdir(run)))
-            raise Stop
-
-    monkeypatch.setattr(train, "build_trainer", lambda config: Recording())
+    monkeypatch.setattr(train, "build_trainer", lambda config: StandInTrainer(on_train=list_then_stop))
     argv = ["--output_dir", str(run), "--model", tiny_backbone("qwen2"), "--report_to", "none"]
     with pytest.raises(Stop):
         train.main(argv)  # a fresh run without --overwrite_output_dir deletes nothing
