@@ -449,7 +449,7 @@ def select_window(users, items, timestamps, start, end, k):
     within = f"pick a window within the ratings, {first:%Y-%m} to {last:%Y-%m}"
     if month_start_ms(*end) < earliest:
         raise UserError(f"the window ends {end[0]}-{end[1]:02d}, before the first rating ({first:%Y-%m-%d}) — {within}")
-    if month_start_ms(*start) > latest:  # the back-off would take every rating, under this name
+    if month_start_ms(*start) > latest:  # a mistyped year: the back-off would fill its folder with other months
         raise UserError(f"the window starts {start[0]}-{start[1]:02d}, after the last rating ({last:%Y-%m-%d}) — {within}")
     earliest_year = first.year
     end_ms = month_start_ms(*end)
