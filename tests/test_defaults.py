@@ -310,7 +310,9 @@ def test_the_launch_ignores_a_saved_accelerate_config(tmp_path, processes):
     (tmp_path / "accelerate").mkdir()
     (tmp_path / "accelerate" / "default_config.yaml").write_text(SAVED_ACCELERATE_CONFIG)
     script = tmp_path / "show.py"
-    script.write_text("import os\nprint(os.environ.get('WORLD_SIZE'), os.environ['ACCELERATE_MIXED_PRECISION'])")
+    # one write per process: print's pieces from two processes can interleave on the shared pipe
+    script.write_text("import os\nline = f\"{os.environ.get('WORLD_SIZE')} {os.environ['ACCELERATE_MIXED_PRECISION']}\\n\"\n"
+                      "os.write(1, line.encode())")
     multi = ["--multi_gpu"] if processes > 1 else []
     result = subprocess.run(
         [sys.executable, "-c", "import sys, errors; errors.launch_processes(sys.argv[1:])", *multi,
