@@ -2,7 +2,8 @@
 
 Its name, `{category}_{K}_{st_year}-{st_month}-{ed_year}-{ed_month}[_{postfix}]` (SPEC §1), tells
 the category; it holds a `datasets.DatasetDict` with the sample splits and `item_info`, and
-`preprocess.json`: the flags, the window actually kept (its start may have moved back) and the sizes.
+`preprocess.json`: category, K, window size, the requested and the kept window (its start may have
+moved back) and the sizes.
 `load_dataset_dir` checks what training relies on, so a wrong folder fails in one line.
 """
 import os

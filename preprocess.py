@@ -119,7 +119,10 @@ def download(url, dest, category):
             headers["Range"] = f"bytes={have}-"
         try:
             with requests.get(url, headers=headers, stream=True, timeout=(CONNECT_TIMEOUT_S, READ_TIMEOUT_S)) as r:
-                if r.status_code == 404 and category in KNOWN_CATEGORIES and not url.startswith(DEFAULT_BASE_URL):
+                if r.status_code == 404 and category in KNOWN_CATEGORIES and url.startswith(DEFAULT_BASE_URL):
+                    raise UserError(f"{url} does not exist (HTTP 404): the Amazon host no longer serves this "
+                                    f"file — put both files into --data_root_dir, or pass --base_url a mirror")
+                if r.status_code == 404 and category in KNOWN_CATEGORIES:
                     remote = " and ".join(path for path, _ in raw_files(category))
                     raise UserError(f"{url} does not exist (HTTP 404) — a mirror must keep the Amazon host's "
                                     f"layout ({remote} under --base_url); or put both files into --data_root_dir")

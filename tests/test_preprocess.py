@@ -537,7 +537,8 @@ def test_download_404_of_a_known_category_names_the_mirror_layout(tmp_path, serv
         P.fetch_raw("Video_Games", str(tmp_path), s.url)
     assert os.listdir(tmp_path) == []
     monkeypatch.setattr(P, "DEFAULT_BASE_URL", s.url)  # the Amazon host itself: no mirror to blame
-    with pytest.raises(UserError, match=r"HTTP 404\): no category 'Video_Games' there"):
+    with pytest.raises(UserError, match=r"HTTP 404\): the Amazon host no longer serves this file — put both "
+                                        r"files into --data_root_dir, or pass --base_url a mirror$"):
         P.fetch_raw("Video_Games", str(tmp_path), s.url)
 
 
