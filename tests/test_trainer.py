@@ -882,6 +882,7 @@ def test_bad_input_gives_one_clear_line(tmp_path, flags, message):
     (["--report_to", "dvclive"], "--report_to dvclive: not installed here — pip install it"),  # not in requirements.txt
     (["--deepspeed", "tests"], "--deepspeed tests is a folder — pass a DeepSpeed config file"),
     (["--max_steps", "-5"], "--max_steps -5: must be positive, or -1 to train --num_train_epochs epochs"),
+    (["--max_steps", "0"], "--max_steps 0: must be positive, or -1 to train --num_train_epochs epochs"),
     (["--metric_for_best_model", "eval_valid_ndcg@50"], "valid ranking figure (test is held out) — choose one of "
                                                         "eval_valid_ndcg@5, "),
     (["--metric_for_best_model", "eval_test_ndcg@10"], "--metric_for_best_model 'eval_test_ndcg@10': models are"),
@@ -910,7 +911,7 @@ def test_bad_input_gives_one_clear_line(tmp_path, flags, message):
     (["--eval_steps", "-1"], "--eval_steps -1: must be positive"),
     (["--save_steps", "-2", "--load_best_model_at_end", "False"], "--save_steps -2: must be positive"),
     (["--logging_steps", "-1"], "--logging_steps -1: must be positive"),
-    (["--max_steps", "0", "--num_train_epochs", "0"], "train no step"),
+    (["--num_train_epochs", "0"], "--max_steps -1 and --num_train_epochs 0 train no step"),
     (["--lora_target_modules", ""], "--lora_target_modules '': give comma-separated module names"),
     (["--learning_rate", "abc"], "invalid float value: 'abc' — python train.py --help lists the flags"),
     (["--bf16", "maybe"], "argument --bf16: Truthy value expected: got maybe"),
