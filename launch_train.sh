@@ -8,7 +8,7 @@
 set -euo pipefail
 cd "$(dirname "$0")"
 
-CUDA_VISIBLE_DEVICES=${CUDA_VISIBLE_DEVICES:-0,1,2,3}
+CUDA_VISIBLE_DEVICES=${CUDA_VISIBLE_DEVICES-0,1,2,3}  # set but empty (no GPU) is kept
 NUM_PROCESSES=${NUM_PROCESSES:-3}          # the released setup kept the fourth GPU for its rollout engine
 MAIN_PROCESS_PORT=${MAIN_PROCESS_PORT:-20138}
 NUM_MACHINES=${NUM_MACHINES:-1}            # multi-node: same script on every node with its MACHINE_RANK

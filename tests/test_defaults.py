@@ -110,9 +110,23 @@ def test_readme_names_each_launcher_variable_s_flag_and_default():
     assert {flag: words[words.index(flag) + 1] for flag in flag_of.values()} == {
         flag: f"set_{variable}" for variable, flag in flag_of.items()}
     with open(os.path.join(ROOT, "launch_train.sh")) as f:
-        script = dict(re.findall(r"^(\w+)=\$\{\1:-(.*?)\}(?:\s+#.*)?$", f.read(), re.MULTILINE))
+        script = dict(re.findall(r"^(\w+)=\$\{\1:?-(.*?)\}(?:\s+#.*)?$", f.read(), re.MULTILINE))
     readme = {variable: default for variables, _, defaults in rows for variable, default in zip(variables, defaults)}
     assert readme == {variable: default.replace('"', "") for variable, default in script.items()}
+
+
+@pytest.mark.parametrize("visible, seen", [(None, "0,1,2,3"), ("", ""), ("2,3", "2,3")])
+def test_launcher_keeps_the_gpus_the_environment_names_even_none(tmp_path, visible, seen):
+    """An empty CUDA_VISIBLE_DEVICES (no GPU) is kept, not replaced by the default 0,1,2,3."""
+    python = tmp_path / "python"
+    python.write_text('#!/bin/sh\necho "[$CUDA_VISIBLE_DEVICES]"\n')
+    python.chmod(0o755)
+    env = {k: v for k, v in os.environ.items() if k != "CUDA_VISIBLE_DEVICES"}
+    if visible is not None:
+        env["CUDA_VISIBLE_DEVICES"] = visible
+    result = subprocess.run(["bash", os.path.join(ROOT, "launch_train.sh")], env={**env, "PYTHON": str(python)},
+                            capture_output=True, text=True, check=True)
+    assert result.stdout.splitlines() == [f"[{seen}]"]  # the launch; the check's own output goes to /dev/null
 
 
 def test_launcher_names_the_run_after_the_models_last_path_part():
