@@ -61,6 +61,7 @@ CHUNK = 1 << 20
 DOWNLOAD_ATTEMPTS = 8
 CONNECT_TIMEOUT_S, READ_TIMEOUT_S = 15, 120
 MIN_YEAR, MAX_YEAR = 1970, 2100  # timestamps are ms since 1970; Amazon Reviews 2023 spans 1996-2023
+FIRST_RATING_YEAR = 1996  # Amazon Reviews 2023 starts here: an earlier timestamp is a damaged line
 MAX_POSTFIX = 100  # keeps the output folder's name (and its temporary name) under 255 bytes
 
 # ---------------------------------------------------------------------------------------------
@@ -285,12 +286,17 @@ def scan_metadata(lines, rated, path):
     Only items in `rated` (asins that have ratings) can ever reach a window, so a line whose
     `"parent_asin": "..."` pairs name none of them is skipped before JSON parsing: real files hold
     several times more items than their 5-core ratings. A repeated parent_asin keeps its first line.
+    A file without a single non-blank line is refused: it would only surface later, as no rating
+    passing the item filter.
     """
     wanted = {a.encode() for a in rated}
-    kept, seen = {}, set()
+    kept, seen, empty = {}, set(), True
     for number, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        empty = False
         found = PARENT_ASIN_RE.findall(line)
-        if (found and not any(a in wanted for a in found)) or not line.strip():
+        if found and not any(a in wanted for a in found):
             continue
         try:
             meta = json.loads(line)
@@ -306,6 +312,8 @@ def scan_metadata(lines, rated, path):
         seen.add(asin)
         if filter_title(meta.get("title")) is not None and price_is_float(meta.get("price")):
             kept[asin] = line
+    if empty:
+        raise UserError(f"{path} is empty (no items) — delete the file and rerun to download it again")
     return kept
 
 
@@ -410,7 +418,24 @@ def read_ratings(path):
                             f"it again")
     if table.num_rows == 0:
         raise UserError(f"{path} has a header but no ratings — delete the file and rerun to download it again")
+    check_first_timestamp(table["timestamp"].to_numpy(), path)
     return table
+
+
+def check_first_timestamp(timestamps, path):
+    """Refuse the first line whose timestamp (ms) is before FIRST_RATING_YEAR: one damaged line would
+    otherwise move the window's back-off limit, and with it the dataset, back to that year.
+
+    When even the latest timestamp is that early, the whole column is in another unit (seconds?),
+    which `select_window` names instead.
+    """
+    first_ms = month_start_ms(FIRST_RATING_YEAR, 1)
+    early = timestamps < first_ms
+    if not early.any() or timestamps.max() < first_ms:
+        return
+    row = int(np.flatnonzero(early)[0])
+    raise UserError(f"{path} line {row + 2}: timestamp {timestamps[row]} is before {FIRST_RATING_YEAR}, the start "
+                    f"of Amazon Reviews 2023 — the file is damaged: delete it and rerun to download it again")
 
 
 def month_start_ms(year, month):
@@ -663,6 +688,9 @@ def check_base_url(url):
 
 def check_data_root(root):
     """`root` is a folder we can write into, or can be created: raw files and the dataset go there."""
+    if root == "":
+        raise UserError("--data_root_dir is empty (an unset variable?) — pass a folder you can write to (it is "
+                        "created if missing), or leave the flag out for ./data")
     problem = folder_problem(root)
     if problem:
         raise UserError(f"--data_root_dir {root} {problem} — pass a folder you can write to (it is "
