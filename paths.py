@@ -178,6 +178,9 @@ def resolve_model(name: str) -> str:
     """
     name = os.path.expanduser(name)  # a quoted or --model=~/... path reaches us unexpanded
     key = aliases.get(name, name)
+    if name in aliases and key not in model_names:
+        raise UserError(f"aliases[{name!r}] in paths.py is {key!r}, which is not a key of model_names "
+                        f"({', '.join(model_names)}) — fix that line of paths.py")
     if key in model_names:
         if not isinstance(model_names[key], (str, os.PathLike)):
             raise UserError(f"model {key!r} is set to {model_names[key]!r} in paths.py — edit paths.py so that "

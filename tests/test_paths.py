@@ -63,6 +63,14 @@ def test_unknown_name_lists_choices():
         paths.resolve_model("llama9")
 
 
+def test_an_alias_of_no_key_names_the_paths_py_line(monkeypatch):
+    monkeypatch.setitem(paths.aliases, "gemma", "Gemma-2-2B-it")  # a case slip in the edit
+    with pytest.raises(UserError, match=re.escape("aliases['gemma'] in paths.py is 'Gemma-2-2B-it', which is not a "
+                                                  "key of model_names (") + ".*Gemma-2-2b-it.*" +
+                       re.escape(") — fix that line of paths.py")):
+        paths.resolve_model("gemma")
+
+
 def test_defaults_keep_the_known_shape():
     assert paths.DEFAULT_MODEL == "SmolLM2-135M-Instruct" and paths.DEFAULT_MODEL in paths.model_names
     assert paths.aliases["gemma"] == "Gemma-2-2b-it" and paths.aliases["qwen"] == "Qwen2.5-3B-Instruct"
