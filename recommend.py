@@ -29,7 +29,6 @@ import textwrap
 import warnings
 
 import torch
-from transformers.trainer_utils import get_last_checkpoint
 
 from dataset import SAMPLE_SPLITS, load_dataset_dir
 from errors import (UserError, check_output_file, missing_path, one_line, one_line_parser_errors, read_json, run_cli,
@@ -37,7 +36,7 @@ from errors import (UserError, check_output_file, missing_path, one_line, one_li
 from metrics import KS, RANKING_METRICS, split_metrics
 from model import TOKENIZER_ERRORS, check_tokenizer, load_backbone
 from paths import resolve_model
-from run_folder import RUN_RECORD, earlier_run, folder_name, is_run_output  # RUN_RECORD: in each checkpoint and the run
+from run_folder import CHECKPOINT_NAME, RUN_RECORD, checkpoint_folders, earlier_run, folder_name, is_run_output
 from trainer import RecPOConfig, RecPOTrainer, check_length_limits
 
 RUN_KEYS = ("model", "dataset_dir", "category")  # needed in r2ec_run.json; any RecPOConfig field in it is read too
@@ -55,10 +54,15 @@ def read_run(folder: str) -> dict:
     if not os.path.isdir(folder):
         state = "is a file" if os.path.exists(folder) else "does not exist"
         raise UserError(f"--output_dir {missing_path(folder)} {state} — pass the folder of a train.py run")
-    last_checkpoint = get_last_checkpoint(folder)
-    if not os.path.isfile(os.path.join(folder, "adapter_config.json")) and last_checkpoint:
-        raise UserError(f"{folder!r} holds no final adapter (a run stopped before its end?) — pass its latest "
-                        f"checkpoint: --output_dir {last_checkpoint}")
+    checkpoints = sorted((c for c in checkpoint_folders(folder) if CHECKPOINT_NAME.fullmatch(folder_name(c))),
+                         key=lambda c: int(folder_name(c).split("-")[1]))
+    if checkpoints and not is_servable(folder):
+        complete = [c for c in checkpoints if is_servable(c)]
+        if not complete:
+            raise UserError(f"{folder!r} holds no final model and its checkpoints were cut short ("
+                            f"{', '.join(map(folder_name, checkpoints[-3:]))}) — re-run train.py")
+        raise UserError(f"{folder!r} holds no final model (the run stopped before its end, or its final save was "
+                        f"cut short) — pass its latest complete checkpoint: --output_dir {complete[-1]}")
     if not os.path.isfile(os.path.join(folder, "adapter_config.json")):
         raise UserError(f"{folder!r} holds no LoRA adapter (adapter_config.json) — pass a train.py output "
                         "folder or one of its checkpoint-* folders")
@@ -71,6 +75,12 @@ def read_run(folder: str) -> dict:
             return parse_run_file(path)
     raise UserError(f"no {RUN_RECORD} in {folder!r} or its parent — train.py writes it into each checkpoint and "
                     "the finished run's folder: pass one of those")
+
+
+def is_servable(folder: str) -> bool:
+    """Whether a finished run or a checkpoint holds what serving reads (a save cut short lacks some)."""
+    return all(os.path.isfile(os.path.join(folder, name))
+               for name in ("adapter_config.json", "adapter_model.safetensors", RUN_RECORD))
 
 
 def parse_run_file(path: str) -> dict:

@@ -197,8 +197,11 @@ def no_adapter(run_dir, tmp_path):
 @pytest.mark.parametrize("flags, message", [
     (["--output_dir", "/nonexistent/run"], "does not exist"),
     (["--output_dir", "NO_ADAPTER"], "no LoRA adapter"),
-    (["--output_dir", "KILLED"], "holds no final adapter (a run stopped before its end?) — pass its latest "
-                                 "checkpoint: --output_dir KILLED/checkpoint-12"),
+    (["--output_dir", "KILLED"], "holds no final model (the run stopped before its end, or its final save was cut "
+                                 "short) — pass its latest complete checkpoint: --output_dir KILLED/checkpoint-8"),
+    (["--output_dir", "KILLED/checkpoint-12"], "no LoRA adapter (adapter_config.json)"),
+    (["--output_dir", "CUT_SHORT"], "holds no final model and its checkpoints were cut short (checkpoint-4) — "
+                                    "re-run train.py"),
     (["--output_dir", "RUN/r2ec_run.json"], "r2ec_run.json' is a file — pass the folder of a train.py run"),
     (["--output_dir", "RUN", "--split", "dev"], "choose one of train, valid, test"),
     (["--output_dir", "RUN", "--samples", "0", "4"], "--samples 4: the test split has 4 samples"),
@@ -207,11 +210,16 @@ def no_adapter(run_dir, tmp_path):
     (["--output_dir", "RUN", "--top_k", "ten"], "argument --top_k: invalid int value: 'ten'"),
 ])
 def test_bad_input_gives_one_line(run_dir, no_adapter, tmp_path, capsys, flags, message):
-    killed = tmp_path / "killed"  # only checkpoints: stopped before train.py wrote the final adapter
-    for step in (4, 12):
+    killed = tmp_path / "killed"  # stopped before train.py wrote the final model, and during checkpoint-12's save
+    for step in (4, 8, 12):
         (killed / f"checkpoint-{step}").mkdir(parents=True)
-    folders = {"RUN": run_dir, "NO_ADAPTER": no_adapter, "KILLED": str(killed)}
-    flags = [folders.get(flag, flag.replace("RUN/", run_dir + "/")) for flag in flags]
+        if step < 12:
+            for name in ("adapter_config.json", "adapter_model.safetensors", "r2ec_run.json"):
+                (killed / f"checkpoint-{step}" / name).write_text("{}")
+    (killed / "adapter_model.safetensors").write_text("")  # the final save began (a full disk cut it short)
+    (tmp_path / "cut_short" / "checkpoint-4").mkdir(parents=True)
+    folders = {"RUN": run_dir, "NO_ADAPTER": no_adapter, "KILLED": str(killed), "CUT_SHORT": str(tmp_path / "cut_short")}
+    flags = [folders.get(flag, flag.replace("RUN/", run_dir + "/").replace("KILLED/", f"{killed}/")) for flag in flags]
     message = message.replace("KILLED", str(killed))
     with pytest.raises(SystemExit) as exit_info:
         run_recommend(*flags)

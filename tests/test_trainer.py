@@ -1188,6 +1188,11 @@ def test_every_checkpoint_holds_the_run_record_so_a_killed_run_can_be_served(tmp
     (out / "r2ec_run.json").unlink()  # as if the run had been killed after its checkpoints
     for step in (1, 2):
         assert recommend.read_run(str(out / f"checkpoint-{step}")) == final
+    with pytest.raises(UserError, match=re.escape(f"latest complete checkpoint: --output_dir {out / 'checkpoint-2'}")):
+        recommend.read_run(str(out))  # the final adapter is there, but the final save ended before the record
+    (out / "checkpoint-2" / "r2ec_run.json").unlink()  # and checkpoint-2's own save was cut short
+    with pytest.raises(UserError, match=re.escape(f"latest complete checkpoint: --output_dir {out / 'checkpoint-1'}")):
+        recommend.read_run(str(out))
 
 
 def test_earlier_run_in_a_folder_named_with_glob_characters(tmp_path):
