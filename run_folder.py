@@ -59,6 +59,9 @@ def check_output_dir(config: RecPOConfig) -> str | None:
     elif resume is not None and not CHECKPOINT_NAME.fullmatch(folder_name(resume)):
         raise UserError(f"--resume_from_checkpoint {resume!r} is not a checkpoint folder (checkpoint-N) — pass "
                         "a checkpoint-* folder or 'last'")
+    if resumes_in_place(config, resume) and config.overwrite_output_dir:
+        raise UserError(f"--resume_from_checkpoint continues the run in {config.output_dir}, and "
+                        "--overwrite_output_dir would replace it — pass only one of them")
     if resume is not None:
         check_checkpoint(resume, config)
     if not resumes_in_place(config, resume):
@@ -171,7 +174,7 @@ def check_checkpoint_settings(checkpoint: str, config: RecPOConfig):
     if not isinstance(step, int):
         raise UserError(f"{checkpoint}/trainer_state.json's global_step {step!r} is not a step number — {fix}")
     if 0 < config.max_steps <= step:  # the Trainer would still train one more step
-        raise UserError(f"{checkpoint} has already trained {step} steps, --max_steps {config.max_steps} — "
+        raise UserError(f"{checkpoint} has already trained {step} step{'s' * (step != 1)}, --max_steps {config.max_steps} — "
                         "raise --max_steps to continue")
     adapter = read_json(os.path.join(checkpoint, "adapter_config.json"), fix)
     saved_and_given = {  # flag: (the checkpoint's value, this run's)

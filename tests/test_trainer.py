@@ -1019,6 +1019,9 @@ def test_an_earlier_run_is_kept_unless_replaced_on_purpose(tmp_path):
             run_folder.check_output_dir(config(*flags))
     assert run_folder.check_output_dir(config("--overwrite_output_dir", "True")) is None
     assert (run / "checkpoint-3").exists()  # the check alone deletes nothing
+    with pytest.raises(UserError, match=re.escape(f"--resume_from_checkpoint continues the run in {run}, and "
+                                                  "--overwrite_output_dir would replace it — pass only one of them")):
+        run_folder.check_output_dir(config("--overwrite_output_dir", "True", "--resume_from_checkpoint", "last"))
     flags = quick_flags(tmp_path, "--output_dir", str(run), "--overwrite_output_dir", "True",
                         "--lora_target_modules", "q_proj,qkv_proj")
     with pytest.raises(UserError, match="LoRA targets qkv_proj"):
