@@ -288,8 +288,9 @@ def parse_args(argv: list[str]):
     args = parser.parse_args(argv)
     if args.split not in SAMPLE_SPLITS:  # checked here, not by argparse choices: one error line, not usage + line
         raise UserError(f"--split {args.split!r}: choose one of {', '.join(SAMPLE_SPLITS)}")
-    if args.top_k < 1 or args.batch_size < 1:
-        raise UserError(f"--top_k {args.top_k} and --batch_size {args.batch_size} must both be at least 1")
+    for flag in ("top_k", "batch_size"):
+        if getattr(args, flag) < 1:
+            raise UserError(f"--{flag} {getattr(args, flag)}: must be at least 1")
     if args.max_samples is not None and not args.evaluate:
         raise UserError(f"--max_samples {args.max_samples} only applies with --evaluate — add --evaluate, or "
                         "choose rows with --samples or --user_id")

@@ -208,6 +208,8 @@ def no_adapter(run_dir, tmp_path):
     (["--output_dir", "RUN", "--split", "valid", "--user_id", "U999"], "user 'U999' has no sample in the valid"),
     (["--output_dir", "RUN", "--max_samples", "3"], "--max_samples 3 only applies with --evaluate"),
     (["--output_dir", "RUN", "--top_k", "ten"], "argument --top_k: invalid int value: 'ten'"),
+    (["--output_dir", "RUN", "--top_k", "0"], "error: --top_k 0: must be at least 1"),
+    (["--output_dir", "RUN", "--batch_size", "-2"], "error: --batch_size -2: must be at least 1"),
 ])
 def test_bad_input_gives_one_line(run_dir, no_adapter, tmp_path, capsys, flags, message):
     killed = tmp_path / "killed"  # stopped before train.py wrote the final model, and during checkpoint-12's save
