@@ -189,7 +189,8 @@ def load_recommender(folder: str, run: dict, config: RecPOConfig, dataset, categ
     missing = missing_adapter_weights(model, folder)
     if missing:
         raise UserError(f"the adapter in {folder!r} lacks {len(missing)} of its weights ({missing[0]}, ...; "
-                        f"saved from another LoRA setting, or cut short) — {damaged}")
+                        f"trained on another backbone than {path!r} holds now, saved from another LoRA setting, or cut short) "
+                        f"— {damaged}")
     trainer = RecPOTrainer(model, config, tokenizer, dataset, category)  # moves the model to config.device
     trainer.model = trainer.accelerator.prepare_model(trainer.model, evaluation_mode=True)  # bf16 autocast, as trained
     trainer.refresh_item_table(trainer.model)

@@ -443,4 +443,5 @@ def test_an_adapter_lacking_weights_gives_one_line(run_copy, tmp_path, capsys):
     kept = {name: tensor for name, tensor in weights.items() if "self_attn" in name}
     save_file(kept, folder / "adapter_model.safetensors")
     assert_one_line_error(capsys, ["--output_dir", str(folder)],
-                          f"the adapter in {str(folder)!r} lacks {len(weights) - len(kept)} of its weights (")
+                          f"the adapter in {str(folder)!r} lacks {len(weights) - len(kept)} of its weights (",
+                          "trained on another backbone than ", "saved from another LoRA setting, or cut short)")
