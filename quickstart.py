@@ -12,6 +12,7 @@ high learning rate, no LoRA dropout); the full-scale defaults are train.py's own
 import argparse
 import json
 import os
+import signal
 import subprocess
 import sys
 
@@ -29,6 +30,7 @@ OUTPUT_DIR = os.path.join("outputs", "quickstart")  # overwritten by every quick
 CATEGORY = "Video_Games"
 DATASET_DIR = os.path.join("data", "sample", f"{CATEGORY}_0_2022-10-2023-10")
 WINDOW_SIZE = 5  # history lines per prompt
+STEP_CLEANUP_S = 30  # an interrupted step removes its half-written output in this time
 
 
 def parse_args(argv=None):
@@ -63,10 +65,19 @@ def parse_args(argv=None):
 
 
 def run(command: list[str]):
+    """Run one step; its failure ends the quick start with the step's own error line and code."""
     print("$", " ".join(command), flush=True)
-    result = subprocess.run(command, cwd=ROOT)
-    if result.returncode != 0:
-        sys.exit(result.returncode)
+    step = subprocess.Popen(command, cwd=ROOT)
+    try:
+        code = step.wait()
+    except KeyboardInterrupt:  # Ctrl-C reaches the step too (one process group), which says so itself
+        try:
+            code = step.wait(timeout=STEP_CLEANUP_S)
+        except subprocess.TimeoutExpired:  # the interrupt was sent to this process alone
+            step.send_signal(signal.SIGINT)
+            code = step.wait()
+    if code != 0:
+        sys.exit(code)
 
 
 def cpu_lacks_bf16(cpuinfo: str = "/proc/cpuinfo") -> bool:

@@ -1,6 +1,7 @@
 """The quick-start pipeline (preprocess → train → before/after table → one example) at a tiny size."""
 import os
 import re
+import signal
 import subprocess
 import sys
 
@@ -89,3 +90,19 @@ def test_a_folder_holding_other_files_is_refused_untouched(tmp_path):
     assert result.returncode == 2 and len(lines) == 1 and result.stdout == "", lines  # nothing was started
     assert lines[0].startswith(f"error: --output_dir {tmp_path} holds README.md, not an earlier run's"), lines
     assert (tmp_path / "README.md").read_text() == "mine" and sorted(os.listdir(tmp_path)) == ["README.md", "notes.txt"]
+
+
+def test_ctrl_c_ends_a_step_with_one_line(tmp_path):
+    """The terminal's Ctrl-C reaches the quick start and its running step alike: the step says
+    "error: interrupted" and the quick start ends with its code, without a second line."""
+    step = [sys.executable, "-c", "import sys, time, errors; print('ready', flush=True); "
+                                  "errors.run_cli(time.sleep, 60)"]
+    quick = subprocess.Popen([sys.executable, "-c", f"import quickstart, errors; errors.run_cli(quickstart.run, {step!r})"],
+                             cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                             start_new_session=True)
+    while "ready" not in quick.stdout.readline():
+        pass
+    os.killpg(quick.pid, signal.SIGINT)
+    _, stderr = quick.communicate(timeout=60)
+    assert quick.returncode == 130 and stderr.splitlines() == ["error: interrupted"], stderr
+
