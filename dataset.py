@@ -65,6 +65,12 @@ def load_dataset_dir(folder: str | None, category: str | None = None):
     missing = [s for s in SPLITS if not isinstance(dataset, DatasetDict) or s not in dataset]
     if missing:
         raise UserError(f"{folder!r} lacks the split(s) {', '.join(missing)} — rerun preprocess.py for it")
+    for split in SPLITS:  # damage inside a file (bad bytes, not a cut) loads, and fails only at its rows
+        try:
+            dataset[split].data.table.validate(full=True)
+        except pa.ArrowInvalid as e:
+            raise UserError(f"dataset folder {folder!r} is damaged ({split}: {one_line(e)}) — rerun preprocess.py "
+                            "to write it again") from e
     for split in SAMPLE_SPLITS:
         absent = [c for c in TRAINING_COLUMNS if c not in dataset[split].column_names]
         if absent:

@@ -1375,6 +1375,14 @@ def test_a_split_folder_is_refused_with_its_parent_named(tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(UserError, match=re.escape("— point --dataset_dir at the folder preprocess.py printed")):
         load_dataset_dir(str(tmp_path / "empty"))
+    (arrow,) = glob.glob(os.path.join(folder, "train", "*.arrow"))
+    with open(arrow, "r+b") as f:  # bytes damaged in place, inside one title: the folder still loads
+        data = f.read()
+        f.seek(data.index(b"Game 1"))
+        f.write(b"\xff" * 6)
+    with pytest.raises(UserError, match=re.escape(f"dataset folder {folder!r} is damaged (train: ") + ".*UTF8.*" +
+                       re.escape("— rerun preprocess.py to write it again")):
+        load_dataset_dir(folder)
     (arrow,) = glob.glob(os.path.join(folder, "valid", "*.arrow"))
     os.truncate(arrow, os.path.getsize(arrow) // 2)  # a copy cut short
     with pytest.raises(UserError, match=re.escape(f"dataset folder {folder!r} is damaged (") + ".*" +
