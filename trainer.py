@@ -201,9 +201,9 @@ class RecPOConfig(TrainingArguments):
                             "for outputs/<--run_name>")
         if self.output_dir is None:
             self.output_dir = os.path.join("outputs", self.run_name or "r2ec")
-            if os.path.normpath(self.output_dir).split(os.sep)[0] != "outputs" or self.run_name in (".", "outputs"):
-                raise UserError(f"--run_name {self.run_name!r} would put the run at {self.output_dir}, outside "
-                                "outputs/ — use a plain name (RUN_NAME for launch_train.sh), or pass --output_dir")
+            if os.path.normpath(self.output_dir) == "outputs":
+                raise UserError(f"--run_name {self.run_name!r} names outputs/ itself, which holds the other runs "
+                                "— give this run a name of its own (RUN_NAME for launch_train.sh)")
         for flag in ("dataset_dir", "output_dir", "resume_from_checkpoint", "deepspeed"):  # --flag=~/... too
             if isinstance(getattr(self, flag), str):
                 setattr(self, flag, os.path.expanduser(getattr(self, flag)))
