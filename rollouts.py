@@ -30,8 +30,10 @@ token has been fed: one step past the last stop (step T feeds token T-1 when a r
 The model is any Hugging Face causal LM (PEFT LoRA wrapped or not): during a call its config's
 attention implementation is switched to `r2ec_rollout`, registered below in transformers'
 `AttentionInterface`, so the model's own projections, rotary embedding, norms and LoRA run
-unchanged and only the attention itself reads our buffers. Masks are never built by
-transformers during a call (the name has no mask function, so its mask builder returns None).
+unchanged and only the attention itself reads our buffers (soft-capping, sliding windows,
+attention sinks and key heads wider than value heads included: Gemma-2, gpt-oss, DeepSeek-V3).
+Masks are never built by transformers during a call (the name has no mask function, so its mask
+builder returns None). A model whose attention bypasses the interface is refused.
 
 Limits, by choice: rows that have stopped keep computing (padding) until every row of the call
 has stopped and fed its last token, checked on the host every CHECK_EVERY steps, since compacting
@@ -128,6 +130,18 @@ def _check_inputs(prompt_ids, prompt_mask, num_samples, sampling, stop: StopRule
 def _base_model(model):
     """The transformers model under a PEFT wrapper (its config drives the attention dispatch)."""
     return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
+def check_attention_interface(model):
+    """The engine runs attention through transformers' AttentionInterface: a model whose attention
+    does not (Falcon, GPT-2-era code) would crash in it, or attend without the prompt."""
+    if not getattr(_base_model(model), "_supports_attention_backend", False):
+        raise UserError(attention_interface_error(type(_base_model(model)).__name__))
+
+
+def attention_interface_error(what: str) -> str:
+    return (f"{what}: its attention does not go through transformers' AttentionInterface, which the rollout "
+            "engine runs on — pick a backbone that does (Gemma-2, Qwen2.5, Llama and most current models)")
 
 
 @contextmanager
@@ -308,17 +322,27 @@ def _expand_heads(x: torch.Tensor, rep: int) -> torch.Tensor:
     return x.repeat_interleave(rep, dim=1) if rep > 1 else x
 
 
-def _prefill_attention(st, layer, query, key, value, scaling, softcap, window):
+def _with_sink(scores: torch.Tensor, sink: torch.Tensor | None) -> torch.Tensor:
+    """Attention sinks (gpt-oss): one more logit per head in the softmax, of a zero value.
+    scores (..., S) float, sink broadcastable to (..., 1) -> (..., S + 1), the sink last."""
+    if sink is None:
+        return scores
+    return torch.cat([scores, sink.float().expand(*scores.shape[:-1], 1)], -1)
+
+
+def _prefill_attention(st, layer, query, key, value, scaling, softcap, window, sinks):
     """Plain causal attention over the prompts; stores this layer's keys and values.
 
-    query (B, H, P, d), key/value (B, kvh, P, d) -> (B, P, H, d)
+    query (B, H, P, dk), key (B, kvh, P, dk), value (B, kvh, P, dv) -> (B, P, H, dv)
+    (dk = dv but for multi-head latent attention, DeepSeek-V3's).
     """
-    B, kvh, P, d = key.shape
+    B, kvh, P, dk = key.shape
+    dv = value.shape[-1]
     if layer not in st.prefix_k:
-        st.prefix_k[layer] = key.new_zeros(B, kvh, st.Pcap, d)  # zeros: masked slots stay finite
-        st.prefix_v[layer] = value.new_zeros(B, kvh, st.Pcap, d)
-        st.decode_k[layer] = key.new_zeros(st.N, kvh, st.T, d)
-        st.decode_v[layer] = value.new_zeros(st.N, kvh, st.T, d)
+        st.prefix_k[layer] = key.new_zeros(B, kvh, st.Pcap, dk)  # zeros: masked slots stay finite
+        st.prefix_v[layer] = value.new_zeros(B, kvh, st.Pcap, dv)
+        st.decode_k[layer] = key.new_zeros(st.N, kvh, st.T, dk)
+        st.decode_v[layer] = value.new_zeros(st.N, kvh, st.T, dv)
     st.prefix_k[layer][:, :, st.Pcap - P:] = key
     st.prefix_v[layer][:, :, st.Pcap - P:] = value
     if window is not None:
@@ -328,53 +352,57 @@ def _prefill_attention(st, layer, query, key, value, scaling, softcap, window):
     mask = st.prefill_masks[window]  # (B, 1, P, P)
     rep = query.shape[1] // kvh
     key, value = _expand_heads(key, rep), _expand_heads(value, rep)
-    if softcap is None:
+    if softcap is None and sinks is None:
         out = F.scaled_dot_product_attention(query, key, value, attn_mask=mask, scale=scaling)
-    else:  # SDPA has no soft-capping (Gemma-2): the eager formula
+    else:  # SDPA has neither soft-capping (Gemma-2) nor sinks (gpt-oss): the eager formula
         scores = (query @ key.transpose(-1, -2)).float() * scaling  # (B, H, P, P)
-        scores = torch.tanh(scores / softcap) * softcap
-        out = scores.masked_fill(~mask, NEG).softmax(-1).to(value.dtype) @ value
-    return out.transpose(1, 2)  # (B, P, H, d)
+        if softcap is not None:
+            scores = torch.tanh(scores / softcap) * softcap
+        scores = _with_sink(scores.masked_fill(~mask, NEG), None if sinks is None else sinks.reshape(1, -1, 1, 1))
+        out = scores.softmax(-1)[..., :P].to(value.dtype) @ value
+    return out.transpose(1, 2)  # (B, P, H, dv)
 
 
-def _decode_attention(st, layer, query, key, value, scaling, softcap, window):
+def _decode_attention(st, layer, query, key, value, scaling, softcap, window, sinks):
     """One new token per row against [its prompt's shared prefix | its own decode slots].
 
-    query (N, H, 1, d), key/value (N, kvh, 1, d) -> (N, 1, H, d)
+    query (N, H, 1, dk), key (N, kvh, 1, dk), value (N, kvh, 1, dv) -> (N, 1, H, dv)
 
     The G rows of a prompt are folded into the query dimension of the prefix product, so the
     prefix is read once per prompt, not once per sample; both score blocks share one softmax
     (concatenated, instead of two softmaxes merged by log-sum-exp: fewer kernels, same result).
     """
     B, G, N, Pcap = st.B, st.G, st.N, st.Pcap
-    kvh, d = key.shape[1], key.shape[-1]
+    kvh, dk, dv = key.shape[1], key.shape[-1], value.shape[-1]
     rep = query.shape[1] // kvh
     st.decode_k[layer].index_copy_(2, st.slot, key)
     st.decode_v[layer].index_copy_(2, st.slot, value)
-    q = query.reshape(B, G, kvh, rep, d).transpose(1, 2).reshape(B, kvh, G * rep, d)
+    q = query.reshape(B, G, kvh, rep, dk).transpose(1, 2).reshape(B, kvh, G * rep, dk)
     s_prefix = q @ st.prefix_k[layer].transpose(-1, -2)  # (B, kvh, G·rep, Pcap)
     s_prefix = s_prefix.reshape(B, kvh, G, rep, Pcap).transpose(1, 2).reshape(N, kvh, rep, Pcap)
-    s_decode = query.reshape(N, kvh, rep, d) @ st.decode_k[layer].transpose(-1, -2)  # (N, kvh, rep, T)
+    s_decode = query.reshape(N, kvh, rep, dk) @ st.decode_k[layer].transpose(-1, -2)  # (N, kvh, rep, T)
     scores = torch.cat([s_prefix, s_decode], -1).float() * scaling  # (N, kvh, rep, Pcap + T)
     if softcap is not None:
         scores = torch.tanh(scores / softcap) * softcap
-    probs = (scores + st.bias[window]).softmax(-1).to(value.dtype)  # (N, kvh, rep, Pcap + T)
+    scores = _with_sink(scores + st.bias[window], None if sinks is None else sinks.reshape(1, kvh, rep, 1))
+    probs = scores.softmax(-1).to(value.dtype)  # (N, kvh, rep, Pcap + T [+ 1])
     p_prefix = probs[..., :Pcap].reshape(B, G, kvh, rep, Pcap).transpose(1, 2).reshape(B, kvh, G * rep, Pcap)
-    o_prefix = (p_prefix @ st.prefix_v[layer]).reshape(B, kvh, G, rep, d).transpose(1, 2)  # (B, G, kvh, rep, d)
-    o_decode = probs[..., Pcap:] @ st.decode_v[layer]  # (N, kvh, rep, d)
-    return (o_prefix.reshape(N, kvh, rep, d) + o_decode).reshape(N, 1, kvh * rep, d)
+    o_prefix = (p_prefix @ st.prefix_v[layer]).reshape(B, kvh, G, rep, dv).transpose(1, 2)  # (B, G, kvh, rep, dv)
+    o_decode = probs[..., Pcap:Pcap + st.T] @ st.decode_v[layer]  # (N, kvh, rep, dv)
+    return (o_prefix.reshape(N, kvh, rep, dv) + o_decode).reshape(N, 1, kvh * rep, dv)
 
 
 def _rollout_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0,
-                       softcap=None, sliding_window=None, **kwargs):
-    """transformers' attention-function signature; `attention_mask` is None (we keep our own)."""
+                       softcap=None, sliding_window=None, s_aux=None, **kwargs):
+    """transformers' attention-function signature; `attention_mask` is None (we keep our own);
+    `s_aux` holds the heads' attention sinks (gpt-oss)."""
     st = _ACTIVE
     if st is None:
         raise RuntimeError(f"attn_implementation={ATTENTION_NAME!r} only works inside generate_rollouts; "
                            "set the model's attention implementation back to 'sdpa' or 'eager'")
     scaling = module.head_dim ** -0.5 if scaling is None else scaling
     attend = _prefill_attention if st.mode == "prefill" else _decode_attention
-    return attend(st, module.layer_idx, query, key, value, scaling, softcap, sliding_window), None
+    return attend(st, module.layer_idx, query, key, value, scaling, softcap, sliding_window, s_aux), None
 
 
 AttentionInterface.register(ATTENTION_NAME, _rollout_attention)
@@ -483,9 +511,8 @@ def _prefill(model, st: _DecodeState, prompt_ids, prompt_mask) -> torch.Tensor:
                    logits_to_keep=last_positions(prompt_ids, 1)).logits[:, -1].float()  # (B, V)
     layers = getattr(_base_model(model).config.get_text_config(), "num_hidden_layers", len(st.prefix_k))
     if len(st.prefix_k) != layers:  # the decode steps would attend without the prompt, silently
-        raise UserError(f"only {len(st.prefix_k)} of the backbone's {layers} attention layers ran through the "
-                        "rollout engine: its attention does not go through transformers' AttentionInterface — "
-                        "pick a backbone that does (Gemma-2, Qwen2.5, Llama and most current models)")
+        raise UserError(attention_interface_error(f"only {len(st.prefix_k)} of the backbone's {layers} attention "
+                                                  "layers ran through the rollout engine"))
     st.prompt_mask = None
     st.mode = "decode"
     for window in (None, *st.windows):
@@ -596,6 +623,7 @@ def generate_rollouts(model, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor
     # The user-state hook is registered for the whole call, outside the (possibly compiled)
     # step, so the warm-up, the capture and every eager or compiled step run it: a captured
     # graph records its write, dynamo traces it in (no graph break, no recompilation per call).
+    check_attention_interface(model)
     with _generation_mode(model, ATTENTION_NAME), _active(st), decoder_hook(model, _catch_user_states):
         logits = _prefill(model, st, prompt_ids, prompt_mask)  # (N, V)
         if use_graph and st.graph is None:

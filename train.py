@@ -22,6 +22,7 @@ from dataset import load_dataset_dir
 from errors import UserError, one_line, one_line_parser_errors, run_cli, write_json
 from model import add_lora, check_lora_targets, check_weights, load_backbone, load_backbone_config
 from paths import resolve_model
+from rollouts import check_attention_interface
 from run_folder import (RUN_RECORD, RecordInCheckpoints, check_output_dir, clear_earlier_run, earlier_run,
                         killed_run_logs, resumes_in_place, run_processes, run_record)
 from trainer import RecPOConfig, RecPOTrainer, check_length_limits, check_train_size
@@ -116,6 +117,7 @@ def check_backbone(config: RecPOConfig):
         raise UserError(f"model {config.model!r} is not a causal language model ({one_line(e)}) — point --model "
                         "at a decoder-only backbone") from e
     check_lora_targets(skeleton, config.lora_targets)
+    check_attention_interface(skeleton)
     return tokenizer
 
 

@@ -1,4 +1,4 @@
-"""Tests of rollouts.py on tiny random Qwen2-, Gemma-2- and Llama-shaped models (CPU, float32).
+"""Tests of rollouts.py on tiny random Qwen2-, Gemma-2-, Llama-shaped and newer models (CPU, float32).
 
     python -m pytest -q tests/test_rollouts.py
 
@@ -7,14 +7,19 @@ log-probs and user states h equal to a fresh forward pass (h: model.py's `encode
 reasoning); its sampler must follow the temperature / top-k / top-p distribution that
 `generate`'s own logits warpers define.
 """
+import re
+
 import pytest
 import torch
 from peft import LoraConfig, get_peft_model
 from transformers import (
     AutoModelForCausalLM,
+    DeepseekV3Config,
+    FalconConfig,
     Gemma2Config,
     Gemma3Config,
     Gemma3TextConfig,
+    GptOssConfig,
     LlamaConfig,
     Qwen2Config,
     Qwen3Config,
@@ -28,7 +33,8 @@ from errors import UserError
 from bench.bench_rollout import PAD, random_prompts
 from model import attention_implementation, encode
 from prompts import StopRule
-from rollouts import SamplingConfig, fresh_forward, generate_rollouts, generate_rollouts_reference
+from rollouts import (SamplingConfig, check_attention_interface, fresh_forward, generate_rollouts,
+                      generate_rollouts_reference)
 
 VOCAB = 320
 # initializer_range 0.3 (not 0.02) makes random models write varied text instead of one repeated token
@@ -49,6 +55,14 @@ def tiny_model(family: str, **overrides):
         config = Qwen3Config(**{**TINY, **overrides}, head_dim=16)
     elif family == "gemma3":  # sliding and global layers, q/k norms
         config = Gemma3TextConfig(**{**TINY, **overrides}, head_dim=16, query_pre_attn_scalar=16, sliding_window=5)
+    elif family == "gpt-oss":  # attention sinks, sliding layers, mixture of experts
+        config = GptOssConfig(**{**TINY, **overrides}, head_dim=16, num_local_experts=4, num_experts_per_tok=2,
+                              sliding_window=5)
+    elif family == "deepseek-v3":  # multi-head latent attention: key heads of 24, value heads of 12
+        config = DeepseekV3Config(**{**TINY, "num_key_value_heads": 4, **overrides}, q_lora_rank=None, kv_lora_rank=32,
+                                  qk_nope_head_dim=16, qk_rope_head_dim=8, v_head_dim=12, n_routed_experts=4,
+                                  num_experts_per_tok=2, moe_intermediate_size=32, first_k_dense_replace=1, n_group=1,
+                                  topk_group=1)
     else:  # "gemma3-vlm": what AutoModelForCausalLM loads for gemma-3-4b and larger, a text config inside
         text = {key: value for key, value in {**TINY, **overrides}.items() if key != "pad_token_id"}
         config = Gemma3Config(text_config=dict(text, head_dim=16, query_pre_attn_scalar=16, sliding_window=5),
@@ -113,7 +127,8 @@ def assert_user_states_are_encode(model, r):
     torch.testing.assert_close(r.user_states, expected, atol=1e-4, rtol=0)
 
 
-@pytest.mark.parametrize("family", ["qwen2", "gemma2", "llama", "qwen2-lora", "qwen3", "gemma3", "gemma3-vlm"])
+@pytest.mark.parametrize("family", ["qwen2", "gemma2", "llama", "qwen2-lora", "qwen3", "gemma3", "gemma3-vlm",
+                                    "gpt-oss", "deepseek-v3"])
 def test_greedy_equals_generate(family):
     """Also on newer families than the defaults: the engine relies only on the attention interface."""
     model = lora_model() if family == "qwen2-lora" else tiny_model(family)
@@ -382,6 +397,18 @@ def test_bad_inputs_are_refused():
         generate_rollouts(model, ids, mask, 2, SamplingConfig(2), StopRule.exact([[5, 6, 7]]), PAD)
     with pytest.raises(ValueError, match="top_p"):
         SamplingConfig(8, top_p=0.0)
+
+
+def test_a_backbone_without_the_attention_interface_is_refused():
+    """Falcon's attention is its own code: under the engine it crashed with a TypeError deep inside."""
+    config = FalconConfig(vocab_size=VOCAB, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                          new_decoder_architecture=True, num_kv_heads=2, pad_token_id=PAD)
+    model = AutoModelForCausalLM.from_config(config).eval()
+    ids, mask = prompts()
+    with pytest.raises(UserError, match=re.escape("FalconForCausalLM: its attention does not go through "
+                                                  "transformers' AttentionInterface, which the rollout engine runs on")):
+        generate_rollouts(model, ids, mask, 2, SamplingConfig(8), StopRule.exact([[5]]), PAD)
+    check_attention_interface(tiny_model("gpt-oss"))  # sinks, sliding layers and experts: through the interface
 
 
 def test_a_layer_that_bypasses_the_attention_interface_is_refused():
