@@ -61,7 +61,6 @@ CHUNK = 1 << 20
 DOWNLOAD_ATTEMPTS = 8
 CONNECT_TIMEOUT_S, READ_TIMEOUT_S = 15, 120
 MIN_YEAR, MAX_YEAR = 1970, 2100  # timestamps are ms since 1970; Amazon Reviews 2023 spans 1996-2023
-FIRST_RATING_YEAR = 1996  # Amazon Reviews 2023 starts here: an earlier timestamp is a damaged line
 MAX_POSTFIX = 100  # keeps the output folder's name (and its temporary name) under 255 bytes
 
 # ---------------------------------------------------------------------------------------------
@@ -418,24 +417,7 @@ def read_ratings(path):
                             f"it again")
     if table.num_rows == 0:
         raise UserError(f"{path} has a header but no ratings — delete the file and rerun to download it again")
-    check_first_timestamp(table["timestamp"].to_numpy(), path)
     return table
-
-
-def check_first_timestamp(timestamps, path):
-    """Refuse the first line whose timestamp (ms) is before FIRST_RATING_YEAR: one damaged line would
-    otherwise move the window's back-off limit, and with it the dataset, back to that year.
-
-    When even the latest timestamp is that early, the whole column is in another unit (seconds?),
-    which `select_window` names instead.
-    """
-    first_ms = month_start_ms(FIRST_RATING_YEAR, 1)
-    early = timestamps < first_ms
-    if not early.any() or timestamps.max() < first_ms:
-        return
-    row = int(np.flatnonzero(early)[0])
-    raise UserError(f"{path} line {row + 2}: timestamp {timestamps[row]} is before {FIRST_RATING_YEAR}, the start "
-                    f"of Amazon Reviews 2023 — the file is damaged: delete it and rerun to download it again")
 
 
 def month_start_ms(year, month):

@@ -76,6 +76,9 @@ def run(command: list[str]):
         except subprocess.TimeoutExpired:  # the interrupt was sent to this process alone
             step.send_signal(signal.SIGINT)
             code = step.wait()
+    finally:
+        if step.poll() is None:  # a second Ctrl-C: the step must not run on alone
+            step.kill()
     if code != 0:
         sys.exit(code)
 

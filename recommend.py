@@ -78,9 +78,15 @@ def read_run(folder: str) -> dict:
 
 
 def is_servable(folder: str) -> bool:
-    """Whether a finished run or a checkpoint holds what serving reads (a save cut short lacks some)."""
-    return all(os.path.isfile(os.path.join(folder, name))
-               for name in ("adapter_config.json", "adapter_model.safetensors", RUN_RECORD))
+    """Whether a finished run or a checkpoint holds what serving reads (a save cut short lacks some).
+    A checkpoint may take the run record from its run's folder, where versions before 2026-11-29
+    wrote it at the start."""
+    adapter = all(os.path.isfile(os.path.join(folder, name))
+                  for name in ("adapter_config.json", "adapter_model.safetensors"))
+    places = [folder]
+    if CHECKPOINT_NAME.fullmatch(folder_name(folder)):
+        places.append(os.path.dirname(os.path.abspath(folder)))
+    return adapter and any(os.path.isfile(os.path.join(place, RUN_RECORD)) for place in places)
 
 
 def parse_run_file(path: str) -> dict:
@@ -189,8 +195,8 @@ def load_recommender(folder: str, run: dict, config: RecPOConfig, dataset, categ
     missing = missing_adapter_weights(model, folder)
     if missing:
         raise UserError(f"the adapter in {folder!r} lacks {len(missing)} of its weights ({missing[0]}, ...; "
-                        f"trained on another backbone than {path!r} holds now, saved from another LoRA setting, or cut short) "
-                        f"— {damaged}")
+                        f"trained on another backbone than {path!r} holds now, saved from another LoRA setting, "
+                        f"or cut short) — {damaged}")
     trainer = RecPOTrainer(model, config, tokenizer, dataset, category)  # moves the model to config.device
     trainer.model = trainer.accelerator.prepare_model(trainer.model, evaluation_mode=True)  # bf16 autocast, as trained
     trainer.refresh_item_table(trainer.model)

@@ -134,9 +134,11 @@ def _base_model(model):
 
 def check_attention_interface(model):
     """The engine runs attention through transformers' AttentionInterface: a model whose attention
-    does not (Falcon, GPT-2-era code) would crash in it, or attend without the prompt."""
-    if not getattr(_base_model(model), "_supports_attention_backend", False):
-        raise UserError(attention_interface_error(type(_base_model(model)).__name__))
+    does not (Falcon, Bloom) would crash in it. transformers' own test reads the modelling code;
+    hybrids that pass it (LFM2) are caught by `_prefill`'s count of layers."""
+    model_class = type(_base_model(model))
+    if not getattr(model_class, "_can_set_attn_implementation", lambda: True)():
+        raise UserError(attention_interface_error(model_class.__name__))
 
 
 def attention_interface_error(what: str) -> str:
@@ -218,8 +220,8 @@ class _DecodeState:
         self.sampling, self.pad_token_id = sampling, pad_token_id
         self.mode = "prefill"  # "prefill" or "decode": which attention `_rollout_attention` runs
         # Key/value buffers per layer index, written by the model's attention layers
-        self.prefix_k, self.prefix_v = {}, {}  # (B, kvh, Pcap, d) each, prompts right-aligned
-        self.decode_k, self.decode_v = {}, {}  # (N, kvh, T, d) each
+        self.prefix_k, self.prefix_v = {}, {}  # (B, kvh, Pcap, dk) and (B, kvh, Pcap, dv), prompts right-aligned
+        self.decode_k, self.decode_v = {}, {}  # (N, kvh, T, dk) and (N, kvh, T, dv)
         self.prompt_mask = None  # (B, P) during a prefill
         self.prefill_masks = {}  # sliding window (None = full) -> (B, 1, P, P) bool, one prefill only
         self.windows = set()  # sliding windows met in the model's layers

@@ -174,8 +174,9 @@ def check_checkpoint_settings(checkpoint: str, config: RecPOConfig):
     if not isinstance(step, int):
         raise UserError(f"{checkpoint}/trainer_state.json's global_step {step!r} is not a step number — {fix}")
     if 0 < config.max_steps <= step:  # the Trainer would still train one more step
-        raise UserError(f"{checkpoint} has already trained {step} step{'s' * (step != 1)}, --max_steps {config.max_steps} — "
-                        "raise --max_steps to continue")
+        steps = f"{step} step{'s' * (step != 1)}"
+        raise UserError(f"{checkpoint} has already trained {steps}, --max_steps {config.max_steps} — raise "
+                        "--max_steps to continue")
     adapter = read_json(os.path.join(checkpoint, "adapter_config.json"), fix)
     saved_and_given = {  # flag: (the checkpoint's value, this run's)
         "lora_r": (adapter.get("r"), config.lora_r),

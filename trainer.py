@@ -269,8 +269,8 @@ class RecPOConfig(TrainingArguments):
             (not unavailable, f"--report_to {','.join(unavailable)}: not installed here — pip install it, "
                               "or use tensorboard or none"),
             (self.learning_rate >= 0, f"--learning_rate {self.learning_rate}: must be >= 0"),
-            (self.max_steps >= 1 or self.max_steps == -1, f"--max_steps {self.max_steps}: must be positive, or -1 to train "
-                                   "--num_train_epochs epochs"),
+            (self.max_steps >= 1 or self.max_steps == -1,
+             f"--max_steps {self.max_steps}: must be positive, or -1 to train --num_train_epochs epochs"),
             (self.max_steps > 0 or self.num_train_epochs > 0,
              f"--max_steps {self.max_steps} and --num_train_epochs {self.num_train_epochs:g} train no step — "
              "give one of them a positive value"),

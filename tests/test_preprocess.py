@@ -630,26 +630,6 @@ def test_bad_ratings_csv(tmp_path, capsys, csv, message):
     assert message in user_error(capsys, ["--category", "Toy", "--data_root_dir", str(tmp_path)])
 
 
-@pytest.mark.parametrize("line, stamp", [(3, 0), (2, -5), (12, ms(1996, 1) - 1)])
-def test_a_timestamp_before_1996_names_its_line(tmp_path, capsys, line, stamp):
-    """One damaged line would move the back-off limit to its year, and the dataset with it."""
-    ratings = list(HAND_RATINGS)
-    ratings[line - 2] = (*ratings[line - 2][:3], stamp)  # line 1 is the header
-    write_raw(tmp_path, ratings, HAND_META)
-    before = listing(tmp_path)
-    assert user_error(capsys, ["--category", "Toy", "--data_root_dir", str(tmp_path)]) == (
-        f"error: {tmp_path / 'Toy.csv.gz'} line {line}: timestamp {stamp} is before 1996, the start of Amazon "
-        "Reviews 2023 — the file is damaged: delete it and rerun to download it again")
-    assert listing(tmp_path) == before
-
-
-def test_a_ratings_file_in_seconds_is_still_named_as_such(tmp_path, capsys):
-    """Every timestamp before 1996: another unit, not a damaged line."""
-    write_raw(tmp_path, [(u, a, r, t // 1000) for u, a, r, t in HAND_RATINGS], HAND_META)
-    line = user_error(capsys, ["--category", "Toy", "--data_root_dir", str(tmp_path)])
-    assert "is no date in milliseconds (Amazon Reviews 2023's unit): seconds? — check" in line
-
-
 @pytest.mark.parametrize("content", [None, "", "\n\n"])  # 0 bytes; a gzip of nothing; blank lines
 def test_an_empty_metadata_file_is_named(tmp_path, capsys, content):
     write_raw(tmp_path, HAND_RATINGS, [])

@@ -95,14 +95,16 @@ def test_a_folder_holding_other_files_is_refused_untouched(tmp_path):
 def test_ctrl_c_ends_a_step_with_one_line(tmp_path):
     """The terminal's Ctrl-C reaches the quick start and its running step alike: the step says
     "error: interrupted" and the quick start ends with its code, without a second line."""
-    step = [sys.executable, "-c", "import sys, time, errors; print('ready', flush=True); "
-                                  "errors.run_cli(time.sleep, 60)"]
-    quick = subprocess.Popen([sys.executable, "-c", f"import quickstart, errors; errors.run_cli(quickstart.run, {step!r})"],
-                             cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                             start_new_session=True)
-    while "ready" not in quick.stdout.readline():
-        pass
+    step = [sys.executable, "-c", "import time, errors\n"
+                                  "errors.run_cli(lambda: print('ready', flush=True) or time.sleep(60))"]
+    run_step = f"import quickstart, errors; errors.run_cli(quickstart.run, {step!r})"
+    quick = subprocess.Popen([sys.executable, "-c", run_step], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                             text=True, start_new_session=True)
+    for line in quick.stdout:
+        if "ready" in line:
+            break
+    else:
+        pytest.fail(f"the step never started: {quick.communicate()[1]}")
     os.killpg(quick.pid, signal.SIGINT)
     _, stderr = quick.communicate(timeout=60)
     assert quick.returncode == 130 and stderr.splitlines() == ["error: interrupted"], stderr
-

@@ -23,6 +23,7 @@ from transformers import (
     LlamaConfig,
     Qwen2Config,
     Qwen3Config,
+    StableLmConfig,
     TemperatureLogitsWarper,
     TopKLogitsWarper,
     TopPLogitsWarper,
@@ -409,6 +410,7 @@ def test_a_backbone_without_the_attention_interface_is_refused():
                                                   "transformers' AttentionInterface, which the rollout engine runs on")):
         generate_rollouts(model, ids, mask, 2, SamplingConfig(8), StopRule.exact([[5]]), PAD)
     check_attention_interface(tiny_model("gpt-oss"))  # sinks, sliding layers and experts: through the interface
+    check_attention_interface(AutoModelForCausalLM.from_config(StableLmConfig(**TINY)))  # no class flag, but it does
 
 
 def test_a_layer_that_bypasses_the_attention_interface_is_refused():

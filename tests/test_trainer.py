@@ -1197,6 +1197,12 @@ def test_every_checkpoint_holds_the_run_record_so_a_killed_run_can_be_served(tmp
     (out / "checkpoint-2" / "r2ec_run.json").unlink()  # and checkpoint-2's own save was cut short
     with pytest.raises(UserError, match=re.escape(f"latest complete checkpoint: --output_dir {out / 'checkpoint-1'}")):
         recommend.read_run(str(out))
+    (out / "checkpoint-1" / "r2ec_run.json").unlink()  # a run of a version that wrote the record at the start
+    (out / "r2ec_run.json").write_text(json.dumps(final))
+    (out / "adapter_config.json").unlink()
+    with pytest.raises(UserError, match=re.escape(f"latest complete checkpoint: --output_dir {out / 'checkpoint-2'}")):
+        recommend.read_run(str(out))
+    assert recommend.read_run(str(out / "checkpoint-2")) == final
 
 
 def test_earlier_run_in_a_folder_named_with_glob_characters(tmp_path):
