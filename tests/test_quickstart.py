@@ -99,7 +99,8 @@ def test_ctrl_c_ends_a_step_with_one_line(tmp_path):
                                   "errors.run_cli(lambda: print('ready', flush=True) or time.sleep(60))"]
     run_step = f"import quickstart, errors; errors.run_cli(quickstart.run, {step!r})"
     quick = subprocess.Popen([sys.executable, "-c", run_step], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                             text=True, start_new_session=True)
+                             text=True, start_new_session=True,  # Ctrl-C as from a terminal, even where the
+                             preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))  # tests run with it ignored
     for line in quick.stdout:
         if "ready" in line:
             break
