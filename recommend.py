@@ -69,24 +69,28 @@ def read_run(folder: str) -> dict:
     if not os.path.isfile(os.path.join(folder, "adapter_model.safetensors")):
         raise UserError(f"{folder!r} lacks the adapter's weights (adapter_model.safetensors; its save was cut "
                         "short?) — pass another checkpoint-* folder of the run, or re-run train.py")
+    record = run_record_path(folder)
+    if record is None:
+        raise UserError(f"no {RUN_RECORD} in {folder!r} or its parent — train.py writes it into each checkpoint "
+                        "and the finished run's folder: pass one of those")
+    return parse_run_file(record)
+
+
+def run_record_path(folder: str) -> str | None:
+    """The run record in `folder`, else in its parent (a checkpoint of a version before 2026-11-29,
+    which wrote the record into the run's folder at the start); None: neither holds one."""
     for place in (folder, os.path.dirname(os.path.abspath(folder))):
         path = os.path.join(place, RUN_RECORD)
         if os.path.isfile(path):
-            return parse_run_file(path)
-    raise UserError(f"no {RUN_RECORD} in {folder!r} or its parent — train.py writes it into each checkpoint and "
-                    "the finished run's folder: pass one of those")
+            return path
+    return None
 
 
 def is_servable(folder: str) -> bool:
-    """Whether a finished run or a checkpoint holds what serving reads (a save cut short lacks some).
-    A checkpoint may take the run record from its run's folder, where versions before 2026-11-29
-    wrote it at the start."""
+    """Whether a finished run or a checkpoint holds what serving reads (a save cut short lacks some)."""
     adapter = all(os.path.isfile(os.path.join(folder, name))
                   for name in ("adapter_config.json", "adapter_model.safetensors"))
-    places = [folder]
-    if CHECKPOINT_NAME.fullmatch(folder_name(folder)):
-        places.append(os.path.dirname(os.path.abspath(folder)))
-    return adapter and any(os.path.isfile(os.path.join(place, RUN_RECORD)) for place in places)
+    return adapter and run_record_path(folder) is not None
 
 
 def parse_run_file(path: str) -> dict:

@@ -202,6 +202,8 @@ def no_adapter(run_dir, tmp_path):
     (["--output_dir", "KILLED/checkpoint-12"], "no LoRA adapter (adapter_config.json)"),
     (["--output_dir", "CUT_SHORT"], "holds no final model and its checkpoints were cut short (checkpoint-4) — "
                                     "re-run train.py"),
+    (["--output_dir", "NO_RECORD"], "no r2ec_run.json in 'NO_RECORD' or its parent — train.py writes it into each "
+                                    "checkpoint and the finished run's folder: pass one of those"),
     (["--output_dir", "RUN/r2ec_run.json"], "r2ec_run.json' is a file — pass the folder of a train.py run"),
     (["--output_dir", "RUN", "--split", "dev"], "choose one of train, valid, test"),
     (["--output_dir", "RUN", "--samples", "0", "4"], "--samples 4: the test split has 4 samples"),
@@ -220,9 +222,14 @@ def test_bad_input_gives_one_line(run_dir, no_adapter, tmp_path, capsys, flags, 
                 (killed / f"checkpoint-{step}" / name).write_text("{}")
     (killed / "adapter_model.safetensors").write_text("")  # the final save began (a full disk cut it short)
     (tmp_path / "cut_short" / "checkpoint-4").mkdir(parents=True)
-    folders = {"RUN": run_dir, "NO_ADAPTER": no_adapter, "KILLED": str(killed), "CUT_SHORT": str(tmp_path / "cut_short")}
+    no_record = tmp_path / "no_record"  # an adapter copied out of its run
+    no_record.mkdir()
+    for name in ("adapter_config.json", "adapter_model.safetensors"):
+        (no_record / name).write_text("{}")
+    folders = {"RUN": run_dir, "NO_ADAPTER": no_adapter, "KILLED": str(killed),
+               "CUT_SHORT": str(tmp_path / "cut_short"), "NO_RECORD": str(no_record)}
     flags = [folders.get(flag, flag.replace("RUN/", run_dir + "/").replace("KILLED/", f"{killed}/")) for flag in flags]
-    message = message.replace("KILLED", str(killed))
+    message = message.replace("KILLED", str(killed)).replace("NO_RECORD", str(no_record))
     with pytest.raises(SystemExit) as exit_info:
         run_recommend(*flags)
     assert exit_info.value.code == 2
