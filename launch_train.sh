@@ -101,8 +101,8 @@ fi
 if [ "$NUM_MACHINES" -gt 1 ]; then
     echo "node $MACHINE_RANK of $NUM_MACHINES: waiting for the others at $MAIN_PROCESS_IP:$MAIN_PROCESS_PORT"
 fi
-# errors.launch_processes: `accelerate launch`, whose failures end with the failed process's own error line.
-exec "$PYTHON" -c 'import sys, errors; errors.launch_processes(sys.argv[1:])' "${MULTI[@]}" \
+# launch.py: `accelerate launch`, whose failures end with the failed process's own error line.
+exec "$PYTHON" launch.py "${MULTI[@]}" \
     --num_processes "$TOTAL_PROCESSES" --num_machines "$NUM_MACHINES" \
     --machine_rank "$MACHINE_RANK" --main_process_ip "$MAIN_PROCESS_IP" --main_process_port "$MAIN_PROCESS_PORT" \
     train.py "${TRAIN_ARGS[@]}"

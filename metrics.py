@@ -43,13 +43,20 @@ def hit_at_k(ranks: torch.Tensor, k: int) -> torch.Tensor:
 
 
 RANKING_METRICS = {"NDCG": ndcg_at_k, "Hit": hit_at_k}  # printed label -> per-sample metric(ranks, k)
-METRIC_NAMES = [f"{label.lower()}@{k}" for label in RANKING_METRICS for k in KS]  # keys, in printing order
+
+
+def metric_name(label: str, k: int) -> str:
+    """The key of a figure: "ndcg@10", "hit@5", ..."""
+    return f"{label.lower()}@{k}"
+
+
+METRIC_NAMES = [metric_name(label, k) for label in RANKING_METRICS for k in KS]  # keys, in printing order
 
 
 def ranking_metrics(ranks: torch.Tensor) -> dict[str, float]:
     """Mean of each of `RANKING_METRICS` at each of `KS` over samples, keyed `ndcg@10`, `hit@10`, ...
     ranks (B,)."""
-    return {f"{label.lower()}@{k}": metric(ranks, k).mean().item() if ranks.numel() else math.nan
+    return {metric_name(label, k): metric(ranks, k).mean().item() if ranks.numel() else math.nan
             for label, metric in RANKING_METRICS.items() for k in KS}
 
 

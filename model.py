@@ -29,7 +29,7 @@ from paths import embedded_folder, resolve_model
 from prompts import ANSWER, MAX_ITEM_TOKENS, item_prompt_tokens, left_pad
 
 TAU = 0.02  # = τ, the temperature of the cosine score
-TOKENIZER_ERRORS = (OSError, ValueError, AttributeError, TypeError, KeyError)  # what loading bad files raises
+LOAD_ERRORS = (OSError, ValueError, AttributeError, TypeError, KeyError)  # what loading bad files raises
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")  # any one of them
 LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 LORA_R, LORA_ALPHA, LORA_DROPOUT = 4, 128, 0.05  # SPEC §4
@@ -73,10 +73,10 @@ def load_backbone_config(name_or_path: str):
     try:
         config = AutoConfig.from_pretrained(path)
         tokenizer = AutoTokenizer.from_pretrained(path)
-    except TOKENIZER_ERRORS as e:  # no config or tokenizer, unknown model type, files of the wrong shape
+    except LOAD_ERRORS as e:  # no config or tokenizer, unknown model type, files of the wrong shape
         raise load_failure(name_or_path, path, e) from e
     check_tokenizer(tokenizer, f"model {name_or_path!r} ({path!r})", "copy the tokenizer files released with the model")
-    for sub in {id(c): c for c in (config, config.get_text_config())}.values():
+    for sub in decoder_configs(config):
         for key, value in vars(sub).items():
             if "dropout" in key and isinstance(value, float):
                 setattr(sub, key, 0.0)
@@ -146,8 +146,13 @@ def end_of_turn_ids(model, tokenizer) -> set[int]:
 def attention_implementation(config) -> str | None:
     """"eager" for models with attention soft-capping (Gemma-2), whose SDPA path some transformers
     versions (5.17) run without it; None (the default, SDPA) for the rest."""
-    configs = (config, config.get_text_config())  # a multimodal wrapper holds the decoder's settings inside
-    return "eager" if any(getattr(c, "attn_logit_softcapping", None) for c in configs) else None
+    return "eager" if any(getattr(c, "attn_logit_softcapping", None) for c in decoder_configs(config)) else None
+
+
+def decoder_configs(config) -> list:
+    """The config and, in a multimodal wrapper, the decoder's own config inside it: the decoder may
+    read settings from either."""
+    return list({id(c): c for c in (config, config.get_text_config())}.values())
 
 
 def add_lora(model, r: int = LORA_R, alpha: int = LORA_ALPHA, dropout: float = LORA_DROPOUT,

@@ -23,7 +23,7 @@ from metrics import METRIC_NAMES
 from paths import DEFAULT_MODEL, resolve_model
 from run_folder import check_no_clash, earlier_run
 from train import parse_config
-from trainer import EVAL_SPLITS
+from trainer import EVAL_SPLITS, reasoning_file
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 OUTPUT_DIR = os.path.join("outputs", "quickstart")  # overwritten by every quick start; no other folder is
@@ -151,7 +151,7 @@ def print_example(output_dir: str):
     dataset = load_from_disk(os.path.join(ROOT, DATASET_DIR))
     with open(os.path.join(output_dir, "trainer_state.json")) as f:
         step = json.load(f)["global_step"]
-    with open(os.path.join(output_dir, "reasoning", f"step{step}_test.jsonl")) as f:
+    with open(reasoning_file(output_dir, step, "test")) as f:
         record = json.loads(f.readline())
     record["top_k"] = record["top_k"][:5]
     print()

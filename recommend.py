@@ -33,8 +33,8 @@ import torch
 from dataset import SAMPLE_SPLITS, load_dataset_dir
 from errors import (UserError, check_output_file, missing_path, one_line, one_line_parser_errors, read_json, run_cli,
                     write_jsonl)
-from metrics import KS, RANKING_METRICS, split_metrics
-from model import TOKENIZER_ERRORS, check_tokenizer, load_backbone
+from metrics import KS, RANKING_METRICS, metric_name, split_metrics
+from model import LOAD_ERRORS, check_tokenizer, load_backbone
 from paths import resolve_model
 from run_folder import CHECKPOINT_NAME, RUN_RECORD, checkpoint_folders, earlier_run, folder_name, is_run_output
 from trainer import RecPOConfig, RecPOTrainer, check_length_limits
@@ -50,7 +50,7 @@ SETTING_TYPES = {f.name: f.type for f in dataclasses.fields(RecPOConfig) if f.in
 
 
 def read_run(folder: str) -> dict:
-    """The run's r2ec_run.json, from `folder` or, for a checkpoint-* folder, from its parent."""
+    """The run's r2ec_run.json for `folder` (a finished run or one of its checkpoints; `run_record_path`)."""
     if not os.path.isdir(folder):
         state = "is a file" if os.path.exists(folder) else "does not exist"
         raise UserError(f"--output_dir {missing_path(folder)} {state} — pass the folder of a train.py run")
@@ -173,7 +173,7 @@ def load_recommender(folder: str, run: dict, config: RecPOConfig, dataset, categ
     damaged = f"re-run train.py for {folder!r} or restore its files"
     try:
         tokenizer = AutoTokenizer.from_pretrained(folder)
-    except TOKENIZER_ERRORS as e:
+    except LOAD_ERRORS as e:
         raise UserError(f"the tokenizer in {folder!r} cannot be loaded ({one_line(e)}) — {damaged}") from e
     check_tokenizer(tokenizer, repr(folder), damaged)
     tokenizer.padding_side = "left"  # not saved with the tokenizer; prompts are left-padded
@@ -269,7 +269,7 @@ def format_metrics(metrics: dict[str, float], split: str, count: int) -> str:
     lines = [f"{split}: {count} samples, mean reasoning length {metrics['reasoning_length']:.1f} tokens",
              " " * 6 + "".join(f"{'@' + str(k):>9}" for k in KS)]
     for label in RANKING_METRICS:
-        lines.append(f"{label:<6}" + "".join(f"{metrics[f'{label.lower()}@{k}']:9.4f}" for k in KS))
+        lines.append(f"{label:<6}" + "".join(f"{metrics[metric_name(label, k)]:9.4f}" for k in KS))
     return "\n".join(lines)
 
 

@@ -56,7 +56,7 @@ import torch.nn.functional as F
 from transformers import AttentionInterface, GenerationConfig, StoppingCriteria, StoppingCriteriaList
 
 from errors import UserError
-from model import decoder_hook, last_positions, mask_positions, policy_forward
+from model import decoder_configs, decoder_hook, last_positions, mask_positions, policy_forward
 from prompts import StopRule
 
 ATTENTION_NAME = "r2ec_rollout"
@@ -154,8 +154,7 @@ def _generation_mode(model, attn_implementation: str | None = None):
     deliberately left in eval mode (frozen parts) as they were.
     """
     modes = [(m, m.training) for m in model.modules()]
-    config = _base_model(model).config
-    configs = list({id(c): c for c in (config, config.get_text_config())}.values())  # the decoder may read either
+    configs = decoder_configs(_base_model(model).config)
     previous = [c._attn_implementation for c in configs]
     model.eval()
     if attn_implementation is not None:
@@ -213,12 +212,15 @@ class _DecodeState:
     Per-layer key/value buffers are allocated by the first prefill, which knows their shapes.
     """
 
-    def __init__(self, num_prompts, num_samples, prefix_capacity, sampling, stop, pad_token_id, vocab_size, device):
+    def __init__(self, num_prompts, num_samples, prefix_capacity, sampling, stop, pad_token_id, vocab_size, device,
+                 weights, step_fn):
         B, G, T = num_prompts, num_samples, sampling.max_new_tokens
         N, Pcap = B * G, prefix_capacity
         self.B, self.G, self.N, self.T, self.Pcap = B, G, N, T, Pcap
         self.sampling, self.pad_token_id = sampling, pad_token_id
         self.mode = "prefill"  # "prefill" or "decode": which attention `_rollout_attention` runs
+        self.weights = weights  # the parameters' addresses when the state was built (see `_state_for`)
+        self.step_fn = step_fn  # `_decode_step`, compiled or not
         # Key/value buffers per layer index, written by the model's attention layers
         self.prefix_k, self.prefix_v = {}, {}  # (B, kvh, Pcap, dk) and (B, kvh, Pcap, dv), prompts right-aligned
         self.decode_k, self.decode_v = {}, {}  # (N, kvh, T, dk) and (N, kvh, T, dv)
@@ -264,7 +266,7 @@ class _DecodeState:
         heads = torch.zeros(len(stop.forced) - 1, vocab_size + 1, dtype=torch.bool)  # StopRule.forced_heads
         for j, ids in enumerate(stop.forced_heads()):
             heads[j, sorted(ids)] = True
-        self.force_heads = heads.to(device)  # (F - 1, V + 1)
+        self.forced_heads = heads.to(device)  # (F - 1, V + 1)
         self.head_index = torch.arange(len(heads), device=device)  # (F - 1,)
         self.force_from = T - len(self.forced_ids)  # first step at which unstopped rows are forced
         # each row's first forced step: force_from, or the step at which it wrote an end of turn
@@ -479,7 +481,7 @@ def _written_prefix(st: _DecodeState) -> torch.Tensor:
     """`StopRule.written_prefix` of every row's tokens before this step, on the device.  -> (N,)"""
     written = torch.zeros_like(st.force_start)
     for k in range(1, len(st.forced_ids)):
-        spelled = st.force_heads[st.head_index[:k], st.recent[:, -k:]].all(1)  # (N,) last k tokens
+        spelled = st.forced_heads[st.head_index[:k], st.recent[:, -k:]].all(1)  # (N,) last k tokens
         written = torch.where(spelled, k, written)
     return written
 
@@ -553,8 +555,8 @@ def _state_for(model, num_prompts, num_samples, prompt_len, sampling, stop, pad_
                compile_step):
     """The decode state of this shape, reused (with its graph) when the shape was seen before.
 
-    The key holds every parameter's address, so moving or re-allocating the weights (`.to`,
-    re-loading) drops the stale graphs; in-place updates (optimizer steps) are read live. A
+    A state built for other parameter addresses is dropped, so moving or re-allocating the weights
+    (`.to`, re-loading) drops the stale graphs; in-place updates (optimizer steps) are read live. A
     prompt longer than the state's prefix capacity replaces the state with one of at least
     twice the capacity, so training's varying prompt lengths settle after a few captures
     (and compilations) instead of one per length bucket.
@@ -571,9 +573,9 @@ def _state_for(model, num_prompts, num_samples, prompt_len, sampling, stop, pad_
     if st is None:
         capacity = PREFIX_BUCKET * math.ceil(capacity / PREFIX_BUCKET)
         vocab_size = _base_model(model).get_output_embeddings().weight.shape[0]
-        st = _DecodeState(num_prompts, num_samples, capacity, sampling, stop, pad_token_id, vocab_size, device)
-        st.weights = weights
-        st.step_fn = torch.compile(_decode_step, dynamic=False) if compile_step else _decode_step
+        step_fn = torch.compile(_decode_step, dynamic=False) if compile_step else _decode_step
+        st = _DecodeState(num_prompts, num_samples, capacity, sampling, stop, pad_token_id, vocab_size, device,
+                          weights, step_fn)
     states[key] = st  # most recently used last
     while len(states) > MAX_CACHED_SHAPES:
         states.popitem(last=False)

@@ -14,13 +14,13 @@ import shutil
 import zipfile
 
 from transformers import TrainerCallback
-from transformers.trainer_utils import get_last_checkpoint
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, get_last_checkpoint
 
 from errors import UserError, folder_problem, missing_path, one_line, read_json, write_json
 from paths import resolve_model
 from trainer import RecPOConfig
 
-CHECKPOINT_NAME = re.compile(r"checkpoint-\d+")  # the folders Trainer saves
+CHECKPOINT_NAME = re.compile(rf"{PREFIX_CHECKPOINT_DIR}-\d+")  # the folders Trainer saves
 RUN_RECORD = "r2ec_run.json"  # what recommend.py needs: in the output folder and in every checkpoint
 RUN_SETTINGS = ("window_size", "max_new_tokens", "reasoning", "similarity_type", "tau", "max_prompt_tokens",
                 "max_item_tokens", "bf16")
@@ -272,4 +272,5 @@ class RecordInCheckpoints(TrainerCallback):
 
     def on_save(self, args, state, control, **kwargs):
         if args.should_save:  # process 0, or each node's first with --save_on_each_node
-            write_json(os.path.join(args.output_dir, f"checkpoint-{state.global_step}", RUN_RECORD), self.record)
+            write_json(os.path.join(args.output_dir, f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}", RUN_RECORD),
+                       self.record)

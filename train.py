@@ -125,8 +125,8 @@ def final_metrics(trainer: RecPOTrainer) -> dict:
     """Metrics of the model being saved: the evaluation already logged for its step, else a new one."""
     state = trainer.state
     step = state.global_step
-    if trainer.args.load_best_model_at_end and state.best_model_checkpoint:
-        step = int(state.best_model_checkpoint.rstrip("/").rsplit("-", 1)[1])
+    if trainer.args.load_best_model_at_end and state.best_global_step:
+        step = state.best_global_step
     logged = [entry for entry in state.log_history
               if entry.get("step") == step and any(key.startswith("eval_test_") for key in entry)]
     if logged:  # greedy evaluation is deterministic: running it again would repeat the same numbers

@@ -223,9 +223,6 @@ class RecPOConfig(TrainingArguments):
             if value is not None and self.num_iterations > 1 and (value < 1 or value % self.num_iterations):
                 raise UserError(f"--{flag} {value:g}: must be a multiple of --num_iterations {self.num_iterations} "
                                 "(in steps), so that no checkpoint falls between the updates of one rollout batch")
-        # Without --eval_steps, `set_intervals` derives the SPEC §5 interval once the data size is known
-        # (TrainingArguments would otherwise fall back to logging_steps); checkpoints follow it
-        # unless --save_steps is given, so the best one exists when it is evaluated.
         strategies = {strategy.value for strategy in SaveStrategy}  # "no", "steps", "epoch", "best"
         if (self.load_best_model_at_end and {self.eval_strategy, self.save_strategy} <= strategies
                 and self.save_strategy not in (self.eval_strategy, "best")):
@@ -237,6 +234,9 @@ class RecPOConfig(TrainingArguments):
             raise UserError(f"--save_steps {self.save_steps:g}: with --load_best_model_at_end (the default) a "
                             "checkpoint is saved at every evaluation — drop --save_steps (--save_total_limit "
                             "keeps fewer), or pass --load_best_model_at_end False")
+        # Without --eval_steps, `set_intervals` derives the SPEC §5 interval once the data size is known
+        # (TrainingArguments would otherwise fall back to logging_steps); checkpoints follow it
+        # unless --save_steps is given, so the best one exists when it is evaluated.
         self.eval_steps_from_data = self.eval_steps is None
         self.save_steps_from_eval = self.save_steps is None
         if self.save_steps is None:
@@ -561,6 +561,11 @@ def reasoning_texts(tokenizer, rollouts: Rollouts) -> list[str]:
     """Each trajectory's reasoning as text, `<answer>` included (only its masked tokens)."""
     return [tokenizer.decode(ids[mask.bool()], skip_special_tokens=True)
             for ids, mask in zip(rollouts.completion_ids, rollouts.completion_mask)]
+
+
+def reasoning_file(output_dir: str, step: int, split: str) -> str:
+    """Where an evaluation at `step` writes its records: one JSON line per sample."""
+    return os.path.join(output_dir, "reasoning", f"step{step}_{split}.jsonl")
 
 
 class RecPOBatch(NamedTuple):
@@ -1098,13 +1103,13 @@ class RecPOTrainer(Trainer):
         else:
             model.zero_grad(set_to_none=True)
         self.accelerator.gradient_state._set_sync_gradients(False)
-        self._record(**{"skipped_steps": 1.0})
+        self._record(skipped_steps=1.0)
         return torch.zeros((), device=self.args.device)  # logged as 0: a NaN would stay in Trainer's running sum
 
     def _save_reasoning(self, records: list[dict], split: str):
         if not self.is_world_process_zero():
             return
-        folder = os.path.join(self.args.output_dir, "reasoning")
-        os.makedirs(folder, exist_ok=True)
-        write_jsonl(os.path.join(folder, f"step{self.state.global_step}_{split}.jsonl"), records)
+        path = reasoning_file(self.args.output_dir, self.state.global_step, split)
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        write_jsonl(path, records)
 

@@ -62,8 +62,8 @@ def test_evaluation_interval_is_an_eighth_of_an_epoch(monkeypatch, processes, it
 
 def launcher_arguments(words: list[str]) -> list[str]:
     """What launch_train.sh passes to `accelerate launch`, from its command echoed word by word."""
-    assert words[:2] == ["-c", "import"], words[:4]
-    return words[words.index("errors.launch_processes(sys.argv[1:])") + 1:]
+    assert words[0] == "launch.py", words[:4]
+    return words[1:]
 
 
 def test_launcher_passes_the_released_settings(tmp_path):
@@ -274,7 +274,7 @@ def launch_failing(tmp_path, processes, failing_rank, how, **kwargs):
     script.write_text(FAILING_PROCESS)
     multi = ["--multi_gpu"] if processes > 1 else []
     return kwargs.pop("start", subprocess.run)(
-        [sys.executable, "-c", "import sys, errors; errors.launch_processes(sys.argv[1:])", *multi,
+        [sys.executable, "launch.py", *multi,
          "--num_processes", str(processes), "--main_process_port", train.free_port(), str(script),
          str(failing_rank), how],
         env={**os.environ, "ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1"}, cwd=ROOT, text=True, **kwargs)
@@ -329,7 +329,7 @@ def test_the_launch_ignores_a_saved_accelerate_config(tmp_path, processes):
                       "os.write(1, line.encode())")
     multi = ["--multi_gpu"] if processes > 1 else []
     result = subprocess.run(
-        [sys.executable, "-c", "import sys, errors; errors.launch_processes(sys.argv[1:])", *multi,
+        [sys.executable, "launch.py", *multi,
          "--num_processes", str(processes), "--main_process_port", train.free_port(), str(script)],
         env={**os.environ, "HF_HOME": str(tmp_path), "ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1"},
         cwd=ROOT, capture_output=True, text=True)
@@ -349,7 +349,7 @@ def test_nodes_that_never_meet_end_in_one_line(tmp_path, machine_rank, cause):
     script.write_text("raise SystemExit(5)")
     port = train.free_port()
     result = subprocess.run(
-        [sys.executable, "-c", "import sys, errors; errors.launch_processes(sys.argv[1:])", "--multi_gpu",
+        [sys.executable, "launch.py", "--multi_gpu",
          "--num_processes", "2", "--num_machines", "2", "--machine_rank", str(machine_rank), "--main_process_ip",
          "127.0.0.1", "--main_process_port", port, "--rdzv_conf", "timeout=3", str(script)],
         env={**os.environ, "ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1"}, cwd=ROOT, capture_output=True,
