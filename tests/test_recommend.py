@@ -60,9 +60,13 @@ def shown(run_dir, tmp_path_factory):
     return printed, read_jsonl(output)
 
 
-def test_top_k_equals_a_ranking_computed_by_hand(run_dir, dataset, shown):
+def assert_ranked_by_hand(run_dir, dataset, records, window_size=20, score=None):
+    """Each record's reasoning, top-10 and target rank equal those computed here: greedy reasoning
+    after the user prompt of `window_size` history items, then `score(user, items)` (default
+    cosine / τ = 0.02) with the history and pad item masked."""
     from peft import PeftModel
 
+    score = score or (lambda user, items: (F.normalize(user, dim=-1) @ F.normalize(items, dim=-1).T)[0] / 0.02)
     base, tokenizer = load_backbone(tiny_backbone("qwen2"), dtype=torch.float32)
     model = PeftModel.from_pretrained(base, run_dir).eval()
     with torch.no_grad():
@@ -70,9 +74,9 @@ def test_top_k_equals_a_ranking_computed_by_hand(run_dir, dataset, shown):
             policy_forward(model, torch.tensor([ids]), torch.ones(1, len(ids), dtype=torch.long), 0)[1]
             for ids in (item_prompt_tokens(tokenizer, item, CATEGORY) for item in dataset["item_info"])
         ])  # (I, D), item_info rows are in item-id order
-        for record in shown[1]:
+        for record in records:
             sample = dataset["test"][record["row"]]
-            prompt = torch.tensor([user_prompt_tokens(tokenizer, user_prompt(sample, CATEGORY))])  # (1, P)
+            prompt = torch.tensor([user_prompt_tokens(tokenizer, user_prompt(sample, CATEGORY, window_size))])  # (1, P)
             rollout = generate_rollouts(model, prompt, torch.ones_like(prompt), 1, SamplingConfig(8, greedy=True),
                                         answer_stop(tokenizer, end_of_turn_ids(model, tokenizer)),
                                         tokenizer.pad_token_id)
@@ -80,7 +84,7 @@ def test_top_k_equals_a_ranking_computed_by_hand(run_dir, dataset, shown):
             assert tokenizer.decode(reasoning[0], skip_special_tokens=True) == record["reasoning"]
             ids = torch.cat([prompt, reasoning], 1)  # (1, P + C)
             user = policy_forward(model, ids, torch.ones_like(ids), reasoning.shape[1])[1]  # (1, D)
-            scores = (F.normalize(user, dim=-1) @ F.normalize(items, dim=-1).T)[0] / 0.02  # (I,) cosine / τ
+            scores = score(user, items)  # (I,)
             scores[[0, *sample["history_item_id"]]] = float("-inf")
             order = scores.argsort(descending=True)[:10]
             assert [item["item_id"] for item in record["top_k"]] == order.tolist()
@@ -88,6 +92,21 @@ def test_top_k_equals_a_ranking_computed_by_hand(run_dir, dataset, shown):
                                        rtol=1e-4, atol=1e-3)
             bought_before = sample["item_id"] in sample["history_item_id"]
             assert record["target_rank"] == (None if bought_before else int((scores >= scores[sample["item_id"]]).sum()))
+
+
+def test_top_k_equals_a_ranking_computed_by_hand(run_dir, dataset, shown):
+    assert_ranked_by_hand(run_dir, dataset, shown[1])
+
+
+def test_the_run_record_s_prompt_and_score_settings_are_the_ones_served(run_copy, dataset, tmp_path):
+    """A run recorded with a window of 2 history items and dot-product scores is served with them."""
+    folder, run = run_copy
+    assert (run["window_size"], run["similarity_type"]) == (20, "cosine")
+    (folder / "r2ec_run.json").write_text(json.dumps({**run, "window_size": 2, "similarity_type": "dot"}))
+    output = tmp_path / "served.jsonl"
+    run_recommend("--output_dir", str(folder), "--split", "test", "--samples", "0", "1", "--output", str(output))
+    assert_ranked_by_hand(folder, dataset, read_jsonl(output), window_size=2,
+                          score=lambda user, items: (user @ items.T)[0])
 
 
 def test_json_lines_schema(dataset, shown):
