@@ -9,6 +9,7 @@ import os
 import shutil
 import subprocess
 import sys
+import types
 
 import pytest
 import torch
@@ -107,6 +108,20 @@ def test_the_run_record_s_prompt_and_score_settings_are_the_ones_served(run_copy
     run_recommend("--output_dir", str(folder), "--split", "test", "--samples", "0", "1", "--output", str(output))
     assert_ranked_by_hand(folder, dataset, read_jsonl(output), window_size=2,
                           score=lambda user, items: (user @ items.T)[0])
+
+
+@pytest.mark.parametrize("flag, recorded_bf16, device, expected", [
+    ("auto", True, "cpu", (torch.bfloat16, True)),  # as training evaluated: bf16 weights under autocast
+    ("auto", False, "cuda", (torch.float32, False)),
+    ("auto", None, "cuda", (torch.bfloat16, False)),  # a record from before precision was kept
+    ("auto", None, "cpu", (torch.float32, False)),
+    ("float32", True, "cuda", (torch.float32, False)),
+    ("bfloat16", False, "cpu", (torch.bfloat16, False)),  # bf16 weights, but the run never used autocast
+    ("bfloat16", True, "cpu", (torch.bfloat16, True)),
+])
+def test_dtype_flag_against_the_run_s_precision(flag, recorded_bf16, device, expected):
+    run = {} if recorded_bf16 is None else {"bf16": recorded_bf16}
+    assert recommend.precision(types.SimpleNamespace(dtype=flag), run, device) == expected
 
 
 def test_json_lines_schema(dataset, shown):

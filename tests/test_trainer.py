@@ -882,6 +882,17 @@ def test_early_stopping_ends_the_run_after_patience_evaluations_without_a_gain(t
     assert trainer.state.best_model_checkpoint.endswith("checkpoint-1")
 
 
+def test_lora_flags_shape_the_adapter(tmp_path):
+    flags = quick_flags(tmp_path, "--lora_r", "3", "--lora_alpha", "6", "--lora_dropout", "0.25",
+                        "--lora_target_modules", "q_proj,v_proj")
+    model = train.build_trainer(train.parse_config(flags)).model
+    adapter = model.peft_config["default"]
+    assert (adapter.r, adapter.lora_alpha, adapter.lora_dropout, adapter.target_modules) == (3, 6, 0.25, {"q_proj", "v_proj"})
+    trained = {name.split(".lora_")[0].rsplit(".", 1)[1]: param.shape for name, param in model.named_parameters()
+               if param.requires_grad and ".lora_A." in name}
+    assert set(trained) == {"q_proj", "v_proj"} and all(shape[0] == 3 for shape in trained.values())
+
+
 @pytest.mark.parametrize("flags, message", [
     (["--dataset_dir", "/nonexistent/Video_Games_0_2022-10-2023-10"], "does not exist"),
     (["--advantage_type", "ppo"], "choose one of gaussian, rloo"),
