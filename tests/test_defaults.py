@@ -11,6 +11,7 @@ import pytest
 import torch
 
 import train
+from train import free_port
 from errors import UserError
 from model import LORA_TARGETS, TAU
 from rollouts import SamplingConfig
@@ -60,6 +61,14 @@ def test_evaluation_interval_is_an_eighth_of_an_epoch(monkeypatch, processes, it
     assert train.parse_config(flags).default_eval_steps(27_498) == expected  # Musical_Instruments train
 
 
+def run_launcher(*args: str, environment=None, check=False, **variables) -> subprocess.CompletedProcess:
+    """launch_train.sh with `args`, in `environment` (default: this one) plus `variables`, on a free
+    MAIN_PROCESS_PORT unless they set one: the default 20138 may be taken on a test machine."""
+    env = {"MAIN_PROCESS_PORT": free_port(), **(os.environ if environment is None else environment), **variables}
+    return subprocess.run(["bash", os.path.join(ROOT, "launch_train.sh"), *args], env=env, capture_output=True,
+                          text=True, check=check, timeout=300)
+
+
 def launcher_arguments(words: list[str]) -> list[str]:
     """What launch_train.sh passes to `accelerate launch`, from its command echoed word by word."""
     assert words[0] == "launch.py", words[:4]
@@ -67,21 +76,24 @@ def launcher_arguments(words: list[str]) -> list[str]:
 
 
 def test_launcher_passes_the_released_settings(tmp_path):
-    result = subprocess.run(["bash", os.path.join(ROOT, "launch_train.sh"), "--max_steps", "5"], env={
-        **{k: v for k, v in os.environ.items() if k != "CUDA_VISIBLE_DEVICES"}, "PYTHON": "echo"},
-        capture_output=True, text=True, check=True)
+    port = free_port()  # not the default 20138, which a test machine may use: that is read from the script
+    result = run_launcher("--max_steps", "5", environment={
+        k: v for k, v in os.environ.items() if k != "CUDA_VISIBLE_DEVICES"}, check=True, PYTHON="echo",
+        MAIN_PROCESS_PORT=port)
     words = result.stdout.split()
     flags = {words[i]: words[i + 1] for i in range(len(words) - 1)
              if words[i].startswith("--") and not words[i + 1].startswith("--")}
     assert flags == {
         "--num_processes": "3", "--num_machines": "1", "--machine_rank": "0", "--main_process_ip": "127.0.0.1",
-        "--main_process_port": "20138", "--deepspeed": "ds_config.json", "--model": "gemma",
+        "--main_process_port": port, "--deepspeed": "ds_config.json", "--model": "gemma",
         "--dataset_dir": "data/Musical_Instruments_0_2022-10-2023-10", "--dataset_category": "Musical_Instruments",
         "--train_batch_size": "4", "--eval_batch_size": "32", "--max_new_tokens": "640", "--warmup_steps": "32",
         "--num_train_epochs": "3", "--group_size": "4", "--trainer_relabel_topk": "2", "--gen_temperature": "2.0",
         "--gen_top_k": "50", "--seed": "42", "--run_name": "r2ec_gemma_Musical_Instruments", "--max_steps": "5",
     }
     assert launcher_arguments(words)[0] == "--multi_gpu" and "train.py" in words
+    with open(os.path.join(ROOT, "launch_train.sh")) as f:
+        assert "MAIN_PROCESS_PORT=${MAIN_PROCESS_PORT:-20138}" in f.read()
     with open(os.path.join(ROOT, "ds_config.json")) as f:
         deepspeed = json.load(f)
     assert deepspeed["zero_optimization"]["stage"] == 2
@@ -104,8 +116,8 @@ def test_readme_names_each_launcher_variable_s_flag_and_default():
     flag_of = {variable: flag for variables, flags, _ in rows for variable, flag in zip(variables, flags) if flag != "–"}
     assert len(flag_of) == 15 and flag_of["RELABEL_TOPK"] == "--trainer_relabel_topk"
     env = {k: v for k, v in os.environ.items() if k != "CUDA_VISIBLE_DEVICES"}
-    result = subprocess.run(["bash", os.path.join(ROOT, "launch_train.sh")], capture_output=True, text=True, check=True,
-                            env={**env, "PYTHON": "echo", **{variable: f"set_{variable}" for variable in flag_of}})
+    result = run_launcher(environment=env, check=True, PYTHON="echo",
+                          **{variable: f"set_{variable}" for variable in flag_of})
     words = result.stdout.split()
     assert {flag: words[words.index(flag) + 1] for flag in flag_of.values()} == {
         flag: f"set_{variable}" for variable, flag in flag_of.items()}
@@ -124,30 +136,25 @@ def test_launcher_keeps_the_gpus_the_environment_names_even_none(tmp_path, visib
     env = {k: v for k, v in os.environ.items() if k != "CUDA_VISIBLE_DEVICES"}
     if visible is not None:
         env["CUDA_VISIBLE_DEVICES"] = visible
-    result = subprocess.run(["bash", os.path.join(ROOT, "launch_train.sh")], env={**env, "PYTHON": str(python)},
-                            capture_output=True, text=True, check=True)
+    result = run_launcher(environment=env, check=True, PYTHON=str(python))
     assert result.stdout.splitlines() == [f"[{seen}]"]  # the launch; the check's own output goes to /dev/null
 
 
 def test_launcher_names_the_run_after_the_models_last_path_part():
-    result = subprocess.run(["bash", os.path.join(ROOT, "launch_train.sh")], env={
-        **os.environ, "PYTHON": "echo", "MODEL": "/data/models/Llama-3.2-3B-Instruct"},
-        capture_output=True, text=True, check=True)
+    result = run_launcher(check=True, PYTHON="echo", MODEL="/data/models/Llama-3.2-3B-Instruct")
     words = result.stdout.split()
     assert words[words.index("--run_name") + 1] == "r2ec_Llama-3.2-3B-Instruct_Musical_Instruments"
 
 
 def test_launcher_starts_a_single_process_without_multi_gpu(tmp_path):
-    result = subprocess.run(["bash", os.path.join(ROOT, "launch_train.sh")], env={
-        **os.environ, "PYTHON": "echo", "NUM_PROCESSES": "1"}, capture_output=True, text=True, check=True)
+    result = run_launcher(check=True, PYTHON="echo", NUM_PROCESSES="1")
     words = result.stdout.split()
     assert launcher_arguments(words)[0] == "--num_processes" and "--multi_gpu" not in words
     assert words[words.index("--num_processes") + 1] == "1"
 
 
 def test_launcher_help_is_train_pys_printed_once():
-    result = subprocess.run(["bash", os.path.join(ROOT, "launch_train.sh"), "--help"], env={
-        **os.environ, "PYTHON": sys.executable}, capture_output=True, text=True, check=True)
+    result = run_launcher("--help", check=True, PYTHON=sys.executable)
     assert result.stdout.count("usage: train.py") == 1 and "--group_size" in result.stdout
 
 
@@ -156,8 +163,7 @@ def test_launcher_refuses_a_port_in_use():
         taken.bind(("127.0.0.1", 0))
         taken.listen()
         port = str(taken.getsockname()[1])
-        result = subprocess.run(["bash", os.path.join(ROOT, "launch_train.sh")], env={
-            **os.environ, "PYTHON": "echo", "MAIN_PROCESS_PORT": port}, capture_output=True, text=True)
+        result = run_launcher(PYTHON="echo", MAIN_PROCESS_PORT=port)
     assert result.returncode == 2 and result.stdout == ""
     assert result.stderr.strip().splitlines() == [
         f"error: port {port} is in use (another run on this machine?) — set MAIN_PROCESS_PORT to a free one"]
@@ -179,8 +185,7 @@ def test_launcher_refuses_a_port_in_use():
     ({"PYTHON": "false"}, "PYTHON=false lacks some of torch transformers accelerate deepspeed datasets peft — activate"),
 ])
 def test_launcher_stops_bad_input_with_one_line_before_starting_processes(variables, message):
-    env = {**os.environ, "PYTHON": sys.executable, "OMP_NUM_THREADS": "1", **variables}
-    result = subprocess.run(["bash", os.path.join(ROOT, "launch_train.sh")], env=env, capture_output=True, text=True)
+    result = run_launcher(**{"PYTHON": sys.executable, "OMP_NUM_THREADS": "1", **variables})
     assert result.returncode == 2
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0]
@@ -192,9 +197,8 @@ def launch_on_tiny_dataset(tmp_path, **variables) -> subprocess.CompletedProcess
 
     folder = tmp_path / "Musical_Instruments_0_2022-10-2023-10"
     tiny_dataset().save_to_disk(str(folder))
-    env = {**os.environ, "PYTHON": sys.executable, "OMP_NUM_THREADS": "1", "DATASET_DIR": str(folder),
-           "RUN_NAME": str(tmp_path / "run"), **variables}
-    return subprocess.run(["bash", os.path.join(ROOT, "launch_train.sh")], env=env, capture_output=True, text=True)
+    return run_launcher(PYTHON=sys.executable, OMP_NUM_THREADS="1", DATASET_DIR=str(folder),
+                        RUN_NAME=str(tmp_path / "run"), **variables)
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the machine has a GPU")
