@@ -1,9 +1,11 @@
 """The quick-start pipeline (preprocess → train → before/after table → one example) at a tiny size."""
+import json
 import os
 import re
 import signal
 import subprocess
 import sys
+import textwrap
 
 import pytest
 import torch
@@ -28,10 +30,26 @@ def test_quickstart_pipeline_prints_the_table_and_an_example(tmp_path):
     assert flags[flags.index("--bf16") + 1] == "False" and "note: this CPU" not in out
     assert flags[flags.index("--use_cpu") + 1] == str(not torch.cuda.is_available())  # the CPU meant: no warning
     assert "warning: no GPU visible" not in result.stderr
-    for row in ("valid before", "valid after", "test before", "test after"):
-        assert row in out
-    assert "top 5 (* = the true next item):" in out and "true next item:" in out and "reasoning:" in out
-    assert os.path.exists(tmp_path / "quick" / "training_curves.png")
+    # The table: the step-0 evaluation (before) and the final one (after), as the run saved them
+    run = tmp_path / "quick"
+    history = json.loads((run / "trainer_state.json").read_text())["log_history"]
+    saved = {"before": next(e for e in history if e.get("step") == 0 and "eval_valid_ndcg@10" in e),
+             "after": json.loads((run / "final_results.json").read_text())}
+    lines = out.splitlines()
+    names = next(line.split() for line in lines if line.split()[:1] == ["ndcg@5"])
+    table = {" ".join(line.split()[:2]): [float(v) for v in line.split()[2:]] for line in lines
+             if re.match(r"(valid|test) (before|after) ", line)}
+    assert table == {f"{split} {when}": pytest.approx([saved[when][f"eval_{split}_{m}"] for m in names], abs=5e-5)
+                     for split in ("valid", "test") for when in ("before", "after")}
+    # The example: the final evaluation's first test record
+    [step] = {e["step"] for e in history if "eval_test_ndcg@10" in e} - {0}
+    record = json.loads((run / "reasoning" / f"step{step}_test.jsonl").read_text().splitlines()[0])
+    example = out[out.index("== test row"):]
+    assert f"== test row {record['row']} · user {record['user_id']} ==" in example
+    assert "reasoning:\n" + textwrap.indent(record["reasoning"], "  ") + "\ntop 5" in example
+    assert [line.split()[-1].rstrip(")") for line in example.splitlines() if "(item " in line][:5] == [
+        str(item["item_id"]) for item in record["top_k"][:5]]
+    assert os.path.exists(run / "training_curves.png")
     assert os.path.isdir(os.path.join(ROOT, "data", "sample", "Video_Games_0_2022-10-2023-10"))
 
 
