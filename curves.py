@@ -36,8 +36,9 @@ def series(log_history: list[dict], key: str) -> tuple[list[float], list[float]]
     return [s for s, _ in points], [v for _, v in points]
 
 
-def plot_training_curves(log_history: list[dict], path: str) -> None:
-    """Write a 2×2 PNG of the run's curves to `path`; a key never logged is left out of its panel.
+def plot_training_curves(log_history: list[dict], path: str) -> Figure:
+    """Write a 2×2 PNG of the run's curves to `path` (the figure is returned); a key never logged
+    is left out of its panel.
 
     Drawn on a bare Agg canvas rather than through pyplot: importing this module (train.py does)
     then changes no global backend and leaves no figure alive in the training process.
@@ -59,6 +60,7 @@ def plot_training_curves(log_history: list[dict], path: str) -> None:
         axes.set_xlabel("step")
         axes.grid(alpha=0.3)
     write_atomically(path, lambda temporary: figure.savefig(temporary, format=image_format(path), dpi=100))
+    return figure
 
 
 def image_format(path: str) -> str:

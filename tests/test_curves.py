@@ -37,10 +37,27 @@ def hand_made_history(steps: int = 30) -> list[dict]:
     return history
 
 
-def test_full_history_makes_a_png(tmp_path):
+def drawn(figure) -> dict[str, dict[str, tuple[list, list]]]:
+    """{panel title: {line label: (steps, values)}}; a panel without lines maps to its text."""
+    panels = {}
+    for axes in figure.axes:
+        lines = {line.get_label(): (list(line.get_xdata()), list(line.get_ydata())) for line in axes.get_lines()}
+        panels[axes.get_title()] = lines or [text.get_text() for text in axes.texts]
+    return panels
+
+
+def test_full_history_makes_a_png_of_every_series(tmp_path):
     path = tmp_path / "curves.png"
-    curves.plot_training_curves(hand_made_history(), str(path))
+    panels = drawn(curves.plot_training_curves(hand_made_history(), str(path)))
     assert_real_png(path)
+    steps = list(range(1, 31))
+    assert panels == {
+        "reward": {"reward/mean": (steps, [s / 30 for s in steps]), "reward/ndcg": (steps, [s / 30 * 0.9 for s in steps])},
+        "loss": {"loss/token": (steps, [0.5 / s for s in steps]), "loss/item": (steps, [0.5 / s for s in steps]),
+                 "loss": (steps, [1 / s for s in steps])},
+        "reasoning length (tokens)": {"completions/mean_length": (steps, [100 + s for s in steps])},
+        "valid NDCG@10": {"eval_valid_ndcg@10": ([10, 20, 30], [0.1, 0.2, 0.3])},
+    }
 
 
 def test_a_series_is_the_key_s_numeric_points_in_logging_order():
@@ -58,8 +75,11 @@ def test_missing_series_are_skipped(tmp_path, keep):
     steps, values = curves.series(history, "reward/mean")
     assert len(steps) == (30 if "reward/mean" in keep else 0) == len(values)
     path = tmp_path / "curves.png"
-    curves.plot_training_curves(history, str(path))
+    panels = drawn(curves.plot_training_curves(history, str(path)))
     assert_real_png(path)
+    assert panels["reward"] == ({"reward/mean": (list(range(1, 31)), [s / 30 for s in range(1, 31)])}
+                                if "reward/mean" in keep else ["not logged"])
+    assert panels["loss"] == ["not logged"]
 
 
 def test_train_py_writes_curves_and_the_command_replots_them(tmp_path_factory, tmp_path):
