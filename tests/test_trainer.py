@@ -162,17 +162,26 @@ def test_a_batch_s_rewards_advantages_and_relabel_mask_by_hand(tmp_path, monkeyp
     batch = trainer.make_batch(trainer.model, samples)
     assert captured == {"sampling": SamplingConfig(12, temperature=2.0, top_k=7), "num_samples": 2}
     users, items = batch.rollouts.user_states, trainer.item_table.embeddings
-    rewards = []
+    rewards, ndcgs, softmaxes = [], [], []
     for row in range(4):
         sample = samples[row // 2]
         scores = F.normalize(users[row], dim=0) @ F.normalize(items, dim=1).T / 0.02  # (I,)
         scores[[0, *sample["history_item_id"]]] = -math.inf
         target = sample["item_id"]
         rank = int((scores >= scores[target]).sum())
-        ndcg = 1 / math.log2(rank + 1) if rank <= 5 else 0.0
-        rewards.append(0.7 * ndcg + 0.3 * scores.softmax(0)[target].item())
-    logged = {key: values[-1].item() for key, values in trainer._metrics.items()}
-    assert logged["reward/mean"] == pytest.approx(sum(rewards) / 4, rel=1e-5)
+        ndcgs.append(1 / math.log2(rank + 1) if rank <= 5 else 0.0)
+        softmaxes.append(scores.softmax(0)[target].item())
+        rewards.append(0.7 * ndcgs[-1] + 0.3 * softmaxes[-1])
+    logged = {key: float(values[-1]) for key, values in trainer._metrics.items()}
+    gaps = [abs(rewards[0] - rewards[1]), abs(rewards[2] - rewards[3])]
+    assert logged == pytest.approx({
+        "reward/mean": sum(rewards) / 4, "reward/ndcg": sum(ndcgs) / 4, "reward/softmax": sum(softmaxes) / 4,
+        "reward/std_within_group": sum(gaps) / 2 / 2**0.5,  # unbiased std of two values: |d| / √2
+        "advantage/abs_mean": 2**-0.5,  # each (d/2) / (|d|/√2) in size, as below
+        "frac_reward_zero_std": 0.0,
+        "completions/mean_length": batch.rollouts.completion_mask.sum().item() / 4,
+        "time/rollout_s": logged["time/rollout_s"], "time/reward_s": logged["time/reward_s"],
+    }, rel=1e-4, abs=1e-6)  # float32 rewards
     assert torch.equal(batch.targets, torch.tensor([s["item_id"] for s in samples]))
     for group in range(2):
         first, second = rewards[2 * group], rewards[2 * group + 1]
