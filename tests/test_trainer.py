@@ -1204,22 +1204,21 @@ def test_overwriting_clears_the_logs_of_a_run_killed_before_its_first_save(tmp_p
     assert listed[-1] == ["reasoning", "train.log"] and (run / "reasoning" / "adapter_config.json").exists()
 
 
-def test_final_metrics_are_the_saved_model_s_logged_evaluation(tmp_path):
+def test_final_metrics_are_the_saved_model_s_logged_evaluation():
     """The best checkpoint's step with --load_best_model_at_end, else the last step's; a new
     evaluation only when none was logged for that step."""
     history = [{"eval_valid_ndcg@10": 0.3, "eval_test_ndcg@10": 0.25, "step": 2},
                {"loss": 1.0, "step": 2},
                {"eval_valid_ndcg@10": 0.1, "eval_test_ndcg@10": 0.05, "eval_seconds": 3.0, "step": 4}]
 
-    def final(load_best, best_checkpoint, global_step=4):
+    def final(load_best, best_step, global_step=4):
         trainer = types.SimpleNamespace(
             args=types.SimpleNamespace(load_best_model_at_end=load_best),
-            state=types.SimpleNamespace(global_step=global_step, best_model_checkpoint=best_checkpoint,
-                                        log_history=history),
+            state=types.SimpleNamespace(global_step=global_step, best_global_step=best_step, log_history=history),
             evaluate=lambda: {"eval_test_ndcg@10": "evaluated anew"})
         return train.final_metrics(trainer)
 
-    best = str(tmp_path / "run" / "checkpoint-2")
+    best = 2
     assert final(True, best) == {"eval_valid_ndcg@10": 0.3, "eval_test_ndcg@10": 0.25}
     assert final(False, best) == {"eval_valid_ndcg@10": 0.1, "eval_test_ndcg@10": 0.05, "eval_seconds": 3.0}
     assert final(True, None) == final(False, best)  # no checkpoint chosen: the last step's
