@@ -459,7 +459,7 @@ def clipped_item_loss(logits, labels, old_logprobs, weighted_advantages, epsilon
 
 
 # ----------------------------------------------------------------------------------------------
-# Data plumbing
+# Plumbing: data checks, batch order, skipped steps
 
 
 def check_train_size(num_train: int, global_batch: int):
@@ -633,7 +633,7 @@ class RecPOTrainer(Trainer):
         ids, mask = left_pad(prompts, self.processing_class.pad_token_id)
         return torch.tensor(ids, device=self.args.device), torch.tensor(mask, device=self.args.device)
 
-    # -- RecPO steps ---------------------------------------------------------------------------
+    # -- the item table ------------------------------------------------------------------------
 
     def refresh_item_table(self, model):
         """Re-encode every item with the current weights (SPEC §4 "Item table"), each process a
@@ -694,6 +694,8 @@ class RecPOTrainer(Trainer):
                             "another dataset or backbone: delete it or resume from another checkpoint")
         return embeddings if saved.get("max_item_tokens") == self.args.max_item_tokens else None
 
+    # -- RecPO steps ---------------------------------------------------------------------------
+
     def rollout(self, model, samples: list[dict], sampling: SamplingConfig, num_samples: int) -> Rollouts:
         """SPEC §4.1: `num_samples` reasonings per sample, all B·G generated together."""
         ids, mask = self.tokenize_prompts(samples)
@@ -727,32 +729,7 @@ class RecPOTrainer(Trainer):
         """SPEC §4.4 per group of G.  advantages (N,) -> (N,)."""
         return relabel_mask(advantages.view(-1, self.args.group_size), self.args.trainer_relabel_topk).flatten()
 
-    def recommend(self, model, samples: list[dict], rows: list[int], split: str, top_k: int) -> list[dict]:
-        """SPEC §3 inference for a batch: greedy reasoning, h_u, every item scored and ranked.
-
-        -> one record per sample, row `rows[i]` of `split`: its user, target item and the target's
-        rank among the unseen items (1 = best; None when it was bought before), the reasoning (`<answer>` included) and its length
-        in tokens, and the `top_k` unseen items, best first, with their titles and scores.
-        """
-        greedy = SamplingConfig(max_new_tokens=self.sampling.max_new_tokens, greedy=True)
-        rollouts = self.rollout(model, samples, greedy, 1)
-        scores = self.masked_scores(rollouts.user_states, samples)  # (B, I), history and pad at -inf
-        targets = self.target_ids(samples)  # (B,)
-        ranks = target_rank(scores, targets).tolist()
-        top_scores, top_ids = top_items(scores, targets, top_k)  # (B, K)
-        lengths = rollouts.completion_mask.sum(1).tolist()
-        texts = reasoning_texts(self.processing_class, rollouts)
-        return [
-            {"row": row, "split": split, "user_id": sample["user_id"], "target_item_id": sample["item_id"],
-             "target_rank": int(rank) if math.isfinite(rank) else None, "reasoning": text, "reasoning_tokens": length,
-             "top_k": [{"item_id": item, "title": self.item_titles[item], "score": score}
-                       for item, score in zip(ids, values)
-                       if score != -math.inf]}  # fewer unseen items than K: masked ones are no recommendation
-            for row, sample, rank, text, length, ids, values in zip(
-                rows, samples, ranks, texts, lengths, top_ids.tolist(), top_scores.tolist())
-        ]
-
-    def make_batch(self, model, samples: list[dict]) -> RecPOBatch:
+    def generate_and_score(self, model, samples: list[dict]) -> RecPOBatch:
         """Rollouts, rewards, advantages and relabel mask for one batch of users (no gradient)."""
         with self._timed("rollout"):
             rollouts = self.rollout(model, samples, self.sampling, self.args.group_size)
@@ -968,7 +945,7 @@ class RecPOTrainer(Trainer):
             if self._buffer is None or self.state.global_step % self.args.num_iterations == 0:
                 self._buffer = None  # stays None when the rollout runs out of memory
                 try:
-                    self._buffer = self.make_batch(model, inputs)
+                    self._buffer = self.generate_and_score(model, inputs)
                 except torch.OutOfMemoryError:
                     if torch.cuda.is_available():
                         torch.cuda.empty_cache()
@@ -982,6 +959,21 @@ class RecPOTrainer(Trainer):
                 f"out of memory in the update at step {self.state.global_step} ({one_line(e)}) — lower "
                 "--max_new_tokens or --max_prompt_tokens, or --micro_batch_size (which also reweighs the token loss)"
             ) from e
+
+    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        """Add the step metrics collected since the last log, averaged over steps and processes."""
+        if "loss" in logs:
+            # One exchange of every process's means: after a skipped step the processes may
+            # hold different keys, and a gather per key would pair them up wrongly.
+            means = {key: torch.stack(values).sum().item() if key == "skipped_steps" else torch.stack(values).mean().item()
+                     for key, values in self._metrics.items()}  # skipped steps are counted, the rest averaged
+            logs.update(self._average_over_processes(means))
+            self._metrics.clear()
+            if torch.cuda.is_available():
+                logs["memory/peak_gib"] = torch.cuda.max_memory_allocated() / 2**30
+        super().log(logs, start_time)
+
+    # -- evaluation (SPEC §5) ------------------------------------------------------------------
 
     def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix: str = "eval") -> dict[str, float]:
         """SPEC §5: refresh the table, greedy reasoning per sample, rank all items, NDCG/Hit@5/10/20."""
@@ -1025,18 +1017,30 @@ class RecPOTrainer(Trainer):
         by_row = {r["row"]: r for r in gather_object(records)}  # padding repeats the last row
         return [by_row[row] for row in rows]
 
-    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
-        """Add the step metrics collected since the last log, averaged over steps and processes."""
-        if "loss" in logs:
-            # One exchange of every process's means: after a skipped step the processes may
-            # hold different keys, and a gather per key would pair them up wrongly.
-            means = {key: torch.stack(values).sum().item() if key == "skipped_steps" else torch.stack(values).mean().item()
-                     for key, values in self._metrics.items()}  # skipped steps are counted, the rest averaged
-            logs.update(self._average_over_processes(means))
-            self._metrics.clear()
-            if torch.cuda.is_available():
-                logs["memory/peak_gib"] = torch.cuda.max_memory_allocated() / 2**30
-        super().log(logs, start_time)
+    def recommend(self, model, samples: list[dict], rows: list[int], split: str, top_k: int) -> list[dict]:
+        """SPEC §3 inference for a batch: greedy reasoning, h_u, every item scored and ranked.
+
+        -> one record per sample, row `rows[i]` of `split`: its user, target item and the target's
+        rank among the unseen items (1 = best; None when it was bought before), the reasoning (`<answer>` included) and its length
+        in tokens, and the `top_k` unseen items, best first, with their titles and scores.
+        """
+        greedy = SamplingConfig(max_new_tokens=self.sampling.max_new_tokens, greedy=True)
+        rollouts = self.rollout(model, samples, greedy, 1)
+        scores = self.masked_scores(rollouts.user_states, samples)  # (B, I), history and pad at -inf
+        targets = self.target_ids(samples)  # (B,)
+        ranks = target_rank(scores, targets).tolist()
+        top_scores, top_ids = top_items(scores, targets, top_k)  # (B, K)
+        lengths = rollouts.completion_mask.sum(1).tolist()
+        texts = reasoning_texts(self.processing_class, rollouts)
+        return [
+            {"row": row, "split": split, "user_id": sample["user_id"], "target_item_id": sample["item_id"],
+             "target_rank": int(rank) if math.isfinite(rank) else None, "reasoning": text, "reasoning_tokens": length,
+             "top_k": [{"item_id": item, "title": self.item_titles[item], "score": score}
+                       for item, score in zip(ids, values)
+                       if score != -math.inf]}  # fewer unseen items than K: masked ones are no recommendation
+            for row, sample, rank, text, length, ids, values in zip(
+                rows, samples, ranks, texts, lengths, top_ids.tolist(), top_scores.tolist())
+        ]
 
     # -- helpers -------------------------------------------------------------------------------
 

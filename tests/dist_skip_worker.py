@@ -31,15 +31,15 @@ def main(out_path: str):
     trainer = RecPOTrainer(model, config, tokenizer, tiny_dataset(), "Video_Games")
     rank = trainer.accelerator.process_index
     if rank == 1:
-        make_batch, calls = trainer.make_batch, []
+        generate_and_score, calls = trainer.generate_and_score, []
 
         def out_of_memory_once(model, samples):
             calls.append(samples)
             if len(calls) == 1:
                 raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
-            return make_batch(model, samples)
+            return generate_and_score(model, samples)
 
-        trainer.make_batch = out_of_memory_once
+        trainer.generate_and_score = out_of_memory_once
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         trainer.train()

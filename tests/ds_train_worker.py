@@ -24,10 +24,10 @@ def inject(trainer, fault: str):
     """Process 1 fails step 1 once, as `fault` says."""
     if trainer.accelerator.process_index != 1:
         return
-    make_batch, token_loss, calls = trainer.make_batch, trainer.token_loss, []
+    generate_and_score, token_loss, calls = trainer.generate_and_score, trainer.token_loss, []
 
-    def make_batch_then_oom(model, samples):
-        batch = make_batch(model, samples)
+    def generate_and_score_then_oom(model, samples):
+        batch = generate_and_score(model, samples)
         if trainer.state.global_step == 1:
             raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
         return batch
@@ -41,7 +41,7 @@ def inject(trainer, fault: str):
         return loss, clip_fraction
 
     if fault == "oom_after_rollout":
-        trainer.make_batch = make_batch_then_oom
+        trainer.generate_and_score = generate_and_score_then_oom
     else:
         trainer.token_loss = token_loss_nan_once
 

@@ -147,7 +147,7 @@ def test_logged_loss_terms_add_up_to_the_logged_loss_over_micro_batches(tmp_path
 
 
 def test_a_batch_s_rewards_advantages_and_relabel_mask_by_hand(tmp_path, monkeypatch):
-    """make_batch wires SPEC §4.2–4.4: each trajectory scored against its own user's target and
+    """generate_and_score wires SPEC §4.2–4.4: each trajectory scored against its own user's target and
     history with the given β and k, advantages within each group of G = 2, the better trajectory of each group relabelled; the rollouts use the sampling flags."""
     trainer = tiny_trainer(tmp_path, beta=0.3, reward_ndcg_k=5, gen_temperature=2.0, gen_top_k=7)
     trainer.refresh_item_table(trainer.model)
@@ -159,7 +159,7 @@ def test_a_batch_s_rewards_advantages_and_relabel_mask_by_hand(tmp_path, monkeyp
         return rollout(model, samples, sampling, num_samples)
 
     monkeypatch.setattr(trainer, "rollout", capturing_rollout)
-    batch = trainer.make_batch(trainer.model, samples)
+    batch = trainer.generate_and_score(trainer.model, samples)
     assert captured == {"sampling": SamplingConfig(12, temperature=2.0, top_k=7), "num_samples": 2}
     users, items = batch.rollouts.user_states, trainer.item_table.embeddings
     rewards, ndcgs, softmaxes = [], [], []
@@ -194,13 +194,13 @@ def test_a_batch_s_rewards_advantages_and_relabel_mask_by_hand(tmp_path, monkeyp
 
 @pytest.mark.parametrize("similarity_type, tau", [("cosine", 0.05), ("dot", 0.02), ("L2", 0.02)])
 def test_a_batch_under_other_scoring_advantage_and_relabel_flags_by_hand(tmp_path, similarity_type, tau):
-    """The flags reach make_batch: the score is --similarity_type (with --tau for cosine), RLOO
+    """The flags reach generate_and_score: the score is --similarity_type (with --tau for cosine), RLOO
     advantages within each group of G = 4, the --trainer_relabel_topk 2 best of each relabelled."""
     trainer = tiny_trainer(tmp_path, similarity_type=similarity_type, tau=tau, advantage_type="rloo", group_size=4,
                            trainer_relabel_topk=2, gen_temperature=2.0)
     trainer.refresh_item_table(trainer.model)
     samples = [dict(trainer.train_dataset[i]) for i in (0, 1)]
-    batch = trainer.make_batch(trainer.model, samples)
+    batch = trainer.generate_and_score(trainer.model, samples)
     users, items = batch.rollouts.user_states.float(), trainer.item_table.embeddings.float()
     rewards = []
     for row in range(8):
@@ -279,7 +279,7 @@ def test_out_of_memory_skips_the_step_without_touching_weights(tmp_path, monkeyp
     def out_of_memory(*args, **kwargs):
         raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
 
-    monkeypatch.setattr(trainer, "make_batch", out_of_memory)
+    monkeypatch.setattr(trainer, "generate_and_score", out_of_memory)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         trainer.train()
@@ -529,7 +529,7 @@ def test_the_item_table_holds_each_item_s_h_and_an_update_rewrites_its_targets(t
         for name, param in sorted(model.named_parameters()):
             if "lora_B" in name:
                 param.copy_(0.2 * torch.randn(param.shape, generator=generator))
-    batch = trainer.make_batch(model, [trainer.train_dataset[i] for i in range(2)])
+    batch = trainer.generate_and_score(model, [trainer.train_dataset[i] for i in range(2)])
     model.train()
     trainer.update(trainer.accelerator.prepare_model(model), batch)
     targets = batch.targets.unique()
@@ -559,7 +559,7 @@ def test_without_reasoning_training_is_in_batch_contrastive_learning(tmp_path):
                 param.copy_(0.2 * torch.randn(param.shape, generator=generator))
     trainer.refresh_item_table(model)
     samples = [trainer.train_dataset[i] for i in range(3)]
-    batch = trainer.make_batch(model, samples)
+    batch = trainer.generate_and_score(model, samples)
     assert batch.rollouts.completion_ids.tolist() == [forced] * 3 and batch.advantages.tolist() == [1.0] * 3
     model.train()
     trainer.update(trainer.accelerator.prepare_model(model), batch)
@@ -604,7 +604,7 @@ def test_first_update_is_on_policy_although_the_sampler_runs_without_lora_dropou
     trainer = RecPOTrainer(model, tiny_config(tmp_path, micro_batch_size=4, gradient_checkpointing=False),
                            tokenizer, tiny_dataset(), "Video_Games")
     trainer.refresh_item_table(model)
-    batch = trainer.make_batch(model, [trainer.train_dataset[i] for i in range(2)])
+    batch = trainer.generate_and_score(model, [trainer.train_dataset[i] for i in range(2)])
     model.train()
     trainer.update(trainer.accelerator.prepare_model(model), batch)
     logged = {key: values[-1].item() for key, values in trainer._metrics.items()}
@@ -624,7 +624,7 @@ def test_sampler_and_update_score_tokens_under_the_same_temperature(tmp_path, te
     trainer = tiny_trainer(tmp_path, gen_temperature=2.0, tempered_logprobs=tempered)
     model = trainer.model
     trainer.refresh_item_table(model)
-    batch = trainer.make_batch(model, [trainer.train_dataset[i] for i in range(2)])
+    batch = trainer.generate_and_score(model, [trainer.train_dataset[i] for i in range(2)])
     r = batch.rollouts
     untempered = fresh_forward(model, r.prompt_ids, r.prompt_mask, r.completion_ids, r.completion_mask)[0]
     distance = (r.logprobs - untempered).abs().max().item()
@@ -1478,17 +1478,17 @@ def test_a_symlinked_output_dir_resumes_in_place(tmp_path):
 def test_num_iterations_reuses_each_rollout_batch_with_real_old_probabilities(tmp_path, monkeypatch):
     trainer = tiny_trainer(tmp_path, max_steps=4, num_iterations=2, learning_rate=1e-2)
     batches, updates = [], []
-    make_batch, update = trainer.make_batch, trainer.update
+    generate_and_score, update = trainer.generate_and_score, trainer.update
 
-    def counting_make_batch(model, samples):
+    def counting_generate_and_score(model, samples):
         batches.append([s["user_id"] for s in samples])
-        return make_batch(model, samples)
+        return generate_and_score(model, samples)
 
     def recording_update(model, batch):
         updates.append(batch)
         return update(model, batch)
 
-    monkeypatch.setattr(trainer, "make_batch", counting_make_batch)
+    monkeypatch.setattr(trainer, "generate_and_score", counting_generate_and_score)
     monkeypatch.setattr(trainer, "update", recording_update)
     trainer.train()
     assert len(batches) == 2 and len(updates) == 4  # 2 rollout batches, 2 optimizer steps each
@@ -1528,14 +1528,14 @@ def test_num_iterations_realigns_rollouts_with_their_users_after_a_skipped_step(
     from trainer import SkipStep
 
     trainer = tiny_trainer(tmp_path, max_steps=4, num_iterations=2)
-    make_batch, update, training_step = trainer.make_batch, trainer.update, trainer.training_step
+    generate_and_score, update, training_step = trainer.generate_and_score, trainer.update, trainer.training_step
     rollout_steps, step_targets, update_targets = [], {}, {}
 
-    def skipping_make_batch(model, samples):
+    def skipping_generate_and_score(model, samples):
         rollout_steps.append(trainer.state.global_step)
         if len(rollout_steps) == 1:
             raise SkipStep("simulated")
-        return make_batch(model, samples)
+        return generate_and_score(model, samples)
 
     def recording_update(model, batch):
         update_targets[trainer.state.global_step] = batch.targets.tolist()
@@ -1545,7 +1545,7 @@ def test_num_iterations_realigns_rollouts_with_their_users_after_a_skipped_step(
         step_targets[trainer.state.global_step] = [s["item_id"] for s in inputs]
         return training_step(model, inputs, *args, **kwargs)
 
-    monkeypatch.setattr(trainer, "make_batch", skipping_make_batch)
+    monkeypatch.setattr(trainer, "generate_and_score", skipping_generate_and_score)
     monkeypatch.setattr(trainer, "update", recording_update)
     monkeypatch.setattr(trainer, "training_step", recording_training_step)
     trainer.train()
