@@ -20,6 +20,7 @@ from contextlib import contextmanager
 
 import torch
 import torch.nn.functional as F
+from accelerate.utils import extract_model_from_parallel
 from safetensors import SafetensorError, safe_open
 from tqdm.auto import tqdm
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
@@ -203,12 +204,8 @@ def last_positions(input_ids: torch.Tensor, n: int) -> torch.Tensor:
 @contextmanager
 def decoder_hook(model, hook):
     """`hook(module, args, output)` on the model's decoder for the block; output[0] is h before
-    the LM head. DDP/DeepSpeed wrappers are unwrapped through `.module`; PEFT forwards
-    `get_decoder` to the base model."""
-    inner = model
-    while not hasattr(inner, "get_decoder") and hasattr(inner, "module"):
-        inner = inner.module
-    handle = inner.get_decoder().register_forward_hook(hook)
+    the LM head. PEFT forwards `get_decoder` to the base model; DDP/DeepSpeed wrappers are unwrapped."""
+    handle = extract_model_from_parallel(model).get_decoder().register_forward_hook(hook)
     try:
         yield
     finally:
@@ -259,6 +256,87 @@ def policy_forward(model, input_ids: torch.Tensor, attention_mask: torch.Tensor,
     logprobs = torch.stack(rows_logprobs)  # (B, n)
     valid = attention_mask[:, -n:].bool() & attention_mask[:, -n - 1 : -1].bool()  # (B, n), predictor real too
     return torch.where(valid, logprobs, 0.0), h
+
+
+def shared_prompt_forward(model, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, completion_ids: torch.Tensor,
+                          completion_mask: torch.Tensor, prompt_of: list[int], temperature: float = 1.0):
+    """`policy_forward` of M [prompt | reasoning] sequences whose prompts repeat (a user's G
+    reasonings), each distinct prompt run once: (log-probs of each reasoning, h).
+
+    A row of the batch holds one prompt followed by all of its reasonings. A reasoning attends
+    to the prompt and to its own earlier tokens only, its positions continuing from the prompt's
+    end, so each gets what `policy_forward` gives on its own [prompt | reasoning] row, while the
+    prompt costs one pass instead of G (with LoRA dropout, one dropout mask serves the G copies).
+
+    prompt_ids, prompt_mask (U, P): the distinct prompts, left-padded; completion_ids,
+    completion_mask (M, C): the reasonings, right-padded; prompt_of: each reasoning's prompt row.
+    -> logprobs (M, C), 0 on padding, π = softmax(logits / temperature); h (M, D) at each
+    reasoning's last token.
+    """
+    device, width = prompt_ids.device, prompt_ids.shape[1]
+    prompt_lens, lengths = prompt_mask.sum(1).tolist(), completion_mask.sum(1).tolist()
+    members = [[m for m, owner in enumerate(prompt_of) if owner == u] for u in range(len(prompt_lens))]
+    row_lens = [p + sum(lengths[m] for m in ms) for p, ms in zip(prompt_lens, members)]
+    T, S = max(row_lens), max(n - p for n, p in zip(row_lens, prompt_lens))  # row width, longest reasoning part
+    ids, positions, segments = [], [], []  # segment: -2 padding, -1 prompt, m reasoning m
+    first = [0] * len(lengths)  # index of each reasoning's first token in its row
+    for u, (p, ms) in enumerate(zip(prompt_lens, members)):
+        pad = T - row_lens[u]
+        ids += [prompt_ids.new_zeros(pad), prompt_ids[u, width - p:]]
+        positions += [0] * pad + list(range(p))
+        segments += [-2] * pad + [-1] * p
+        start = pad + p
+        for m in ms:
+            ids.append(completion_ids[m, :lengths[m]])
+            positions += range(p, p + lengths[m])
+            segments += [m] * lengths[m]
+            first[m], start = start, start + lengths[m]
+    input_ids = torch.cat(ids).view(len(members), T)
+    position_ids = torch.tensor(positions, device=device).view(len(members), T)
+    segment = torch.tensor(segments, device=device).view(len(members), T)
+    causal = torch.ones(T, T, dtype=torch.bool, device=device).tril()
+    seen = causal & ((segment[:, None, :] == -1) | (segment[:, None, :] == segment[:, :, None]))  # (U, T, T)
+    caught = {}
+    with decoder_hook(model, lambda module, args, out: caught.update(hidden=out[0])):
+        out = model(input_ids=input_ids, attention_mask=attention_masks(model, seen, position_ids),
+                    position_ids=position_ids, logits_to_keep=last_positions(input_ids, S + 1), use_cache=False)
+    hidden, base = caught["hidden"], T - S - 1  # out.logits[:, i] is the logit at position base + i
+    logprobs, h = [], []
+    for m, (u, n) in enumerate(zip(prompt_of, lengths)):
+        predictors = torch.arange(first[m] - 1, first[m] + n - 1, device=device)
+        predictors[0] = first[members[u][0]] - 1  # the prompt's last token predicts every first token
+        scores = out.logits[u, predictors - base].float()  # (n, V)
+        if temperature != 1:
+            scores = scores / temperature
+        chosen = torch.log_softmax(scores, -1).gather(-1, completion_ids[m, :n, None]).squeeze(-1)  # (n,)
+        logprobs.append(F.pad(chosen, (0, completion_ids.shape[1] - n)))
+        h.append(hidden[u, first[m] + n - 1])
+    return torch.stack(logprobs), torch.stack(h)
+
+
+def attention_masks(model, seen: torch.Tensor, position_ids: torch.Tensor):
+    """Additive (U, 1, T, T) masks that let query i see key j where seen[:, i, j], for the model's
+    forward to use as they are: one tensor, or one per layer type ({"full_attention": ...,
+    "sliding_attention": ...}) where the config lists layer types. A sliding window keeps keys
+    fewer than `sliding_window` positions back, as transformers' own masks do."""
+    model = extract_model_from_parallel(model)
+    config = decoder_configs(model.config)[-1]
+    dtype = (torch.get_autocast_dtype(seen.device.type) if torch.is_autocast_enabled(seen.device.type)
+             else model.get_input_embeddings().weight.dtype)
+    distance = position_ids[:, :, None] - position_ids[:, None, :]  # (U, T, T) query position - key position
+
+    def additive(window):
+        allowed = seen if window is None else seen & (distance < window)
+        return torch.zeros(allowed.shape, dtype=dtype, device=seen.device).masked_fill(
+            ~allowed, torch.finfo(dtype).min)[:, None]
+
+    layer_types = set(getattr(config, "layer_types", None) or ())
+    if not layer_types:
+        return additive(getattr(config, "sliding_window", None))
+    windows = {"full_attention": None, "sliding_attention": getattr(config, "sliding_window", None)}
+    if not layer_types <= windows.keys():
+        raise ValueError(f"layer types {sorted(layer_types - windows.keys())}: no shared-prompt mask for them")
+    return {kind: additive(windows[kind]) for kind in layer_types}
 
 
 def encode(model, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:

@@ -33,7 +33,7 @@ from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, SaveStrategy, get_
 from errors import UserError, missing_path, one_line, read_json, write_jsonl
 from metrics import METRIC_NAMES, ndcg_at_k, split_metrics, target_rank, top_items
 from model import (ITEM_BATCH_SIZE, LORA_ALPHA, LORA_DROPOUT, LORA_R, LORA_TARGETS, SIMILARITY_TYPES, TAU, ItemTable,
-                   encode, end_of_turn_ids, mask_seen, policy_forward, similarity)
+                   encode, end_of_turn_ids, mask_seen, shared_prompt_forward, similarity)
 from paths import DEFAULT_MODEL
 from prompts import (MAX_ITEM_TOKENS, MAX_PROMPT_TOKENS, WINDOW_SIZE, answer_stop, item_prompt_tokens, left_pad,
                      user_prompt, user_prompt_tokens)
@@ -800,8 +800,9 @@ class RecPOTrainer(Trainer):
         B-sized shares instead of summing them. -> token loss, item loss, the item loss's log p of
         these rows (M,) and their token log-probs (M, C).
         """
-        ids, mask, completion_len = self._user_sequences(batch.rollouts, rows)
-        logprobs, user_states = policy_forward(model, ids, mask, completion_len, self.sampling.policy_temperature)
+        logprobs, user_states = shared_prompt_forward(model, *self._trajectory_inputs(batch.rollouts, rows),
+                                                      self.sampling.policy_temperature)
+        completion_len = logprobs.shape[1]
         item, item_logprobs = self.item_loss(user_states, item_states, batch, rows, weighted_advantages,
                                              item_old_logprobs)
         # The in-batch cross-entropy of each trajectory's own target: the item loss's value is -Â on-policy.
@@ -1044,17 +1045,17 @@ class RecPOTrainer(Trainer):
 
     # -- helpers -------------------------------------------------------------------------------
 
-    def _user_sequences(self, rollouts: Rollouts, rows):
-        """Prompt + reasoning of the trajectories `rows`, trimmed to their longest parts.
-
-        -> ids, mask (M, T), completion length C (the last C tokens are the reasoning).
-        """
-        prompt_mask = rollouts.prompt_mask[rows]  # (M, P)
-        first = int((prompt_mask.sum(0) > 0).nonzero()[0]) if prompt_mask.any() else 0
+    def _trajectory_inputs(self, rollouts: Rollouts, rows):
+        """`shared_prompt_forward`'s inputs for the trajectories `rows`: each of their users' prompt
+        once, their reasonings trimmed to the longest.  -> prompt ids and mask (U, P), reasoning ids
+        and mask (M, C), each reasoning's prompt row."""
+        rows = rows.tolist()
+        users = list(dict.fromkeys(row // self.args.group_size for row in rows))  # in order of appearance
+        prompt_rows = [user * self.args.group_size for user in users]  # rollouts repeat a prompt G times
         completion_len = int(rollouts.completion_mask[rows].sum(1).max())
-        ids = torch.cat([rollouts.prompt_ids[rows, first:], rollouts.completion_ids[rows, :completion_len]], 1)
-        mask = torch.cat([prompt_mask[:, first:], rollouts.completion_mask[rows, :completion_len]], 1)
-        return ids, mask, completion_len
+        return (rollouts.prompt_ids[prompt_rows], rollouts.prompt_mask[prompt_rows],
+                rollouts.completion_ids[rows, :completion_len], rollouts.completion_mask[rows, :completion_len],
+                [users.index(row // self.args.group_size) for row in rows])
 
     def _average_over_processes(self, means: dict[str, float]) -> dict[str, float]:
         """Each key's mean over the processes that recorded it."""

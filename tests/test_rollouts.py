@@ -32,7 +32,7 @@ from transformers import (
 import rollouts
 from errors import UserError
 from bench.bench_rollout import PAD, random_prompts
-from model import attention_implementation, encode
+from model import attention_implementation, encode, policy_forward, shared_prompt_forward
 from prompts import StopRule
 from rollouts import (SamplingConfig, check_attention_interface, fresh_forward, generate_rollouts,
                       generate_rollouts_reference)
@@ -144,6 +144,30 @@ def test_greedy_equals_generate(family):
     assert_user_states_are_encode(model, ours)
     lengths = ours.completion_mask.sum(1)
     assert (lengths < T).any() and (lengths == T).any(), "want both natural and forced stops"
+
+
+@pytest.mark.parametrize("family", ["qwen2", "gemma2", "llama", "qwen2-lora", "qwen3", "gemma3", "gemma3-vlm",
+                                    "gpt-oss", "deepseek-v3"])
+def test_a_shared_prompt_forward_equals_one_forward_per_trajectory(family):
+    """Two prompts (one left-padded) with 2 and 3 reasonings of different lengths, packed into two
+    rows, against `policy_forward` on each [prompt | reasoning] row alone. The training update's
+    forward; sliding windows of 5 bind (rows of up to 13 tokens)."""
+    model = lora_model().eval() if family == "qwen2-lora" else tiny_model(family)
+    vocab, lengths, prompt_of = VOCAB - 3, [6, 2, 4, 1, 5], [0, 0, 1, 1, 1]
+    prompt_ids, prompt_mask = torch.randint(5, vocab, (2, 7)), torch.ones(2, 7, dtype=torch.long)
+    prompt_ids[1, :3], prompt_mask[1, :3] = 0, 0
+    completion_ids, completion_mask = torch.randint(5, vocab, (5, 6)), torch.zeros(5, 6, dtype=torch.long)
+    for m, n in enumerate(lengths):
+        completion_ids[m, n:], completion_mask[m, :n] = 0, 1
+    with torch.no_grad():
+        logprobs, h = shared_prompt_forward(model, prompt_ids, prompt_mask, completion_ids, completion_mask,
+                                            prompt_of, temperature=2.0)
+        expected_logprobs, expected_h = policy_forward(
+            model, torch.cat([prompt_ids[prompt_of], completion_ids], 1),
+            torch.cat([prompt_mask[prompt_of], completion_mask], 1), 6, temperature=2.0)
+    torch.testing.assert_close(logprobs, expected_logprobs, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(h, expected_h, rtol=1e-5, atol=1e-5)
+    assert (logprobs != 0).sum(1).tolist() == lengths
 
 
 @pytest.mark.parametrize("family", ["qwen2", "gemma2", "llama", "qwen2-lora"])
