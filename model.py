@@ -5,6 +5,7 @@ item table by cosine / τ.
     model, tokenizer = load_backbone("gemma")        # any key, alias, folder or hub id (paths.py)
     model = add_lora(model)                          # r=4, alpha=128 on attention and MLP
     logprobs, h = policy_forward(model, ids, mask, n)  # one forward for both heads
+    logprobs, h = shared_prompt_forward(model, prompts, prompt_mask, reasonings, mask, prompt_of)  # prompts once
     table = ItemTable(item_info, tokenizer, "Video_Games"); items = list(range(len(table)))
     table.update(items, table.encode(model, items))  # H_V, (N+1, D)
     scores = mask_seen(similarity(h, table.embeddings), history_item_ids)  # (B, N+1)
