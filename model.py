@@ -21,7 +21,6 @@ from contextlib import contextmanager
 
 import torch
 import torch.nn.functional as F
-from accelerate.utils import extract_model_from_parallel
 from safetensors import SafetensorError, safe_open
 from tqdm.auto import tqdm
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
@@ -202,11 +201,19 @@ def last_positions(input_ids: torch.Tensor, n: int) -> torch.Tensor:
     return torch.arange(length - n, length, device=input_ids.device)
 
 
+def unwrapped(model):
+    """The transformers or PEFT model inside DDP/DeepSpeed wrappers, which hold it as `.module`
+    (DeepSpeed's engine also forwards other attributes, `get_decoder` included, to it)."""
+    while isinstance(getattr(model, "module", None), torch.nn.Module):
+        model = model.module
+    return model
+
+
 @contextmanager
 def decoder_hook(model, hook):
     """`hook(module, args, output)` on the model's decoder for the block; output[0] is h before
-    the LM head. PEFT forwards `get_decoder` to the base model; DDP/DeepSpeed wrappers are unwrapped."""
-    handle = extract_model_from_parallel(model).get_decoder().register_forward_hook(hook)
+    the LM head. PEFT forwards `get_decoder` to the base model."""
+    handle = unwrapped(model).get_decoder().register_forward_hook(hook)
     try:
         yield
     finally:
@@ -320,7 +327,7 @@ def attention_masks(model, seen: torch.Tensor, position_ids: torch.Tensor):
     forward to use as they are: one tensor, or one per layer type ({"full_attention": ...,
     "sliding_attention": ...}) where the config lists layer types. A sliding window keeps keys
     fewer than `sliding_window` positions back, as transformers' own masks do."""
-    model = extract_model_from_parallel(model)
+    model = unwrapped(model)
     config = decoder_configs(model.config)[-1]
     dtype = (torch.get_autocast_dtype(seen.device.type) if torch.is_autocast_enabled(seen.device.type)
              else model.get_input_embeddings().weight.dtype)
