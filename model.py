@@ -35,6 +35,7 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model",
 LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 LORA_R, LORA_ALPHA, LORA_DROPOUT = 4, 128, 0.05  # SPEC §4
 ITEM_BATCH_SIZE = 32  # items per forward when encoding the table
+SHARED_PROMPT_LAYER_TYPES = {"full_attention", "sliding_attention"}  # the layers `attention_masks` covers
 SIMILARITY_TYPES = ("cosine", "dot", "L2")  # the kinds `similarity` scores (--similarity_type)
 
 
@@ -331,20 +332,28 @@ def attention_masks(model, seen: torch.Tensor, position_ids: torch.Tensor):
     config = decoder_configs(model.config)[-1]
     dtype = (torch.get_autocast_dtype(seen.device.type) if torch.is_autocast_enabled(seen.device.type)
              else model.get_input_embeddings().weight.dtype)
-    distance = position_ids[:, :, None] - position_ids[:, None, :]  # (U, T, T) query position - key position
 
     def additive(window):
-        allowed = seen if window is None else seen & (distance < window)
+        allowed = seen if window is None else seen & (position_ids[:, :, None] - position_ids[:, None, :] < window)
         return torch.zeros(allowed.shape, dtype=dtype, device=seen.device).masked_fill(
             ~allowed, torch.finfo(dtype).min)[:, None]
 
+    check_layer_types(config)
     layer_types = set(getattr(config, "layer_types", None) or ())
     if not layer_types:
         return additive(getattr(config, "sliding_window", None))
     windows = {"full_attention": None, "sliding_attention": getattr(config, "sliding_window", None)}
-    if not layer_types <= windows.keys():
-        raise ValueError(f"layer types {sorted(layer_types - windows.keys())}: no shared-prompt mask for them")
     return {kind: additive(windows[kind]) for kind in layer_types}
+
+
+def check_layer_types(config):
+    """The update's shared-prompt masks (`attention_masks`) cover full and sliding-window attention
+    layers; a backbone with other kinds (chunked, linear attention) is refused before training."""
+    other = set(getattr(decoder_configs(config)[-1], "layer_types", None) or ()) - SHARED_PROMPT_LAYER_TYPES
+    if other:
+        raise UserError(f"the backbone has {', '.join(sorted(other))} layers, which the update's shared-prompt "
+                        "masks do not cover (full and sliding-window attention only) — pick a backbone without "
+                        "them (Gemma-2, Qwen2.5, Llama and most current models)")
 
 
 def encode(model, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:

@@ -20,7 +20,8 @@ from transformers import AutoModelForCausalLM, EarlyStoppingCallback, HfArgument
 from curves import plot_training_curves
 from dataset import load_dataset_dir
 from errors import UserError, one_line, one_line_parser_errors, run_cli, write_json
-from model import add_lora, check_lora_targets, check_weights, load_backbone, load_backbone_config
+from model import (add_lora, check_layer_types, check_lora_targets, check_weights, load_backbone,
+                   load_backbone_config)
 from paths import resolve_model
 from rollouts import check_attention_interface
 from run_folder import (RUN_RECORD, RecordInCheckpoints, check_output_dir, clear_earlier_run, earlier_run,
@@ -118,6 +119,7 @@ def check_backbone(config: RecPOConfig):
                         "at a decoder-only backbone") from e
     check_lora_targets(skeleton, config.lora_targets)
     check_attention_interface(skeleton)
+    check_layer_types(model_config)
     return tokenizer
 
 

@@ -33,7 +33,7 @@ from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, SaveStrategy, get_
 from errors import UserError, missing_path, one_line, read_json, write_jsonl
 from metrics import METRIC_NAMES, ndcg_at_k, split_metrics, target_rank, top_items
 from model import (ITEM_BATCH_SIZE, LORA_ALPHA, LORA_DROPOUT, LORA_R, LORA_TARGETS, SIMILARITY_TYPES, TAU, ItemTable,
-                   encode, end_of_turn_ids, mask_seen, shared_prompt_forward, similarity)
+                   check_layer_types, encode, end_of_turn_ids, mask_seen, shared_prompt_forward, similarity)
 from paths import DEFAULT_MODEL
 from prompts import (MAX_ITEM_TOKENS, MAX_PROMPT_TOKENS, WINDOW_SIZE, answer_stop, item_prompt_tokens, left_pad,
                      user_prompt, user_prompt_tokens)
@@ -588,6 +588,7 @@ class RecPOTrainer(Trainer):
 
     def __init__(self, model, args: RecPOConfig, tokenizer, dataset, category: str, callbacks=None):
         check_length_limits(args, tokenizer, dataset, category)
+        check_layer_types(model.config)
         super().__init__(
             model=model,
             args=args,

@@ -9,8 +9,8 @@ import pytest
 import torch
 
 from errors import UserError
-from model import (ItemTable, add_lora, attention_implementation, enable_checkpointing, encode, end_of_turn_ids,
-                   load_backbone, load_backbone_config, mask_seen, policy_forward, similarity)
+from model import (ItemTable, add_lora, attention_implementation, check_layer_types, enable_checkpointing, encode,
+                   end_of_turn_ids, load_backbone, load_backbone_config, mask_seen, policy_forward, similarity)
 from paths import DEFAULT_MODEL, resolve_model
 from prompts import chat_prompt, item_prompt_tokens
 from tests.backbones import FAMILIES, tiny_backbone
@@ -320,6 +320,17 @@ def test_missing_or_truncated_weights_fail_in_one_line(tmp_path, monkeypatch):
     converted = folder.rename(tmp_path / DEFAULT_MODEL)  # as if the embedded default's conversion were cut short
     with pytest.raises(UserError, match=re.escape(f"— delete {converted} (the converted default backbone): the next")):
         load_backbone(str(converted), dtype=torch.float32)
+
+
+def test_backbones_with_layers_the_shared_prompt_masks_do_not_cover_are_refused():
+    from transformers import Gemma2Config, LlamaConfig
+
+    check_layer_types(Gemma2Config(num_hidden_layers=2))  # sliding and full layers
+    check_layer_types(LlamaConfig())  # no layer types: one mask
+    config = LlamaConfig(num_hidden_layers=2)
+    config.layer_types = ["chunked_attention", "full_attention"]  # Llama-4's kind
+    with pytest.raises(UserError, match="has chunked_attention layers, which the update's shared-prompt masks"):
+        check_layer_types(config)
 
 
 def test_lora_targets_missing_from_the_backbone_are_named(backbone):
