@@ -256,15 +256,18 @@ def policy_forward(model, input_ids: torch.Tensor, attention_mask: torch.Tensor,
     targets = input_ids[:, -n:]  # (B, n)
     # One row at a time in float32: a (B, n, V) float32 copy of the logits is the peak memory
     # of the whole step for 256k-token vocabularies (and temperature 1 adds no second copy).
-    rows_logprobs = []
-    for logits, target in zip(out.logits, targets):
-        scores = logits[:-1].float()  # (n, V)
-        if temperature != 1:
-            scores = scores / temperature
-        rows_logprobs.append(torch.log_softmax(scores, -1).gather(-1, target[:, None]).squeeze(-1))  # (n,)
-    logprobs = torch.stack(rows_logprobs)  # (B, n)
+    logprobs = torch.stack([chosen_logprobs(logits[:-1], target, temperature)
+                            for logits, target in zip(out.logits, targets)])  # (B, n)
     valid = attention_mask[:, -n:].bool() & attention_mask[:, -n - 1 : -1].bool()  # (B, n), predictor real too
     return torch.where(valid, logprobs, 0.0), h
+
+
+def chosen_logprobs(logits: torch.Tensor, targets: torch.Tensor, temperature: float) -> torch.Tensor:
+    """log softmax(logits / temperature)[target] per position, in float32.  logits (n, V), targets (n,) -> (n,)"""
+    scores = logits.float()
+    if temperature != 1:
+        scores = scores / temperature
+    return torch.log_softmax(scores, -1).gather(-1, targets[:, None]).squeeze(-1)
 
 
 def shared_prompt_forward(model, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, completion_ids: torch.Tensor,
@@ -314,10 +317,7 @@ def shared_prompt_forward(model, prompt_ids: torch.Tensor, prompt_mask: torch.Te
     for m, (u, n) in enumerate(zip(prompt_of, lengths)):
         predictors = torch.arange(first[m] - 1, first[m] + n - 1, device=device)
         predictors[0] = first[members[u][0]] - 1  # the prompt's last token predicts every first token
-        scores = out.logits[u, predictors - base].float()  # (n, V)
-        if temperature != 1:
-            scores = scores / temperature
-        chosen = torch.log_softmax(scores, -1).gather(-1, completion_ids[m, :n, None]).squeeze(-1)  # (n,)
+        chosen = chosen_logprobs(out.logits[u, predictors - base], completion_ids[m, :n], temperature)  # (n,)
         logprobs.append(F.pad(chosen, (0, completion_ids.shape[1] - n)))
         h.append(hidden[u, first[m] + n - 1])
     return torch.stack(logprobs), torch.stack(h)
