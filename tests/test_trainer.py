@@ -216,8 +216,9 @@ def test_a_batch_under_other_scoring_advantage_and_relabel_flags_by_hand(tmp_pat
         group_rewards = rewards[4 * group:4 * group + 4]
         rloo = [r - (sum(group_rewards) - r) / 3 for r in group_rewards]
         assert batch.advantages[4 * group:4 * group + 4].tolist() == pytest.approx(rloo, rel=1e-3, abs=1e-5)
-        best_two = sorted(range(4), key=lambda i: (-round(group_rewards[i], 5), i))[:2]
-        assert batch.relabel[4 * group:4 * group + 4].tolist() == [float(i in best_two) for i in range(4)]
+        chosen = [i for i in range(4) if batch.relabel[4 * group + i]]
+        second_best = sorted(group_rewards, reverse=True)[1]
+        assert len(chosen) == 2 and all(group_rewards[i] >= second_best - 1e-5 for i in chosen)  # float32 ties
 
 
 def test_skipped_steps_are_counted_over_the_logging_window(tmp_path):
