@@ -313,13 +313,17 @@ def shared_prompt_forward(model, prompt_ids: torch.Tensor, prompt_mask: torch.Te
         out = model(input_ids=input_ids, attention_mask=attention_masks(model, seen, position_ids),
                     position_ids=position_ids, logits_to_keep=last_positions(input_ids, S + 1), use_cache=False)
     hidden, base = caught["hidden"], T - S - 1  # out.logits[:, i] is the logit at position base + i
-    logprobs, h = [], []
-    for m, (u, n) in enumerate(zip(prompt_of, lengths)):
-        predictors = torch.arange(first[m] - 1, first[m] + n - 1, device=device)
-        predictors[0] = first[members[u][0]] - 1  # the prompt's last token predicts every first token
-        chosen = chosen_logprobs(out.logits[u, predictors - base], completion_ids[m, :n], temperature)  # (n,)
-        logprobs.append(F.pad(chosen, (0, completion_ids.shape[1] - n)))
-        h.append(hidden[u, first[m] + n - 1])
+    logprobs, h = [None] * len(lengths), [None] * len(lengths)
+    # Split, not indexed per reasoning: each index op's backward would fill a logits-sized gradient.
+    for row_logits, ms in zip(out.logits, members):
+        head = first[ms[0]] - 1 - base  # rows before the prompt's last token
+        _, prompt_last, *own = row_logits.split([head, 1, *(lengths[m] for m in ms)])
+        for m, logits in zip(ms, own):  # the prompt's last token predicts every first token
+            targets = completion_ids[m, :lengths[m]]
+            chosen = torch.cat([chosen_logprobs(prompt_last, targets[:1], temperature),
+                                chosen_logprobs(logits[:-1], targets[1:], temperature)])  # (n,)
+            logprobs[m] = F.pad(chosen, (0, completion_ids.shape[1] - lengths[m]))
+            h[m] = hidden[prompt_of[m], first[m] + lengths[m] - 1]
     return torch.stack(logprobs), torch.stack(h)
 
 
@@ -330,8 +334,7 @@ def attention_masks(model, seen: torch.Tensor, position_ids: torch.Tensor):
     fewer than `sliding_window` positions back, as transformers' own masks do."""
     model = unwrapped(model)
     config = decoder_configs(model.config)[-1]
-    dtype = (torch.get_autocast_dtype(seen.device.type) if torch.is_autocast_enabled(seen.device.type)
-             else model.get_input_embeddings().weight.dtype)
+    dtype = model.get_input_embeddings().weight.dtype  # the queries' (under autocast SDPA casts the mask too)
 
     def additive(window):
         allowed = seen if window is None else seen & (position_ids[:, :, None] - position_ids[:, None, :] < window)
