@@ -8,6 +8,7 @@ One training step, per process, on B users (`per_device_train_batch_size`):
     advantages       per group, gaussian or rloo                            (SPEC §4.3)
     relabel          top-k trajectories per group feed the item loss       (SPEC §4.4)
     update           micro-batches: token loss + item loss, backward       (SPEC §4.5–4.7)
+                     (each user's prompt runs once for its reasonings: `shared_prompt_forward`)
 
 `evaluate` refreshes the item table, writes greedy reasoning for every valid/test sample and
 ranks all items (SPEC §5). Everything a user tunes is a field of `RecPOConfig`, which
