@@ -291,7 +291,8 @@ def test_a_tokenizer_without_its_vocabulary_or_of_the_wrong_shape_fails_in_one_l
     with pytest.raises(UserError, match=r"turns text into no tokens \(its vocabulary file, e.g. tokenizer.json, is missing\?\)"):
         load_backbone_config(str(folder))
     (folder / "tokenizer_config.json").write_text("[1]")
-    with pytest.raises(UserError, match=r"cannot load model .*'list' object has no attribute"):
+    with pytest.raises(UserError, match=r"cannot load model .*(list' object has no attribute|list indices must be)"
+                                        r".* — point paths.py or --model at a complete model folder"):  # 5.24, 5.17
         load_backbone_config(str(folder))
 
 
