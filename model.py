@@ -315,7 +315,7 @@ def shared_prompt_forward(model, prompt_ids: torch.Tensor, prompt_mask: torch.Te
     hidden, base = caught["hidden"], T - S - 1  # out.logits[:, i] is the logit at position base + i
     logprobs, h = [None] * len(lengths), [None] * len(lengths)
     # Split, not indexed per reasoning: each index op's backward would fill a logits-sized gradient.
-    for row_logits, ms in zip(out.logits, members):
+    for u, (row_logits, ms) in enumerate(zip(out.logits, members)):
         head = first[ms[0]] - 1 - base  # rows before the prompt's last token
         _, prompt_last, *own = row_logits.split([head, 1, *(lengths[m] for m in ms)])
         for m, logits in zip(ms, own):  # the prompt's last token predicts every first token
@@ -323,7 +323,7 @@ def shared_prompt_forward(model, prompt_ids: torch.Tensor, prompt_mask: torch.Te
             chosen = torch.cat([chosen_logprobs(prompt_last, targets[:1], temperature),
                                 chosen_logprobs(logits[:-1], targets[1:], temperature)])  # (n,)
             logprobs[m] = F.pad(chosen, (0, completion_ids.shape[1] - lengths[m]))
-            h[m] = hidden[prompt_of[m], first[m] + lengths[m] - 1]
+            h[m] = hidden[u, first[m] + lengths[m] - 1]
     return torch.stack(logprobs), torch.stack(h)
 
 

@@ -1052,12 +1052,13 @@ class RecPOTrainer(Trainer):
         once, their reasonings trimmed to the longest.  -> prompt ids and mask (U, P), reasoning ids
         and mask (M, C), each reasoning's prompt row."""
         rows = rows.tolist()
-        users = list(dict.fromkeys(row // self.args.group_size for row in rows))  # in order of appearance
-        prompt_rows = [user * self.args.group_size for user in users]  # rollouts repeat a prompt G times
+        owners = [row // self.args.group_size for row in rows]  # rollouts repeat each prompt G times
+        users = list(dict.fromkeys(owners))  # in order of appearance
+        prompt_rows = [user * self.args.group_size for user in users]
         completion_len = int(rollouts.completion_mask[rows].sum(1).max())
         return (rollouts.prompt_ids[prompt_rows], rollouts.prompt_mask[prompt_rows],
                 rollouts.completion_ids[rows, :completion_len], rollouts.completion_mask[rows, :completion_len],
-                [users.index(row // self.args.group_size) for row in rows])
+                [users.index(owner) for owner in owners])
 
     def _average_over_processes(self, means: dict[str, float]) -> dict[str, float]:
         """Each key's mean over the processes that recorded it."""
