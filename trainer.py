@@ -925,6 +925,16 @@ class RecPOTrainer(Trainer):
             folder = os.path.join(self._get_output_dir(trial), f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}")
             self.save_item_table(folder)
 
+    def save_model(self, output_dir: str | None = None, _internal_call: bool = False):
+        """Trainer's save, but under DeepSpeed ZeRO-1/2 straight from the model, as without DeepSpeed:
+        there every process holds the whole model, and Trainer's route (accelerate's `get_state_dict`)
+        first copies every weight, the frozen backbone's included (6 GB at Qwen2.5-3B), to host memory
+        on every process, while only the LoRA weights get written."""
+        if self.is_deepspeed_enabled and self.accelerator.state.deepspeed_plugin.zero_stage < 3:
+            self._save(output_dir or self.args.output_dir)
+        else:
+            super().save_model(output_dir, _internal_call)
+
     def _load_callback_state(self):
         """On a resume, early stopping keeps its count of evaluations without a gain but takes this
         run's --early_stopping_patience (Trainer restores the checkpoint's, which would stop a run

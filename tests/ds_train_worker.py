@@ -1,4 +1,5 @@
-"""train.py's trainer under `accelerate launch`, saving each process's LoRA weights before/after.
+"""train.py's trainer under `accelerate launch`, saving each process's LoRA weights before/after,
+then the model into OUT_DIR/saved, counting DeepSpeed's copies of the state to host memory.
 
     ACCELERATE_USE_CPU=true accelerate launch --multi_gpu --num_processes 2 \
         tests/ds_train_worker.py OUT_DIR [--fault KIND] --deepspeed ds_config.json --dataset_dir ... [train.py flags]
@@ -10,6 +11,7 @@ micro-batch (after the first one's backward). Both must skip step 1 on every pro
 import os
 import sys
 
+import deepspeed.checkpoint.utils
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -57,9 +59,13 @@ def main(out_dir: str, argv: list[str]):
     lora = lambda: {n: p.detach().float().clone() for n, p in trainer.model.named_parameters() if "lora_" in n}  # noqa: E731
     before = lora()
     trainer.train()
+    host_copies, clone = [], deepspeed.checkpoint.utils.clone_tensors_for_torch_save
+    deepspeed.checkpoint.utils.clone_tensors_for_torch_save = lambda *a, **k: host_copies.append(1) or clone(*a, **k)
+    trainer.save_model(os.path.join(out_dir, "saved"))
     rank = trainer.accelerator.process_index
     torch.save({"before": before, "after": lora(), "deepspeed": trainer.is_deepspeed_enabled,
-                "world": trainer.accelerator.num_processes, "log_history": trainer.state.log_history},
+                "world": trainer.accelerator.num_processes, "log_history": trainer.state.log_history,
+                "host_copies": len(host_copies)},
                os.path.join(out_dir, f"rank{rank}.pt"))
     exit_without_teardown(trainer.accelerator)
 

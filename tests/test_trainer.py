@@ -13,6 +13,7 @@ import warnings
 import pytest
 import torch
 import torch.nn.functional as F
+from safetensors.torch import load_file
 
 import run_folder
 import train
@@ -732,7 +733,8 @@ def test_deepspeed_zero2_on_two_cpu_processes_skips_steps_cleanly(tmp_path):
     """ZeRO-2 on two processes, process 1 failing step 2 of 3: out of memory after its rollout (no
     backward yet), or a non-finite loss in its second micro-batch (after the first one's backward,
     whose gradients ZeRO has already reduced). Both runs skip that step on both processes and end
-    with the same weights, identical on every replica: the skip drops the reduced gradients."""
+    with the same weights, identical on every replica: the skip drops the reduced gradients. The
+    saved adapter holds those weights, written without copying the model to host memory."""
     # No ACCELERATE_USE_CPU here: accelerate turns DeepSpeed off in CPU mode; train.py sets use_cpu.
     env = dict(os.environ, OMP_NUM_THREADS="1",
                TORCH_EXTENSIONS_DIR=os.path.join(ROOT, ".cache", "torch_extensions"))
@@ -749,7 +751,11 @@ def test_deepspeed_zero2_on_two_cpu_processes_skips_steps_cleanly(tmp_path):
                               env=env, cwd=ROOT, capture_output=True, text=True)
         assert done.returncode == 0, done.stderr[-4000:]
         ranks = [torch.load(folder / f"rank{r}.pt") for r in (0, 1)]
-        assert all(r["deepspeed"] and r["world"] == 2 for r in ranks)
+        assert all(r["deepspeed"] and r["world"] == 2 and r["host_copies"] == 0 for r in ranks)
+        saved = load_file(folder / "saved" / "adapter_model.safetensors")
+        assert {name.replace(".default", "") for name in ranks[0]["after"]} == set(saved)
+        for name, weight in ranks[0]["after"].items():
+            torch.testing.assert_close(saved[name.replace(".default", "")].float(), weight, rtol=0, atol=0, msg=name)
         assert [entry.get("skipped_steps") for entry in ranks[0]["log_history"][:3]] == [None, 1.0, None]
         for name in ranks[0]["after"]:
             torch.testing.assert_close(ranks[0]["after"][name], ranks[1]["after"][name], rtol=0, atol=0, msg=name)
