@@ -61,7 +61,7 @@ from prompts import StopRule
 
 ATTENTION_NAME = "r2ec_rollout"
 PREFIX_BUCKET = 128  # prefix capacity grows in these steps, so varying prompt lengths reuse one graph
-MAX_CACHED_SHAPES = 4  # decode states kept per model: training, evaluation, valid's and test's last batches
+MAX_CACHED_SHAPES = 4  # decode states kept per model: training, evaluation (whole batches), and room for others
 CHECK_EVERY = 8  # decode steps between host checks of "every row has stopped"
 NEG = -1e30  # additive mask; finite so a fully masked score never turns into NaN
 
@@ -582,6 +582,11 @@ def _state_for(model, num_prompts, num_samples, prompt_len, sampling, stop, pad_
     return st
 
 
+def replays_graphs(device: torch.device) -> bool:
+    """Whether decoding on `device` replays a graph captured per shape (only CUDA has them)."""
+    return device.type == "cuda"
+
+
 def clear_rollout_cache(model=None):
     """Free the decode buffers and graphs kept for `model` (every model when None)."""
     if model is None:
@@ -623,7 +628,7 @@ def generate_rollouts(model, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor
     device = prompt_ids.device
     B, P = prompt_ids.shape
     st = _state_for(model, B, num_samples, P, sampling, stop, pad_token_id, device, compile_step)
-    use_graph = device.type == "cuda"
+    use_graph = replays_graphs(device)
     # The user-state hook is registered for the whole call, outside the (possibly compiled)
     # step, so the warm-up, the capture and every eager or compiled step run it: a captured
     # graph records its write, dynamo traces it in (no graph break, no recompilation per call).

@@ -38,7 +38,7 @@ from model import (ITEM_BATCH_SIZE, LORA_ALPHA, LORA_DROPOUT, LORA_R, LORA_TARGE
 from paths import DEFAULT_MODEL
 from prompts import (MAX_ITEM_TOKENS, MAX_PROMPT_TOKENS, WINDOW_SIZE, answer_stop, item_prompt_tokens, left_pad,
                      user_prompt, user_prompt_tokens)
-from rollouts import Rollouts, SamplingConfig, generate_rollouts
+from rollouts import Rollouts, SamplingConfig, generate_rollouts, replays_graphs
 
 # RecPOConfig keeps the checkpointing flags' old names, the only ones transformers 5.17 knows, and
 # PEFT and Trainer still read the model's old `is_gradient_checkpointing`.
@@ -1013,11 +1013,18 @@ class RecPOTrainer(Trainer):
         return split_metrics(records), records
 
     def recommend_rows(self, model, dataset, split: str, rows: list[int], top_k: int) -> list[dict]:
-        """`recommend` for `rows` of one split, shared across processes.  -> their records, in `rows`' order."""
+        """`recommend` for `rows` of one split, shared across processes.  -> their records, in `rows`' order.
+
+        Where decoding replays a graph per batch shape, a last, partial batch repeats its last row up
+        to the batch size: one more shape would cost a capture (a compilation with --compile_rollouts)
+        and a decode state of its own kept on the GPU for the rest of the run.
+        """
         size = self.args.per_device_eval_batch_size
         records, ok = [], True
         with self.accelerator.split_between_processes(rows, apply_padding=True) as my_rows:
             batches = [my_rows[i:i + size] for i in range(0, len(my_rows), size)]
+            if len(batches) > 1 and replays_graphs(self.args.device):
+                batches[-1] += batches[-1][-1:] * (size - len(batches[-1]))
             try:
                 for batch in tqdm(batches, desc=split, disable=not self.is_local_process_zero() or len(batches) < 2,
                                   leave=False):
@@ -1027,7 +1034,7 @@ class RecPOTrainer(Trainer):
         if not self._every_process_ok(ok):  # so that none waits in the gather alone
             raise UserError(f"out of memory in the greedy reasoning of the {split} split ({size} samples per batch) "
                             "— lower the batch size (--eval_batch_size; recommend.py: --batch_size) or --max_new_tokens")
-        by_row = {r["row"]: r for r in gather_object(records)}  # padding repeats the last row
+        by_row = {r["row"]: r for r in gather_object(records)}  # padding repeats a row
         return [by_row[row] for row in rows]
 
     def recommend(self, model, samples: list[dict], rows: list[int], split: str, top_k: int) -> list[dict]:

@@ -274,6 +274,26 @@ def test_evaluate_reports_every_metric_and_saves_reasoning(tmp_path):
         assert metrics[f"eval_{split}_reasoning_length"] == pytest.approx(sum(lengths) / 4)
 
 
+def test_where_graphs_are_replayed_a_last_partial_evaluation_batch_is_padded_to_the_batch_size(tmp_path, monkeypatch):
+    """4 valid samples in batches of 3: [0, 1, 2], [3]. Where decoding replays a graph per shape
+    (patched in: this is the CPU) the second batch runs as [3, 3, 3], with the same records."""
+    trainer = tiny_trainer(tmp_path, per_device_eval_batch_size=3)
+    trainer.refresh_item_table(trainer.model)
+    plain_metrics, plain = trainer.evaluate_split(trainer.model, trainer.eval_dataset["valid"], "valid")
+    recommend, batches = trainer.recommend, []
+    monkeypatch.setattr(trainer, "recommend", lambda model, samples, rows, *rest: batches.append(rows) or
+                        recommend(model, samples, rows, *rest))
+    monkeypatch.setattr("trainer.replays_graphs", lambda device: True)
+    padded_metrics, padded = trainer.evaluate_split(trainer.model, trainer.eval_dataset["valid"], "valid")
+    assert batches == [[0, 1, 2], [3, 3, 3]]
+    assert padded_metrics == pytest.approx(plain_metrics)
+    assert [r["row"] for r in padded] == [0, 1, 2, 3]
+    for a, b in zip(plain, padded):
+        assert {k: v for k, v in a.items() if k != "top_k"} == {k: v for k, v in b.items() if k != "top_k"}
+        assert [i["item_id"] for i in a["top_k"]] == [i["item_id"] for i in b["top_k"]]
+        assert [i["score"] for i in a["top_k"]] == pytest.approx([i["score"] for i in b["top_k"]], abs=1e-5)
+
+
 def test_out_of_memory_skips_the_step_without_touching_weights(tmp_path, monkeypatch):
     trainer = tiny_trainer(tmp_path)
     before = lora_state(trainer.model)
