@@ -80,6 +80,13 @@ def check_output_file(path: str, flag: str) -> None:
         raise UserError(f"{flag} {path!r} is not writable — pick a path in a folder you can write to")
 
 
+def umask() -> int:
+    """The process's file-mode creation mask (reading it means setting it: set back at once)."""
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 def write_atomically(path: str, write) -> None:
     """`write(temporary)` into a file beside `path`, then rename it into place: a failure leaves
     neither a half-written `path` nor the temporary file, and an earlier `path` stays whole."""

@@ -39,7 +39,7 @@ import urllib3
 from tqdm import tqdm
 
 from dataset import DATASET_ENTRIES, PREPROCESS_RECORD, dataset_name
-from errors import UserError, folder_problem, one_line, one_line_parser_errors, run_cli, write_json
+from errors import UserError, folder_problem, one_line, one_line_parser_errors, run_cli, umask, write_json
 
 DEFAULT_BASE_URL = "https://mcauleylab.ucsd.edu/public_datasets/data/amazon_2023/"
 BASE_URL_ENV = "R2EC_AMAZON_BASE_URL"
@@ -564,9 +564,7 @@ def save_atomically(write, target):
     """
     parent = os.path.dirname(os.path.abspath(target))
     tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(target)}.", suffix=".tmp", dir=parent)
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp, 0o777 & ~umask)  # mkdtemp's 0o700 would make the dataset private to its writer
+    os.chmod(tmp, 0o777 & ~umask())  # mkdtemp's 0o700 would make the dataset private to its writer
     old = None
     try:
         write(tmp)

@@ -23,6 +23,7 @@ those of training and evaluation.
 import argparse
 import contextlib
 import dataclasses
+import glob
 import os
 import sys
 import textwrap
@@ -69,6 +70,11 @@ def read_run(folder: str) -> dict:
     if not os.path.isfile(os.path.join(folder, "adapter_model.safetensors")):
         raise UserError(f"{folder!r} lacks the adapter's weights (adapter_model.safetensors; its save was cut "
                         "short?) — pass another checkpoint-* folder of the run, or re-run train.py")
+    unreadable = [path for path in sorted(glob.glob(os.path.join(folder, "*")))
+                  if os.path.isfile(path) and not os.access(path, os.R_OK)]
+    if unreadable:
+        raise UserError(f"{unreadable[0]} is not readable by you (permission denied) — ask the run's owner to make "
+                        f"its files readable: chmod -R a+rX {folder}")
     record = run_record_path(folder)
     if record is None:
         raise UserError(f"no {RUN_RECORD} in {folder!r} or its parent — train.py writes it into each checkpoint "

@@ -15,6 +15,7 @@ ranks all items (SPEC §5). Everything a user tunes is a field of `RecPOConfig`,
 `train.py` parses from the command line.
 """
 import contextlib
+import glob
 import math
 import os
 import time
@@ -31,7 +32,7 @@ from tqdm.auto import tqdm
 from transformers import EarlyStoppingCallback, Trainer, TrainingArguments
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, SaveStrategy, get_last_checkpoint
 
-from errors import UserError, missing_path, one_line, read_json, write_jsonl
+from errors import UserError, missing_path, one_line, read_json, umask, write_jsonl
 from metrics import METRIC_NAMES, ndcg_at_k, split_metrics, target_rank, top_items
 from model import (ITEM_BATCH_SIZE, LORA_ALPHA, LORA_DROPOUT, LORA_R, LORA_TARGETS, SIMILARITY_TYPES, TAU, ItemTable,
                    check_layer_types, encode, end_of_turn_ids, mask_seen, shared_prompt_forward, similarity)
@@ -934,6 +935,14 @@ class RecPOTrainer(Trainer):
             self._save(output_dir or self.args.output_dir)
         else:
             super().save_model(output_dir, _internal_call)
+
+    def _save(self, output_dir: str | None = None, state_dict=None):
+        """Trainer's save, with the weights given the mode every other file of the run gets (0644 under
+        the usual umask): safetensors writes them 0600, a run folder others cannot serve."""
+        super()._save(output_dir, state_dict)
+        if self.args.should_save:
+            for path in glob.glob(os.path.join(output_dir or self.args.output_dir, "*.safetensors")):
+                os.chmod(path, 0o666 & ~umask())
 
     def _load_callback_state(self):
         """On a resume, early stopping keeps its count of evaluations without a gain but takes this

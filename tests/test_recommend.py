@@ -354,6 +354,16 @@ def test_damaged_run_folder_gives_one_line(run_copy, capsys, tmp_path, damage, m
     assert not output.exists()
 
 
+def test_a_run_file_the_user_cannot_read_gives_one_line(run_copy, capsys, monkeypatch):
+    folder, _ = run_copy
+    access = os.access  # as root (the tests' usual user) every file is readable: the check is patched
+    monkeypatch.setattr(os, "access", lambda path, mode, **kwargs: (
+        not str(path).endswith("adapter_model.safetensors") and access(path, mode, **kwargs)))
+    assert_one_line_error(capsys, ["--output_dir", str(folder)],
+                          f"{folder / 'adapter_model.safetensors'} is not readable by you (permission denied)",
+                          f"chmod -R a+rX {folder}")
+
+
 def test_a_run_whose_dataset_is_gone_names_the_record_and_the_flag(run_copy, capsys, tmp_path):
     folder, run = run_copy
     (folder / "r2ec_run.json").write_text(json.dumps({**run, "dataset_dir": str(tmp_path / "moved")}))

@@ -817,6 +817,12 @@ def test_train_py_end_to_end_then_the_saved_folder_loads(tmp_path):
     assert 0 <= metrics["eval_test_ndcg@10"] <= 1 and metrics["eval_valid_reasoning_length"] > 0
     assert (out / "adapter_config.json").exists() and (out / "tokenizer_config.json").exists()
     assert sorted(os.listdir(out / "reasoning"))[:2] == ["step0_test.jsonl", "step0_valid.jsonl"]
+    umask = os.umask(0)
+    os.umask(umask)
+    modes = {path: oct(os.stat(path).st_mode & 0o777) for path in glob.glob(str(out / "**"), recursive=True)
+             if os.path.isfile(path)}
+    assert [path for path in modes if path.endswith(".safetensors")], "the adapter and checkpoints' weights"
+    assert set(modes.values()) == {oct(0o666 & ~umask)}, modes  # safetensors writes 0600 by itself
     from peft import PeftModel
     base, _ = load_backbone(tiny_backbone("qwen2"), dtype=torch.float32)
     reloaded = PeftModel.from_pretrained(base, str(out))
