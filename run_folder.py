@@ -217,7 +217,7 @@ def check_checkpoint_settings(checkpoint: str, config: RecPOConfig):
 
 def check_checkpoint_state(checkpoint: str, config: RecPOConfig):
     """The adapter weights and the optimizer and scheduler state (DeepSpeed's, or Trainer's files)
-    are there and readable."""
+    are there, and every state file torch saved (random generators' too) is whole."""
     fix = RESUME_ELSEWHERE
     try:
         from safetensors import safe_open
@@ -240,8 +240,12 @@ def check_checkpoint_state(checkpoint: str, config: RecPOConfig):
         missing = [name for name in ("optimizer.pt", "scheduler.pt") if not os.path.exists(os.path.join(checkpoint, name))]
     if missing:
         raise UserError(f"{checkpoint} lacks {', '.join(missing)}, the optimizer and learning-rate state — {fix}")
-    if os.path.exists(optimizer) and not zipfile.is_zipfile(optimizer):
-        raise UserError(f"{optimizer} is truncated or corrupt — {fix}")
+    saved_states = [os.path.join(checkpoint, name) for name in ("optimizer.pt", "scheduler.pt")]
+    saved_states += glob.glob(os.path.join(glob.escape(checkpoint), "rng_state*.pth"))  # one per process
+    saved_states += glob.glob(os.path.join(glob.escape(checkpoint), "global_step*", "*.pt"))
+    for path in saved_states:
+        if os.path.exists(path) and not zipfile.is_zipfile(path):  # what torch.save writes
+            raise UserError(f"{path} is truncated or corrupt — {fix}")
 
 
 def run_processes(config: RecPOConfig) -> int:

@@ -1056,6 +1056,8 @@ def fake_checkpoint(folder, lora_r=4):
     save_file({"lora_A": torch.zeros(lora_r, 2)}, str(folder / "adapter_model.safetensors"))
     torch.save({}, folder / "optimizer.pt")
     torch.save({}, folder / "scheduler.pt")
+    torch.save({}, folder / "rng_state_0.pth")
+    torch.save({}, folder / "rng_state_1.pth")
 
 
 def test_output_and_resume_folders_are_checked_before_any_work(tmp_path, monkeypatch):
@@ -1378,6 +1380,8 @@ def test_a_checkpoint_of_the_same_data_order_resumes_and_another_one_with_ignore
      "is incomplete (no r2ec_run.json, which its run writes last into each checkpoint: its save was cut short)"),
     (lambda c: (c / "adapter_model.safetensors").write_bytes(b"\x10\x00"), "adapter weights cannot be read"),
     (lambda c: (c / "optimizer.pt").write_bytes(b"garbage"), "optimizer.pt is truncated or corrupt"),
+    (lambda c: (c / "scheduler.pt").write_bytes((c / "scheduler.pt").read_bytes()[:100]), "scheduler.pt is truncated"),
+    (lambda c: (c / "rng_state_1.pth").write_bytes(b"x"), "rng_state_1.pth is truncated or corrupt"),
     (lambda c: (c / "scheduler.pt").unlink(), "lacks scheduler.pt, the optimizer and learning-rate state"),
     (lambda c: (c / "global_step2").mkdir(), "was saved under DeepSpeed — resume with --deepspeed ds_config.json"),
     (lambda c: (c / "trainer_state.json").write_text('{"global_step": 5}'),
