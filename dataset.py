@@ -18,8 +18,9 @@ PREPROCESS_RECORD = "preprocess.json"
 SAMPLE_SPLITS = ("train", "valid", "test")
 SPLITS = (*SAMPLE_SPLITS, "item_info")
 DATASET_ENTRIES = ("dataset_dict.json", *SPLITS, PREPROCESS_RECORD)  # what preprocess.py writes into the folder
-TRAINING_COLUMNS = ("user_id", "history_item_id", "history_item_title", "history_rating", "history_timestamp",
-                    "item_id", "timestamp")  # of every sample split (preprocess.py writes more)
+SAMPLE_COLUMNS = ("user_id", "history_item_id", "history_item_title", "history_rating", "history_timestamp",
+                  "item_id", "item_title", "timestamp")  # what train.py and recommend.py read (preprocess.py writes more)
+ITEM_COLUMNS = ("item_id", "title")  # of item_info; the prompt's other metadata may be missing
 NAME = re.compile(r"(?P<category>.+?)_\d+_\d{4}-\d{1,2}-\d{4}-\d{1,2}(_.*)?")
 
 
@@ -72,19 +73,23 @@ def load_dataset_dir(folder: str | None, category: str | None = None):
             raise UserError(f"dataset folder {folder!r} is damaged ({split}: {one_line(e)}) — rerun preprocess.py "
                             "to write it again") from e
     for split in SAMPLE_SPLITS:
-        absent = [c for c in TRAINING_COLUMNS if c not in dataset[split].column_names]
+        absent = [c for c in SAMPLE_COLUMNS if c not in dataset[split].column_names]
         if absent:
             raise UserError(f"the {split} split of {folder!r} lacks the column(s) {', '.join(absent)} — "
                             "rerun preprocess.py for it")
         if len(dataset[split]) == 0:
             raise UserError(f"the {split} split of {folder!r} is empty — preprocess a wider window (or a "
                             "smaller --K) so that every split holds samples")
-        columns = [dataset[split].data.column(c) for c in TRAINING_COLUMNS]
-        with_nulls = [c for c, values in zip(TRAINING_COLUMNS, columns) if values.null_count
+        columns = [dataset[split].data.column(c) for c in SAMPLE_COLUMNS]
+        with_nulls = [c for c, values in zip(SAMPLE_COLUMNS, columns) if values.null_count
                       or (pa.types.is_list(values.type) and pc.list_flatten(values).null_count)]
         if with_nulls:
             raise UserError(f"the {split} split of {folder!r} has empty values in {', '.join(with_nulls)} — "
                             "rerun preprocess.py for it")
+    absent = [c for c in ITEM_COLUMNS if c not in dataset["item_info"].column_names]
+    if absent:
+        raise UserError(f"the item_info split of {folder!r} lacks the column(s) {', '.join(absent)} — "
+                        "rerun preprocess.py for it")
     check_item_ids(dataset, folder)
     named = category_of(folder)
     recorded = recorded_category(folder)

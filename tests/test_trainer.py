@@ -1414,12 +1414,14 @@ def test_empty_splits_and_unknown_item_ids_are_named(tmp_path, change, message):
         load_dataset_dir(str(folder))
 
 
-def test_every_sample_split_is_checked_for_its_columns(tmp_path):
+@pytest.mark.parametrize("split, columns", [("valid", ["history_item_title"]), ("test", ["item_title"]),
+                                            ("item_info", ["title"]), ("item_info", ["item_id", "title"])])
+def test_every_split_is_checked_for_the_columns_read(tmp_path, split, columns):
     dataset = tiny_dataset()
-    dataset["valid"] = dataset["valid"].remove_columns(["history_item_title"])
+    dataset[split] = dataset[split].remove_columns(columns)
     folder = tmp_path / "Video_Games_0_2022-10-2023-10"
     dataset.save_to_disk(str(folder))
-    with pytest.raises(UserError, match="the valid split .* lacks the column\\(s\\) history_item_title"):
+    with pytest.raises(UserError, match=f"the {split} split .* lacks the column\\(s\\) {', '.join(columns)} — rerun"):
         load_dataset_dir(str(folder))
 
 
