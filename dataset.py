@@ -6,6 +6,8 @@ the category; it holds a `datasets.DatasetDict` with the sample splits and `item
 moved back) and the sizes.
 `load_dataset_dir` checks what training relies on, so a wrong folder fails in one line.
 """
+import hashlib
+import json
 import os
 import re
 
@@ -103,6 +105,12 @@ def load_dataset_dir(folder: str | None, category: str | None = None):
         raise UserError(f"dataset folder {folder!r} holds {named}, not {category} — point --dataset_dir at a "
                         f"{category} dataset (or, training, fix DATASET_CAT/--dataset_category)")
     return dataset, category or named
+
+
+def catalogue_digest(titles: list[str]) -> str:
+    """A digest of a catalogue, its item titles in id order (the pad item's first): a trained run
+    scores items by id, so it serves only the catalogue it was trained on."""
+    return hashlib.sha256(json.dumps(titles).encode()).hexdigest()[:16]
 
 
 def recorded_category(folder: str) -> str | None:

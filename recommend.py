@@ -31,7 +31,7 @@ import warnings
 
 import torch
 
-from dataset import SAMPLE_SPLITS, load_dataset_dir
+from dataset import SAMPLE_SPLITS, catalogue_digest, load_dataset_dir
 from errors import (UserError, check_output_file, missing_path, one_line, one_line_parser_errors, read_json, run_cli,
                     write_jsonl)
 from metrics import KS, RANKING_METRICS, metric_name, split_metrics
@@ -228,6 +228,15 @@ def missing_adapter_weights(model, folder: str) -> list[str]:
 # Recommending
 
 
+def check_catalogue(run: dict, item_info, dataset_dir: str):
+    """The dataset holds the catalogue the run was trained on (a run before 2026-12-01 recorded none)."""
+    titles = item_info.data.column("title").to_pylist()
+    if run.get("catalogue", catalogue_digest(titles)) != catalogue_digest(titles):
+        raise UserError(f"the dataset {dataset_dir!r} holds another catalogue ({len(titles) - 1} items) than the "
+                        f"run was trained on ({run.get('items')} items) — pass the dataset it was trained on as "
+                        "--dataset_dir, or preprocess that one again with the run's settings")
+
+
 def pick_rows(split_data, split: str, args) -> list[int]:
     """Rows of the split to recommend for: --samples, --user_id's samples, --evaluate's first
     --max_samples, or row 0."""
@@ -335,6 +344,7 @@ def main(argv: list[str]) -> list[dict]:
         raise UserError(f"the run's dataset {config.dataset_dir!r} (in its {RUN_RECORD}) is gone — pass its new "
                         "place as --dataset_dir, or rerun preprocess.py with the run's settings")
     dataset, category = load_dataset_dir(config.dataset_dir, config.dataset_category)
+    check_catalogue(run, dataset["item_info"], config.dataset_dir)
     split_data = dataset[args.split]
     rows = pick_rows(split_data, args.split, args)  # bad rows fail here, before the model loads
 

@@ -16,6 +16,7 @@ import zipfile
 from transformers import TrainerCallback
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, get_last_checkpoint
 
+from dataset import catalogue_digest
 from errors import UserError, folder_problem, missing_path, one_line, read_json, write_json
 from paths import resolve_model
 from trainer import RecPOConfig
@@ -259,12 +260,13 @@ def data_order(config: RecPOConfig) -> dict:
     return {"samples_per_step": samples_per_step, "num_iterations": config.num_iterations, "seed": config.seed}
 
 
-def run_record(config: RecPOConfig, category: str) -> dict:
-    """The run record recommend.py rebuilds a run's inference from: backbone, dataset, prompt and score
-    settings, precision."""
+def run_record(config: RecPOConfig, category: str, item_titles: list[str]) -> dict:
+    """The run record recommend.py rebuilds a run's inference from: backbone, dataset and its catalogue
+    (`item_titles` in id order), prompt and score settings, precision."""
     model_path = resolve_model(config.model)
     return {"model": config.model, "model_path": os.path.abspath(model_path) if os.path.isdir(model_path) else model_path,
             "dataset_dir": os.path.abspath(config.dataset_dir), "category": category,
+            "items": len(item_titles) - 1, "catalogue": catalogue_digest(item_titles),
             **{key: getattr(config, key) for key in RUN_SETTINGS}, "data_order": data_order(config)}
 
 

@@ -186,7 +186,7 @@ def main(argv: list[str]):
     if trainer.is_world_process_zero() and replaces and (earlier_run(config.output_dir)
                                                          or killed_run_logs(config.output_dir)):
         clear_earlier_run(config.output_dir)
-    record = run_record(config, trainer.category)
+    record = run_record(config, trainer.category, list(trainer.item_titles.values()))
     trainer.add_callback(RecordInCheckpoints(record))  # recommend.py also reads a killed run's checkpoints
     trainer.accelerator.wait_for_everyone()  # on every process: the others may find the folder cleared already
     trained = False

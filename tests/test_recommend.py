@@ -17,12 +17,14 @@ import torch.nn.functional as F
 from datasets import load_from_disk
 
 import recommend
+from dataset import catalogue_digest
 from errors import run_cli
 from metrics import ranking_metrics
 from model import end_of_turn_ids, load_backbone, policy_forward
 from prompts import answer_stop, item_prompt_tokens, user_prompt, user_prompt_tokens
 from rollouts import SamplingConfig, generate_rollouts
 from tests.backbones import tiny_backbone
+from tests.tiny_data import tiny_dataset
 from tests.tiny_run import CATEGORY, ROOT, trained_run
 
 SHOWN_ROWS = (3, 0, 1, 0)  # records come in the order asked, repeats included; row 3 is bought before
@@ -352,6 +354,28 @@ def test_damaged_run_folder_gives_one_line(run_copy, capsys, tmp_path, damage, m
     output = tmp_path / "ranks.jsonl"
     assert_one_line_error(capsys, ["--output_dir", str(folder), "--output", str(output)], message, "re-run train.py")
     assert not output.exists()
+
+
+def test_a_dataset_with_another_catalogue_is_refused(run_copy, capsys, tmp_path):
+    """The run records its catalogue (16 items of tiny_data); the same samples with one item's title
+    changed, or one item more, are another catalogue. A record without one (older runs) is served."""
+    folder, run = run_copy
+    assert (run["items"], run["catalogue"]) == (16, catalogue_digest(list(tiny_dataset()["item_info"]["title"])))
+    for name, change in [("renamed", lambda titles: titles[:5] + ["Another game"] + titles[6:]),
+                         ("grown", lambda titles: titles + ["One more game"])]:
+        dataset = tiny_dataset()
+        titles = change(list(dataset["item_info"]["title"]))
+        items = dataset["item_info"].select([i % len(dataset["item_info"]) for i in range(len(titles))])
+        dataset["item_info"] = items.map(lambda item, i: {"item_id": i, "title": titles[i]}, with_indices=True)
+        dataset_dir = tmp_path / name / "Video_Games_0_2022-10-2023-10"
+        dataset.save_to_disk(str(dataset_dir))
+        assert_one_line_error(capsys, ["--output_dir", str(folder), "--dataset_dir", str(dataset_dir)],
+                              f"the dataset {str(dataset_dir)!r} holds another catalogue ({len(titles) - 1} items) than "
+                              "the run was trained on (16 items) — pass the dataset it was trained on")
+    (folder / "r2ec_run.json").write_text(json.dumps({k: v for k, v in run.items() if k not in ("items", "catalogue")}))
+    output = tmp_path / "ranks.jsonl"
+    run_recommend("--output_dir", str(folder), "--samples", "0", "--output", str(output))
+    assert len(read_jsonl(output)) == 1
 
 
 def test_a_run_file_the_user_cannot_read_gives_one_line(run_copy, capsys, monkeypatch):
