@@ -248,6 +248,8 @@ class RecPOConfig(TrainingArguments):
         if self.gradient_checkpointing_kwargs is None:
             # Re-entrant checkpointing breaks DDP when the same weights run twice before one backward.
             self.gradient_checkpointing_kwargs = {"use_reentrant": False}
+        if isinstance(self.report_to, str) and "," in self.report_to:  # "tensorboard,wandb": both
+            self.report_to = [name.strip() for name in self.report_to.split(",")]
         if not self.use_cpu and not torch.cuda.is_available():  # train.py sets it when the flag is not given
             raise UserError("--use_cpu False, but no GPU is visible — check CUDA_VISIBLE_DEVICES and the CUDA install, "
                             "or drop --use_cpu False to train on the CPU")

@@ -947,6 +947,12 @@ def test_bad_input_gives_one_clear_line(tmp_path, flags, message):
     assert message in str(caught.value) and "\n" not in str(caught.value)
 
 
+def test_report_to_takes_a_comma_separated_list(tmp_path, monkeypatch):
+    monkeypatch.setattr("transformers.integrations.get_available_reporting_integrations", lambda: ["tensorboard", "wandb"])
+    config = train.parse_config(["--output_dir", str(tmp_path / "run"), "--report_to", "tensorboard, wandb"])
+    assert config.report_to == ["tensorboard", "wandb"]
+
+
 @pytest.mark.parametrize("flags, message", [
     (["--foo", "3"], "unknown argument(s) --foo 3"),
     (["--learning_rate", "-1"], "--learning_rate -1.0"),
@@ -964,6 +970,7 @@ def test_bad_input_gives_one_clear_line(tmp_path, flags, message):
                                               "DS_CONFIG)"),
     (["--report_to", "no_such_tracker"], "--report_to no_such_tracker: no such integration — choose from "),
     (["--report_to", "dvclive"], "--report_to dvclive: not installed here — pip install it"),  # not in requirements.txt
+    (["--report_to", "tensorboard, dvclive"], "--report_to dvclive: not installed here"),  # a list: each one checked
     (["--deepspeed", "tests"], "--deepspeed tests is a folder — pass a DeepSpeed config file"),
     (["--max_steps", "-5"], "--max_steps -5: must be positive, or -1 to train --num_train_epochs epochs"),
     (["--max_steps", "0"], "--max_steps 0: must be positive, or -1 to train --num_train_epochs epochs"),
