@@ -639,7 +639,11 @@ def dataset_folder(args) -> str:
 
 def check_replaceable(target):
     """An earlier dataset of the same name is replaced as a whole: refused when it holds anything
-    preprocess.py does not write (a training run saved into it, say)."""
+    preprocess.py does not write (a training run saved into it, say), or when it is no folder."""
+    if os.path.islink(target) or (os.path.exists(target) and not os.path.isdir(target)):
+        kind = "a link" if os.path.islink(target) else "a file"
+        raise UserError(f"{target} is {kind}, not a dataset folder, and the new dataset would replace it — move it "
+                        "away, or pass --postfix for a dataset folder of another name")
     if not os.path.isdir(target):
         return
     foreign = sorted(name for name in set(os.listdir(target)) - set(DATASET_ENTRIES) if not name.startswith("."))

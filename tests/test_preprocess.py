@@ -367,6 +367,20 @@ def test_a_dataset_folder_holding_other_files_is_not_replaced(tmp_path, capsys):
     assert sorted(os.listdir(tmp_path)) == [target.name]
 
 
+@pytest.mark.parametrize("kind", ["a file", "a link"])
+def test_a_file_or_link_where_the_dataset_goes_is_not_replaced(tmp_path, capsys, kind):
+    target = tmp_path / "Toy_0_2022-10-2023-10"
+    if kind == "a file":
+        target.write_text("important")
+    else:
+        (tmp_path / "elsewhere").mkdir()
+        target.symlink_to(tmp_path / "elsewhere")
+    line = user_error(capsys, ["--category", "Toy", "--data_root_dir", str(tmp_path)])
+    assert line == (f"error: {target} is {kind}, not a dataset folder, and the new dataset would replace it — move it "
+                    "away, or pass --postfix for a dataset folder of another name")
+    assert target.is_symlink() if kind == "a link" else target.read_text() == "important"
+
+
 SIGTERM_MID_SAVE = """
 import sys, time
 sys.path.insert(0, {root!r})
