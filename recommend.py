@@ -37,7 +37,7 @@ from errors import (UserError, check_output_file, missing_path, one_line, one_li
 from metrics import KS, RANKING_METRICS, metric_name, split_metrics
 from model import LOAD_ERRORS, check_tokenizer, load_backbone
 from paths import resolve_model
-from run_folder import CHECKPOINT_NAME, RUN_RECORD, checkpoint_folders, earlier_run, folder_name, is_run_output
+from run_folder import CHECKPOINT_NAME, RUN_RECORD, checkpoint_folders, folder_name, in_a_run
 from trainer import RecPOConfig, RecPOTrainer, check_length_limits
 
 RUN_KEYS = ("model", "dataset_dir", "category")  # needed in r2ec_run.json; any RecPOConfig field in it is read too
@@ -326,8 +326,8 @@ def parse_args(argv: list[str]):
         raise UserError("--output is empty (an unset variable?) — pass a file name, or leave the flag out")
     if args.output is not None:
         check_output_file(args.output, "--output")  # here, not after minutes of inference
-        if earlier_run(os.path.dirname(os.path.abspath(args.output))) and is_run_output(args.output):
-            raise UserError(f"--output {args.output!r} is one of the run's own files — pick another name")
+        if in_a_run(args.output):
+            raise UserError(f"--output {args.output!r} is one of a run's own files — pick another name")
         if os.path.exists(args.output) and not args.output.endswith(".jsonl"):  # a dataset's or the repo's file
             raise UserError(f"--output {args.output!r} exists and is no .jsonl file, which recommend.py writes "
                             "— pick a new name or an earlier output (*.jsonl)")

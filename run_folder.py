@@ -100,6 +100,16 @@ def is_run_output(path: str) -> bool:
     return not name.startswith(".") and any(fnmatch.fnmatch(name, pattern) for pattern in RUN_OUTPUTS)
 
 
+def in_a_run(path: str) -> bool:
+    """Whether `path` is a run's own file, or lies in one of its folders (reasoning/, checkpoint-*/)."""
+    path = os.path.abspath(path)
+    while os.path.dirname(path) != path:
+        if is_run_output(path) and earlier_run(os.path.dirname(path)):
+            return True
+        path = os.path.dirname(path)
+    return False
+
+
 def clashing_files(folder: str) -> list[str]:
     """Entries of `folder` that a run would overwrite or mix with: a model, a dataset or code
     (`--output_dir .` had PEFT's model card written over the repository's README.md), and, where

@@ -419,8 +419,12 @@ def test_output_that_is_a_link_a_pipe_or_one_of_the_run_s_files_is_refused(run_d
     assert os.path.islink(tmp_path / "link") and (tmp_path / "target").read_text() == "keep"
     record = os.path.join(run_dir, "r2ec_run.json")
     before = open(record).read()
-    assert_one_line_error(capsys, ["--output_dir", run_dir, "--output", record], "is one of the run's own files")
+    assert_one_line_error(capsys, ["--output_dir", run_dir, "--output", record], "is one of a run's own files")
     assert open(record).read() == before
+    evaluation = os.path.join(run_dir, "reasoning", "step1_test.jsonl")
+    before = open(evaluation).read()
+    assert_one_line_error(capsys, ["--output_dir", run_dir, "--output", evaluation], "is one of a run's own files")
+    assert open(evaluation).read() == before
     (tmp_path / "dataset_dict.json").write_text("{}")  # a dataset's file, the repository's README.md, ...
     assert_one_line_error(capsys, ["--output_dir", run_dir, "--output", str(tmp_path / "dataset_dict.json")],
                           "exists and is no .jsonl file, which recommend.py writes")
