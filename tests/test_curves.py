@@ -156,12 +156,15 @@ def test_corrupt_trainer_state_gives_one_line(run_folder, capsys, content, messa
 
 @pytest.mark.parametrize("output, message", [
     ("MISSING/c.png", "does not exist"),
+    ("FILE/c.png", "/file' is a file — create it or pick another path"),
     ("FOLDER", "is a folder"),
     ("FOLDER/c.xyz", "cannot write .xyz images — end the name in .png"),
 ])
 def test_bad_output_gives_one_line(run_folder, tmp_path, capsys, output, message):
     output = output.replace("MISSING", str(tmp_path / "missing")).replace("FOLDER", str(tmp_path / "out"))
+    output = output.replace("FILE", str(tmp_path / "file"))
     (tmp_path / "out").mkdir()
+    (tmp_path / "file").write_text("")
     error = run_curves_error(capsys, str(run_folder), "--output", output)
     assert f"--output {output!r}" in error and message in error
     assert os.listdir(tmp_path / "out") == [] and not (tmp_path / "missing").exists()
