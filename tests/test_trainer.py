@@ -1163,6 +1163,7 @@ def test_a_folder_a_run_would_overwrite_or_mix_with_is_refused_even_when_overwri
 class StandInTrainer:
     """What train.main uses of a RecPOTrainer, its train() and save_model() given by the test."""
     category = "Video_Games"
+    item_titles = {0: "", 1: "A game"}
     accelerator = types.SimpleNamespace(wait_for_everyone=lambda: None)
 
     def __init__(self, on_train, on_save=lambda: None):
