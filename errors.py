@@ -75,8 +75,8 @@ def check_output_file(path: str, flag: str) -> None:
         raise UserError(f"{flag} {path!r} is a link or a special file, which the write would replace — pass the "
                         "path of a regular file")
     if not os.path.isdir(folder):
-        state = "is a file" if os.path.exists(folder) else "does not exist"
-        raise UserError(f"{flag} {path!r}: folder {folder!r} {state} — create it or pick another path")
+        state, fix = ("is a file", "move it") if os.path.exists(folder) else ("does not exist", "create it")
+        raise UserError(f"{flag} {path!r}: folder {folder!r} {state} — {fix} or pick another path")
     if not os.access(folder, os.W_OK | os.X_OK) or (os.path.exists(path) and not os.access(path, os.W_OK)):
         raise UserError(f"{flag} {path!r} is not writable — pick a path in a folder you can write to")
 

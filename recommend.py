@@ -42,6 +42,8 @@ from trainer import RecPOConfig, RecPOTrainer, check_length_limits
 
 RUN_KEYS = ("model", "dataset_dir", "category")  # needed in r2ec_run.json; any RecPOConfig field in it is read too
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+SERVED_FILES = (RUN_RECORD, "adapter_*", "tokenizer*", "*.jinja", "special_tokens_map.json", "added_tokens.json",
+                "vocab.json", "merges.txt")  # what serving reads of a run's folder
 CONFIG_FIELDS = {f.name for f in dataclasses.fields(RecPOConfig) if f.init}
 SETTING_TYPES = {f.name: f.type for f in dataclasses.fields(RecPOConfig) if f.init and f.type in (bool, int, float, str)}
 
@@ -70,8 +72,8 @@ def read_run(folder: str) -> dict:
     if not os.path.isfile(os.path.join(folder, "adapter_model.safetensors")):
         raise UserError(f"{folder!r} lacks the adapter's weights (adapter_model.safetensors; its save was cut "
                         "short?) — pass another checkpoint-* folder of the run, or re-run train.py")
-    unreadable = [path for path in sorted(glob.glob(os.path.join(folder, "*")))
-                  if os.path.isfile(path) and not os.access(path, os.R_OK)]
+    unreadable = [path for pattern in SERVED_FILES for path in sorted(glob.glob(os.path.join(glob.escape(folder), pattern)))
+                  if not os.access(path, os.R_OK)]
     if unreadable:
         raise UserError(f"{unreadable[0]} is not readable by you (permission denied) — ask the run's owner to make "
                         f"its files readable: chmod -R a+rX {folder}")
@@ -228,13 +230,15 @@ def missing_adapter_weights(model, folder: str) -> list[str]:
 # Recommending
 
 
-def check_catalogue(run: dict, item_info, dataset_dir: str):
-    """The dataset holds the catalogue the run was trained on (a run before 2026-12-01 recorded none)."""
+def warn_about_another_catalogue(run: dict, item_info, dataset_dir: str):
+    """Items are encoded from their text, so any catalogue can be served; but one that is not the
+    run's (its record's digest; runs before 2026-12-01 recorded none) is more often a wrong
+    --dataset_dir, or a dataset preprocessed anew, than a choice: say so."""
     titles = item_info.data.column("title").to_pylist()
     if run.get("catalogue", catalogue_digest(titles)) != catalogue_digest(titles):
-        raise UserError(f"the dataset {dataset_dir!r} holds another catalogue ({len(titles) - 1} items) than the "
-                        f"run was trained on ({run.get('items')} items) — pass the dataset it was trained on as "
-                        "--dataset_dir, or preprocess that one again with the run's settings")
+        print(f"warning: the dataset {dataset_dir!r} holds another catalogue ({len(titles) - 1} items, titles "
+              f"not all the same) than the run was trained on ({run.get('items')} items) — fine if meant; else "
+              "pass the dataset it was trained on as --dataset_dir", file=sys.stderr)
 
 
 def pick_rows(split_data, split: str, args) -> list[int]:
@@ -344,7 +348,7 @@ def main(argv: list[str]) -> list[dict]:
         raise UserError(f"the run's dataset {config.dataset_dir!r} (in its {RUN_RECORD}) is gone — pass its new "
                         "place as --dataset_dir, or rerun preprocess.py with the run's settings")
     dataset, category = load_dataset_dir(config.dataset_dir, config.dataset_category)
-    check_catalogue(run, dataset["item_info"], config.dataset_dir)
+    warn_about_another_catalogue(run, dataset["item_info"], config.dataset_dir)
     split_data = dataset[args.split]
     rows = pick_rows(split_data, args.split, args)  # bad rows fail here, before the model loads
 

@@ -102,7 +102,7 @@ def is_run_output(path: str) -> bool:
 
 def in_a_run(path: str) -> bool:
     """Whether `path` is a run's own file, or lies in one of its folders (reasoning/, checkpoint-*/)."""
-    path = os.path.abspath(path)
+    path = os.path.realpath(path)  # a link to reasoning/ leads into the run too
     while os.path.dirname(path) != path:
         if is_run_output(path) and earlier_run(os.path.dirname(path)):
             return True
@@ -164,6 +164,7 @@ def earlier_run(folder: str) -> bool:
     return any(map(os.path.exists, saved)) or bool(checkpoint_folders(folder))
 
 
+TORCH_LEGACY_MAGIC = b"\x80\x02\x8a\nl\xfc\x9cF\xf9 j\xa8P\x19"  # pickle protocol 2, torch's MAGIC_NUMBER
 RESUME_ELSEWHERE = "resume from another checkpoint-* folder, or start afresh in another --output_dir"
 
 
@@ -255,8 +256,15 @@ def check_checkpoint_state(checkpoint: str, config: RecPOConfig):
     saved_states += glob.glob(os.path.join(glob.escape(checkpoint), "rng_state*.pth"))  # one per process
     saved_states += glob.glob(os.path.join(glob.escape(checkpoint), "global_step*", "*.pt"))
     for path in saved_states:
-        if os.path.exists(path) and not zipfile.is_zipfile(path):  # what torch.save writes
+        if os.path.exists(path) and not saved_by_torch(path):
             raise UserError(f"{path} is truncated or corrupt — {fix}")
+
+
+def saved_by_torch(path: str) -> bool:
+    """Whether `path` is a file torch.save wrote: a zip archive, or the older pickle format (DeepSpeed
+    writes it with "checkpoint_serialization": false) which opens with torch's magic number."""
+    with open(path, "rb") as f:
+        return f.read(len(TORCH_LEGACY_MAGIC)) == TORCH_LEGACY_MAGIC or zipfile.is_zipfile(f)
 
 
 def run_processes(config: RecPOConfig) -> int:

@@ -933,18 +933,21 @@ class RecPOTrainer(Trainer):
         there every process holds the whole model, and Trainer's route (accelerate's `get_state_dict`)
         first copies every weight, the frozen backbone's included (6 GB at Qwen2.5-3B), to host memory
         on every process, while only the LoRA weights get written."""
-        if self.is_deepspeed_enabled and self.accelerator.state.deepspeed_plugin.zero_stage < 3:
-            self._save(output_dir or self.args.output_dir)
-        else:
+        if not self.is_deepspeed_enabled or self.accelerator.state.deepspeed_plugin.zero_stage == 3:
             super().save_model(output_dir, _internal_call)
+            return
+        self._save(output_dir or self.args.output_dir)
+        if self.args.push_to_hub and not _internal_call:  # as Trainer.save_model ends
+            self.push_to_hub(commit_message="Model save")
 
     def _save(self, output_dir: str | None = None, state_dict=None):
         """Trainer's save, with the weights given the mode every other file of the run gets (0644 under
         the usual umask): safetensors writes them 0600, a run folder others cannot serve."""
         super()._save(output_dir, state_dict)
         if self.args.should_save:
+            mode = 0o666 & ~umask()
             for path in glob.glob(os.path.join(output_dir or self.args.output_dir, "*.safetensors")):
-                os.chmod(path, 0o666 & ~umask())
+                os.chmod(path, mode)
 
     def _load_callback_state(self):
         """On a resume, early stopping keeps its count of evaluations without a gain but takes this
@@ -1026,8 +1029,8 @@ class RecPOTrainer(Trainer):
     def recommend_rows(self, model, dataset, split: str, rows: list[int], top_k: int) -> list[dict]:
         """`recommend` for `rows` of one split, shared across processes.  -> their records, in `rows`' order.
 
-        Where decoding replays a graph per batch shape, a last, partial batch repeats its last row up
-        to the batch size: one more shape would cost a capture (a compilation with --compile_rollouts)
+        Where decoding replays a graph per batch shape, a split's last, partial batch (after whole
+        ones) repeats its last row up to the batch size: one more shape would cost a capture (a compilation with --compile_rollouts)
         and a decode state of its own kept on the GPU for the rest of the run.
         """
         size = self.args.per_device_eval_batch_size

@@ -156,7 +156,7 @@ def test_corrupt_trainer_state_gives_one_line(run_folder, capsys, content, messa
 
 @pytest.mark.parametrize("output, message", [
     ("MISSING/c.png", "does not exist"),
-    ("FILE/c.png", "/file' is a file — create it or pick another path"),
+    ("FILE/c.png", "/file' is a file — move it or pick another path"),
     ("FOLDER", "is a folder"),
     ("FOLDER/c.xyz", "cannot write .xyz images — end the name in .png"),
 ])

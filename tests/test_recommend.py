@@ -356,11 +356,13 @@ def test_damaged_run_folder_gives_one_line(run_copy, capsys, tmp_path, damage, m
     assert not output.exists()
 
 
-def test_a_dataset_with_another_catalogue_is_refused(run_copy, capsys, tmp_path):
+def test_a_dataset_with_another_catalogue_is_served_with_a_warning(run_copy, capsys, tmp_path):
     """The run records its catalogue (16 items of tiny_data); the same samples with one item's title
-    changed, or one item more, are another catalogue. A record without one (older runs) is served."""
+    changed, or one item more, are another catalogue: served (items are encoded from their text),
+    with a warning. A record without one (older runs) is served without."""
     folder, run = run_copy
     assert (run["items"], run["catalogue"]) == (16, catalogue_digest(list(tiny_dataset()["item_info"]["title"])))
+    output = tmp_path / "ranks.jsonl"
     for name, change in [("renamed", lambda titles: titles[:5] + ["Another game"] + titles[6:]),
                          ("grown", lambda titles: titles + ["One more game"])]:
         dataset = tiny_dataset()
@@ -369,13 +371,18 @@ def test_a_dataset_with_another_catalogue_is_refused(run_copy, capsys, tmp_path)
         dataset["item_info"] = items.map(lambda item, i: {"item_id": i, "title": titles[i]}, with_indices=True)
         dataset_dir = tmp_path / name / "Video_Games_0_2022-10-2023-10"
         dataset.save_to_disk(str(dataset_dir))
-        assert_one_line_error(capsys, ["--output_dir", str(folder), "--dataset_dir", str(dataset_dir)],
-                              f"the dataset {str(dataset_dir)!r} holds another catalogue ({len(titles) - 1} items) than "
-                              "the run was trained on (16 items) — pass the dataset it was trained on")
+        run_recommend("--output_dir", str(folder), "--dataset_dir", str(dataset_dir), "--samples", "0", "--output",
+                      str(output))
+        warning = [line for line in capsys.readouterr().err.splitlines() if line.startswith("warning: ")]
+        assert warning == [f"warning: the dataset {str(dataset_dir)!r} holds another catalogue ({len(titles) - 1} items, "
+                           "titles not all the same) than the run was trained on (16 items) — fine if meant; else pass "
+                           "the dataset it was trained on as --dataset_dir"]
+        assert len(read_jsonl(output)) == 1
+    run_recommend("--output_dir", str(folder), "--samples", "0")
+    assert "warning: " not in capsys.readouterr().err  # its own dataset
     (folder / "r2ec_run.json").write_text(json.dumps({k: v for k, v in run.items() if k not in ("items", "catalogue")}))
-    output = tmp_path / "ranks.jsonl"
-    run_recommend("--output_dir", str(folder), "--samples", "0", "--output", str(output))
-    assert len(read_jsonl(output)) == 1
+    run_recommend("--output_dir", str(folder), "--dataset_dir", str(dataset_dir), "--samples", "0")
+    assert "warning: " not in capsys.readouterr().err
 
 
 def test_a_run_file_the_user_cannot_read_gives_one_line(run_copy, capsys, monkeypatch):
@@ -423,7 +430,9 @@ def test_output_that_is_a_link_a_pipe_or_one_of_the_run_s_files_is_refused(run_d
     assert open(record).read() == before
     evaluation = os.path.join(run_dir, "reasoning", "step1_test.jsonl")
     before = open(evaluation).read()
-    assert_one_line_error(capsys, ["--output_dir", run_dir, "--output", evaluation], "is one of a run's own files")
+    os.symlink(os.path.join(run_dir, "reasoning"), tmp_path / "records")
+    for path in (evaluation, str(tmp_path / "records" / "step1_test.jsonl")):
+        assert_one_line_error(capsys, ["--output_dir", run_dir, "--output", path], "is one of a run's own files")
     assert open(evaluation).read() == before
     (tmp_path / "dataset_dict.json").write_text("{}")  # a dataset's file, the repository's README.md, ...
     assert_one_line_error(capsys, ["--output_dir", run_dir, "--output", str(tmp_path / "dataset_dict.json")],

@@ -786,6 +786,40 @@ def test_deepspeed_zero2_on_two_cpu_processes_skips_steps_cleanly(tmp_path):
         torch.testing.assert_close(weight, after[name], rtol=0, atol=0, msg=name)
 
 
+def test_saving_under_zero_2_still_pushes_to_the_hub_when_asked():
+    """The ZeRO-1/2 save (straight from the model) ends as Trainer.save_model does: a push with
+    --push_to_hub, except for a checkpoint's save (an internal call)."""
+    calls = []
+    plugin = types.SimpleNamespace(zero_stage=2)
+    stand_in = types.SimpleNamespace(
+        is_deepspeed_enabled=True, accelerator=types.SimpleNamespace(state=types.SimpleNamespace(deepspeed_plugin=plugin)),
+        args=types.SimpleNamespace(output_dir="out", push_to_hub=True),
+        _save=lambda folder: calls.append(("save", folder)), push_to_hub=lambda **kwargs: calls.append("push"))
+    RecPOTrainer.save_model(stand_in)
+    RecPOTrainer.save_model(stand_in, "out/checkpoint-1", _internal_call=True)
+    assert calls == [("save", "out"), "push", ("save", "out/checkpoint-1")]
+
+
+@pytest.mark.parametrize("write, refused", [
+    (lambda path: torch.save({}, path), False),
+    (lambda path: torch.save({}, path, _use_new_zipfile_serialization=False), False),  # "checkpoint_serialization": false
+    (lambda path: path.write_bytes(b"garbage"), True),
+])
+def test_deepspeed_s_state_files_are_checked_whole(tmp_path, write, refused):
+    checkpoint = tmp_path / "checkpoint-2"
+    fake_checkpoint(checkpoint)
+    (checkpoint / "optimizer.pt").unlink()  # DeepSpeed keeps it in global_step*/
+    state = checkpoint / "global_step2" / "mp_rank_00_model_states.pt"
+    state.parent.mkdir()
+    write(state)
+    config = types.SimpleNamespace(deepspeed="ds_config.json")  # what check_checkpoint_state reads of the config
+    if refused:
+        with pytest.raises(UserError, match=re.escape(f"{state} is truncated or corrupt — resume from another")):
+            run_folder.check_checkpoint_state(str(checkpoint), config)
+    else:
+        run_folder.check_checkpoint_state(str(checkpoint), config)
+
+
 def test_deepspeed_without_a_launcher_trains_as_one_process_and_resumes(tmp_path):
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")}
     env = dict(env, OMP_NUM_THREADS="2", TORCH_EXTENSIONS_DIR=os.path.join(ROOT, ".cache", "torch_extensions"))
