@@ -108,8 +108,8 @@ def load_dataset_dir(folder: str | None, category: str | None = None):
 
 
 def catalogue_digest(titles: list[str]) -> str:
-    """A digest of a catalogue, its item titles in id order (the pad item's first): a trained run
-    scores items by id, so it serves only the catalogue it was trained on."""
+    """A digest of a catalogue, its item titles in id order (the pad item's first): recorded with a
+    run, so that recommend.py can tell when it serves another catalogue."""
     return hashlib.sha256(json.dumps(titles).encode()).hexdigest()[:16]
 
 

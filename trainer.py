@@ -929,10 +929,10 @@ class RecPOTrainer(Trainer):
             self.save_item_table(folder)
 
     def save_model(self, output_dir: str | None = None, _internal_call: bool = False):
-        """Trainer's save, but under DeepSpeed ZeRO-1/2 straight from the model, as without DeepSpeed:
-        there every process holds the whole model, and Trainer's route (accelerate's `get_state_dict`)
-        first copies every weight, the frozen backbone's included (6 GB at Qwen2.5-3B), to host memory
-        on every process, while only the LoRA weights get written."""
+        """Trainer's save; under DeepSpeed ZeRO-1/2, where every process holds the whole model, straight
+        from the model as without DeepSpeed. Trainer's DeepSpeed route (accelerate's `get_state_dict`)
+        would first copy every weight, the frozen backbone's included (6 GB at Qwen2.5-3B), to host
+        memory on every process, while only the LoRA weights get written."""
         if not self.is_deepspeed_enabled or self.accelerator.state.deepspeed_plugin.zero_stage == 3:
             super().save_model(output_dir, _internal_call)
             return
@@ -946,7 +946,7 @@ class RecPOTrainer(Trainer):
         super()._save(output_dir, state_dict)
         if self.args.should_save:
             mode = 0o666 & ~umask()
-            for path in glob.glob(os.path.join(output_dir or self.args.output_dir, "*.safetensors")):
+            for path in glob.glob(os.path.join(glob.escape(output_dir or self.args.output_dir), "*.safetensors")):
                 os.chmod(path, mode)
 
     def _load_callback_state(self):
