@@ -21,7 +21,7 @@ SAMPLE_SPLITS = ("train", "valid", "test")
 SPLITS = (*SAMPLE_SPLITS, "item_info")
 DATASET_ENTRIES = ("dataset_dict.json", *SPLITS, PREPROCESS_RECORD)  # what preprocess.py writes into the folder
 SAMPLE_COLUMNS = ("user_id", "history_item_id", "history_item_title", "history_rating", "history_timestamp",
-                  "item_id", "item_title", "timestamp")  # what train.py and recommend.py read (preprocess.py writes more)
+                  "item_id", "item_title", "timestamp")  # what train.py and recommend.py read (preprocess writes more)
 ITEM_COLUMNS = ("item_id", "title")  # of item_info; the prompt's other metadata may be missing
 NAME = re.compile(r"(?P<category>.+?)_\d+_\d{4}-\d{1,2}-\d{4}-\d{1,2}(_.*)?")
 

@@ -72,8 +72,9 @@ def read_run(folder: str) -> dict:
     if not os.path.isfile(os.path.join(folder, "adapter_model.safetensors")):
         raise UserError(f"{folder!r} lacks the adapter's weights (adapter_model.safetensors; its save was cut "
                         "short?) — pass another checkpoint-* folder of the run, or re-run train.py")
-    unreadable = [path for pattern in SERVED_FILES for path in sorted(glob.glob(os.path.join(glob.escape(folder), pattern)))
-                  if not os.access(path, os.R_OK)]
+    served = [path for pattern in SERVED_FILES
+              for path in sorted(glob.glob(os.path.join(glob.escape(folder), pattern)))]
+    unreadable = [path for path in served if not os.access(path, os.R_OK)]
     if unreadable:
         raise UserError(f"{unreadable[0]} is not readable by you (permission denied) — ask the run's owner to make "
                         f"its files readable: chmod -R a+rX {folder}")
@@ -235,7 +236,7 @@ def warn_about_another_catalogue(run: dict, item_info, dataset_dir: str):
     run's (its record's digest; runs before 2026-12-01 recorded none) is more often a wrong
     --dataset_dir, or a dataset preprocessed anew, than a choice: say so."""
     titles = item_info.data.column("title").to_pylist()
-    if run.get("catalogue", catalogue_digest(titles)) != catalogue_digest(titles):
+    if run.get("catalogue") not in (None, catalogue_digest(titles)):
         print(f"warning: the dataset {dataset_dir!r} holds another catalogue ({len(titles) - 1} items, titles "
               f"not all the same) than the run was trained on ({run.get('items')} items) — fine if meant; else "
               "pass the dataset it was trained on as --dataset_dir", file=sys.stderr)

@@ -1030,8 +1030,8 @@ class RecPOTrainer(Trainer):
         """`recommend` for `rows` of one split, shared across processes.  -> their records, in `rows`' order.
 
         Where decoding replays a graph per batch shape, a split's last, partial batch (after whole
-        ones) repeats its last row up to the batch size: one more shape would cost a capture (a compilation with --compile_rollouts)
-        and a decode state of its own kept on the GPU for the rest of the run.
+        ones) repeats its last row up to the batch size: one more shape would cost a capture (a
+        compilation with --compile_rollouts) and a decode state kept on the GPU for the rest of the run.
         """
         size = self.args.per_device_eval_batch_size
         records, ok = [], True
