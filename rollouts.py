@@ -555,15 +555,17 @@ def _state_for(model, num_prompts, num_samples, prompt_len, sampling, stop, pad_
                compile_step):
     """The decode state of this shape, reused (with its graph) when the shape was seen before.
 
-    A state built for other parameter addresses is dropped, so moving or re-allocating the weights
-    (`.to`, re-loading) drops the stale graphs; in-place updates (optimizer steps) are read live. A
-    prompt longer than the state's prefix capacity replaces the state with one of at least
-    twice the capacity, so training's varying prompt lengths settle after a few captures
-    (and compilations) instead of one per length bucket.
+    Autocast is part of the shape: it sets the dtype of the key/value buffers, and a captured
+    graph replays the casts it recorded. A state built for other parameter addresses is dropped,
+    so moving or re-allocating the weights (`.to`, re-loading) drops the stale graphs; in-place
+    updates (optimizer steps) are read live. A prompt longer than the state's prefix capacity
+    replaces the state with one of at least twice the capacity, so training's varying prompt
+    lengths settle after a few captures (and compilations) instead of one per length bucket.
     """
     states = _STATES.setdefault(model, OrderedDict())
     weights = tuple(p.data_ptr() for p in model.parameters())
-    key = (num_prompts, num_samples, sampling, stop, pad_token_id, str(device), compile_step)
+    autocast = torch.get_autocast_dtype(device.type) if torch.is_autocast_enabled(device.type) else None
+    key = (num_prompts, num_samples, sampling, stop, pad_token_id, str(device), compile_step, autocast)
     st = states.pop(key, None)
     capacity = prompt_len
     if st is not None and st.weights != weights:

@@ -411,6 +411,25 @@ def test_cached_states_follow_the_weights_and_keep_the_four_latest_shapes():
     assert [key[0] for key in rollouts._STATES[model]] == [1, 3, 2, 4]
 
 
+def test_autocast_gets_its_own_state():
+    """A bf16-autocast call between two plain ones: each gets the buffers (and graph) of its own
+    precision, so the plain calls agree and the autocast one equals an autocast call on a fresh
+    cache (it used to crash, writing bf16 keys into the float32 buffers of the first call)."""
+    model = tiny_model("qwen2")
+    rollouts.clear_rollout_cache(model)
+    sampling, stop = SamplingConfig(max_new_tokens=10, greedy=True), StopRule.exact([[7]])
+    ids, mask = prompts()
+    rollout = lambda: generate_rollouts(model, ids, mask, 2, sampling, stop, PAD)
+    plain = rollout()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        autocast = rollout()
+        rollouts.clear_rollout_cache(model)
+        autocast_fresh = rollout()
+    assert_same_rollouts(rollout(), plain)
+    assert_same_rollouts(autocast, autocast_fresh)
+    assert sorted(str(key[-1]) for key in rollouts._STATES[model]) == ["None", "torch.bfloat16"]
+
+
 def test_bad_inputs_are_refused():
     model = tiny_model("qwen2")
     ids, mask = prompts()
