@@ -11,10 +11,12 @@ import glob
 import os
 import sys
 
+# errors.py before the libraries: its excepthook makes Ctrl-C while they import one line
+from errors import UserError, check_output_file, one_line_parser_errors, read_json, run_cli, write_atomically
+
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
-from errors import UserError, check_output_file, one_line_parser_errors, read_json, run_cli, write_atomically
 
 # (panel title, log_history keys drawn in it); the keys are those RecPOTrainer logs.
 PANELS = (

@@ -6,7 +6,8 @@ Every command-line entry point (`preprocess.py`, `train.py`, `recommend.py`, ...
 checked before the work that produces them; files are written with `write_atomically` (or
 `write_json` / `write_jsonl`, which use it), folders under a temporary name renamed into place
 (the dataset: `preprocess.save_atomically`; the converted quick-start model: `paths.build_once`).
-Importing this module also makes a mistake in an edit of `paths.py` one line (`report_paths_edit_errors`).
+Importing this module also makes a mistake in an edit of `paths.py`, and Ctrl-C while the
+libraries import, one line (`report_uncaught`): so every command imports it first.
 """
 import json
 import os
@@ -178,18 +179,23 @@ def is_paths_py(filename: str | None) -> bool:
     return bool(filename) and os.path.realpath(filename) == os.path.realpath(ours)
 
 
-def report_paths_edit_errors(kind, error, trace):
-    """`sys.excepthook`: a mistake in paths.py ends the command with one line and exit code 2;
-    every other uncaught exception is shown as it was before (by Python, or an earlier hook)."""
-    message = paths_edit_error(error)
+def report_uncaught(kind, error, trace):
+    """`sys.excepthook`, for what happens before a command's `run_cli` takes over: Ctrl-C while
+    the libraries import (exit code 130, as `run_cli` gives it) and a mistake in paths.py (exit
+    code 2) each end the command with one line; every other uncaught exception is shown as it
+    was before (by Python, or an earlier hook)."""
+    if issubclass(kind, KeyboardInterrupt):
+        message, code = "interrupted", 130
+    else:
+        message, code = paths_edit_error(error), 2
     if message is None:
         shown_as_before(kind, error, trace)
         return
     sys.stdout.flush()
     print(f"error: {message}", file=sys.stderr)
     sys.stderr.flush()
-    os._exit(2)  # an excepthook cannot set the exit code otherwise
+    os._exit(code)  # an excepthook cannot set the exit code otherwise
 
 
 shown_as_before = sys.excepthook  # Python's, or a hook a library installed before
-sys.excepthook = report_paths_edit_errors  # every command imports this module before paths.py
+sys.excepthook = report_uncaught  # every command imports this module first

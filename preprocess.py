@@ -29,6 +29,9 @@ import threading
 import urllib.parse
 import zlib
 
+# errors.py before the libraries: its excepthook makes Ctrl-C while they import one line
+from errors import UserError, folder_problem, one_line, one_line_parser_errors, run_cli, umask, write_json
+
 import numpy as np
 import pandas as pd
 import pyarrow as pa
@@ -39,7 +42,6 @@ import urllib3
 from tqdm import tqdm
 
 from dataset import DATASET_ENTRIES, PREPROCESS_RECORD, dataset_name
-from errors import UserError, folder_problem, one_line, one_line_parser_errors, run_cli, umask, write_json
 
 DEFAULT_BASE_URL = "https://mcauleylab.ucsd.edu/public_datasets/data/amazon_2023/"
 BASE_URL_ENV = "R2EC_AMAZON_BASE_URL"

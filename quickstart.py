@@ -16,9 +16,11 @@ import signal
 import subprocess
 import sys
 
+# errors.py before the libraries: its excepthook makes Ctrl-C while they import one line
+from errors import UserError, folder_problem, one_line_parser_errors, run_cli
+
 import torch
 
-from errors import UserError, folder_problem, one_line_parser_errors, run_cli
 from metrics import METRIC_NAMES
 from paths import DEFAULT_MODEL, resolve_model
 from run_folder import check_no_clash, earlier_run

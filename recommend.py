@@ -29,11 +29,13 @@ import sys
 import textwrap
 import warnings
 
+# errors.py before the libraries: its excepthook makes Ctrl-C while they import one line
+from errors import (UserError, check_output_file, missing_path, one_line, one_line_parser_errors, read_json, run_cli,
+                    write_jsonl)
+
 import torch
 
 from dataset import SAMPLE_SPLITS, catalogue_digest, load_dataset_dir
-from errors import (UserError, check_output_file, missing_path, one_line, one_line_parser_errors, read_json, run_cli,
-                    write_jsonl)
 from metrics import KS, RANKING_METRICS, metric_name, split_metrics
 from model import LOAD_ERRORS, check_tokenizer, load_backbone
 from paths import resolve_model

@@ -14,12 +14,14 @@ import shutil
 import socket
 import sys
 
+# errors.py before the libraries: its excepthook makes Ctrl-C while they import one line
+from errors import UserError, one_line, one_line_parser_errors, run_cli, write_json
+
 import torch
 from transformers import AutoModelForCausalLM, EarlyStoppingCallback, HfArgumentParser, set_seed
 
 from curves import plot_training_curves
 from dataset import load_dataset_dir
-from errors import UserError, one_line, one_line_parser_errors, run_cli, write_json
 from model import (add_lora, check_layer_types, check_lora_targets, check_weights, load_backbone,
                    load_backbone_config)
 from paths import resolve_model

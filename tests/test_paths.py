@@ -282,6 +282,28 @@ def test_a_broken_edit_of_paths_py_is_one_line(tmp_path, entry_point, edit, prob
     assert run.stderr.rstrip().endswith("fix that line of paths.py (paths are quoted strings)")
 
 
+CTRL_C_WHILE_IMPORTING = """
+import runpy, sys
+class CtrlC:  # an import finder that acts as if Ctrl-C were pressed when sys.argv[2] starts to import
+    def find_spec(self, name, path=None, target=None):
+        if name == sys.argv[2]:
+            raise KeyboardInterrupt
+sys.meta_path.insert(0, CtrlC())
+runpy.run_path(sys.argv[1], run_name="__main__")
+"""
+
+
+@pytest.mark.parametrize("entry_point, library", [("train.py", "torch"), ("recommend.py", "torch"),
+                                                  ("quickstart.py", "torch"), ("preprocess.py", "numpy"),
+                                                  ("curves.py", "matplotlib")])
+def test_ctrl_c_while_the_libraries_import_is_one_line(entry_point, library):
+    """The first seconds of a command import torch (or pandas, matplotlib): Ctrl-C then ends it as
+    it does later, in `run_cli`, instead of with a traceback through the imports."""
+    run = subprocess.run([sys.executable, "-c", CTRL_C_WHILE_IMPORTING, entry_point, library], capture_output=True,
+                         text=True, cwd=os.path.dirname(paths.__file__))
+    assert (run.returncode, run.stdout, run.stderr) == (130, "", "error: interrupted\n")
+
+
 def raised_by(source: str, filename: str) -> BaseException:
     """The exception that running `source`, compiled as the file `filename`, raises."""
     try:
