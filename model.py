@@ -254,8 +254,9 @@ def policy_forward(model, input_ids: torch.Tensor, attention_mask: torch.Tensor,
     if n == 0:
         return hidden.new_zeros(input_ids.shape[0], 0, dtype=torch.float32), h
     targets = input_ids[:, -n:]  # (B, n)
-    # One row at a time in float32: a (B, n, V) float32 copy of the logits is the peak memory
-    # of the whole step for 256k-token vocabularies (and temperature 1 adds no second copy).
+    # One row at a time in float32: backward keeps every row's float32 log-softmax, (B, n, V) in
+    # all, but the float32 copy of the logits it is computed from then exists for one row at a
+    # time, not for all beside it (with 256k-token vocabularies these are the step's largest tensors).
     logprobs = torch.stack([chosen_logprobs(logits[:-1], target, temperature)
                             for logits, target in zip(out.logits, targets)])  # (B, n)
     valid = attention_mask[:, -n:].bool() & attention_mask[:, -n - 1 : -1].bool()  # (B, n), predictor real too

@@ -843,7 +843,7 @@ class RecPOTrainer(Trainer):
         weighted_advantages = gather(batch.advantages * batch.relabel)  # (W·N,) Â = A × relabel, SPEC §4.6
         item_old_logprobs = None if batch.item_old_logprobs is None else gather(batch.item_old_logprobs)  # (W·N,)
         # Items run on the unwrapped module: DDP allows one wrapped forward per backward.
-        item_inputs = {k: v.to(args.device) for k, v in self.item_table.batch(batch.targets).items()}
+        item_inputs = {k: v.to(args.device) for k, v in self.item_table.batch(batch.targets.tolist()).items()}
         item_states = encode(self.accelerator.unwrap_model(model), **item_inputs)  # (B, D)
         detached_items = item_states.detach().requires_grad_()
         earlier_items_grad = torch.zeros_like(detached_items)  # d(earlier micro-batches' loss)/d(items)
@@ -873,8 +873,9 @@ class RecPOTrainer(Trainer):
         self._table_rows_written = True
         if batch.item_old_logprobs is None:
             self._buffer = batch._replace(item_old_logprobs=item_logprobs, token_old_logprobs=token_logprobs)
-            reasoning = batch.rollouts.completion_mask.bool()  # how far the sampler's log-probs are off
-            self._record(**{"rollout/logprob_gap": (token_logprobs - batch.rollouts.logprobs)[reasoning].abs().mean()})
+            reasoning = batch.rollouts.completion_mask  # how far the sampler's log-probs are off
+            gap = (token_logprobs - batch.rollouts.logprobs).abs() * reasoning
+            self._record(**{"rollout/logprob_gap": gap.sum() / reasoning.sum()})
         self._record(**{"loss/token": token_total, "loss/item": item_total})
         return (token_total + item_total) / accumulated
 
@@ -992,8 +993,9 @@ class RecPOTrainer(Trainer):
         if "loss" in logs:
             # One exchange of every process's means: after a skipped step the processes may
             # hold different keys, and a gather per key would pair them up wrongly.
-            means = {key: torch.stack(values).sum().item() if key == "skipped_steps" else torch.stack(values).mean().item()
-                     for key, values in self._metrics.items()}  # skipped steps are counted, the rest averaged
+            totals = [torch.stack(values).sum() if key == "skipped_steps" else torch.stack(values).mean()
+                      for key, values in self._metrics.items()]  # skipped steps are counted, the rest averaged
+            means = dict(zip(self._metrics, torch.stack(totals).tolist()))  # one device sync for all
             logs.update(self._average_over_processes(means))
             self._metrics.clear()
             if torch.cuda.is_available():
