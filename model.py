@@ -186,8 +186,8 @@ def last_token_index(attention_mask: torch.Tensor) -> torch.Tensor:
 
 
 def mask_positions(attention_mask: torch.Tensor) -> torch.Tensor:
-    """Each token's position among its row's real tokens (padding reads 0), so left padding
-    changes nothing.  (B, T) -> (B, T) long."""
+    """Each token's position among its row's real tokens (left padding reads 0, right padding
+    repeats the last real position), so padding changes nothing.  (B, T) -> (B, T) long."""
     return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
 
 
@@ -226,9 +226,10 @@ def policy_forward(model, input_ids: torch.Tensor, attention_mask: torch.Tensor,
     """One forward for both heads: (log-probs of the last n tokens, h).
 
     logprobs (B, n): log π(token | prefix) for the last n tokens of each row, π = softmax(logits
-    / temperature), with logits computed only for those positions (`logits_to_keep`), never over the
-    prompt. Positions whose token or predicting token is padding (right-padded reasonings,
-    rows shorter than n + 1) read 0.
+    / temperature), with logits computed only for the last n + 1 positions (`logits_to_keep`: the
+    n predictors, and the last position, whose logits are dropped), never over the rest of the
+    prompt. Positions whose token or predicting token is padding (right-padded reasonings, rows
+    shorter than n + 1) read 0.
     h (B, D): the decoder's output (after its final norm) at the last non-pad token.
 
     h is caught with a forward hook on the decoder instead of `output_hidden_states=True`,
@@ -254,9 +255,9 @@ def policy_forward(model, input_ids: torch.Tensor, attention_mask: torch.Tensor,
     if n == 0:
         return hidden.new_zeros(input_ids.shape[0], 0, dtype=torch.float32), h
     targets = input_ids[:, -n:]  # (B, n)
-    # One row at a time in float32: backward keeps every row's float32 log-softmax, (B, n, V) in
-    # all, but the float32 copy of the logits it is computed from then exists for one row at a
-    # time, not for all beside it (with 256k-token vocabularies these are the step's largest tensors).
+    # One row at a time in float32: without gradient (its use here: the rollout reference) one
+    # row's float32 logits and log-softmax exist at a time, not (B, n, V) of each; with gradient,
+    # backward would keep every row's log-softmax. `shared_prompt_forward` does the same per reasoning.
     logprobs = torch.stack([chosen_logprobs(logits[:-1], target, temperature)
                             for logits, target in zip(out.logits, targets)])  # (B, n)
     valid = attention_mask[:, -n:].bool() & attention_mask[:, -n - 1 : -1].bool()  # (B, n), predictor real too

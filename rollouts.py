@@ -620,9 +620,10 @@ def generate_rollouts(model, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor
     prompt_ids, prompt_mask (num_prompts, P) left-padded, on the model's device. A row stops
     when its generated tokens end with a pattern of `stop`; a row that ends its turn, or is
     still going after `max_new_tokens - len(stop.forced)` tokens, gets `stop.forced` (its rest, when
-    the row's last tokens begin it), so every row ends with a stop within `max_new_tokens`. On a GPU the decode step is a replayed CUDA graph;
-    the CPU runs the same steps eagerly. `compile_step=True` runs the decode step through `torch.compile`
-    (fused kernels inside the graph; the first call of each shape pays the compilation).
+    the row's last tokens begin it), so every row ends with a stop within `max_new_tokens`. On
+    a GPU the decode step is a replayed CUDA graph; the CPU runs the same steps without one.
+    `compile_step=True` runs the decode step through `torch.compile` on either (on a GPU, fused
+    kernels inside the graph; the first call of each shape pays the compilation).
     `user_states` holds each row's h at its last token, as `encode` (model.py) of prompt + reasoning
     gives it (in eval mode, the mode of generation), so the caller need not run that forward.
     """
@@ -663,8 +664,9 @@ def fresh_forward(model, prompt_ids, prompt_mask, completion_ids, completion_mas
     """One plain forward pass (the model's own attention) over prompt + completion, eval mode.
 
     (N, P) and (N, C) -> log π(completion token) (N, C) float32 with π = softmax(logits /
-    temperature), 0 off the mask, and h (N, D) float32: model.py's `policy_forward`, the
-    trainer's own forward. The reference, the tests and the benchmark use it.
+    temperature), 0 off the mask, and h (N, D) float32: model.py's `policy_forward`, one
+    [prompt | completion] row per sequence (the update's `shared_prompt_forward` gives the same
+    per reasoning). The reference, the tests and the benchmark use it.
     """
     ids = torch.cat([prompt_ids, completion_ids], 1)  # (N, P + C)
     mask = torch.cat([prompt_mask, completion_mask.to(prompt_mask.dtype)], 1)

@@ -179,7 +179,7 @@ def main(argv: list[str]):
             warn_about_cpu(argv)
         return
     if resume is not None:
-        config.eval_on_start = False  # the checkpoint's model was evaluated before it was saved
+        config.eval_on_start = False  # a checkpoint saved at an evaluation was evaluated then
     trainer = build_trainer(config)
     if trainer.is_world_process_zero():  # once the run is sure to start
         warn_about_cpu(argv)
