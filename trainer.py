@@ -43,7 +43,8 @@ from rollouts import Rollouts, SamplingConfig, generate_rollouts, replays_graphs
 
 # RecPOConfig keeps the checkpointing flags' old names, the only ones transformers 5.17 knows, and
 # PEFT and Trainer still read the model's old `is_gradient_checkpointing`.
-warnings.filterwarnings("ignore", message="`(is_)?gradient_checkpointing(_kwargs)?` is deprecated", category=FutureWarning)
+CHECKPOINTING_RENAME_WARNING = "`(is_)?gradient_checkpointing(_kwargs)?` is deprecated"
+warnings.filterwarnings("ignore", message=CHECKPOINTING_RENAME_WARNING, category=FutureWarning)
 
 ADVANTAGE_TYPES = ("gaussian", "rloo")
 EVAL_SPLITS = ("valid", "test")

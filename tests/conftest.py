@@ -19,3 +19,10 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
+
+
+def pytest_configure(config):
+    """pytest resets warning filters for each test: repeat trainer.py's, so the output shows the
+    warnings that matter rather than hundreds of transformers' checkpointing renames."""
+    from trainer import CHECKPOINTING_RENAME_WARNING
+    config.addinivalue_line("filterwarnings", f"ignore:{CHECKPOINTING_RENAME_WARNING}:FutureWarning")

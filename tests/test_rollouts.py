@@ -32,7 +32,7 @@ from transformers import (
 import rollouts
 from errors import UserError
 from bench.bench_rollout import PAD, random_prompts
-from model import attention_implementation, encode, policy_forward, shared_prompt_forward
+from model import attention_implementation, enable_checkpointing, encode, policy_forward, shared_prompt_forward
 from prompts import StopRule
 from rollouts import (SamplingConfig, check_attention_interface, fresh_forward, generate_rollouts,
                       generate_rollouts_reference)
@@ -342,7 +342,7 @@ def test_model_state_is_restored_and_outputs_feed_autograd():
     model = lora_model()
     model.train()
     model.get_base_model().lm_head.eval()  # a module deliberately left in eval mode stays so
-    model.gradient_checkpointing_enable()
+    enable_checkpointing(model)
     before = [m.training for m in model.modules()]
     ids, mask = prompts()
     r = generate_rollouts(model, ids, mask, 2, SamplingConfig(8), StopRule.exact([[5]]), PAD)
