@@ -617,6 +617,7 @@ class RecPOTrainer(Trainer):
         self._table_rows_written = False  # by training steps since the last full encoding
         self._resume_from: str | None = None
         self._buffer: RecPOBatch | None = None
+        self._skipping_step = False  # a batch of this optimizer step was skipped: so are its other batches
         # Each process samples with noise of its own (the model is built, identical on all, by now);
         # checkpoints keep every process's RNG state.
         set_seed((args.seed + self.accelerator.process_index) % 2**32)
@@ -736,22 +737,33 @@ class RecPOTrainer(Trainer):
         return relabel_mask(advantages.view(-1, self.args.group_size), self.args.trainer_relabel_topk).flatten()
 
     def generate_and_score(self, model, samples: list[dict]) -> RecPOBatch:
-        """Rollouts, rewards, advantages and relabel mask for one batch of users (no gradient)."""
-        with self._timed("rollout"):
-            rollouts = self.rollout(model, samples, self.sampling, self.args.group_size)
-        targets = self.target_ids(samples)  # (B,)
-        with self._timed("reward"):
-            reward, terms = self.rewards(rollouts.user_states, samples, targets)
-        self._check_finite(reward, "reward")
+        """Rollouts, rewards, advantages and relabel mask for one batch of users (no gradient).
+
+        Running out of memory, or a non-finite reward, on any process skips the step on every
+        process: all of them learn it in the same collective, right after the rewards.
+        """
+        try:
+            with self._timed("rollout"):
+                rollouts = self.rollout(model, samples, self.sampling, self.args.group_size)
+            targets = self.target_ids(samples)  # (B,)
+            with self._timed("reward"):
+                reward, terms = self.rewards(rollouts.user_states, samples, targets)
+            problem = None if bool(torch.isfinite(reward).all()) else "non-finite reward"
+        except torch.OutOfMemoryError:
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+            problem = "out of memory in the rollout"
+        self._agree_to_continue(ok=problem is None, reason=problem)
         advantages = self.advantages(reward) if self.args.reasoning else torch.ones_like(reward)  # contrastive only
-        rewards_by_group = reward.view(-1, self.args.group_size)
+        rewards_by_group, ndcg_by_group = reward.view(-1, self.args.group_size), terms["ndcg"].view(-1, self.args.group_size)
         self._record(
             **{
                 "reward/mean": reward.mean(),
                 **{f"reward/{name}": term.mean() for name, term in terms.items()},
                 "reward/std_within_group": rewards_by_group.std(dim=1).mean() if self.args.group_size > 1 else 0.0,
                 "advantage/abs_mean": advantages.abs().mean(),
-                "frac_reward_zero_std": (rewards_by_group.max(1).values == rewards_by_group.min(1).values).float().mean(),
+                # Groups whose trajectories rank the target alike: only β·softmax tells them apart.
+                "frac_ndcg_zero_std": (ndcg_by_group.max(1).values == ndcg_by_group.min(1).values).float().mean(),
                 "completions/mean_length": rollouts.completion_mask.sum(1).float().mean(),
             }
         )
@@ -961,28 +973,26 @@ class RecPOTrainer(Trainer):
                 callback.early_stopping_patience = self.args.early_stopping_patience
 
     def training_step(self, model, inputs, num_items_in_batch=None):
-        """One RecPO step: fresh rollouts every `num_iterations` steps, then the clipped update.
+        """One RecPO batch: fresh rollouts every `num_iterations` steps, then the clipped update.
 
-        Running out of memory in the rollout skips the step on every process. In the update it
-        ends the run with one line: the processes would then wait in different collectives.
+        Running out of memory in the rollout skips the optimizer step on every process (with
+        --gradient_accumulation_steps, its other batches too). In the update it ends the run
+        with one line: the processes would then wait in different collectives.
         """
         model.train()
+        last_batch_of_step = self.accelerator.sync_gradients  # Trainer's mark; the update changes it
         if not self._table_encoded:  # the first step, also of a resumed run
             with self._timed("item_table"):
                 self.restore_item_table(model)
         try:
+            if self._skipping_step:
+                raise SkipStep("")
             if self._buffer is None or self.state.global_step % self.args.num_iterations == 0:
-                self._buffer = None  # stays None when the rollout runs out of memory
-                try:
-                    self._buffer = self.generate_and_score(model, inputs)
-                except torch.OutOfMemoryError:
-                    if torch.cuda.is_available():
-                        torch.cuda.empty_cache()
-            self._agree_to_continue(ok=self._buffer is not None, reason="out of memory in the rollout")
+                self._buffer = self.generate_and_score(model, inputs)
             with self._timed("update"):
                 return self.update(model, self._buffer)
         except SkipStep as skip:
-            return self._skip_step(model, str(skip))
+            return self._skip_step(model, str(skip), last_batch_of_step)
         except torch.OutOfMemoryError as e:
             raise UserError(
                 f"out of memory in the update at step {self.state.global_step} ({one_line(e)}) — lower "
@@ -1136,16 +1146,22 @@ class RecPOTrainer(Trainer):
         if not self._every_process_ok(ok):
             raise SkipStep(reason if not ok else "another process failed this step")
 
-    def _skip_step(self, model, reason: str) -> torch.Tensor:
-        """Drop this step's gradients (the optimizer skips parameters without a gradient)."""
-        warnings.warn(f"step {self.state.global_step}: skipped — {reason}", RuntimeWarning, stacklevel=2)
+    def _skip_step(self, model, reason: str, last_batch_of_step: bool) -> torch.Tensor:
+        """Drop this optimizer step's gradients, its earlier batches' too, and skip its later batches.
+
+        Not syncing gradients at the step's last batch skips the optimizer step (it also skips
+        parameters without a gradient).
+        """
+        if not self._skipping_step:
+            warnings.warn(f"step {self.state.global_step}: skipped — {reason}", RuntimeWarning, stacklevel=2)
+            self._record(skipped_steps=1.0)
+        self._skipping_step = not last_batch_of_step
         self._buffer = None
         if self.is_deepspeed_enabled:
             _drop_zero_gradients(self.model_wrapped)
         else:
             model.zero_grad(set_to_none=True)
         self.accelerator.gradient_state._set_sync_gradients(False)
-        self._record(skipped_steps=1.0)
         return torch.zeros((), device=self.args.device)  # logged as 0: a NaN would stay in Trainer's running sum
 
     def _save_reasoning(self, records: list[dict], split: str):

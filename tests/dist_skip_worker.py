@@ -31,15 +31,15 @@ def main(out_path: str):
     trainer = RecPOTrainer(model, config, tokenizer, tiny_dataset(), "Video_Games")
     rank = trainer.accelerator.process_index
     if rank == 1:
-        generate_and_score, calls = trainer.generate_and_score, []
+        rollout, calls = trainer.rollout, []
 
-        def out_of_memory_once(model, samples):
+        def out_of_memory_once(model, samples, *args):
             calls.append(samples)
             if len(calls) == 1:
                 raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
-            return generate_and_score(model, samples)
+            return rollout(model, samples, *args)
 
-        trainer.generate_and_score = out_of_memory_once
+        trainer.rollout = out_of_memory_once
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         trainer.train()

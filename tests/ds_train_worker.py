@@ -4,8 +4,8 @@ then the model into OUT_DIR/saved, counting DeepSpeed's copies of the state to h
     ACCELERATE_USE_CPU=true accelerate launch --multi_gpu --num_processes 2 \
         tests/ds_train_worker.py OUT_DIR [--fault KIND] --deepspeed ds_config.json --dataset_dir ... [train.py flags]
 
-`--fault` makes process 1 fail step 1 once: `oom_after_rollout` runs out of memory right after its
-rollout (before any backward), `nan_second_micro_batch` gets a non-finite token loss in its second
+`--fault` makes process 1 fail step 1 once: `oom_after_rollout` runs out of memory scoring its
+rollouts (before any backward), `nan_second_micro_batch` gets a non-finite token loss in its second
 micro-batch (after the first one's backward). Both must skip step 1 on every process.
 """
 import os
@@ -26,13 +26,12 @@ def inject(trainer, fault: str):
     """Process 1 fails step 1 once, as `fault` says."""
     if trainer.accelerator.process_index != 1:
         return
-    generate_and_score, token_loss, calls = trainer.generate_and_score, trainer.token_loss, []
+    rewards, token_loss, calls = trainer.rewards, trainer.token_loss, []
 
-    def generate_and_score_then_oom(model, samples):
-        batch = generate_and_score(model, samples)
+    def rewards_or_oom(*args):
         if trainer.state.global_step == 1:
             raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
-        return batch
+        return rewards(*args)
 
     def token_loss_nan_once(*args, **kwargs):
         loss, clip_fraction = token_loss(*args, **kwargs)
@@ -43,7 +42,7 @@ def inject(trainer, fault: str):
         return loss, clip_fraction
 
     if fault == "oom_after_rollout":
-        trainer.generate_and_score = generate_and_score_then_oom
+        trainer.rewards = rewards_or_oom
     else:
         trainer.token_loss = token_loss_nan_once
 

@@ -179,7 +179,7 @@ def test_a_batch_s_rewards_advantages_and_relabel_mask_by_hand(tmp_path, monkeyp
         "reward/mean": sum(rewards) / 4, "reward/ndcg": sum(ndcgs) / 4, "reward/softmax": sum(softmaxes) / 4,
         "reward/std_within_group": sum(gaps) / 2 / 2**0.5,  # unbiased std of two values: |d| / √2
         "advantage/abs_mean": 2**-0.5,  # each (d/2) / (|d|/√2) in size, as below
-        "frac_reward_zero_std": 0.0,
+        "frac_ndcg_zero_std": sum(ndcgs[2 * g] == ndcgs[2 * g + 1] for g in range(2)) / 2,
         "completions/mean_length": batch.rollouts.completion_mask.sum().item() / 4,
         "time/rollout_s": logged["time/rollout_s"], "time/reward_s": logged["time/reward_s"],
     }, rel=1e-4, abs=1e-6)  # float32 rewards
@@ -301,13 +301,49 @@ def test_out_of_memory_skips_the_step_without_touching_weights(tmp_path, monkeyp
     def out_of_memory(*args, **kwargs):
         raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
 
-    monkeypatch.setattr(trainer, "generate_and_score", out_of_memory)
+    monkeypatch.setattr(trainer, "rollout", out_of_memory)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         trainer.train()
-    assert any("skipped" in str(w.message) and "out of memory" in str(w.message) for w in caught)
+    assert any("skipped" in str(w.message) and "out of memory in the rollout" in str(w.message) for w in caught)
     after = lora_state(trainer.model)
     assert all(torch.equal(before[n], after[n]) for n in before)
+
+
+@pytest.mark.parametrize("failing_batch", [1, 2])
+def test_a_skip_with_gradient_accumulation_skips_the_whole_optimizer_step(tmp_path, monkeypatch, failing_batch):
+    """Steps of 2 batches: a rollout out of memory in either batch of step 1 leaves the weights as
+    they were (the other batch's gradients dropped too, a later batch not even rolled out), warns
+    once, and step 2 trains."""
+    from transformers import TrainerCallback
+
+    trainer = tiny_trainer(tmp_path, max_steps=2, gradient_accumulation_steps=2, logging_steps=1)
+    rollout, calls, after_step = trainer.rollout, [], []
+
+    def out_of_memory_once(model, samples, *args):
+        calls.append(trainer.state.global_step)
+        if len(calls) == failing_batch:
+            raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
+        return rollout(model, samples, *args)
+
+    class WeightsAfterEachStep(TrainerCallback):
+        def on_step_end(self, args, state, control, model=None, **kwargs):
+            after_step.append(lora_state(model))
+
+    monkeypatch.setattr(trainer, "rollout", out_of_memory_once)
+    trainer.add_callback(WeightsAfterEachStep())
+    before = lora_state(trainer.model)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        trainer.train()
+    assert calls == ([0, 1, 1] if failing_batch == 1 else [0, 0, 1, 1])
+    assert [str(w.message) for w in caught if "skipped" in str(w.message)] == [
+        "step 0: skipped — out of memory in the rollout"]
+    first, second = after_step
+    assert all(torch.equal(before[n], first[n]) for n in before)
+    assert any(not torch.equal(first[n], second[n]) for n in before)
+    logged = [entry for entry in trainer.state.log_history if "loss" in entry]
+    assert [entry.get("skipped_steps") for entry in logged] == [1.0, None]
 
 
 def test_out_of_memory_in_the_update_ends_the_run_with_one_line(tmp_path, monkeypatch):
@@ -411,7 +447,7 @@ def test_a_process_out_of_memory_in_its_rollout_skips_the_step_on_every_process(
     skips_rank0, skips_rank1 = result["skips"]
     assert len(skips_rank0) == len(skips_rank1) == 1
     assert "step 0: skipped" in skips_rank1[0] and "out of memory in the rollout" in skips_rank1[0]
-    assert "step 0: skipped" in skips_rank0[0]
+    assert skips_rank0[0].endswith("step 0: skipped — another process failed this step")
     steps = {entry["step"]: entry for entry in result["log_history"] if "loss" in entry}
     assert sorted(steps) == [1, 2]
     assert steps[1]["skipped_steps"] == 1.0 and "reward/mean" not in steps[1]
