@@ -370,16 +370,19 @@ def build_item_info(lines):
     try:
         return pa.Table.from_pylist(rows, schema=ITEM_INFO_SCHEMA)
     except (TypeError, ValueError, pa.ArrowException) as e:
-        culprits = (row["parent_asin"] for row in rows if not fits_item_schema(row))  # only on this rare path
-        raise unexpected_type_error(next(culprits, "?"), e) from e
+        # Only on this rare path: name the first item that fails, with its own reason.
+        asin, problem = next(((row["parent_asin"], problem) for row in rows if (problem := item_schema_problem(row))),
+                             ("?", e))
+        raise unexpected_type_error(asin, problem) from e
 
 
-def fits_item_schema(row: dict) -> bool:
+def item_schema_problem(row: dict) -> Exception | None:
+    """Why this row does not fit ITEM_INFO_SCHEMA, or None when it does."""
     try:
         pa.Table.from_pylist([row], schema=ITEM_INFO_SCHEMA)
-        return True
-    except (TypeError, ValueError, pa.ArrowException):
-        return False
+        return None
+    except (TypeError, ValueError, pa.ArrowException) as e:
+        return e
 
 
 def unexpected_type_error(asin: str, error: Exception) -> UserError:

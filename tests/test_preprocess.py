@@ -138,6 +138,12 @@ def test_item_info_types_and_defaults():
     for bad in (dict(average_rating="four"), dict(price=[1])):  # refused by pyarrow, by item_row
         with pytest.raises(UserError, match="^the metadata of item B2 holds a field of an unexpected type"):
             P.build_item_info([meta("B1", "Alpha").encode(), meta("B2", "Beta", **bad).encode()])
+    # Two bad items in one batch: the first is named, with its own fault, not the batch's.
+    with pytest.raises(UserError) as caught:
+        P.build_item_info([meta("B1", "Alpha", average_rating="four").encode(),
+                           meta("B2", "Beta", subtitle=["a list"]).encode()])
+    message = str(caught.value)
+    assert message.startswith("the metadata of item B1 holds") and "'four'" in message and "list" not in message
     row = P.build_item_info([meta("B1", "Alpha", description="One paragraph.", features="fast",
                                   categories="Games").encode()]).to_pylist()[1]
     assert (row["description"], row["features"], row["categories"]) == (["One paragraph."], ["fast"], ["Games"])
