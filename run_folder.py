@@ -224,7 +224,8 @@ def check_checkpoint_settings(checkpoint: str, config: RecPOConfig):
                         "with that --dataset_dir (moved: keep its folder name)")
     trained_on, backbone = adapter.get("base_model_name_or_path"), resolve_model(config.model)
     if trained_on and folder_name(trained_on) != folder_name(backbone):  # the backbone may sit elsewhere now
-        raise UserError(f"{checkpoint} was trained on {trained_on}, not {backbone} — resume with that --model")
+        raise UserError(f"{checkpoint} was trained on {trained_on}, not {backbone} — resume with that --model "
+                        "(moved: keep its folder name)")
 
 
 def check_checkpoint_state(checkpoint: str, config: RecPOConfig):

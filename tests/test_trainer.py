@@ -1434,7 +1434,7 @@ def test_a_checkpoint_of_the_same_data_order_resumes_and_another_one_with_ignore
      "was trained with --lora_target_modules q_proj,v_proj, not down_proj,gate_proj,"),
     (lambda c: (c / "adapter_config.json").write_text(json.dumps(
         {"r": 4, "lora_alpha": 128, "target_modules": list(LORA_TARGETS), "base_model_name_or_path": "/models/gemma-2-2b-it"})),
-     "was trained on /models/gemma-2-2b-it, not Qwen/Qwen2.5-3B-Instruct — resume with that --model"),
+     "was trained on /models/gemma-2-2b-it, not Qwen/Qwen2.5-3B-Instruct — resume with that --model (moved: keep its folder name)"),
     (lambda c: (c / "r2ec_run.json").write_text(json.dumps({"reasoning": False, "window_size": 5})),
      "was trained with --reasoning False, not True — resume with --reasoning False"),
     (lambda c: (c / "r2ec_run.json").write_text(json.dumps({"tau": 0.05})), "was trained with --tau 0.05, not 0.02"),
