@@ -195,7 +195,7 @@ def resolve_model(name: str) -> str:
         state = ("a placeholder" if path.startswith(PLACEHOLDER_PREFIX)
                  else "a folder without config.json" if os.path.isdir(path) else "not a folder")
         raise UserError(
-            f"model {key!r} points to {path!r}, which is {state}: "
+            f"model {key!r} points to {missing_path(path)}, which is {state}: "
             f"edit paths.py so that model_names[{key!r}] is your local {key} folder"
         )
     if os.path.isdir(name):

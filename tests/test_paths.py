@@ -28,6 +28,14 @@ def test_missing_folder_names_key_path_and_fix(monkeypatch, tmp_path):
         paths.resolve_model("qwen")
 
 
+def test_a_relative_path_in_paths_py_says_where_it_was_looked_for(monkeypatch, tmp_path):
+    monkeypatch.setitem(paths.model_names, "Qwen2.5-3B-Instruct", "../models/qwen")
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(UserError, match=re.escape(f"'Qwen2.5-3B-Instruct' points to '../models/qwen' (relative to "
+                                                  f"{tmp_path}), which is not a folder")):
+        paths.resolve_model("qwen")
+
+
 def test_a_path_that_is_not_a_string_names_key_and_fix(monkeypatch):
     monkeypatch.setitem(paths.model_names, "Gemma-2-2b-it", None)
     with pytest.raises(UserError, match=re.escape("model 'Gemma-2-2b-it' is set to None in paths.py — edit paths.py "
