@@ -3,7 +3,7 @@
 Its name, `{category}_{K}_{st_year}-{st_month}-{ed_year}-{ed_month}[_{postfix}]` (SPEC §1), tells
 the category; it holds a `datasets.DatasetDict` with the sample splits and `item_info`, and
 `preprocess.json`: category, K, window size, the requested and the kept window (its start may have
-moved back) and the sizes.
+moved back), the sizes and how many items' titles cleaning left blank.
 `load_dataset_dir` checks what training relies on, so a wrong folder fails in one line.
 """
 import hashlib

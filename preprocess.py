@@ -724,11 +724,13 @@ def main(argv=None):
     })
     target = dataset_folder(args)
     n_items = item_info.num_rows - 1
+    # SPEC's cleaning turns each non-ASCII character into a space: a title of those alone is blank.
+    blank_titles = sum(not title.strip() for title in item_info["title"].to_pylist())
     record = {  # the folder's name keeps the requested start (SPEC §1); this keeps what was done
         "category": args.category, "K": args.K, "window_size": args.window_size,
         "requested_start": f"{args.st_year}-{args.st_month:02d}-01", "start": f"{start[0]}-{start[1]:02d}-01",
         "end": f"{args.ed_year}-{args.ed_month:02d}-01", "users": n_users, "items": n_items,
-        "interactions": n, "train": a, "valid": b - a, "test": n - b,
+        "interactions": n, "train": a, "valid": b - a, "test": n - b, "blank_titles": blank_titles,
     }
 
     def write(folder):
@@ -748,6 +750,9 @@ def main(argv=None):
         print(f"window start moved back to {start[0]}-{start[1]:02d}-01 ({why})")
     print(f"users: {n_users:,}  items: {n_items:,}  interactions: {n:,}")
     print(f"train: {a:,}  valid: {b - a:,}  test: {n - b:,}")
+    if blank_titles:
+        print(f"{blank_titles:,} items have a title that cleaning left blank (only non-ASCII characters or markup, "
+              "SPEC §1): prompts show them without a name")
     print(f"saved to {target}")
     return target
 

@@ -301,6 +301,18 @@ def test_samples_ids_and_split_on_a_hand_built_input(tmp_path, capsys):
     assert "users: 4  items: 4  interactions: 6" in out and "train: 4  valid: 1  test: 1" in out
 
 
+def test_titles_that_cleaning_leaves_blank_are_counted(tmp_path, capsys):
+    import datasets
+
+    metas = [line.replace('"Beta"', '"\u6771\u4eac"').replace('"&quot;Delta&quot;"', '"<b></b>"') for line in HAND_META]
+    write_raw(tmp_path, HAND_RATINGS + [("uD", "I3", 3.0, T + 550), ("uD", "I1", 5.0, T + 600)], metas)
+    target = run_main(tmp_path, "--st_year", "2023", "--st_month", "1", "--ed_year", "2023", "--ed_month", "12",
+                      "--window_size", "2")
+    assert datasets.load_from_disk(target)["item_info"]["title"] == ["pad_title", "Gamma", "Alpha", "", "  "]
+    assert json.load(open(os.path.join(target, "preprocess.json")))["blank_titles"] == 2
+    assert "2 items have a title that cleaning left blank" in capsys.readouterr().out
+
+
 @pytest.mark.parametrize("n, bounds", [(5, (4, 4)), (10, (8, 9)), (63_502, (50_801, 57_151)),
                                        (13_435, (10_748, 12_091)), (34_373, (27_498, 30_935))])
 def test_split_bounds_match_the_paper(n, bounds):
@@ -833,7 +845,7 @@ def test_sample_data_end_to_end(tmp_path, capsys):
         assert json.load(f) == {
             "category": "Video_Games", "K": 0, "window_size": 20, "requested_start": "2022-10-01",
             "start": "2021-10-01", "end": "2023-10-01", "users": 313, "items": 239, "interactions": 1666,
-            "train": 1332, "valid": 167, "test": 167}
+            "train": 1332, "valid": 167, "test": 167, "blank_titles": 0}
     d = datasets.load_from_disk(target)
     assert list(d) == ["train", "valid", "test", "item_info"]
     assert [d[s].num_rows for s in ("train", "valid", "test")] == [1332, 167, 167]
