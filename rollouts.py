@@ -675,6 +675,17 @@ def fresh_forward(model, prompt_ids, prompt_mask, completion_ids, completion_mas
     return logp * completion_mask, h.float()
 
 
+def plain_generate(model, generation_config: GenerationConfig, **inputs) -> torch.Tensor:
+    """`model.generate` under `generation_config` alone. `generate` fills the fields it leaves unset
+    from the model's own config (a backbone's eos ids, repetition penalty): lend it a blank one."""
+    base = _base_model(model)
+    own_config, base.generation_config = base.generation_config, GenerationConfig()
+    try:
+        return model.generate(generation_config=generation_config, **inputs)
+    finally:
+        base.generation_config = own_config
+
+
 class _StopCriterion(StoppingCriteria):
     """`generate` stopping criterion: the generated tokens end with a stop pattern or an end of turn."""
 
@@ -711,7 +722,8 @@ def generate_rollouts_reference(model, prompt_ids: torch.Tensor, prompt_mask: to
                                 pad_token_id: int) -> Rollouts:
     """The same contract through plain `generate` (tests and benchmark only: it is slow).
 
-    `generate` runs `max_new_tokens - len(stop.forced)` tokens with the rule as its criterion; the
+    `generate` runs `max_new_tokens - len(stop.forced)` tokens with the rule as its criterion and
+    nothing of the model's own generation config (eos ids, repetition penalty), as the engine; the
     host then cuts each row after its first stop or appends the forced stop, and one forward
     pass over prompt + completion gives the log-probs and the user states h.
     """
@@ -727,7 +739,7 @@ def generate_rollouts_reference(model, prompt_ids: torch.Tensor, prompt_mask: to
         config = GenerationConfig(do_sample=not sampling.greedy, pad_token_id=pad_token_id, eos_token_id=None,
                                   max_new_tokens=budget, **filters)
         with _generation_mode(model):
-            out = model.generate(input_ids=prompt_ids, attention_mask=prompt_mask, generation_config=config,
+            out = plain_generate(model, config, input_ids=prompt_ids, attention_mask=prompt_mask,
                                  stopping_criteria=StoppingCriteriaList([_StopCriterion(stop, P)]))
         generated = out[:, P:].tolist()
     rows = [_cut_or_force(r, stop) for r in generated]

@@ -40,6 +40,7 @@ from rollouts import (  # noqa: E402
     fresh_forward,
     generate_rollouts,
     generate_rollouts_reference,
+    plain_generate,
 )
 
 PAD = 0
@@ -228,10 +229,13 @@ def run_hf(model, shape, device, static, new_tokens=None):
     vocab = model.config.vocab_size
     ids, mask = random_prompts(vocab, [P] * B, device)
     ids, mask = ids.repeat_interleave(G, 0), mask.repeat_interleave(G, 0)
-    kwargs = dict(do_sample=True, temperature=2.0, top_k=50, eos_token_id=None, pad_token_id=PAD)
-    if static:
-        kwargs["cache_implementation"] = "static"
-    call = lambda n: model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=n, **kwargs)
+    cache = dict(cache_implementation="static") if static else {}
+
+    def call(n):
+        config = transformers.GenerationConfig(do_sample=True, temperature=2.0, top_k=50, eos_token_id=None,
+                                               pad_token_id=PAD, max_new_tokens=n, **cache)
+        return plain_generate(model, config, input_ids=ids, attention_mask=mask)
+
     with torch.no_grad():
         _, warm = timed(lambda: call(new if static else 4), device)  # static: same shape, pays the compile
         out, t = timed(lambda: call(new), device)

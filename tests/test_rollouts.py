@@ -338,6 +338,19 @@ def test_sampling_follows_the_filtered_distribution(temperature, top_k, top_p):
     assert chi2 < dof + 6 * (2 * dof) ** 0.5, f"chi2 {chi2:.1f} with {dof} degrees of freedom"
 
 
+def test_the_generate_reference_ignores_the_model_s_own_generation_settings():
+    """A backbone's generation_config (Qwen2.5-Instruct's: eos ids, repetition_penalty 1.05) must not
+    stop or bend the reference's decoding: the stop rule alone decides, as in the engine."""
+    model = tiny_model("llama")
+    ids, mask = prompts()
+    sampling = SamplingConfig(max_new_tokens=12, greedy=True)
+    ours = generate_rollouts(model, ids, mask, 1, sampling, NEVER, PAD)
+    model.generation_config.eos_token_id = int(ours.completion_ids[0, 4])  # written mid-row
+    model.generation_config.repetition_penalty = 1.3
+    assert_same_rollouts(ours, generate_rollouts_reference(model, ids, mask, 1, sampling, NEVER, PAD))
+    assert model.generation_config.repetition_penalty == 1.3  # the model's own settings are left as they were
+
+
 def test_model_state_is_restored_and_outputs_feed_autograd():
     model = lora_model()
     model.train()
