@@ -53,6 +53,7 @@ from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
+from peft.tuners.tuners_utils import BaseTunerLayer
 from transformers import AttentionInterface, GenerationConfig, StoppingCriteria, StoppingCriteriaList
 
 from errors import UserError
@@ -556,7 +557,8 @@ def _state_for(model, num_prompts, num_samples, prompt_len, sampling, stop, pad_
     """The decode state of this shape, reused (with its graph) when the shape was seen before.
 
     Autocast is part of the shape: it sets the dtype of the key/value buffers, and a captured
-    graph replays the casts it recorded. A state built for other parameter addresses is dropped,
+    graph replays the casts it recorded. So are PEFT's adapter switches (disabled, merged, which
+    are active): Python branches that a graph replays as captured. A state built for other parameter addresses is dropped,
     so moving or re-allocating the weights (`.to`, re-loading) drops the stale graphs; in-place
     updates (optimizer steps) are read live. A prompt longer than the state's prefix capacity
     replaces the state with one of at least twice the capacity, so training's varying prompt
@@ -565,7 +567,8 @@ def _state_for(model, num_prompts, num_samples, prompt_len, sampling, stop, pad_
     states = _STATES.setdefault(model, OrderedDict())
     weights = tuple(p.data_ptr() for p in model.parameters())
     autocast = torch.get_autocast_dtype(device.type) if torch.is_autocast_enabled(device.type) else None
-    key = (num_prompts, num_samples, sampling, stop, pad_token_id, str(device), compile_step, autocast)
+    key = (num_prompts, num_samples, sampling, stop, pad_token_id, str(device), compile_step, autocast,
+           _adapter_switches(model))
     st = states.pop(key, None)
     capacity = prompt_len
     if st is not None and st.weights != weights:
@@ -584,6 +587,12 @@ def _state_for(model, num_prompts, num_samples, prompt_len, sampling, stop, pad_
     return st
 
 
+def _adapter_switches(model) -> frozenset:
+    """The distinct (disabled, merged adapters, active adapters) of the model's PEFT layers."""
+    return frozenset((layer.disable_adapters, tuple(layer.merged_adapters), tuple(layer.active_adapters))
+                     for layer in model.modules() if isinstance(layer, BaseTunerLayer))
+
+
 def replays_graphs(device: torch.device) -> bool:
     """Whether decoding on `device` replays a graph captured per shape (only CUDA has them)."""
     return device.type == "cuda"
@@ -595,6 +604,18 @@ def clear_rollout_cache(model=None):
         _STATES.clear()
     else:
         _STATES.pop(model, None)
+
+
+@contextmanager
+def _without_autocast_cache(device: torch.device):
+    """Inside an enclosing autocast region, cast weights afresh instead of reading the region's
+    cache: its copies predate in-place updates made since (optimizer steps), and a graph captured
+    over them would read memory freed when the region ends."""
+    if not torch.is_autocast_enabled(device.type):
+        yield
+        return
+    with torch.autocast(device.type, dtype=torch.get_autocast_dtype(device.type), cache_enabled=False):
+        yield
 
 
 @contextmanager
@@ -636,7 +657,8 @@ def generate_rollouts(model, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor
     # step, so the warm-up, the capture and every eager or compiled step run it: a captured
     # graph records its write, dynamo traces it in (no graph break, no recompilation per call).
     check_attention_interface(model)
-    with _generation_mode(model, ATTENTION_NAME), _active(st), decoder_hook(model, _catch_user_states):
+    with (_generation_mode(model, ATTENTION_NAME), _without_autocast_cache(device), _active(st),
+          decoder_hook(model, _catch_user_states)):
         logits = _prefill(model, st, prompt_ids, prompt_mask)  # (N, V)
         if use_graph and st.graph is None:
             _capture(model, st)

@@ -440,7 +440,49 @@ def test_autocast_gets_its_own_state():
         autocast_fresh = rollout()
     assert_same_rollouts(rollout(), plain)
     assert_same_rollouts(autocast, autocast_fresh)
-    assert sorted(str(key[-1]) for key in rollouts._STATES[model]) == ["None", "torch.bfloat16"]
+    assert sorted(str(key[7]) for key in rollouts._STATES[model]) == ["None", "torch.bfloat16"]  # autocast
+
+
+def test_an_enclosing_autocast_region_s_cast_cache_is_not_used():
+    """Inside one autocast region, LoRA weights updated in place between two calls (an optimizer
+    step) reach the second call: its casts are not the region's cached copies from the first call
+    (on a GPU a captured graph would replay reads of those copies, freed when the region ends)."""
+    model = lora_model()
+    rollouts.clear_rollout_cache(model)
+    sampling, stop = SamplingConfig(max_new_tokens=10, greedy=True), StopRule.exact([[7]])
+    ids, mask = prompts()
+    rollout = lambda: generate_rollouts(model, ids, mask, 1, sampling, stop, PAD)
+    lora_b = [p for n, p in model.named_parameters() if "lora_B" in n]
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        before = rollout()
+        with torch.no_grad():
+            for p in lora_b:
+                p.mul_(-3.0)
+        after = rollout()
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # a region of its own: nothing cached yet
+        assert_same_rollouts(after, rollout())
+    assert not torch.equal(after.logprobs, before.logprobs)
+
+
+def test_disabled_or_merged_adapters_get_their_own_state():
+    """A captured graph replays the adapter branches it recorded: `disable_adapter()` (a reference
+    policy) and a merge must not reuse the state of the plain adapter."""
+    model = lora_model()
+    rollouts.clear_rollout_cache(model)
+    sampling, stop = SamplingConfig(max_new_tokens=10, greedy=True), StopRule.exact([[7]])
+    ids, mask = prompts()
+    rollout = lambda: generate_rollouts(model, ids, mask, 1, sampling, stop, PAD)
+    with_adapter = rollout()
+    with model.disable_adapter():
+        without = rollout()
+    model.merge_adapter()
+    merged = rollout()
+    model.unmerge_adapter()
+    assert len(rollouts._STATES[model]) == 3
+    assert_same_rollouts(rollout(), with_adapter)
+    torch.testing.assert_close(merged.logprobs, with_adapter.logprobs, atol=1e-4, rtol=0)
+    base = tiny_model("qwen2")
+    assert_same_rollouts(without, generate_rollouts(base, ids, mask, 1, sampling, stop, PAD))
 
 
 def test_bad_inputs_are_refused():
