@@ -42,9 +42,11 @@ the batch would need a graph per batch size; the decode slots are read in full e
 bf16 copy of W + ΔW rounds away the small updates RL makes: tried, the quick start's trained
 valid NDCG@10 fell from 0.166 to 0.112). `compile_step=True` fuses the step's small kernels
 with `torch.compile` before capture: 1.7x faster decoding, about 75 s of compilation per new
-shape. Figures: bench/RESULTS.md, "Rollouts".
+shape. A step that cannot be captured (a host sync inside, as some mixture-of-experts routing
+has) runs without the graph, with a warning. Figures: bench/RESULTS.md, "Rollouts".
 """
 import math
+import warnings
 import weakref
 from collections import OrderedDict
 from contextlib import contextmanager
@@ -56,7 +58,7 @@ import torch.nn.functional as F
 from peft.tuners.tuners_utils import BaseTunerLayer
 from transformers import AttentionInterface, GenerationConfig, StoppingCriteria, StoppingCriteriaList
 
-from errors import UserError
+from errors import UserError, one_line
 from model import decoder_configs, decoder_hook, last_positions, mask_positions, policy_forward
 from prompts import StopRule
 
@@ -273,6 +275,7 @@ class _DecodeState:
         # each row's first forced step: force_from, or the step at which it wrote an end of turn
         self.force_start = torch.full((N,), self.force_from, dtype=torch.long, device=device)
         self.graph = None  # the captured decode step (CUDA only)
+        self.uncapturable = False  # its capture failed: this state decodes without a graph
 
     def start(self, prompt_mask: torch.Tensor, positions: torch.Tensor):
         """Load a new call's prompts (before its prefill).  prompt_mask, positions (B, P)."""
@@ -526,6 +529,20 @@ def _prefill(model, st: _DecodeState, prompt_ids, prompt_mask) -> torch.Tensor:
 
 
 def _capture(model, st: _DecodeState):
+    """Record the decode step as a CUDA graph, or mark the state to decode without one (slower)
+    when the model's step does what a capture forbids (a host sync, as some mixture-of-experts
+    routing does). Running out of memory is no such case: it propagates."""
+    try:
+        _record_graph(model, st)
+    except torch.OutOfMemoryError:
+        raise
+    except RuntimeError as e:
+        st.uncapturable = True
+        warnings.warn(f"the decode step of {type(_base_model(model)).__name__} cannot be captured as a CUDA graph "
+                      f"({one_line(e)}): decoding without one, slower", RuntimeWarning, stacklevel=3)
+
+
+def _record_graph(model, st: _DecodeState):
     """Record one decode step as a CUDA graph over the state's buffers.
 
     Warm-up runs (cuBLAS handles, lazy allocations, a torch.compile'd forward's compilation)
@@ -660,9 +677,10 @@ def generate_rollouts(model, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor
     with (_generation_mode(model, ATTENTION_NAME), _without_autocast_cache(device), _active(st),
           decoder_hook(model, _catch_user_states)):
         logits = _prefill(model, st, prompt_ids, prompt_mask)  # (N, V)
-        if use_graph and st.graph is None:
+        if use_graph and st.graph is None and not st.uncapturable:
             _capture(model, st)
             st.reset_outputs()  # undo the warm-up's writes
+        use_graph = st.graph is not None
         _choose(st, logits)
         for step in range(1, st.T + 1):  # step T only feeds token T-1, for the h of rows ending there
             if step % CHECK_EVERY == 0 and bool((st.stopped & ~st.stopped_now).all()):

@@ -8,6 +8,7 @@ reasoning); its sampler must follow the temperature / top-k / top-p distribution
 `generate`'s own logits warpers define.
 """
 import re
+import warnings
 
 import pytest
 import torch
@@ -483,6 +484,42 @@ def test_disabled_or_merged_adapters_get_their_own_state():
     torch.testing.assert_close(merged.logprobs, with_adapter.logprobs, atol=1e-4, rtol=0)
     base = tiny_model("qwen2")
     assert_same_rollouts(without, generate_rollouts(base, ids, mask, 1, sampling, stop, PAD))
+
+
+def test_a_step_that_cannot_be_captured_decodes_without_a_graph(monkeypatch):
+    """A capture that fails (an operation capture forbids) warns once and decodes eagerly, with
+    the same rollouts; running out of memory in the capture is not swallowed."""
+    model = tiny_model("qwen2")
+    rollouts.clear_rollout_cache(model)
+    sampling, stop = SamplingConfig(max_new_tokens=10, greedy=True), StopRule.exact([[7]])
+    ids, mask = prompts()
+    eager = generate_rollouts(model, ids, mask, 2, sampling, stop, PAD)
+    rollouts.clear_rollout_cache(model)
+    attempts = []
+
+    def failing_capture(model, st):
+        attempts.append(1)
+        raise RuntimeError("CUDA error: operation not permitted when stream is capturing")
+
+    monkeypatch.setattr(rollouts, "replays_graphs", lambda device: True)
+    monkeypatch.setattr(rollouts, "_record_graph", failing_capture)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        first, second = (generate_rollouts(model, ids, mask, 2, sampling, stop, PAD) for _ in range(2))
+    assert_same_rollouts(first, eager)
+    assert_same_rollouts(second, eager)
+    assert attempts == [1]  # the state remembers: no second attempt, no second warning
+    assert [str(w.message) for w in caught] == [
+        "the decode step of Qwen2ForCausalLM cannot be captured as a CUDA graph (CUDA error: operation not "
+        "permitted when stream is capturing): decoding without one, slower"]
+
+    def out_of_memory(model, st):
+        raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
+
+    rollouts.clear_rollout_cache(model)
+    monkeypatch.setattr(rollouts, "_record_graph", out_of_memory)
+    with pytest.raises(torch.OutOfMemoryError):
+        generate_rollouts(model, ids, mask, 2, sampling, stop, PAD)
 
 
 def test_bad_inputs_are_refused():
