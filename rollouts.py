@@ -275,7 +275,6 @@ class _DecodeState:
         # each row's first forced step: force_from, or the step at which it wrote an end of turn
         self.force_start = torch.full((N,), self.force_from, dtype=torch.long, device=device)
         self.graph = None  # the captured decode step (CUDA only)
-        self.uncapturable = False  # its capture failed: this state decodes without a graph
 
     def start(self, prompt_mask: torch.Tensor, positions: torch.Tensor):
         """Load a new call's prompts (before its prefill).  prompt_mask, positions (B, P)."""
@@ -529,27 +528,29 @@ def _prefill(model, st: _DecodeState, prompt_ids, prompt_mask) -> torch.Tensor:
 
 
 def _capture(model, st: _DecodeState):
-    """Record the decode step as a CUDA graph, or mark the state to decode without one (slower)
-    when the model's step does what a capture forbids (a host sync, as some mixture-of-experts
-    routing does). Running out of memory is no such case: it propagates."""
-    try:
-        _record_graph(model, st)
-    except torch.OutOfMemoryError:
-        raise
-    except RuntimeError as e:
-        st.uncapturable = True
-        warnings.warn(f"the decode step of {type(_base_model(model)).__name__} cannot be captured as a CUDA graph "
-                      f"({one_line(e)}): decoding without one, slower", RuntimeWarning, stacklevel=3)
-
-
-def _record_graph(model, st: _DecodeState):
-    """Record one decode step as a CUDA graph over the state's buffers.
+    """Record one decode step as a CUDA graph over the state's buffers, or remember that the
+    model's step does what a capture forbids (a host sync, as some mixture-of-experts routing
+    has) and decode without graphs (slower, with a warning). Other errors, running out of memory
+    included, propagate.
 
     Warm-up runs (cuBLAS handles, lazy allocations, a torch.compile'd forward's compilation)
     happen on a side stream first, as torch.cuda.graphs asks; they scribble on the state, which
     `reset_outputs` clears. `step` is set to 1 so the warm-up writes stay inside the buffers.
     The decoder hook must be registered here already: its writes are part of the graph.
     """
+    _warm_up(model, st)
+    try:
+        st.graph = _record_graph(model, st)
+    except RuntimeError as e:
+        cause = e.__context__ if isinstance(e.__context__, RuntimeError) else e  # not capture_end's follow-up
+        if isinstance(cause, torch.OutOfMemoryError):
+            raise cause
+        _UNCAPTURABLE.add(model)
+        warnings.warn(f"the decode step of {type(_base_model(model)).__name__} cannot be captured as a CUDA graph "
+                      f"({one_line(cause)}): decoding without one, slower", RuntimeWarning, stacklevel=3)
+
+
+def _warm_up(model, st: _DecodeState):
     side = torch.cuda.Stream()
     side.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(side):
@@ -557,16 +558,24 @@ def _record_graph(model, st: _DecodeState):
             st.step.fill_(1)
             st.step_fn(model, st)
     torch.cuda.current_stream().wait_stream(side)
+
+
+def _record_graph(model, st: _DecodeState) -> "torch.cuda.CUDAGraph":
+    stream = torch.cuda.current_stream()
     graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):  # on an error (out of memory) it still ends the capture, cut short:
-        st.step_fn(model, st)
-    st.graph = graph  # so keep the graph only once its capture is whole
+    try:
+        with torch.cuda.graph(graph):  # on an error (out of memory) it still ends the capture, cut short
+            st.step_fn(model, st)
+    finally:
+        torch.cuda.set_stream(stream)  # a failed capture_end leaves the capture's stream current
+    return graph
 
 
 # ----------------------------------------------------------------------------------------------
 # Cached states per model
 
 _STATES: "weakref.WeakKeyDictionary[torch.nn.Module, OrderedDict]" = weakref.WeakKeyDictionary()
+_UNCAPTURABLE: "weakref.WeakSet[torch.nn.Module]" = weakref.WeakSet()  # models whose capture failed
 
 
 def _state_for(model, num_prompts, num_samples, prompt_len, sampling, stop, pad_token_id, device,
@@ -616,11 +625,14 @@ def replays_graphs(device: torch.device) -> bool:
 
 
 def clear_rollout_cache(model=None):
-    """Free the decode buffers and graphs kept for `model` (every model when None)."""
+    """Free the decode buffers and graphs kept for `model` (every model when None); a failed
+    capture is tried again."""
     if model is None:
         _STATES.clear()
+        _UNCAPTURABLE.clear()
     else:
         _STATES.pop(model, None)
+        _UNCAPTURABLE.discard(model)
 
 
 @contextmanager
@@ -669,7 +681,7 @@ def generate_rollouts(model, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor
     device = prompt_ids.device
     B, P = prompt_ids.shape
     st = _state_for(model, B, num_samples, P, sampling, stop, pad_token_id, device, compile_step)
-    use_graph = replays_graphs(device)
+    use_graph = replays_graphs(device) and model not in _UNCAPTURABLE
     # The user-state hook is registered for the whole call, outside the (possibly compiled)
     # step, so the warm-up, the capture and every eager or compiled step run it: a captured
     # graph records its write, dynamo traces it in (no graph break, no recompilation per call).
@@ -677,10 +689,10 @@ def generate_rollouts(model, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor
     with (_generation_mode(model, ATTENTION_NAME), _without_autocast_cache(device), _active(st),
           decoder_hook(model, _catch_user_states)):
         logits = _prefill(model, st, prompt_ids, prompt_mask)  # (N, V)
-        if use_graph and st.graph is None and not st.uncapturable:
+        if use_graph and st.graph is None:
             _capture(model, st)
             st.reset_outputs()  # undo the warm-up's writes
-        use_graph = st.graph is not None
+        use_graph = use_graph and st.graph is not None
         _choose(st, logits)
         for step in range(1, st.T + 1):  # step T only feeds token T-1, for the h of rows ending there
             if step % CHECK_EVERY == 0 and bool((st.stopped & ~st.stopped_now).all()):

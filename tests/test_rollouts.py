@@ -487,8 +487,8 @@ def test_disabled_or_merged_adapters_get_their_own_state():
 
 
 def test_a_step_that_cannot_be_captured_decodes_without_a_graph(monkeypatch):
-    """A capture that fails (an operation capture forbids) warns once and decodes eagerly, with
-    the same rollouts; running out of memory in the capture is not swallowed."""
+    """A capture that fails (an operation capture forbids) warns once and the model decodes
+    eagerly from then on, with the same rollouts; running out of memory in the capture propagates."""
     model = tiny_model("qwen2")
     rollouts.clear_rollout_cache(model)
     sampling, stop = SamplingConfig(max_new_tokens=10, greedy=True), StopRule.exact([[7]])
@@ -497,18 +497,23 @@ def test_a_step_that_cannot_be_captured_decodes_without_a_graph(monkeypatch):
     rollouts.clear_rollout_cache(model)
     attempts = []
 
-    def failing_capture(model, st):
+    def failing_capture(model, st):  # as torch.cuda.graph fails: capture_end raises on the way out
         attempts.append(1)
-        raise RuntimeError("CUDA error: operation not permitted when stream is capturing")
+        try:
+            raise RuntimeError("CUDA error: operation not permitted when stream is capturing")
+        finally:
+            raise RuntimeError("operation failed due to a previous error during capture")
 
     monkeypatch.setattr(rollouts, "replays_graphs", lambda device: True)
+    monkeypatch.setattr(rollouts, "_warm_up", lambda model, st: None)
     monkeypatch.setattr(rollouts, "_record_graph", failing_capture)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         first, second = (generate_rollouts(model, ids, mask, 2, sampling, stop, PAD) for _ in range(2))
+        generate_rollouts(model, ids, mask, 1, sampling, stop, PAD)  # another shape
     assert_same_rollouts(first, eager)
     assert_same_rollouts(second, eager)
-    assert attempts == [1]  # the state remembers: no second attempt, no second warning
+    assert attempts == [1]  # the model is remembered: no second attempt, no second warning
     assert [str(w.message) for w in caught] == [
         "the decode step of Qwen2ForCausalLM cannot be captured as a CUDA graph (CUDA error: operation not "
         "permitted when stream is capturing): decoding without one, slower"]
@@ -516,10 +521,17 @@ def test_a_step_that_cannot_be_captured_decodes_without_a_graph(monkeypatch):
     def out_of_memory(model, st):
         raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
 
-    rollouts.clear_rollout_cache(model)
-    monkeypatch.setattr(rollouts, "_record_graph", out_of_memory)
-    with pytest.raises(torch.OutOfMemoryError):
-        generate_rollouts(model, ids, mask, 2, sampling, stop, PAD)
+    def out_of_memory_then_capture_end_fails(model, st):
+        try:
+            out_of_memory(model, st)
+        finally:
+            raise RuntimeError("operation failed due to a previous error during capture")
+
+    for capture in (out_of_memory, out_of_memory_then_capture_end_fails):
+        rollouts.clear_rollout_cache(model)
+        monkeypatch.setattr(rollouts, "_record_graph", capture)
+        with pytest.raises(torch.OutOfMemoryError):
+            generate_rollouts(model, ids, mask, 2, sampling, stop, PAD)
 
 
 def test_bad_inputs_are_refused():

@@ -1180,7 +1180,7 @@ def test_an_earlier_run_is_kept_unless_replaced_on_purpose(tmp_path):
     config = lambda *flags: train.parse_config(["--output_dir", str(run), *flags])  # noqa: E731
     for flags in ([], ["--check_only", "True"]):
         with pytest.raises(UserError, match="holds an earlier run — continue it with --resume_from_checkpoint last, "
-                                            r"pick another --output_dir \(or --run_name; RUN_NAME for launch_train.sh\)"):
+                                            r"pick another --output_dir \(RUN_NAME for launch_train.sh\), or pass"):
             run_folder.check_output_dir(config(*flags))
     assert run_folder.check_output_dir(config("--overwrite_output_dir", "True")) is None
     assert (run / "checkpoint-3").exists()  # the check alone deletes nothing
