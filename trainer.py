@@ -984,9 +984,9 @@ class RecPOTrainer(Trainer):
         if not self._table_encoded:  # the first step, also of a resumed run
             with self._timed("item_table"):
                 self.restore_item_table(model)
+        if self._skipping_step:  # an earlier batch of this optimizer step was skipped
+            return self._skip_step(model, "", last_batch_of_step)
         try:
-            if self._skipping_step:
-                raise SkipStep("")
             if self._buffer is None or self.state.global_step % self.args.num_iterations == 0:
                 self._buffer = self.generate_and_score(model, inputs)
             with self._timed("update"):
