@@ -564,7 +564,7 @@ def _record_graph(model, st: _DecodeState) -> "torch.cuda.CUDAGraph":
     stream = torch.cuda.current_stream()
     graph = torch.cuda.CUDAGraph()
     try:
-        with torch.cuda.graph(graph):  # on an error (out of memory) it still ends the capture, cut short
+        with torch.cuda.graph(graph):
             st.step_fn(model, st)
     finally:
         torch.cuda.set_stream(stream)  # a failed capture_end leaves the capture's stream current

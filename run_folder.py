@@ -70,8 +70,7 @@ def check_output_dir(config: RecPOConfig) -> str | None:
     if not resumes_in_place(config, resume) and earlier_run(folder) and not config.overwrite_output_dir:
         raise UserError(f"--output_dir {config.output_dir} holds an earlier run — continue it with "
                         "--resume_from_checkpoint last, pick another --output_dir (RUN_NAME for launch_train.sh), "
-                        "or pass "
-                        "--overwrite_output_dir True to replace it")
+                        "or pass --overwrite_output_dir True to replace it")
     return resume
 
 

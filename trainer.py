@@ -748,12 +748,12 @@ class RecPOTrainer(Trainer):
             targets = self.target_ids(samples)  # (B,)
             with self._timed("reward"):
                 reward, terms = self.rewards(rollouts.user_states, samples, targets)
-            problem = None if bool(torch.isfinite(reward).all()) else "non-finite reward"
+            ok, problem = torch.isfinite(reward).all(), "non-finite reward"  # read in the collective's one sync
         except torch.OutOfMemoryError:
             if torch.cuda.is_available():
                 torch.cuda.empty_cache()
-            problem = "out of memory in the rollout"
-        self._agree_to_continue(ok=problem is None, reason=problem)
+            ok, problem = False, "out of memory in the rollout"
+        self._agree_to_continue(ok, problem)
         advantages = self.advantages(reward) if self.args.reasoning else torch.ones_like(reward)  # contrastive only
         rewards_by_group, ndcg_by_group = reward.view(-1, self.args.group_size), terms["ndcg"].view(-1, self.args.group_size)
         self._record(
@@ -1141,7 +1141,7 @@ class RecPOTrainer(Trainer):
         flag = torch.as_tensor(ok, dtype=torch.float32, device=self.args.device).reshape(1)
         return bool(gather(flag).min() == 1)
 
-    def _agree_to_continue(self, ok: bool, reason: str = ""):
+    def _agree_to_continue(self, ok: bool | torch.Tensor, reason: str = ""):
         """All processes learn whether any of them failed, so none waits in a collective alone."""
         if not self._every_process_ok(ok):
             raise SkipStep(reason if not ok else "another process failed this step")
