@@ -1016,18 +1016,23 @@ class RecPOTrainer(Trainer):
     # -- evaluation (SPEC §5) ------------------------------------------------------------------
 
     def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix: str = "eval") -> dict[str, float]:
-        """SPEC §5: refresh the table, greedy reasoning per sample, rank all items, NDCG/Hit@5/10/20."""
+        """SPEC §5: refresh the table, greedy reasoning per sample, rank all items, NDCG/Hit@5/10/20.
+
+        Metrics are named `eval_<split>_ndcg@10` for a dict of splits (the default: valid, test),
+        and, as in Trainer, `<metric_key_prefix>_ndcg@10` for one dataset, whose reasoning file
+        takes the prefix as its split name."""
         model = self.model
         start = time.perf_counter()
         self.refresh_item_table(model)
         datasets = eval_dataset if isinstance(eval_dataset, dict) else (
-            {"eval": eval_dataset} if eval_dataset is not None else self.eval_dataset
+            {None: eval_dataset} if eval_dataset is not None else self.eval_dataset
         )
         metrics = {}
         for split, dataset in datasets.items():
-            figures, records = self.evaluate_split(model, dataset, split)
-            metrics.update({f"{metric_key_prefix}_{split}_{name}": value for name, value in figures.items()})
-            self._save_reasoning(records, split)
+            figures, records = self.evaluate_split(model, dataset, split or metric_key_prefix)
+            prefix = f"{metric_key_prefix}_{split}" if split else metric_key_prefix
+            metrics.update({f"{prefix}_{name}": value for name, value in figures.items()})
+            self._save_reasoning(records, split or metric_key_prefix)
         metrics[f"{metric_key_prefix}_seconds"] = time.perf_counter() - start
         self.log(metrics)
         self.control = self.callback_handler.on_evaluate(self.args, self.state, self.control, metrics)

@@ -274,6 +274,21 @@ def test_evaluate_reports_every_metric_and_saves_reasoning(tmp_path):
         assert metrics[f"eval_{split}_reasoning_length"] == pytest.approx(sum(lengths) / 4)
 
 
+def test_evaluate_on_one_dataset_names_metrics_by_the_prefix_alone(tmp_path):
+    """As Trainer does: evaluate(test_set, metric_key_prefix="test") logs test_ndcg@10, not
+    test_eval_ndcg@10, with the same figures as the default evaluation's eval_test_*."""
+    trainer = tiny_trainer(tmp_path)
+    both = trainer.evaluate()
+    alone = trainer.evaluate(trainer.eval_dataset["test"], metric_key_prefix="test")
+    assert not any("eval" in key for key in alone)
+    names = {key for key in alone if key.startswith("test_") and key != "test_seconds"}
+    assert names == {f"test_{name}" for name in ("ndcg@5", "ndcg@10", "ndcg@20", "hit@5", "hit@10", "hit@20",
+                                                 "reasoning_length")}
+    assert {key: alone[key] for key in names} == pytest.approx({key: both["eval_" + key] for key in names})
+    with open(tmp_path / "run" / "reasoning" / "step0_test.jsonl") as f:
+        assert [json.loads(line)["split"] for line in f] == ["test"] * 4
+
+
 def test_where_graphs_are_replayed_a_last_partial_evaluation_batch_is_padded_to_the_batch_size(tmp_path, monkeypatch):
     """4 valid samples in batches of 3: [0, 1, 2], [3]. Where decoding replays a graph per shape
     (patched in: this is the CPU) the second batch runs as [3, 3, 3], with the same records."""
