@@ -178,8 +178,6 @@ def main(argv: list[str]):
         if "R2EC_PROCESSES" not in os.environ:  # launch_train.sh's check: its training process warns once
             warn_about_cpu(argv)
         return
-    if resume is not None:
-        config.eval_on_start = False  # a checkpoint saved at an evaluation was evaluated then
     trainer = build_trainer(config)
     if trainer.is_world_process_zero():  # once the run is sure to start
         warn_about_cpu(argv)

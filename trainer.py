@@ -896,12 +896,16 @@ class RecPOTrainer(Trainer):
 
     def train(self, resume_from_checkpoint: str | bool | None = None, **kwargs):
         """Trainer.train, once every process sees the run's folder, noting the checkpoint a resume
-        starts from (see `restore_item_table`)."""
+        starts from (see `restore_item_table`). A resume does not evaluate on start: a checkpoint
+        saved at an evaluation was evaluated then, and that evaluation would encode the item table
+        afresh instead of taking the checkpoint's."""
         self.check_output_dir_shared()
         if resume_from_checkpoint is True and os.path.isdir(self.args.output_dir):
             self._resume_from = get_last_checkpoint(self.args.output_dir)
         elif isinstance(resume_from_checkpoint, str):
             self._resume_from = resume_from_checkpoint
+        if resume_from_checkpoint:
+            self.args.eval_on_start = False
         return super().train(resume_from_checkpoint=resume_from_checkpoint, **kwargs)
 
     def check_output_dir_shared(self, wait_s: float = SHARED_FOLDER_WAIT_S):

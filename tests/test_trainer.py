@@ -960,6 +960,25 @@ def test_resume_from_checkpoint_matches_the_uninterrupted_run(tmp_path, eval_ste
     assert state_b["stateful_callbacks"]["EarlyStoppingCallback"] == state_a["stateful_callbacks"]["EarlyStoppingCallback"]
 
 
+def test_a_resume_through_the_trainer_api_skips_the_start_evaluation_and_takes_the_saved_table(tmp_path):
+    """eval_on_start is on by default; a resume called straight on the trainer (not through train.py)
+    does not evaluate at its start, which would encode the table afresh: it takes item_table.pt."""
+    first = tiny_trainer(tmp_path, save_strategy="steps", save_steps=1)
+    first.train()
+    checkpoint = tmp_path / "run" / "checkpoint-1"
+    table = torch.load(checkpoint / "item_table.pt")
+    saved = table["embeddings"] + 1  # told apart from what encoding the items again would give
+    torch.save({**table, "embeddings": saved}, checkpoint / "item_table.pt")
+    resumed = tiny_trainer(tmp_path, max_steps=2, eval_on_start=True)
+    evaluated, tables = [], []
+    evaluate, update = resumed.evaluate, resumed.update
+    resumed.evaluate = lambda *args, **kwargs: evaluated.append(resumed.state.global_step) or evaluate(*args, **kwargs)
+    resumed.update = lambda model, batch: tables.append(resumed.item_table.embeddings.clone()) or update(model, batch)
+    resumed.train(resume_from_checkpoint=str(checkpoint))
+    assert evaluated == [] and resumed.state.global_step == 2
+    torch.testing.assert_close(tables[0], saved)
+
+
 def test_a_resume_takes_the_checkpoint_s_item_table_and_names_a_bad_one(tmp_path):
     trainer = tiny_trainer(tmp_path)
     checkpoint = tmp_path / "checkpoint-5"
