@@ -706,7 +706,7 @@ def generate_rollouts(model, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor
         prompt_ids.repeat_interleave(num_samples, 0),
         prompt_mask.repeat_interleave(num_samples, 0),
         st.completion[:, :length].clone(),
-        st.completion_mask[:, :length].to(prompt_mask.dtype),
+        st.completion_mask[:, :length].to(prompt_mask.dtype, copy=True),
         st.logprobs[:, :length].clone(),
         st.user_states.clone(),
     )

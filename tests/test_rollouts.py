@@ -368,6 +368,22 @@ def test_model_state_is_restored_and_outputs_feed_autograd():
     out.float().mean().backward()  # ids from the engine work in a training forward
 
 
+def test_returned_tensors_are_not_overwritten_by_the_next_call():
+    """The decode buffers are reused by the next call of the same shape: what a call returns are
+    copies, also the mask when it keeps the buffer's dtype (a bool prompt mask)."""
+    model = tiny_model("qwen2")
+    rollouts.clear_rollout_cache(model)
+    ids, mask = prompts()
+    r = generate_rollouts(model, ids, mask.bool(), 2, SamplingConfig(max_new_tokens=8), StopRule.exact([[7]]), PAD)
+    kept = [t.clone() for t in r]
+    (state,) = rollouts._STATES[model].values()
+    for buffer in vars(state).values():  # as the next call's writes would
+        if isinstance(buffer, torch.Tensor):
+            buffer.fill_(float("nan") if buffer.is_floating_point() else 0)
+    for returned, copy in zip(r, kept):
+        assert torch.equal(returned, copy)
+
+
 def test_lm_head_reads_contiguous_rows():
     """The prefill keeps only the last position, as a contiguous copy (a strided view makes
     PyTorch's CPU matmul copy the LM head once per row); decoding feeds one position."""
