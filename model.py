@@ -211,6 +211,21 @@ def unwrapped(model):
 
 
 @contextmanager
+def eval_mode(model):
+    """Eval mode (dropout off, no checkpointing) and no gradients for the block, every module's own
+    mode restored after: `model.train(was_training)` would also switch modules that were
+    deliberately left in eval mode (frozen parts) to training."""
+    modes = [(m, m.training) for m in model.modules()]
+    model.eval()
+    try:
+        with torch.no_grad():  # not inference_mode: the trainer feeds rollout ids into autograd
+            yield
+    finally:
+        for m, training in modes:
+            m.training = training
+
+
+@contextmanager
 def decoder_hook(model, hook):
     """`hook(module, args, output)` on the model's decoder for the block; output[0] is h before
     the LM head. PEFT forwards `get_decoder` to the base model."""
@@ -422,15 +437,12 @@ class ItemTable:
         ids, mask = left_pad([self.tokens[int(i)] for i in item_ids], self.pad_id)
         return {"input_ids": torch.tensor(ids), "attention_mask": torch.tensor(mask)}
 
-    @torch.no_grad()
     def encode(self, model, item_ids: list[int], progress: bool = True) -> torch.Tensor:
         """h of these items with the current weights (eval mode).  -> (K, D) float32, in their order."""
         device = next(model.parameters()).device
-        was_training = model.training
-        model.eval()
         by_length = sorted(range(len(item_ids)), key=lambda i: len(self.tokens[item_ids[i]]))  # less padding
         h = None
-        try:
+        with eval_mode(model):
             for start in tqdm(range(0, len(item_ids), self.batch_size), desc="encoding items", disable=not progress):
                 chunk = by_length[start : start + self.batch_size]
                 inputs = {k: v.to(device) for k, v in self.batch([item_ids[i] for i in chunk]).items()}
@@ -438,8 +450,6 @@ class ItemTable:
                 if h is None:
                     h = chunk_h.new_empty(len(item_ids), chunk_h.shape[1])  # (K, D)
                 h[torch.tensor(chunk, device=device)] = chunk_h
-        finally:
-            model.train(was_training)
         return h
 
     def update(self, item_ids, h: torch.Tensor) -> None:

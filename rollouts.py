@@ -59,7 +59,7 @@ from peft.tuners.tuners_utils import BaseTunerLayer
 from transformers import AttentionInterface, GenerationConfig, StoppingCriteria, StoppingCriteriaList
 
 from errors import UserError, one_line
-from model import decoder_configs, decoder_hook, last_positions, mask_positions, policy_forward
+from model import decoder_configs, decoder_hook, eval_mode, last_positions, mask_positions, policy_forward
 from prompts import StopRule
 
 ATTENTION_NAME = "r2ec_rollout"
@@ -151,26 +151,18 @@ def attention_interface_error(what: str) -> str:
 
 @contextmanager
 def _generation_mode(model, attn_implementation: str | None = None):
-    """Eval mode (dropout off, no checkpointing) for the call, every module's own mode restored after.
-
-    Recording each module's flag instead of `model.train(was_training)` keeps modules that were
-    deliberately left in eval mode (frozen parts) as they were.
-    """
-    modes = [(m, m.training) for m in model.modules()]
+    """`eval_mode` for the call, with the decoder's attention switched to `attn_implementation`."""
     configs = decoder_configs(_base_model(model).config)
     previous = [c._attn_implementation for c in configs]
-    model.eval()
     if attn_implementation is not None:
         for c in configs:
             c._attn_implementation = attn_implementation
     try:
-        with torch.no_grad():  # not inference_mode: the trainer feeds the returned ids into autograd
+        with eval_mode(model):
             yield
     finally:
         for c, implementation in zip(configs, previous):
             c._attn_implementation = implementation
-        for m, training in modes:
-            m.training = training
 
 
 # ----------------------------------------------------------------------------------------------
