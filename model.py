@@ -51,12 +51,18 @@ def load_backbone(name_or_path: str, dtype: torch.dtype | None = torch.bfloat16)
     return model, tokenizer
 
 
+def model_folder_fix(path: str, fix: str) -> str:
+    """`fix` for a model folder that would not load, unless it is the converted default backbone,
+    which is converted again once deleted."""
+    if os.path.realpath(path) == os.path.realpath(embedded_folder()):
+        return f"delete {path} (the converted default backbone): the next run converts it again"
+    return fix
+
+
 def load_failure(name_or_path: str, path: str, error: Exception) -> UserError:
     """The one-line error of a model that would not load; a path that is no folder was a hub id."""
-    fix = "point paths.py or --model at a complete model folder"
-    if os.path.realpath(path) == os.path.realpath(embedded_folder()):
-        fix = f"delete {path} (the converted default backbone): the next run converts it again"
-    elif not os.path.isdir(path):
+    fix = model_folder_fix(path, "point paths.py or --model at a complete model folder")
+    if not os.path.isdir(path):
         fix = f"{path!r} is no local folder, so it was read as a hub id: check the id and the connection, or {fix}"
     return UserError(f"cannot load model {name_or_path!r} from {path!r}: {one_line(error)} — {fix}")
 
@@ -97,9 +103,8 @@ def check_weights(path: str):
     damaged .safetensors file. A hub id's weights are checked as they download."""
     if not os.path.isdir(path):
         return
-    fix = "finish copying or downloading the model, or point paths.py or --model at a complete model folder"
-    if os.path.realpath(path) == os.path.realpath(embedded_folder()):
-        fix = f"delete {path} (the converted default backbone): the next run converts it again"
+    fix = model_folder_fix(path, "finish copying or downloading the model, or point paths.py or --model at a "
+                                 "complete model folder")
     index = os.path.join(path, "model.safetensors.index.json")
     if os.path.isfile(index) and not os.path.isfile(os.path.join(path, "model.safetensors")):  # loaded first
         try:

@@ -886,9 +886,9 @@ class RecPOTrainer(Trainer):
         self._table_rows_written = True
         if batch.item_old_logprobs is None:
             self._buffer = batch._replace(item_old_logprobs=item_logprobs, token_old_logprobs=token_logprobs)
-            reasoning = batch.rollouts.completion_mask  # how far the sampler's log-probs are off
-            gap = (token_logprobs - batch.rollouts.logprobs).abs() * reasoning
-            self._record(**{"rollout/logprob_gap": gap.sum() / reasoning.sum()})
+            mask = batch.rollouts.completion_mask  # how far the sampler's log-probs are off
+            gap = (token_logprobs - batch.rollouts.logprobs).abs() * mask
+            self._record(**{"rollout/logprob_gap": gap.sum() / mask.sum()})
         self._record(**{"loss/token": token_total, "loss/item": item_total})
         return (token_total + item_total) / accumulated
 
