@@ -16,7 +16,7 @@ import zipfile
 from transformers import TrainerCallback
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, get_last_checkpoint
 
-from dataset import catalogue_digest
+from dataset import catalogue_digest, load_dataset_dir
 from errors import UserError, folder_problem, missing_path, one_line, read_json, write_json
 from paths import resolve_model
 from trainer import RecPOConfig
@@ -222,10 +222,23 @@ def check_checkpoint_settings(checkpoint: str, config: RecPOConfig):
     if moved_or_other and folder_name(trained_on_data) != folder_name(config.dataset_dir):
         raise UserError(f"{checkpoint} was trained on the dataset {trained_on_data}, not {config.dataset_dir} — resume "
                         "with that --dataset_dir (moved: keep its folder name)")
+    if record.get("catalogue") and config.dataset_dir:
+        check_same_catalogue(checkpoint, record, config)
     trained_on, backbone = adapter.get("base_model_name_or_path"), resolve_model(config.model)
     if trained_on and folder_name(trained_on) != folder_name(backbone):  # the backbone may sit elsewhere now
         raise UserError(f"{checkpoint} was trained on {trained_on}, not {backbone} — resume with that --model "
                         "(moved: keep its folder name)")
+
+
+def check_same_catalogue(checkpoint: str, record: dict, config: RecPOConfig):
+    """The dataset holds the catalogue the checkpoint was trained on: datasets of one folder name
+    (the sample's and the full category's, preprocessed into two roots) differ in their items."""
+    dataset, _ = load_dataset_dir(config.dataset_dir, config.dataset_category)
+    titles = dataset["item_info"].data.column("title").to_pylist()
+    if catalogue_digest(titles) != record["catalogue"]:
+        raise UserError(f"{checkpoint} was trained on another catalogue ({record.get('items')} items) than the "
+                        f"dataset {config.dataset_dir} holds ({len(titles) - 1} items, or other titles) — resume "
+                        f"with the --dataset_dir it was trained on, {record.get('dataset_dir')}")
 
 
 def check_checkpoint_state(checkpoint: str, config: RecPOConfig):

@@ -1,5 +1,6 @@
 """RecPO trainer on tiny backbones: a real step, several processes, DeepSpeed, resume, failures."""
 import glob
+import hashlib
 import json
 import math
 import os
@@ -1509,6 +1510,31 @@ def test_a_damaged_or_mismatched_checkpoint_is_named_before_resuming(tmp_path, d
                                                    "--model", "Qwen/Qwen2.5-3B-Instruct", "--resume_from_checkpoint", "last",
                                                    "--dataset_dir", "/elsewhere/Video_Games_0_2022-10-2023-10/"]))
     assert "\n" not in str(caught.value)
+
+
+def test_a_resume_onto_another_catalogue_of_the_same_folder_name_is_refused(tmp_path):
+    """The sample's and the full category's datasets share a folder name: a resume is checked
+    against the catalogue digest its run recorded, here of the tiny dataset's titles in id order."""
+    name = "Video_Games_0_2022-10-2023-10"
+    trained_on, other = tiny_dataset(), tiny_dataset()
+    other["item_info"] = other["item_info"].map(lambda item: {"title": item["title"] + " (2nd edition)"})
+    for root, dataset in (("full", trained_on), ("sample", other)):
+        dataset.save_to_disk(str(tmp_path / root / name))
+    titles = [item["title"] for item in trained_on["item_info"]]  # in id order, the pad item's first
+    checkpoint = tmp_path / "run" / "checkpoint-2"
+    fake_checkpoint(checkpoint)
+    digest = hashlib.sha256(json.dumps(titles).encode()).hexdigest()[:16]
+    record = {**json.loads((checkpoint / "r2ec_run.json").read_text()), "dataset_dir": str(tmp_path / "full" / name),
+              "catalogue": digest, "items": len(titles) - 1}
+    (checkpoint / "r2ec_run.json").write_text(json.dumps(record))
+    config = lambda root: train.parse_config(["--output_dir", str(tmp_path / "run"), "--max_steps", "5",  # noqa: E731
+                                              "--resume_from_checkpoint", "last", "--dataset_dir", str(tmp_path / root / name)])
+    assert run_folder.check_output_dir(config("full")) == str(checkpoint)
+    with pytest.raises(UserError, match=re.escape(
+            f"was trained on another catalogue ({len(titles) - 1} items) than the dataset {tmp_path / 'sample' / name} "
+            f"holds ({len(titles) - 1} items, or other titles) — resume with the --dataset_dir it was trained on, "
+            f"{tmp_path / 'full' / name}")):
+        run_folder.check_output_dir(config("sample"))
 
 
 @pytest.mark.parametrize("change, message", [
