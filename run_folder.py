@@ -71,6 +71,10 @@ def check_output_dir(config: RecPOConfig) -> str | None:
         raise UserError(f"--output_dir {config.output_dir} holds an earlier run — continue it with "
                         "--resume_from_checkpoint last, pick another --output_dir (RUN_NAME for launch_train.sh), "
                         "or pass --overwrite_output_dir True to replace it")
+    if not resumes_in_place(config, resume) and killed_run_logs(folder) and not config.overwrite_output_dir:
+        raise UserError(f"--output_dir {config.output_dir} holds the logs (runs/, reasoning/) of a run killed before "
+                        "its first checkpoint, which the new run's would mix with — pass --overwrite_output_dir True "
+                        "to replace them, or pick another --output_dir")
     return resume
 
 
@@ -153,10 +157,9 @@ def killed_run_logs(folder: str) -> bool:
     """Whether `folder` holds what a run killed before its first save leaves, and nothing else in
     those folders: TensorBoard event files under runs/, evaluation records reasoning/step*_*.jsonl."""
     logs = {"runs": "events.out.tfevents.*", "reasoning": "step*_*.jsonl"}
-    found = [(os.path.join(folder, name), pattern) for name, pattern in logs.items()
-             if os.path.isdir(os.path.join(folder, name))]
-    return bool(found) and all(fnmatch.fnmatch(file, pattern) for top, pattern in found
-                               for _, _, files in os.walk(top) for file in files)
+    files = [(file, pattern) for name, pattern in logs.items()
+             for _, _, names in os.walk(os.path.join(folder, name)) for file in names]
+    return bool(files) and all(fnmatch.fnmatch(file, pattern) for file, pattern in files)
 
 
 def earlier_run(folder: str) -> bool:

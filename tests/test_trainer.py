@@ -1254,7 +1254,7 @@ def test_a_folder_a_run_would_overwrite_or_mix_with_is_refused_even_when_overwri
                                                 "overwrite or mix with — pick a new or empty folder"):
                 run_folder.check_output_dir(config)
     (tmp_path / "killed").mkdir()
-    (tmp_path / "killed" / "runs").mkdir()  # a run killed before its first save: started afresh
+    (tmp_path / "killed" / "runs").mkdir()  # empty, as TensorBoard leaves it before its first event
     (tmp_path / "killed" / "train.log").write_text("")  # `> outputs/r1/train.log` exists before train.py starts
     assert run_folder.check_output_dir(train.parse_config(["--output_dir", str(tmp_path / "killed")])) is None
     run = tmp_path / "run"
@@ -1320,10 +1320,11 @@ def test_a_full_disk_is_one_line_that_says_how_to_continue(tmp_path, monkeypatch
     assert continuation in str(caught.value) and "\n" not in str(caught.value)
 
 
-def test_overwriting_clears_the_logs_of_a_run_killed_before_its_first_save(tmp_path, monkeypatch):
-    """Its TensorBoard run and evaluation records would sit beside the new run's (the quick start
-    overwrites its folder). Only what such a run writes goes: a folder named runs/ or reasoning/
-    holding anything else (another run saved as outputs/reasoning) stays, as does a user's log."""
+def test_the_logs_of_a_run_killed_before_its_first_save_are_refused_or_overwritten(tmp_path, monkeypatch):
+    """Its TensorBoard run and evaluation records would sit beside the new run's: refused, unless
+    overwritten (the quick start overwrites its folder). Only what such a run writes goes: a folder
+    named runs/ or reasoning/ holding anything else (another run saved as outputs/reasoning) stays,
+    as does a user's log."""
     run = tmp_path / "run"
     (run / "runs" / "Nov30_killed").mkdir(parents=True)
     (run / "runs" / "Nov30_killed" / "events.out.tfevents.1.host").write_text("")
@@ -1341,11 +1342,15 @@ def test_overwriting_clears_the_logs_of_a_run_killed_before_its_first_save(tmp_p
 
     monkeypatch.setattr(train, "build_trainer", lambda config: StandInTrainer(on_train=list_then_stop))
     argv = ["--output_dir", str(run), "--model", tiny_backbone("qwen2"), "--report_to", "none"]
-    with pytest.raises(Stop):
-        train.main(argv)  # a fresh run without --overwrite_output_dir deletes nothing
+    for checked in ([], ["--check_only", "True"]):  # refused (nothing deleted) without --overwrite_output_dir
+        with pytest.raises(UserError, match=re.escape(
+                f"--output_dir {run} holds the logs (runs/, reasoning/) of a run killed before its first checkpoint, "
+                "which the new run's would mix with — pass --overwrite_output_dir True to replace them")):
+            train.main([*argv, *checked])
+    assert sorted(os.listdir(run)) == ["reasoning", "runs", "train.log"] and listed == []
     with pytest.raises(Stop):
         train.main([*argv, "--overwrite_output_dir", "True"])
-    assert listed == [["reasoning", "runs", "train.log"], ["train.log"]]
+    assert listed == [["train.log"]]
     (run / "reasoning").mkdir()
     (run / "reasoning" / "adapter_config.json").write_text("{}")  # not a killed run's: kept
     with pytest.raises(Stop):
