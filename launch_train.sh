@@ -46,6 +46,15 @@ for arg in "$@"; do
         exec "$PYTHON" train.py --help  # once, not once per process
     fi
 done
+for arg in "$@"; do  # these two also name the run's folder (RUN_NAME), before the arguments are read
+    case "$arg" in
+        --model|--model=*) variable=MODEL ;;
+        --dataset_category|--dataset_category=*) variable=DATASET_CAT ;;
+        *) continue ;;
+    esac
+    echo "error: ${arg%%=*} given to launch_train.sh — set $variable instead ($variable=... bash launch_train.sh): it also names the run's folder" >&2
+    exit 2
+done
 for name in NUM_PROCESSES NUM_MACHINES; do
     if ! [[ ${!name} =~ ^[1-9][0-9]{0,5}$ ]]; then  # no leading 0: bash would read 010 as octal
         echo "error: $name=${!name} is not a positive whole number — fix it in the environment" >&2

@@ -183,9 +183,16 @@ def test_launcher_refuses_a_port_in_use():
     ({"TRAIN_BATCH_SIZE": "many"}, "--train_batch_size: invalid int value: 'many'"),
     ({"PYTHON": "/nonexistent/python3"}, "PYTHON=/nonexistent/python3 is not a command"),
     ({"PYTHON": "false"}, "PYTHON=false lacks some of torch transformers accelerate deepspeed datasets peft — activate"),
+    ({"ARGS": "--model qwen"}, "error: --model given to launch_train.sh — set MODEL instead (MODEL=... bash "
+                               "launch_train.sh): it also names the run's folder"),
+    ({"ARGS": "--max_steps 5 --dataset_category=Video_Games"}, "--dataset_category given to launch_train.sh — set "
+                                                               "DATASET_CAT instead (DATASET_CAT=..."),
 ])
 def test_launcher_stops_bad_input_with_one_line_before_starting_processes(variables, message):
-    result = run_launcher(**{"PYTHON": sys.executable, "OMP_NUM_THREADS": "1", **variables})
+    """ARGS: arguments after the script's name (where --model would name the run after MODEL's default)."""
+    environment = {name: value for name, value in variables.items() if name != "ARGS"}
+    result = run_launcher(*variables.get("ARGS", "").split(),
+                          **{"PYTHON": sys.executable, "OMP_NUM_THREADS": "1", **environment})
     assert result.returncode == 2
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0]
