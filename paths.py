@@ -176,6 +176,9 @@ def resolve_model(name: str) -> str:
     config.json, so placeholders and empty folders fail here (before `launch_train.sh` starts
     its processes), not deep inside transformers.
     """
+    for table, value, holds in (("model_names", model_names, "name: path"), ("aliases", aliases, "alias: name")):
+        if not isinstance(value, dict):
+            raise UserError(f"{table} in paths.py is {value!r}, not a dict of {holds} entries — fix that line of paths.py")
     name = os.path.expanduser(name)  # a quoted or --model=~/... path reaches us unexpanded
     key = aliases.get(name, name)
     if name in aliases and key not in model_names:

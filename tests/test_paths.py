@@ -43,6 +43,17 @@ def test_a_path_that_is_not_a_string_names_key_and_fix(monkeypatch):
         paths.resolve_model("gemma")
 
 
+def test_a_table_of_paths_py_that_is_no_dict_is_named(monkeypatch):
+    monkeypatch.setattr(paths, "model_names", None)
+    with pytest.raises(UserError, match=re.escape("model_names in paths.py is None, not a dict of name: path entries "
+                                                  "— fix that line of paths.py")):
+        paths.resolve_model("gemma")
+    monkeypatch.setattr(paths, "model_names", {"Gemma-2-2b-it": "/path/to/your/gemma-2-2b-it"})
+    monkeypatch.setattr(paths, "aliases", ["gemma"])
+    with pytest.raises(UserError, match=re.escape("aliases in paths.py is ['gemma'], not a dict of alias: name")):
+        paths.resolve_model("gemma")
+
+
 def test_folders_without_config_json_are_not_models(monkeypatch, tmp_path):
     with pytest.raises(UserError, match=r"model folder .* has no config.json — pass the folder of a Hugging Face"):
         paths.resolve_model(str(tmp_path))
