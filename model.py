@@ -285,12 +285,11 @@ def policy_forward(model, input_ids: torch.Tensor, attention_mask: torch.Tensor,
 
 
 def chosen_logprobs(logits: torch.Tensor, targets: torch.Tensor, temperature: float) -> torch.Tensor:
-    """log softmax(logits / temperature)[target] per position, in float32, as the target's scaled
-    logit minus the logsumexp (no log-softmax copy of the logits).  logits (n, V), targets (n,) -> (n,)"""
-    scores = logits.float()  # no copy when float32 already
+    """log softmax(logits / temperature)[target] per position, in float32.  logits (n, V), targets (n,) -> (n,)"""
+    scores = logits.float()
     if temperature != 1:
         scores = scores / temperature
-    return (scores.gather(-1, targets[:, None]) - scores.logsumexp(-1, keepdim=True)).squeeze(-1)
+    return torch.log_softmax(scores, -1).gather(-1, targets[:, None]).squeeze(-1)
 
 
 def shared_prompt_forward(model, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, completion_ids: torch.Tensor,

@@ -59,8 +59,7 @@ from peft.tuners.tuners_utils import BaseTunerLayer
 from transformers import AttentionInterface, GenerationConfig, StoppingCriteria, StoppingCriteriaList
 
 from errors import UserError, one_line
-from model import (chosen_logprobs, decoder_configs, decoder_hook, eval_mode, last_positions, mask_positions,
-                   policy_forward)
+from model import decoder_configs, decoder_hook, eval_mode, last_positions, mask_positions, policy_forward
 from prompts import StopRule
 
 ATTENTION_NAME = "r2ec_rollout"
@@ -459,7 +458,10 @@ def _choose(st: _DecodeState, logits: torch.Tensor):
     hit = matches.any(0) & ~st.stopped  # (N,)
     token = torch.where(hit, st.stop_last[matches.int().argmax(0)], token)
     token = torch.where(st.stopped, st.pad_token_id, token)  # (N,)
-    logp = chosen_logprobs(logits, token, st.sampling.policy_temperature).masked_fill(st.stopped, 0.0)[:, None]
+    temperature = st.sampling.policy_temperature
+    scaled = logits if temperature == 1 else logits / temperature  # (N, V); no copy by default
+    logp = scaled.gather(1, token[:, None]) - scaled.logsumexp(-1, keepdim=True)  # (N, 1)
+    logp = logp.masked_fill(st.stopped[:, None], 0.0)
     st.completion.index_copy_(1, st.step, token[:, None])
     st.logprobs.index_copy_(1, st.step, logp)
     st.completion_mask.index_copy_(1, st.step, ~st.stopped[:, None])
