@@ -105,7 +105,15 @@ def latest_trainer_state(output_dir: str) -> str:
     if not candidates:
         raise UserError(f"no trainer_state.json in {output_dir!r} or its checkpoint-* folders — pass the "
                         "--output_dir of a training run (one that has saved a checkpoint: see --save_steps)")
-    return max(candidates, key=os.path.getmtime)
+    return max(candidates, key=modified_time)
+
+
+def modified_time(path: str) -> float:
+    """A file's modification time; -1 for one removed meanwhile (a checkpoint the running run rotated out)."""
+    try:
+        return os.path.getmtime(path)
+    except OSError:
+        return -1.0
 
 
 def main(argv: list[str]) -> str:

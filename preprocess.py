@@ -63,6 +63,7 @@ CHUNK = 1 << 20
 DOWNLOAD_ATTEMPTS = 8
 CONNECT_TIMEOUT_S, READ_TIMEOUT_S = 15, 120
 MIN_YEAR, MAX_YEAR = 1970, 2100  # timestamps are ms since 1970; Amazon Reviews 2023 spans 1996-2023
+PLAUSIBLE_YEARS = (1990, 2100)  # a last rating outside, read as ms: the file counts in another unit
 MAX_POSTFIX = 100  # keeps the output folder's name (and its temporary name) under 255 bytes
 
 # ---------------------------------------------------------------------------------------------
@@ -456,8 +457,9 @@ def select_window(users, items, timestamps, start, end, k):
     earliest rating's year.
     """
     earliest, latest = timestamps.min(), timestamps.max()
-    if not month_start_ms(1990, 1) <= latest < month_start_ms(2100, 1):  # Amazon Reviews 2023: 1996-2023, in ms
-        unit = "seconds" if latest < month_start_ms(1990, 1) else "micro- or nanoseconds"
+    plausible = [month_start_ms(year, 1) for year in PLAUSIBLE_YEARS]
+    if not plausible[0] <= latest < plausible[1]:
+        unit = "seconds" if latest < plausible[0] else "micro- or nanoseconds"
         raise UserError(f"the ratings' last timestamp, {latest}, is no date in milliseconds (Amazon Reviews "
                         f"2023's unit): {unit}? — check the ratings file's timestamp column")
     first, last = (datetime.datetime.fromtimestamp(t / 1000, tz=datetime.timezone.utc) for t in (earliest, latest))

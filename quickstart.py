@@ -67,7 +67,8 @@ def parse_args(argv=None):
 
 
 def run(command: list[str]):
-    """Run one step; its failure ends the quick start with the step's own error line and code."""
+    """Run one step; its failure ends the quick start with the step's own error line and code, or,
+    killed by a signal (which leaves no line of its own), with one naming the step and the signal."""
     print("$", " ".join(command), flush=True)
     step = subprocess.Popen(command, cwd=ROOT)
     try:
@@ -81,6 +82,12 @@ def run(command: list[str]):
     finally:
         if step.poll() is None:  # a second Ctrl-C: the step must not run on alone
             step.kill()
+    if code < 0:
+        name = signal.Signals(-code).name if -code in signal.valid_signals() else f"signal {-code}"
+        cause = ("most often the machine's memory (RAM) ran out: see `dmesg`, then free some memory (the quick start "
+                 "peaks at about 7 GiB, 15.5 with --float32)" if -code == signal.SIGKILL else "see its output above")
+        print(f"error: {os.path.basename(command[1])} was killed by {name} — {cause}", file=sys.stderr)
+        code = 128 - code  # as a shell reports it
     if code != 0:
         sys.exit(code)
 

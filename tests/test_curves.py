@@ -99,6 +99,20 @@ def test_run_folder_named_with_glob_characters(tmp_path):
     assert curves.latest_trainer_state(str(run)) == str(run / "checkpoint-2" / "trainer_state.json")
 
 
+def test_a_checkpoint_removed_while_the_newest_state_is_sought_is_passed_over(tmp_path, monkeypatch):
+    """A running run rotates old checkpoints out (--save_total_limit): one may go between the
+    listing and the reading of its time."""
+    for step, age in ((2, 100), (4, 0)):
+        state = tmp_path / f"checkpoint-{step}" / "trainer_state.json"
+        state.parent.mkdir()
+        state.write_text("{}")
+        os.utime(state, (1e9 - age, 1e9 - age))
+    listing = curves.glob.glob
+    monkeypatch.setattr(curves.glob, "glob", lambda pattern: listing(pattern) + (
+        [str(tmp_path / "checkpoint-1" / "trainer_state.json")] if "checkpoint-*" in pattern else []))
+    assert curves.latest_trainer_state(str(tmp_path)) == str(tmp_path / "checkpoint-4" / "trainer_state.json")
+
+
 def test_folder_without_trainer_state_gives_one_line(tmp_path, capsys):
     with pytest.raises(SystemExit) as exit_info:
         run_cli(curves.main, [str(tmp_path)])

@@ -127,3 +127,15 @@ def test_ctrl_c_ends_a_step_with_one_line(tmp_path):
     os.killpg(quick.pid, signal.SIGINT)
     _, stderr = quick.communicate(timeout=60)
     assert quick.returncode == 130 and stderr.splitlines() == ["error: interrupted"], stderr
+
+
+def test_a_step_killed_by_a_signal_is_named_in_one_line(tmp_path, capsys):
+    """The out-of-memory killer's SIGKILL leaves the step no line of its own."""
+    step = tmp_path / "train.py"
+    step.write_text("import os, signal\nos.kill(os.getpid(), signal.SIGKILL)\n")
+    with pytest.raises(SystemExit) as caught:
+        quickstart.run([sys.executable, str(step)])
+    assert caught.value.code == 128 + signal.SIGKILL
+    assert capsys.readouterr().err.splitlines() == [
+        "error: train.py was killed by SIGKILL — most often the machine's memory (RAM) ran out: see `dmesg`, then "
+        "free some memory (the quick start peaks at about 7 GiB, 15.5 with --float32)"]
