@@ -115,17 +115,23 @@ def in_a_run(path: str) -> bool:
 
 
 def clashing_files(folder: str) -> list[str]:
-    """Entries of `folder` that a run would overwrite or mix with: a model, a dataset or code
-    (`--output_dir .` had PEFT's model card written over the repository's README.md), and, where
+    """Entries of `folder` that a run would overwrite or mix with: a model, a dataset (also one a
+    data root holds) or code (`--output_dir .` had PEFT's model card written over the repository's
+    README.md), and, where
     no earlier run wrote them, the names a run writes. Other files (a log, recommend.py's output)
     are left alone, and kept when an earlier run is replaced."""
     names = sorted(os.listdir(folder)) if os.path.isdir(folder) else []
     earlier = earlier_run(folder)
-    other_content = [name for name in names if any(fnmatch.fnmatch(name, pattern) for pattern in OTHER_CONTENT)
-                     and not is_run_output(name)]
+    other_content = [name for name in names if (any(fnmatch.fnmatch(name, pattern) for pattern in OTHER_CONTENT)
+                                                 or is_dataset(os.path.join(folder, name))) and not is_run_output(name)]
     unclaimed_run_names = [] if earlier else [name for name in names
                                                if is_run_output(name) and name not in WRITTEN_BEFORE_A_SAVE]
     return sorted(other_content + unclaimed_run_names)
+
+
+def is_dataset(path: str) -> bool:
+    """A dataset folder preprocess.py wrote (a data root such as data/sample holds them)."""
+    return os.path.isfile(os.path.join(path, "dataset_dict.json"))
 
 
 def check_no_clash(folder: str, given: str):

@@ -1240,13 +1240,15 @@ def test_an_earlier_run_is_kept_unless_replaced_on_purpose(tmp_path):
 
 
 def test_a_folder_a_run_would_overwrite_or_mix_with_is_refused_even_when_overwriting(tmp_path):
-    """--output_dir . in the repository (PEFT's model card went over its README.md), a backbone or a
-    dataset folder. A log or recommend.py's output beside a run is no reason to refuse, and stays."""
+    """--output_dir . in the repository (PEFT's model card went over its README.md), a backbone, a
+    dataset folder or a data root holding one (data/sample). A log or recommend.py's output beside a run is no reason to refuse, and stays."""
     for folder, others in (("repo", ("README.md", "train.py", "notes.txt")),
-                           ("backbone", ("config.json", "model.safetensors")), ("data", ("dataset_dict.json",))):
-        (tmp_path / folder).mkdir()
+                           ("backbone", ("config.json", "model.safetensors")), ("data", ("dataset_dict.json",)),
+                           ("data_root", ("Video_Games_0_2022-10-2023-10/dataset_dict.json",))):
         for name in others:
+            (tmp_path / folder / name).parent.mkdir(parents=True, exist_ok=True)
             (tmp_path / folder / name).write_text("{}")
+        others = [name.split("/")[0] for name in others]
         for flags in ([], ["--overwrite_output_dir", "True"], ["--check_only", "True"]):
             config = train.parse_config(["--output_dir", str(tmp_path / folder), *flags])
             clashing = ", ".join(sorted(set(others) - {"notes.txt"}))
