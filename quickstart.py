@@ -45,7 +45,7 @@ def parse_args(argv=None):
     parser.add_argument("--model", default=DEFAULT_MODEL)
     parser.add_argument("--float32", action="store_true",
                         help="Train in float32, not bf16: on CPUs without bf16 instructions about 2.3x faster, "
-                             "but 15.5 instead of about 10 GiB of memory, and other figures than the README's.")
+                             "but 15.5 instead of about 7 GiB of memory, and other figures than the README's.")
     args = parser.parse_args(argv)
     # --steps becomes train.py's --max_steps, where < 1 means "train whole epochs" (hours): checked here
     if args.steps < 1:
@@ -95,7 +95,7 @@ def run(command: list[str]):
 def cpu_lacks_bf16(cpuinfo: str = "/proc/cpuinfo") -> bool:
     """Training runs on a CPU known to lack bf16 instructions, which then emulates bf16 (the quick
     start on a 2-core Xeon without them: 28 min in bf16, 12 in float32). Known only on Linux: x86's
-    `flags` (amx_bf16, avx512_bf16; the fast figures were measured with AMX), ARM's `Features` (bf16)."""
+    `flags` (amx_bf16, avx512_bf16: the README's figures were measured with AVX512-BF16), ARM's `Features` (bf16)."""
     if torch.cuda.is_available():
         return False
     try:
