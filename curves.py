@@ -12,6 +12,7 @@ import os
 import sys
 
 # errors.py before the libraries: its excepthook makes Ctrl-C while they import one line
+from dataset import is_dataset
 from errors import UserError, check_output_file, one_line_parser_errors, read_json, run_cli, write_atomically
 
 from matplotlib.backends.backend_agg import FigureCanvasAgg
@@ -100,7 +101,7 @@ def latest_trainer_state(output_dir: str) -> str:
         raise UserError(f"{output_dir!r} is not a folder — pass the --output_dir of a training run")
     candidates = glob.glob(os.path.join(glob.escape(output_dir), "trainer_state.json"))
     candidates += glob.glob(os.path.join(glob.escape(output_dir), "checkpoint-*", "trainer_state.json"))
-    if not candidates and os.path.isfile(os.path.join(output_dir, "dataset_dict.json")):
+    if not candidates and is_dataset(output_dir):
         raise UserError(f"{output_dir!r} is a dataset folder — pass the --output_dir of a training run")
     if not candidates:
         raise UserError(f"no trainer_state.json in {output_dir!r} or its checkpoint-* folders — pass the "

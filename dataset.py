@@ -39,6 +39,11 @@ def category_of(folder: str) -> str | None:
     return match and match["category"]
 
 
+def is_dataset(path: str) -> bool:
+    """Whether `path` is a dataset folder (a DatasetDict saved there), whole or not."""
+    return os.path.isfile(os.path.join(path, "dataset_dict.json"))
+
+
 def load_dataset_dir(folder: str | None, category: str | None = None):
     """The DatasetDict written by preprocess.py, checked.  -> (dataset, category); the category
     is read from preprocess.json, else the folder name, unless given (--dataset_category)."""
@@ -51,15 +56,15 @@ def load_dataset_dir(folder: str | None, category: str | None = None):
         state = "is a file" if os.path.exists(folder) else "does not exist"
         raise UserError(f"dataset folder {missing_path(folder)} {state} — run preprocess.py first or fix --dataset_dir")
     parent = os.path.dirname(os.path.abspath(folder))
-    if os.path.basename(os.path.abspath(folder)) in SPLITS and os.path.isfile(os.path.join(parent, "dataset_dict.json")):
+    if os.path.basename(os.path.abspath(folder)) in SPLITS and is_dataset(parent):
         raise UserError(f"{folder!r} is one split of a dataset — pass the dataset folder above it, {parent!r}")
     try:
         dataset = load_from_disk(folder)
     except (FileNotFoundError, ValueError, OSError, IndexError) as e:
         readable = os.access(folder, os.R_OK | os.X_OK)
         inside = [os.path.join(folder, name) for name in sorted(os.listdir(folder) if readable else [])
-                  if os.path.isfile(os.path.join(folder, name, "dataset_dict.json"))]
-        if os.path.isfile(os.path.join(folder, "dataset_dict.json")):
+                  if is_dataset(os.path.join(folder, name))]
+        if is_dataset(folder):
             raise UserError(f"dataset folder {folder!r} is damaged ({one_line(e)}) — rerun preprocess.py to write "
                             "it again") from e
         fix = (f"it holds {', '.join(inside)}: pass that as --dataset_dir" if inside

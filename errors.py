@@ -20,6 +20,15 @@ class UserError(Exception):
     """A problem the user can fix (bad flag, missing file, placeholder path): shown as one line."""
 
 
+def killed_by(code: int, memory_fix: str) -> str:
+    """How a process that a signal killed (return code -N) ended: the signal, and for SIGKILL, the
+    out-of-memory killer's usual work, with `memory_fix`."""
+    name = signal.Signals(-code).name if -code in signal.valid_signals() else f"signal {-code}"
+    if -code == signal.SIGKILL:
+        return f"killed by {name} — most often the machine's memory (RAM) ran out: see `dmesg`, then {memory_fix}"
+    return f"killed by {name} — see its output above"
+
+
 def one_line(error: BaseException, limit: int = 300) -> str:
     """An exception's message on one line (library errors run over several), cut at `limit`
     characters, or its type when it has none."""

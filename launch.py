@@ -13,7 +13,7 @@ import signal
 import subprocess
 import sys
 
-from errors import one_line
+from errors import killed_by, one_line
 
 
 def launch_processes(argv: list[str]):
@@ -71,10 +71,8 @@ def exit_code_of_process(rank: int, code: int) -> int:
     if code > 0:
         print(f"error: training process {rank} exited with code {code} — see its output above", file=sys.stderr)
         return code
-    name = signal.Signals(-code).name if -code in signal.valid_signals() else f"signal {-code}"
-    cause = ("most often the machine's memory (RAM) ran out: see `dmesg`, then start fewer processes "
-             "(NUM_PROCESSES) or free some memory" if -code == signal.SIGKILL else "see its output above")
-    print(f"error: training process {rank} was killed by {name} — {cause}", file=sys.stderr)
+    memory_fix = "start fewer processes (NUM_PROCESSES) or free some memory"
+    print(f"error: training process {rank} was {killed_by(code, memory_fix)}", file=sys.stderr)
     return 128 - code
 
 

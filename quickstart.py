@@ -17,7 +17,7 @@ import subprocess
 import sys
 
 # errors.py before the libraries: its excepthook makes Ctrl-C while they import one line
-from errors import UserError, folder_problem, one_line_parser_errors, run_cli
+from errors import UserError, folder_problem, killed_by, one_line_parser_errors, run_cli
 
 import torch
 
@@ -83,10 +83,8 @@ def run(command: list[str]):
         if step.poll() is None:  # a second Ctrl-C: the step must not run on alone
             step.kill()
     if code < 0:
-        name = signal.Signals(-code).name if -code in signal.valid_signals() else f"signal {-code}"
-        cause = ("most often the machine's memory (RAM) ran out: see `dmesg`, then free some memory (the quick start "
-                 "peaks at about 7 GiB, 15.5 with --float32)" if -code == signal.SIGKILL else "see its output above")
-        print(f"error: {os.path.basename(command[1])} was killed by {name} — {cause}", file=sys.stderr)
+        memory_fix = "free some memory (the quick start peaks at about 7 GiB, 15.5 with --float32)"
+        print(f"error: {os.path.basename(command[1])} was {killed_by(code, memory_fix)}", file=sys.stderr)
         code = 128 - code  # as a shell reports it
     if code != 0:
         sys.exit(code)

@@ -16,7 +16,7 @@ import zipfile
 from transformers import TrainerCallback
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, get_last_checkpoint
 
-from dataset import catalogue_digest, load_dataset_dir
+from dataset import catalogue_digest, is_dataset, load_dataset_dir
 from errors import UserError, folder_problem, missing_path, one_line, read_json, write_json
 from paths import resolve_model
 from trainer import RecPOConfig
@@ -127,11 +127,6 @@ def clashing_files(folder: str) -> list[str]:
     unclaimed_run_names = [] if earlier else [name for name in names
                                                if is_run_output(name) and name not in WRITTEN_BEFORE_A_SAVE]
     return sorted(other_content + unclaimed_run_names)
-
-
-def is_dataset(path: str) -> bool:
-    """A dataset folder preprocess.py wrote (a data root such as data/sample holds them)."""
-    return os.path.isfile(os.path.join(path, "dataset_dict.json"))
 
 
 def check_no_clash(folder: str, given: str):

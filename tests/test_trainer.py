@@ -1241,7 +1241,8 @@ def test_an_earlier_run_is_kept_unless_replaced_on_purpose(tmp_path):
 
 def test_a_folder_a_run_would_overwrite_or_mix_with_is_refused_even_when_overwriting(tmp_path):
     """--output_dir . in the repository (PEFT's model card went over its README.md), a backbone, a
-    dataset folder or a data root holding one (data/sample). A log or recommend.py's output beside a run is no reason to refuse, and stays."""
+    dataset folder or a data root holding one (data/sample). A log or recommend.py's output beside
+    a run is no reason to refuse, and stays."""
     for folder, others in (("repo", ("README.md", "train.py", "notes.txt")),
                            ("backbone", ("config.json", "model.safetensors")), ("data", ("dataset_dict.json",)),
                            ("data_root", ("Video_Games_0_2022-10-2023-10/dataset_dict.json",))):
