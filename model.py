@@ -21,6 +21,7 @@ from contextlib import contextmanager
 
 import torch
 import torch.nn.functional as F
+from huggingface_hub import is_offline_mode, try_to_load_from_cache
 from safetensors import SafetensorError, safe_open
 from tqdm.auto import tqdm
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
@@ -62,9 +63,19 @@ def model_folder_fix(path: str, fix: str) -> str:
 def load_failure(name_or_path: str, path: str, error: Exception) -> UserError:
     """The one-line error of a model that would not load; a path that is no folder was a hub id."""
     fix = model_folder_fix(path, "point paths.py or --model at a complete model folder")
-    if not os.path.isdir(path):
+    if offline_and_not_cached(path):
+        fix = (f"{path!r} is no local folder, so it was read as a hub id, which is not in the Hugging Face cache "
+               f"and HF_HUB_OFFLINE=1 forbids downloading: download it first (hf download {path}), "
+               f"or {fix}")
+    elif not os.path.isdir(path):
         fix = f"{path!r} is no local folder, so it was read as a hub id: check the id and the connection, or {fix}"
     return UserError(f"cannot load model {name_or_path!r} from {path!r}: {one_line(error)} — {fix}")
+
+
+def offline_and_not_cached(path: str) -> bool:
+    """Whether `path` is a hub id that offline mode (HF_HUB_OFFLINE=1) cannot load: not in the cache."""
+    return (is_offline_mode() and not os.path.isdir(path)
+            and not isinstance(try_to_load_from_cache(path, "config.json"), str))
 
 
 def load_backbone_config(name_or_path: str):

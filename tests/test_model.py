@@ -353,3 +353,18 @@ def test_embedded_smollm2_answers_and_its_folder_reloads():
     with torch.no_grad():
         last = model(prompt, output_hidden_states=True).hidden_states[-1][:, -1]
     torch.testing.assert_close(h, last.float(), rtol=1e-4, atol=1e-4)
+
+
+def test_a_hub_id_that_would_not_load_names_offline_mode_when_it_is_on(tmp_path, monkeypatch):
+    import huggingface_hub.constants
+    import model
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    error = OSError("We couldn't connect to 'https://huggingface.co'")
+    for offline, says in ((True, "'org/model' is no local folder, so it was read as a hub id, which is not in the "
+                                 "Hugging Face cache and HF_HUB_OFFLINE=1 forbids downloading: download it first "
+                                 "(hf download org/model), or point paths.py or --model at a complete model folder"),
+                          (False, "'org/model' is no local folder, so it was read as a hub id: check the id and the "
+                                  "connection, or point paths.py or --model at a complete model folder")):
+        monkeypatch.setattr(model, "is_offline_mode", lambda: offline)
+        assert str(model.load_failure("org/model", "org/model", error)) == (
+            f"cannot load model 'org/model' from 'org/model': {error} — {says}")

@@ -139,3 +139,27 @@ def test_a_step_killed_by_a_signal_is_named_in_one_line(tmp_path, capsys):
     assert capsys.readouterr().err.splitlines() == [
         "error: train.py was killed by SIGKILL — most often the machine's memory (RAM) ran out: see `dmesg`, then "
         "free some memory (the quick start peaks at about 7 GiB, 15.5 with --float32)"]
+
+
+def test_a_hub_id_missing_from_the_cache_is_refused_offline_before_preprocessing(tmp_path, monkeypatch):
+    """quickstart.sh runs offline, so an uncached hub id could only fail after preprocessing; a cached one loads."""
+    import huggingface_hub.constants
+    import model
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.setattr(model, "is_offline_mode", lambda: True)
+    flags = ["--output_dir", str(tmp_path / "quick"), "--model", "google/gemma-2-2b-it"]
+    with pytest.raises(UserError) as caught:
+        quickstart.parse_args(flags)
+    assert str(caught.value) == ("--model google/gemma-2-2b-it: 'google/gemma-2-2b-it' is a hub id that is not in the "
+                                 "Hugging Face cache, and the quick start runs offline (HF_HUB_OFFLINE=1) — download "
+                                 "it first (hf download google/gemma-2-2b-it), or pass a local model folder")
+    snapshot = tmp_path / "hub" / "models--google--gemma-2-2b-it" / "snapshots" / "abc123"
+    snapshot.mkdir(parents=True)
+    (snapshot / "config.json").write_text("{}")
+    (snapshot.parent.parent / "refs").mkdir()
+    (snapshot.parent.parent / "refs" / "main").write_text("abc123")
+    assert quickstart.parse_args(flags).model == "google/gemma-2-2b-it"  # downloaded before: loads offline
+    monkeypatch.setattr(model, "is_offline_mode", lambda: False)
+    flags[-1] = "google/not-downloaded"
+    assert quickstart.parse_args(flags).model == "google/not-downloaded"  # online: downloaded when loaded
+    assert not (tmp_path / "quick").exists()
