@@ -47,7 +47,7 @@ HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")  # org/name, as the hub spell
 def cache_dir() -> str:
     """Folder for converted and generated models: `$R2EC_CACHE_DIR`, else `<repo>/.cache`."""
     default = os.path.join(os.path.dirname(os.path.abspath(__file__)), ".cache")
-    return os.environ.get("R2EC_CACHE_DIR") or default
+    return os.path.expanduser(os.environ.get("R2EC_CACHE_DIR") or default)  # a quoted "~/…" reaches us unexpanded
 
 
 def cache_label() -> str:

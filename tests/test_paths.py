@@ -349,3 +349,15 @@ def test_only_paths_py_s_own_top_level_code_is_called_an_edit(tmp_path):
     with pytest.raises(UserError) as caught:
         paths.resolve_model("llama9")  # raised inside a function of paths.py
     assert paths_edit_error(caught.value) is None
+
+
+def test_a_quoted_tilde_in_the_cache_dir_means_home(tmp_path, monkeypatch):
+    """R2EC_CACHE_DIR="~/r2ec" is not expanded by the shell: no folder named ~ may appear in the working directory."""
+    (tmp_path / "r2ec" / paths.DEFAULT_MODEL).mkdir(parents=True)
+    (tmp_path / "r2ec" / paths.DEFAULT_MODEL / "config.json").write_text("{}")
+    monkeypatch.setenv("HOME", str(tmp_path))
+    monkeypatch.setenv("R2EC_CACHE_DIR", "~/r2ec")
+    monkeypatch.chdir(tmp_path)
+    assert paths.resolve_model(paths.DEFAULT_MODEL) == str(tmp_path / "r2ec" / paths.DEFAULT_MODEL)
+    assert paths.cache_label() == f"R2EC_CACHE_DIR={tmp_path}/r2ec"
+    assert not (tmp_path / "~").exists()
