@@ -14,8 +14,10 @@ One training step, per process, on B users (`per_device_train_batch_size`):
 ranks all items (SPEC §5). Everything a user tunes is a field of `RecPOConfig`, which
 `train.py` parses from the command line.
 """
+import base64
 import contextlib
 import glob
+import json
 import math
 import os
 import time
@@ -57,6 +59,19 @@ EVAL_TOP_ITEMS = 10  # top_k of each saved evaluation record: recommended items 
 
 # ----------------------------------------------------------------------------------------------
 # Arguments
+
+
+def inline_deepspeed_config(text: str) -> dict | None:
+    """The DeepSpeed config that --deepspeed gives inline, as JSON or base64 of JSON (as accelerate
+    reads it), or None."""
+    for decode in (lambda: text, lambda: base64.urlsafe_b64decode(text).decode()):
+        try:
+            config = json.loads(decode())
+        except ValueError:  # not JSON, not base64, not UTF-8
+            continue
+        if isinstance(config, dict):
+            return config
+    return None
 
 
 @dataclass
@@ -214,9 +229,11 @@ class RecPOConfig(TrainingArguments):
             raise UserError(f"--deepspeed {self.deepspeed} is a folder — pass a DeepSpeed config file, e.g. ds_config.json")
         if isinstance(self.deepspeed, str) and os.path.isfile(self.deepspeed):
             read_json(self.deepspeed, "fix this --deepspeed file, or pass the shipped ds_config.json")
-        elif isinstance(self.deepspeed, str) and self.deepspeed.endswith(".json"):  # not inline JSON or base64
-            raise UserError(f"--deepspeed {missing_path(self.deepspeed)}: no such file — pass a DeepSpeed config file, e.g. the "
-                            "shipped ds_config.json (launch_train.sh: DS_CONFIG)")
+        elif isinstance(self.deepspeed, str) and inline_deepspeed_config(self.deepspeed) is None:
+            shown = f"{self.deepspeed[:60]!r}…" if len(self.deepspeed) > 60 else (
+                repr(self.deepspeed) if self.deepspeed.lstrip().startswith("{") else missing_path(self.deepspeed))
+            raise UserError(f"--deepspeed {shown}: no such file, nor a config given inline as JSON or base64 — pass "
+                            "a DeepSpeed config file, e.g. the shipped ds_config.json (launch_train.sh: DS_CONFIG)")
         for flag in ("eval_steps", "save_steps", "logging_steps"):
             value = getattr(self, flag)
             if value is not None and not value > 0:

@@ -1,4 +1,5 @@
 """RecPO trainer on tiny backbones: a real step, several processes, DeepSpeed, resume, failures."""
+import base64
 import glob
 import hashlib
 import json
@@ -26,7 +27,7 @@ from rollouts import SamplingConfig, fresh_forward
 from tests.backbones import tiny_backbone
 from tests import tiny_data
 from tests.tiny_data import tiny_dataset
-from trainer import RecPOConfig, RecPOTrainer, RepeatedBatchSampler
+from trainer import RecPOConfig, RecPOTrainer, RepeatedBatchSampler, inline_deepspeed_config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PYTHON = sys.executable
@@ -1052,6 +1053,15 @@ def test_bad_input_gives_one_clear_line(tmp_path, flags, message):
     assert message in str(caught.value) and "\n" not in str(caught.value)
 
 
+def test_a_deepspeed_config_given_inline_is_read_as_accelerate_reads_it():
+    config = {"zero_optimization": {"stage": 2}, "train_batch_size": "auto"}
+    text = json.dumps(config)
+    assert inline_deepspeed_config(text) == config
+    assert inline_deepspeed_config(base64.urlsafe_b64encode(text.encode()).decode()) == config
+    for not_a_config in ("ds_config.json", "ds_config", text[:-1], "[1, 2]", "abcd", base64.b64encode(b"[]").decode()):
+        assert inline_deepspeed_config(not_a_config) is None, not_a_config
+
+
 def test_report_to_takes_a_comma_separated_list(tmp_path, monkeypatch):
     monkeypatch.setattr("transformers.integrations.get_available_reporting_integrations", lambda: ["tensorboard", "wandb"])
     config = train.parse_config(["--output_dir", str(tmp_path / "run"), "--report_to", "tensorboard, wandb"])
@@ -1070,9 +1080,13 @@ def test_report_to_takes_a_comma_separated_list(tmp_path, monkeypatch):
     (["--max_eval_samples", "0"], "--max_eval_samples 0"),
     (["--early_stopping_patience", "0"], "--early_stopping_patience 0"),
     (["--eval_strategy", "sometimes"], "sometimes is not a valid"),
-    (["--deepspeed", "/nonexistent/ds.json"], "--deepspeed '/nonexistent/ds.json': no such file — pass a DeepSpeed "
-                                              "config file, e.g. the shipped ds_config.json (launch_train.sh: "
-                                              "DS_CONFIG)"),
+    (["--deepspeed", "/nonexistent/ds.json"], "--deepspeed '/nonexistent/ds.json': no such file, nor a config given "
+                                              "inline as JSON or base64 — pass a DeepSpeed config file, e.g. the "
+                                              "shipped ds_config.json (launch_train.sh: DS_CONFIG)"),
+    (["--deepspeed", "ds_config"], f"--deepspeed 'ds_config' (relative to {os.getcwd()}): no such file, nor a config"),
+    (["--deepspeed", "ds_config.yaml"], "--deepspeed 'ds_config.yaml' (relative to "),  # accelerate's words before
+    (["--deepspeed", '{"zero_optimization": {"stage": 2}'],  # inline JSON with a brace missing
+     """--deepspeed '{"zero_optimization": {"stage": 2}': no such file, nor a config given inline as JSON or base64"""),
     (["--report_to", "no_such_tracker"], "--report_to no_such_tracker: no such integration — choose from "),
     (["--report_to", "dvclive"], "--report_to dvclive: not installed here — pip install it"),  # not in requirements.txt
     (["--report_to", "tensorboard, dvclive"], "--report_to dvclive: not installed here"),  # a list: each one checked
