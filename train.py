@@ -28,7 +28,7 @@ from paths import resolve_model
 from rollouts import check_attention_interface
 from run_folder import (RUN_RECORD, RecordInCheckpoints, check_output_dir, clear_earlier_run, earlier_run,
                         killed_run_logs, resumes_in_place, run_processes, run_record)
-from trainer import RecPOConfig, RecPOTrainer, check_length_limits, check_train_size
+from trainer import RecPOConfig, RecPOTrainer, check_context_length, check_length_limits, check_train_size
 
 
 def falls_back_to_cpu(argv: list[str]) -> bool:
@@ -122,6 +122,7 @@ def check_backbone(config: RecPOConfig):
     check_lora_targets(skeleton, config.lora_targets)
     check_attention_interface(skeleton)
     check_layer_types(model_config)
+    check_context_length(config, model_config)
     return tokenizer
 
 

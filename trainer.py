@@ -508,6 +508,15 @@ def check_length_limits(args: RecPOConfig, tokenizer, dataset, category: str, se
                             f"removes — raise it (SPEC §2: {MAX_PROMPT_TOKENS} for prompts, {MAX_ITEM_TOKENS} for items)")
 
 
+def check_context_length(args: RecPOConfig, model_config):
+    """A prompt and its reasoning must fit the backbone's context (its max_position_embeddings)."""
+    context = getattr(model_config.get_text_config(), "max_position_embeddings", None)
+    if context and args.max_prompt_tokens + args.max_new_tokens > context:
+        raise UserError(f"--max_prompt_tokens {args.max_prompt_tokens} + --max_new_tokens {args.max_new_tokens} "
+                        f"exceed the backbone's context of {context} tokens (max_position_embeddings) — lower them "
+                        f"(the defaults are {MAX_PROMPT_TOKENS} and {RecPOConfig.max_new_tokens})")
+
+
 class RepeatedBatchSampler(Sampler):
     """Shuffled sample indices in which each global batch comes `repeats` times in a row.
 
@@ -610,6 +619,7 @@ class RecPOTrainer(Trainer):
 
     def __init__(self, model, args: RecPOConfig, tokenizer, dataset, category: str, callbacks=None):
         check_length_limits(args, tokenizer, dataset, category)
+        check_context_length(args, model.config)
         check_layer_types(model.config)
         super().__init__(
             model=model,

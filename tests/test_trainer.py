@@ -27,7 +27,8 @@ from rollouts import SamplingConfig, fresh_forward
 from tests.backbones import tiny_backbone
 from tests import tiny_data
 from tests.tiny_data import tiny_dataset
-from trainer import RecPOConfig, RecPOTrainer, RepeatedBatchSampler, inline_deepspeed_config
+from trainer import (RecPOConfig, RecPOTrainer, RepeatedBatchSampler, check_context_length,
+                     inline_deepspeed_config)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PYTHON = sys.executable
@@ -761,6 +762,7 @@ def test_check_only_validates_without_training_and_warns_without_a_gpu(tmp_path,
     (["--lora_target_modules", "q_proj,qkv_proj"], "LoRA targets qkv_proj are not modules of this backbone"),
     (["--lora_target_modules", "q_proj, qkv_proj"], "LoRA targets qkv_proj are not modules"),  # spaces after commas
     (["--max_prompt_tokens", "8"], "--max_prompt_tokens 8 cannot hold the"),
+    (["--max_new_tokens", "1000000000"], "--max_new_tokens 1000000000 exceed the backbone's context of 4096 tokens"),
 ])
 def test_check_only_refuses_what_building_the_trainer_would(tmp_path, monkeypatch, flags, message):
     """Without loading the weights: launch_train.sh's check must stop these before any process starts.
@@ -1046,11 +1048,15 @@ def test_lora_flags_shape_the_adapter(tmp_path):
     (["--advantage_type", "ppo"], "choose one of gaussian, rloo"),
     (["--group_size", "0"], "--group_size 0"),
     (["--trainer_relabel_topk", "9"], "--trainer_relabel_topk 9"),
+    (["--max_new_tokens", "1000000000"], "--max_prompt_tokens 2048 + --max_new_tokens 1000000000 exceed the "
+                                         "backbone's context of 4096 tokens (max_position_embeddings) — lower them"),
+    (["--max_new_tokens", "2049"], "--max_prompt_tokens 2048 + --max_new_tokens 2049 exceed"),  # 4097 > 4096
 ])
 def test_bad_input_gives_one_clear_line(tmp_path, flags, message):
     with pytest.raises(UserError) as caught:
         train.main(quick_flags(tmp_path, *flags))
     assert message in str(caught.value) and "\n" not in str(caught.value)
+    assert not (tmp_path / "out").exists()  # refused before anything is written
 
 
 def test_a_deepspeed_config_given_inline_is_read_as_accelerate_reads_it():
@@ -1774,3 +1780,12 @@ def test_warmup_is_linear_then_constant_and_tensorboard_logs_are_written(tmp_pat
     accumulator = EventAccumulator(folders[0])
     accumulator.Reload()
     assert {"train/reward/mean", "train/loss/item", "train/learning_rate"} <= set(accumulator.Tags()["scalars"])
+
+
+def test_a_prompt_and_reasoning_may_fill_the_context_exactly():
+    config = types.SimpleNamespace(get_text_config=lambda: types.SimpleNamespace(max_position_embeddings=4096))
+    check_context_length(types.SimpleNamespace(max_prompt_tokens=2048, max_new_tokens=2048), config)
+    with pytest.raises(UserError, match="2048 \\+ --max_new_tokens 2049 exceed the backbone's context of 4096 tokens"):
+        check_context_length(types.SimpleNamespace(max_prompt_tokens=2048, max_new_tokens=2049), config)
+    no_limit = types.SimpleNamespace(get_text_config=lambda: types.SimpleNamespace())  # a config without the field
+    check_context_length(types.SimpleNamespace(max_prompt_tokens=2048, max_new_tokens=10 ** 9), no_limit)
