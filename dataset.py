@@ -60,7 +60,7 @@ def load_dataset_dir(folder: str | None, category: str | None = None):
         raise UserError(f"{folder!r} is one split of a dataset — pass the dataset folder above it, {parent!r}")
     try:
         dataset = load_from_disk(folder)
-    except (FileNotFoundError, ValueError, OSError, IndexError) as e:
+    except (OSError, ValueError, IndexError, KeyError, TypeError, AttributeError) as e:  # the last three: JSON of a wrong shape
         readable = os.access(folder, os.R_OK | os.X_OK)
         inside = [os.path.join(folder, name) for name in sorted(os.listdir(folder) if readable else [])
                   if is_dataset(os.path.join(folder, name))]

@@ -1789,3 +1789,14 @@ def test_a_prompt_and_reasoning_may_fill_the_context_exactly():
         check_context_length(types.SimpleNamespace(max_prompt_tokens=2048, max_new_tokens=2049), config)
     no_limit = types.SimpleNamespace(get_text_config=lambda: types.SimpleNamespace())  # a config without the field
     check_context_length(types.SimpleNamespace(max_prompt_tokens=2048, max_new_tokens=10 ** 9), no_limit)
+
+
+@pytest.mark.parametrize("file, text", [("dataset_dict.json", "{}"), ("dataset_dict.json", "[1, 2]"),
+                                        ("train/state.json", "[]"), ("train/dataset_info.json", "[]")])
+def test_a_damaged_dataset_record_is_named_in_one_line(tmp_path, file, text):
+    folder = tiny_dataset_dir(tmp_path)
+    with open(os.path.join(folder, file), "w") as f:
+        f.write(text)  # valid JSON of the wrong shape: load_from_disk raised KeyError or TypeError
+    with pytest.raises(UserError, match=re.escape(f"dataset folder {folder!r} is damaged (") + ".*" +
+                       re.escape("— rerun preprocess.py to write it again")):
+        load_dataset_dir(folder)
