@@ -73,7 +73,7 @@ def image_format(path: str) -> str:
 
 def check_output(path: str, flag: str = "--output") -> None:
     """The image path must name a format matplotlib writes, in an existing, writable folder."""
-    formats = FigureCanvasAgg(Figure()).get_supported_filetypes()
+    formats = set(FigureCanvasAgg(Figure()).get_supported_filetypes()) - {"pgf"}  # pgf needs a LaTeX install
     if image_format(path) not in formats:
         raise UserError(f"{flag} {path!r}: cannot write .{image_format(path)} images — end the name in .png "
                         "(or .pdf, .svg, .jpg)")

@@ -173,6 +173,7 @@ def test_corrupt_trainer_state_gives_one_line(run_folder, capsys, content, messa
     ("FILE/c.png", "/file' is a file — move it or pick another path"),
     ("FOLDER", "is a folder"),
     ("FOLDER/c.xyz", "cannot write .xyz images — end the name in .png"),
+    ("FOLDER/c.pgf", "cannot write .pgf images — end the name in .png"),  # matplotlib lists it, but runs xelatex
 ])
 def test_bad_output_gives_one_line(run_folder, tmp_path, capsys, output, message):
     output = output.replace("MISSING", str(tmp_path / "missing")).replace("FOLDER", str(tmp_path / "out"))
