@@ -365,7 +365,7 @@ def build_item_info(lines):
     for line in lines:
         try:
             rows.append(item_row(line))
-        except (TypeError, ValueError) as e:
+        except (TypeError, ValueError, OverflowError) as e:  # OverflowError: a count written as Infinity
             raise unexpected_type_error(json.loads(line)["parent_asin"], e) from e
     rows = [{**row, "item_id": item_id} for item_id, row in enumerate(rows)]
     try:
