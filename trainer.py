@@ -225,6 +225,9 @@ class RecPOConfig(TrainingArguments):
         for flag in ("dataset_dir", "output_dir", "resume_from_checkpoint", "deepspeed"):  # --flag=~/... too
             if isinstance(getattr(self, flag), str):
                 setattr(self, flag, os.path.expanduser(getattr(self, flag)))
+        if os.path.dirname(os.path.realpath(self.output_dir)) == os.path.realpath(self.output_dir):
+            raise UserError(f"--output_dir {self.output_dir} is the root folder, where the run's checkpoint-* folders "
+                            "would sit among the system's — pass a folder of its own (or a --run_name: outputs/<name>)")
         if isinstance(self.deepspeed, str) and os.path.isdir(self.deepspeed):
             raise UserError(f"--deepspeed {self.deepspeed} is a folder — pass a DeepSpeed config file, e.g. ds_config.json")
         if isinstance(self.deepspeed, str) and os.path.isfile(self.deepspeed):

@@ -1171,6 +1171,9 @@ def test_output_folder_follows_the_run_name_in_either_spelling():
                                                       "the other runs — give this run a name of its own")):
             parse("--run_name", name)
     assert parse("--run_name", ".", "--output_dir", "runs/x").output_dir == "runs/x"  # a label only, then
+    for flags in (["--run_name", "/"], ["--output_dir", "/"], ["--output_dir", "//"]):
+        with pytest.raises(UserError, match=re.escape(f"--output_dir {flags[1]} is the root folder")):
+            parse(*flags)
     config = parse("--train_batch_size=3", "--eval_batch_size", "5")
     assert (config.per_device_train_batch_size, config.per_device_eval_batch_size) == (3, 5)
 
