@@ -82,7 +82,8 @@ def test_window_and_length_flags_shape_the_trainer_s_prompts_and_item_table(tmp_
              for limit in (item_limit, 10_000)}
     assert sum(map(len, items[item_limit])) < sum(map(len, items[10_000]))  # descriptions were shortened
 
-    for window, limit, expected in ((2, 10_000, ids[2]), (2, len(ids[1]), ids[1]), (3, 10_000, ids[3])):
+    no_limit = 4000  # above every prompt here, and within the tiny backbone's context with the reasoning
+    for window, limit, expected in ((2, no_limit, ids[2]), (2, len(ids[1]), ids[1]), (3, no_limit, ids[3])):
         trainer = tiny_trainer(tmp_path, window_size=window, max_prompt_tokens=limit, max_item_tokens=item_limit)
         prompt_ids, mask = trainer.tokenize_prompts([sample])
         assert prompt_ids[0][mask[0].bool()].tolist() == expected
@@ -309,7 +310,8 @@ def test_where_graphs_are_replayed_a_last_partial_evaluation_batch_is_padded_to_
     for a, b in zip(plain, padded):
         assert {k: v for k, v in a.items() if k != "top_k"} == {k: v for k, v in b.items() if k != "top_k"}
         assert [i["item_id"] for i in a["top_k"]] == [i["item_id"] for i in b["top_k"]]
-        assert [i["score"] for i in a["top_k"]] == pytest.approx([i["score"] for i in b["top_k"]], abs=1e-5)
+        # another batch shape rounds the cosine otherwise: a few float32 ulps (1.2e-7), times 1/τ = 50
+        assert [i["score"] for i in a["top_k"]] == pytest.approx([i["score"] for i in b["top_k"]], abs=1e-4)
 
 
 def test_out_of_memory_skips_the_step_without_touching_weights(tmp_path, monkeypatch):
