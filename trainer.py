@@ -32,6 +32,7 @@ from accelerate.utils import gather, gather_object, set_seed
 from torch.utils.data import Sampler
 from tqdm.auto import tqdm
 from transformers import EarlyStoppingCallback, Trainer, TrainingArguments
+from transformers.trainer_callback import ExportableState
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, SaveStrategy, get_last_checkpoint
 
 from errors import UserError, missing_path, one_line, read_json, umask, write_jsonl
@@ -1000,11 +1001,15 @@ class RecPOTrainer(Trainer):
     def _load_callback_state(self):
         """On a resume, early stopping keeps its count of evaluations without a gain but takes this
         run's --early_stopping_patience (Trainer restores the checkpoint's, which would stop a run
-        resumed with more patience at its first evaluation without a gain)."""
+        resumed with more patience at its first evaluation without a gain). A callback the
+        checkpoint's run lacked (early stopping, when it ran without evaluation) starts afresh:
+        Trainer would fail at the next checkpoint, saving a state it cannot find."""
         super()._load_callback_state()
         for callback in self.callback_handler.callbacks:
             if isinstance(callback, EarlyStoppingCallback):
                 callback.early_stopping_patience = self.args.early_stopping_patience
+            if isinstance(callback, ExportableState):
+                self.state.stateful_callbacks.setdefault(type(callback).__name__, callback.state())
 
     def training_step(self, model, inputs, num_items_in_batch=None):
         """One RecPO batch: fresh rollouts every `num_iterations` steps, then the clipped update.

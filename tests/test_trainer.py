@@ -62,6 +62,22 @@ def test_a_resume_keeps_early_stopping_s_count_and_takes_the_new_patience(tmp_pa
     assert (callback.early_stopping_patience, callback.early_stopping_patience_counter) == (20, 8)
 
 
+def test_a_run_trained_without_evaluation_resumes_with_it_and_saves_its_checkpoints(tmp_path):
+    """Its checkpoints hold no early-stopping state, which Trainer's next save looked up (KeyError,
+    a checkpoint left without trainer_state.json)."""
+    from transformers import EarlyStoppingCallback
+
+    trainer = tiny_trainer(tmp_path, early_stopping_patience=3)
+    trainer.add_callback(EarlyStoppingCallback(early_stopping_patience=3))
+    trainer.state.stateful_callbacks = {"TrainerControl": trainer.control.state()}  # --eval_strategy no's checkpoint
+    trainer._load_callback_state()
+    trainer.create_optimizer_and_scheduler(num_training_steps=2)
+    trainer.state.global_step = 3
+    trainer._save_checkpoint(trainer.model, None)
+    saved = json.loads((tmp_path / "run" / "checkpoint-3" / "trainer_state.json").read_text())["stateful_callbacks"]
+    assert saved["EarlyStoppingCallback"]["attributes"] == {"early_stopping_patience_counter": 0}
+
+
 def test_window_and_length_flags_shape_the_trainer_s_prompts_and_item_table(tmp_path):
     """--window_size, --max_prompt_tokens and --max_item_tokens reach the sequences the trainer builds:
     a window of 2 of the 3-item histories; a limit that fits a window of 1 drops the oldest line;
