@@ -170,6 +170,14 @@ def earlier_run(folder: str) -> bool:
 
 TORCH_LEGACY_MAGIC = b"\x80\x02\x8a\nl\xfc\x9cF\xf9 j\xa8P\x19"  # pickle protocol 2, torch's MAGIC_NUMBER
 RESUME_ELSEWHERE = "resume from another checkpoint-* folder, or start afresh in another --output_dir"
+TRAINER_STATE_FIELDS = {  # what Trainer reads from trainer_state.json, some only after a step: (what it is, test)
+    "global_step": ("a step number", lambda value: type(value) is int),
+    "log_history": ("a list of log entries", lambda value: isinstance(value, list)
+                    and all(isinstance(entry, dict) for entry in value)),
+    "best_metric": ("a number or null", lambda value: value is None or type(value) in (int, float)),
+    "best_model_checkpoint": ("a folder or null", lambda value: value is None or isinstance(value, str)),
+    "stateful_callbacks": ("an object of callback states", lambda value: isinstance(value, dict)),
+}
 
 
 def check_checkpoint(checkpoint: str, config: RecPOConfig):
@@ -186,9 +194,12 @@ def check_checkpoint_settings(checkpoint: str, config: RecPOConfig):
     if not os.path.isfile(os.path.join(checkpoint, "trainer_state.json")):
         raise UserError(f"{checkpoint} is incomplete (no trainer_state.json: its save was cut short) — delete it "
                         "and resume from the checkpoint before it")
-    step = read_json(os.path.join(checkpoint, "trainer_state.json"), fix).get("global_step", 0)
-    if not isinstance(step, int):
-        raise UserError(f"{checkpoint}/trainer_state.json's global_step {step!r} is not a step number — {fix}")
+    state = read_json(os.path.join(checkpoint, "trainer_state.json"), fix)
+    for key, (what, holds) in TRAINER_STATE_FIELDS.items():
+        if key in state and not holds(state[key]):
+            shown = repr(state[key]) if len(repr(state[key])) <= 60 else f"{repr(state[key])[:60]}…"
+            raise UserError(f"{checkpoint}/trainer_state.json's {key} {shown} is not {what} — {fix}")
+    step = state.get("global_step", 0)
     if 0 < config.max_steps <= step:  # the Trainer would still train one more step
         steps = f"{step} step{'s' * (step != 1)}"
         raise UserError(f"{checkpoint} has already trained {steps}, --max_steps {config.max_steps} — raise "

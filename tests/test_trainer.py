@@ -1535,6 +1535,12 @@ def test_a_checkpoint_of_the_same_data_order_resumes_and_another_one_with_ignore
     (lambda c: (c / "r2ec_run.json").write_text("[1]"), "r2ec_run.json' holds a JSON list, not an object"),
     (lambda c: (c / "adapter_config.json").write_text("[]"), "adapter_config.json' holds a JSON list, not an object"),
     (lambda c: (c / "trainer_state.json").write_text('{"global_step": "1"}'), "global_step '1' is not a step number"),
+    (lambda c: (c / "trainer_state.json").write_text('{"global_step": 2, "log_history": 5}'),
+     "checkpoint-2/trainer_state.json's log_history 5 is not a list of log entries — resume from another checkpoint-*"),
+    (lambda c: (c / "trainer_state.json").write_text('{"log_history": [{"loss": 1}, 3]}'), "log_history [{'loss': 1}, 3]"),
+    (lambda c: (c / "trainer_state.json").write_text('{"best_metric": "x"}'), "best_metric 'x' is not a number or null"),
+    (lambda c: (c / "trainer_state.json").write_text('{"best_metric": true}'), "best_metric True is not a number"),
+    (lambda c: (c / "trainer_state.json").write_text('{"stateful_callbacks": []}'), "stateful_callbacks [] is not an"),
     (lambda c: (c / "r2ec_run.json").write_text(json.dumps({"dataset_dir": "/data/Musical_Instruments_0_2022-10-2023-10"})),
      "was trained on the dataset /data/Musical_Instruments_0_2022-10-2023-10, not /elsewhere/Video_Games_0_2022-10-2023-10/ "
      "— resume with that --dataset_dir (moved: keep its folder name)"),
