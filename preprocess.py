@@ -370,7 +370,7 @@ def build_item_info(lines):
     rows = [{**row, "item_id": item_id} for item_id, row in enumerate(rows)]
     try:
         return pa.Table.from_pylist(rows, schema=ITEM_INFO_SCHEMA)
-    except (TypeError, ValueError, pa.ArrowException) as e:
+    except (TypeError, ValueError, OverflowError, pa.ArrowException) as e:
         # Only on this rare path: name the first item that fails, with its own reason.
         asin, problem = next(((row["parent_asin"], problem) for row in rows if (problem := item_schema_problem(row))),
                              ("?", e))
@@ -382,7 +382,7 @@ def item_schema_problem(row: dict) -> Exception | None:
     try:
         pa.Table.from_pylist([row], schema=ITEM_INFO_SCHEMA)
         return None
-    except (TypeError, ValueError, pa.ArrowException) as e:
+    except (TypeError, ValueError, OverflowError, pa.ArrowException) as e:
         return e
 
 

@@ -136,7 +136,8 @@ def test_item_info_types_and_defaults():
     assert table.schema.field("rating_number").type == pa.int64()
     assert table.to_pylist()[1]["rating_number"] == 0 and table.to_pylist()[1]["details"] == "{}"
     for bad in (dict(average_rating="four"), dict(price=[1]),  # refused by pyarrow, by item_row
-                dict(rating_number=float("inf"))):  # written Infinity: int() overflows
+                dict(rating_number=float("inf")),  # written Infinity: int() overflows
+                dict(rating_number=2 ** 64)):  # beyond int64: pyarrow overflows
         with pytest.raises(UserError, match="^the metadata of item B2 holds a field of an unexpected type"):
             P.build_item_info([meta("B1", "Alpha").encode(), meta("B2", "Beta", **bad).encode()])
     # Two bad items in one batch: the first is named, with its own fault, not the batch's.
