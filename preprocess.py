@@ -65,6 +65,7 @@ CONNECT_TIMEOUT_S, READ_TIMEOUT_S = 15, 120
 MIN_YEAR, MAX_YEAR = 1970, 2100  # timestamps are ms since 1970; Amazon Reviews 2023 spans 1996-2023
 PLAUSIBLE_YEARS = (1990, 2100)  # a last rating outside, read as ms: the file counts in another unit
 MAX_POSTFIX = 100  # keeps the output folder's name (and its temporary name) under 255 bytes
+MAX_WINDOW_SIZE = 100_000  # history lines per sample; far beyond any prompt limit, and within int64
 
 # ---------------------------------------------------------------------------------------------
 # Raw files: local names, download with resume, gzip check
@@ -625,9 +626,9 @@ def check_args(args):
         raise UserError(f"the window ends ({args.ed_year}-{args.ed_month}) before it starts "
                         f"({args.st_year}-{args.st_month}) — pass an --ed_year/--ed_month at or "
                         f"after --st_year/--st_month")
-    if args.window_size < 1:
-        raise UserError(f"--window_size {args.window_size} is below 1 — pass the history length, "
-                        f"e.g. 20")
+    if not 1 <= args.window_size <= MAX_WINDOW_SIZE:
+        raise UserError(f"--window_size {args.window_size} is outside 1-{MAX_WINDOW_SIZE} — pass the history "
+                        f"length, e.g. 20")
     if args.K < 0:
         raise UserError(f"--K {args.K} is negative — pass 0 for no K-core filter, or a positive "
                         f"count")

@@ -49,6 +49,7 @@ from rollouts import Rollouts, SamplingConfig, generate_rollouts, replays_graphs
 CHECKPOINTING_RENAME_WARNING = "`(is_)?gradient_checkpointing(_kwargs)?` is deprecated"
 warnings.filterwarnings("ignore", message=CHECKPOINTING_RENAME_WARNING, category=FutureWarning)
 
+MIN_TAU = 1e-6  # far below any useful τ; a tiny one turned scores (similarities / τ) into inf
 ADVANTAGE_TYPES = ("gaussian", "rloo")
 EVAL_SPLITS = ("valid", "test")
 SELECTION_METRICS = [f"eval_valid_{name}" for name in METRIC_NAMES]  # test is held out; reasoning length is no quality
@@ -215,6 +216,8 @@ class RecPOConfig(TrainingArguments):
             value = getattr(self, name)
             if isinstance(value, float) and not math.isfinite(value):
                 raise UserError(f"--{name} {value}: must be a finite number")
+            if isinstance(value, int) and abs(value) >= 2**63:  # torch and numpy take int64 at most
+                raise UserError(f"--{name} {value}: too large (the most is 2**63 - 1)")
         if self.output_dir == "":
             raise UserError("--output_dir is empty (an unset variable?) — pass a folder, or leave the flag out "
                             "for outputs/<--run_name>")
@@ -339,7 +342,8 @@ class RecPOConfig(TrainingArguments):
             (0 < self.gen_top_p <= 1, f"--gen_top_p {self.gen_top_p}: must be in (0, 1]"),
             (0 <= self.beta <= 1, f"--beta {self.beta}: must be in [0, 1]"),
             (self.reward_ndcg_k >= 1, f"--reward_ndcg_k {self.reward_ndcg_k}: must be at least 1"),
-            (self.tau > 0, f"--tau {self.tau}: must be positive"),
+            (self.tau >= MIN_TAU, f"--tau {self.tau}: must be at least {MIN_TAU:g} (scores are similarities / τ; "
+                                  f"SPEC's τ is {TAU})"),
             (self.micro_batch_size >= 1, f"--micro_batch_size {self.micro_batch_size}: must be at least 1"),
             (self.num_iterations >= 1, f"--num_iterations {self.num_iterations}: must be at least 1"),
             (self.reasoning or self.num_iterations == 1,

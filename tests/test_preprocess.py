@@ -608,7 +608,8 @@ def test_base_url_from_the_environment(monkeypatch):
     (["--st_month", "13"], "--st_month 13 is outside 1-12"),
     (["--ed_month", "0"], "--ed_month 0 is outside 1-12"),
     (["--st_year", "2024"], "ends (2023-10) before it starts (2024-10)"),
-    (["--window_size", "0"], "--window_size 0 is below 1"),
+    (["--window_size", "0"], "--window_size 0 is outside 1-100000 — pass the history length, e.g. 20"),
+    (["--window_size", str(2 ** 64)], f"--window_size {2 ** 64} is outside 1-100000"),  # overflowed numpy
     (["--K", "-1"], "--K -1 is negative"),
     (["--category", "../etc"], "is not a category name"),
 ])

@@ -1136,6 +1136,11 @@ def test_report_to_takes_a_comma_separated_list(tmp_path, monkeypatch):
     (["--gradient_accumulation_steps", "0"], "--gradient_accumulation_steps 0: must be at least 1"),
     (["--seed", "-1"], "--seed -1: must be between 0 and 2**32 - 1"),
     (["--tau", "inf"], "--tau inf: must be a finite number"),
+    (["--tau", "1e-320"], "--tau 1e-320: must be at least 1e-06 (scores are similarities / τ; SPEC's τ is "
+                          "0.02)"),  # trained nothing: every step skipped, scores inf
+    (["--tau", "0"], "--tau 0.0: must be at least 1e-06"),
+    (["--reward_ndcg_k", str(10 ** 20)], f"--reward_ndcg_k {10 ** 20}: too large (the most is 2**63 - 1)"),
+    (["--micro_batch_size", str(2 ** 63)], f"--micro_batch_size {2 ** 63}: too large"),  # overflowed at the first step
     (["--warmup_steps", "nan"], "--warmup_steps nan: must be a finite number"),  # passed --check_only, then crashed
     (["--num_train_epochs", "inf"], "--num_train_epochs inf: must be a finite number"),
     (["--eval_steps", "inf"], "--eval_steps inf: must be a finite number"),
