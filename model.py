@@ -22,13 +22,14 @@ from contextlib import contextmanager
 import torch
 import torch.nn.functional as F
 from huggingface_hub import is_offline_mode, try_to_load_from_cache
+from jinja2 import TemplateError
 from safetensors import SafetensorError, safe_open
 from tqdm.auto import tqdm
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
 from errors import UserError, one_line
 from paths import embedded_folder, resolve_model
-from prompts import ANSWER, MAX_ITEM_TOKENS, item_prompt_tokens, left_pad
+from prompts import ANSWER, MAX_ITEM_TOKENS, chat_prompt, item_prompt_tokens, left_pad
 
 TAU = 0.02  # = τ, the temperature of the cosine score
 LOAD_ERRORS = (OSError, ValueError, AttributeError, TypeError, KeyError)  # what loading bad files raises
@@ -94,14 +95,14 @@ def load_backbone_config(name_or_path: str):
         tokenizer = AutoTokenizer.from_pretrained(path)
     except LOAD_ERRORS as e:  # no config or tokenizer, unknown model type, files of the wrong shape
         raise load_failure(name_or_path, path, e) from e
+    if not tokenizer.chat_template:
+        raise UserError(f"model {name_or_path!r} ({path!r}) has no chat template — R²ec needs an instruction-tuned "
+                        "backbone (…-it, …-Instruct) with the tokenizer files it was released with")
     check_tokenizer(tokenizer, f"model {name_or_path!r} ({path!r})", "copy the tokenizer files released with the model")
     for sub in decoder_configs(config):
         for key, value in vars(sub).items():
             if "dropout" in key and isinstance(value, float):
                 setattr(sub, key, 0.0)
-    if not tokenizer.chat_template:
-        raise UserError(f"model {name_or_path!r} ({path!r}) has no chat template — R²ec needs an instruction-tuned "
-                        "backbone (…-it, …-Instruct) with the tokenizer files it was released with")
     tokenizer.padding_side = "left"
     if tokenizer.pad_token is None:  # the mask, not the id, tells padding apart, so eos is safe
         tokenizer.pad_token = tokenizer.eos_token
@@ -140,10 +141,20 @@ def check_weights(path: str):
 
 def check_tokenizer(tokenizer, owner: str, fix: str):
     """A tokenizer that loads but encodes nothing (transformers builds one from a tokenizer_config.json
-    whose vocabulary file is missing) fails here, not in the stop rule."""
+    whose vocabulary file is missing), or whose chat template is missing, broken or drops the user's
+    text, fails here, not in the stop rule or the first prompt."""
     if not tokenizer(ANSWER, add_special_tokens=False)["input_ids"]:
         raise UserError(f"the tokenizer of {owner} turns text into no tokens (its vocabulary file, e.g. "
                         f"tokenizer.json, is missing?) — {fix}")
+    if not tokenizer.chat_template:
+        raise UserError(f"the tokenizer of {owner} has no chat template (chat_template.jinja) — {fix}")
+    probe = "Recommend an item."
+    try:
+        prompt = chat_prompt(tokenizer, probe)
+    except (TemplateError, TypeError, ValueError, KeyError, AttributeError) as e:  # an edited template
+        raise UserError(f"the chat template of {owner} cannot be rendered ({one_line(e)}) — {fix}") from e
+    if probe not in prompt:
+        raise UserError(f"the chat template of {owner} leaves out the user's message — {fix}")
 
 
 def enable_checkpointing(model):

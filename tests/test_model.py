@@ -307,6 +307,17 @@ def test_a_backbone_without_a_chat_template_is_named(tmp_path):
         load_backbone(str(folder))
 
 
+def test_a_backbone_whose_chat_template_does_not_render_is_named(tmp_path):
+    folder = tmp_path / "model"
+    shutil.copytree(tiny_backbone("qwen2"), folder)
+    (folder / "chat_template.jinja").write_text("{% for message in messages %}{{ message.content | nosuchfilter }}")
+    with pytest.raises(UserError) as caught:
+        load_backbone_config(str(folder))
+    assert str(caught.value).startswith(f"the chat template of model {str(folder)!r} ({str(folder)!r}) cannot be "
+                                        "rendered (")
+    assert str(caught.value).endswith("— copy the tokenizer files released with the model")
+
+
 def test_missing_or_truncated_weights_fail_in_one_line(tmp_path, monkeypatch):
     folder = tmp_path / "no_weights"
     shutil.copytree(tiny_backbone("llama"), folder)

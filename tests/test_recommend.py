@@ -347,6 +347,9 @@ def test_a_run_trained_without_reasoning_is_served_without_it(run_copy, tmp_path
      "the tokenizer in"),
     (lambda f: os.remove(f / "tokenizer.json"), "turns text into no tokens"),
     (lambda f: (f / "tokenizer_config.json").write_text("[1]"), "the tokenizer in"),
+    (lambda f: (f / "chat_template.jinja").write_text("{% if %}"), "chat template of '"),  # a jinja2 traceback before
+    (lambda f: (f / "chat_template.jinja").write_text(""), "has no chat template (chat_template.jinja)"),
+    (lambda f: (f / "chat_template.jinja").write_text("{{ bos_token }}"), "leaves out the user's message"),
 ])
 def test_damaged_run_folder_gives_one_line(run_copy, capsys, tmp_path, damage, message):
     folder, _ = run_copy
