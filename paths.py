@@ -179,6 +179,12 @@ def resolve_model(name: str) -> str:
     for table, value, holds in (("model_names", model_names, "name: path"), ("aliases", aliases, "alias: name")):
         if not isinstance(value, dict):
             raise UserError(f"{table} in paths.py is {value!r}, not a dict of {holds} entries — fix that line of paths.py")
+        for key, entry in value.items():
+            if not isinstance(key, str) or (table == "aliases" and not isinstance(entry, str)):
+                raise UserError(f"{table} in paths.py holds {key!r}: {entry!r}, not {holds} in quotes — fix that "
+                                "line of paths.py")
+    if not isinstance(name, str):  # command lines give text: this is paths.py's DEFAULT_MODEL
+        raise UserError(f"DEFAULT_MODEL in paths.py is {name!r}, not a model name in quotes — fix that line of paths.py")
     name = os.path.expanduser(name)  # a quoted or --model=~/... path reaches us unexpanded
     key = aliases.get(name, name)
     if name in aliases and key not in model_names:

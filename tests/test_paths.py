@@ -54,6 +54,22 @@ def test_a_table_of_paths_py_that_is_no_dict_is_named(monkeypatch):
         paths.resolve_model("gemma")
 
 
+def test_entries_of_paths_py_that_are_not_text_are_named(monkeypatch):
+    """Each was a TypeError traceback: a join of the keys, a list as a dict key, expanduser(None)."""
+    monkeypatch.setitem(paths.model_names, 5, "/x")
+    with pytest.raises(UserError, match=re.escape("model_names in paths.py holds 5: '/x', not name: path in quotes — "
+                                                  "fix that line of paths.py")):
+        paths.resolve_model("foo")
+    del paths.model_names[5]
+    monkeypatch.setitem(paths.aliases, "gemma", ["Gemma-2-2b-it"])
+    with pytest.raises(UserError, match=re.escape("aliases in paths.py holds 'gemma': ['Gemma-2-2b-it'], not alias: "
+                                                  "name in quotes — fix that line of paths.py")):
+        paths.resolve_model("gemma")
+    monkeypatch.setitem(paths.aliases, "gemma", "Gemma-2-2b-it")
+    with pytest.raises(UserError, match=re.escape("DEFAULT_MODEL in paths.py is None, not a model name in quotes")):
+        paths.resolve_model(None)
+
+
 def test_folders_without_config_json_are_not_models(monkeypatch, tmp_path):
     with pytest.raises(UserError, match=r"model folder .* has no config.json — pass the folder of a Hugging Face"):
         paths.resolve_model(str(tmp_path))
