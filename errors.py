@@ -9,6 +9,7 @@ checked before the work that produces them; files are written with `write_atomic
 Importing this module also makes a mistake in an edit of `paths.py`, and Ctrl-C while the
 libraries import, one line (`report_uncaught`): so every command imports it first.
 """
+import errno
 import json
 import os
 import signal
@@ -89,6 +90,14 @@ def check_output_file(path: str, flag: str) -> None:
         raise UserError(f"{flag} {path!r}: folder {folder!r} {state} — {fix} or pick another path")
     if not os.access(folder, os.W_OK | os.X_OK) or (os.path.exists(path) and not os.access(path, os.W_OK)):
         raise UserError(f"{flag} {path!r} is not writable — pick a path in a folder you can write to")
+    probe = os.path.join(folder, f".{os.path.basename(path)}.{os.getpid()}.probe")  # what access() cannot tell:
+    try:  # a read-only or virtual file system (/proc), a full quota
+        with open(probe, "w"):
+            pass
+        os.unlink(probe)
+    except OSError as e:
+        raise UserError(f"{flag} {path!r} cannot be written ({e.strerror or e}) — pick a path in a folder you can "
+                        "write to") from e
 
 
 def umask() -> int:
@@ -107,7 +116,8 @@ def write_atomically(path: str, write) -> None:
         write(temporary)
         os.replace(temporary, path)
     except OSError as e:  # disk full, the folder gone or made read-only meanwhile
-        raise UserError(f"cannot write {path!r} ({e.strerror or e}) — free some space or pick another path") from e
+        fix = "free some space or pick another path" if e.errno in (errno.ENOSPC, errno.EDQUOT) else "pick another path"
+        raise UserError(f"cannot write {path!r} ({e.strerror or e}) — {fix}") from e
     finally:
         if os.path.exists(temporary):
             os.unlink(temporary)

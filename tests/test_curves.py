@@ -174,6 +174,7 @@ def test_corrupt_trainer_state_gives_one_line(run_folder, capsys, content, messa
     ("FOLDER", "is a folder"),
     ("FOLDER/c.xyz", "cannot write .xyz images — end the name in .png"),
     ("FOLDER/c.pgf", "cannot write .pgf images — end the name in .png"),  # matplotlib lists it, but runs xelatex
+    ("/proc/c.png", "— pick a path in a folder you can write to"),  # writable to access() as root, yet no file there
 ])
 def test_bad_output_gives_one_line(run_folder, tmp_path, capsys, output, message):
     output = output.replace("MISSING", str(tmp_path / "missing")).replace("FOLDER", str(tmp_path / "out"))
@@ -197,6 +198,16 @@ def test_failed_write_leaves_no_broken_png(run_folder, capsys, monkeypatch):
 
     monkeypatch.setattr(curves.Figure, "savefig", disk_full)
     error = run_curves_error(capsys, str(run_folder))
-    assert f"cannot write {str(path)!r} (No space left on device)" in error
+    assert error.endswith(f"cannot write {str(path)!r} (No space left on device) — free some space or pick another path")
     assert sorted(os.listdir(run_folder)) == ["trainer_state.json", "training_curves.png"]
     assert path.read_bytes() == before  # the earlier image is left whole
+
+
+def test_a_write_failing_for_another_reason_than_space_does_not_blame_the_disk(run_folder, capsys, monkeypatch):
+    def denied(self, fname, **kwargs):
+        raise PermissionError(13, "Permission denied")
+
+    monkeypatch.setattr(curves.Figure, "savefig", denied)
+    error = run_curves_error(capsys, str(run_folder))
+    assert error.endswith(f"cannot write {str(run_folder / 'training_curves.png')!r} (Permission denied) — pick "
+                          "another path")
