@@ -124,6 +124,8 @@ def main(argv: list[str]) -> str:
     parser.add_argument("--output", type=os.path.expanduser, help="Image to write: .png, .pdf, .svg, ... "
                         "(default: OUTPUT_DIR/training_curves.png).")
     args = parser.parse_args(argv)
+    if args.output == "":
+        raise UserError("--output is empty (an unset variable?) — pass an image name, or leave the flag out")
     state_file = latest_trainer_state(args.output_dir)
     path = args.output or os.path.join(args.output_dir, "training_curves.png")
     check_output(path, "--output" if args.output else "the default --output")

@@ -329,8 +329,9 @@ def parse_args(argv: list[str]):
                         "choose rows with --samples or --user_id")
     if args.max_samples is not None and args.max_samples < 1:
         raise UserError(f"--max_samples {args.max_samples}: must be at least 1 (leave it out for the whole split)")
-    if args.output == "":
-        raise UserError("--output is empty (an unset variable?) — pass a file name, or leave the flag out")
+    for flag, what in (("output", "a file name"), ("dataset_dir", "a dataset folder")):
+        if getattr(args, flag) == "":
+            raise UserError(f"--{flag} is empty (an unset variable?) — pass {what}, or leave the flag out")
     if args.output is not None:
         check_output_file(args.output, "--output")  # here, not after minutes of inference
         if in_a_run(args.output):

@@ -211,3 +211,9 @@ def test_a_write_failing_for_another_reason_than_space_does_not_blame_the_disk(r
     error = run_curves_error(capsys, str(run_folder))
     assert error.endswith(f"cannot write {str(run_folder / 'training_curves.png')!r} (Permission denied) — pick "
                           "another path")
+
+
+def test_an_empty_output_is_refused_not_read_as_the_default(run_folder, capsys):
+    error = run_curves_error(capsys, str(run_folder), "--output", "")
+    assert error == "error: --output is empty (an unset variable?) — pass an image name, or leave the flag out"
+    assert sorted(os.listdir(run_folder)) == ["trainer_state.json"]
