@@ -457,12 +457,13 @@ def select_window(users, items, timestamps, start, end, k):
     moves back while fewer than MIN_WINDOW_ITEMS items remain and its year is later than the
     earliest rating's year.
     """
-    earliest, latest = timestamps.min(), timestamps.max()
+    latest = timestamps.max()
     plausible = [month_start_ms(year, 1) for year in PLAUSIBLE_YEARS]
     if not plausible[0] <= latest < plausible[1]:
         unit = "seconds" if latest < plausible[0] else "micro- or nanoseconds"
         raise UserError(f"the ratings' last timestamp, {latest}, is no date in milliseconds (Amazon Reviews "
                         f"2023's unit): {unit}? — check the ratings file's timestamp column")
+    earliest = timestamps[timestamps >= plausible[0]].min()  # a stray 0 or negative one would extend the back-off
     first, last = (datetime.datetime.fromtimestamp(t / 1000, tz=datetime.timezone.utc) for t in (earliest, latest))
     within = f"pick a window within the ratings, {first:%Y-%m} to {last:%Y-%m}"
     if month_start_ms(*end) < earliest:

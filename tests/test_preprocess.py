@@ -235,6 +235,7 @@ def test_backoff_reaches_the_earliest_year_and_stops_there():
     ratings = [(0, 0, ms(2020, 5)), (0, 1, ms(2020, 9, 30)), (0, 2, ms(2020, 10)), (1, 3, ms(2023, 1))]
     kept, start = window(ratings, (2022, 10), (2023, 10))
     assert start == (2020, 10) and [r[1] for r in kept] == [2, 3]
+    assert window([*ratings, (2, 4, -5), (2, 5, 0)], (2022, 10), (2023, 10)) == (kept, start)  # stray dates: ignored
 
 
 def test_k_core_repeats_until_nothing_changes():
