@@ -20,8 +20,28 @@ PREPROCESS_RECORD = "preprocess.json"
 SAMPLE_SPLITS = ("train", "valid", "test")
 SPLITS = (*SAMPLE_SPLITS, "item_info")
 DATASET_ENTRIES = ("dataset_dict.json", *SPLITS, PREPROCESS_RECORD)  # what preprocess.py writes into the folder
+
+def _text(kind) -> bool:
+    return pa.types.is_string(kind) or pa.types.is_large_string(kind)
+
+
+def _number(kind) -> bool:
+    return pa.types.is_integer(kind) or pa.types.is_floating(kind)
+
+
+def _list_of(holds):
+    return lambda kind: (pa.types.is_list(kind) or pa.types.is_large_list(kind)) and holds(kind.value_type)
+
+
+COLUMN_KINDS = {  # what train.py and recommend.py read (preprocess writes more): (what it holds, Arrow type test)
+    "user_id": ("text", _text), "history_item_id": ("lists of integers", _list_of(pa.types.is_integer)),
+    "history_item_title": ("lists of text", _list_of(_text)), "history_rating": ("lists of numbers", _list_of(_number)),
+    "history_timestamp": ("lists of integers", _list_of(pa.types.is_integer)),
+    "item_id": ("integers", pa.types.is_integer), "item_title": ("text", _text),
+    "timestamp": ("integers", pa.types.is_integer), "title": ("text", _text),
+}
 SAMPLE_COLUMNS = ("user_id", "history_item_id", "history_item_title", "history_rating", "history_timestamp",
-                  "item_id", "item_title", "timestamp")  # what train.py and recommend.py read (preprocess writes more)
+                  "item_id", "item_title", "timestamp")
 ITEM_COLUMNS = ("item_id", "title")  # of item_info; the prompt's other metadata may be missing
 NAME = re.compile(r"(?P<category>.+?)_\d+_\d{4}-\d{1,2}-\d{4}-\d{1,2}(_.*)?")
 
@@ -84,6 +104,7 @@ def load_dataset_dir(folder: str | None, category: str | None = None):
         if absent:
             raise UserError(f"the {split} split of {folder!r} lacks the column(s) {', '.join(absent)} — "
                             "rerun preprocess.py for it")
+        check_column_kinds(dataset[split], split, SAMPLE_COLUMNS, folder)
         if len(dataset[split]) == 0:
             raise UserError(f"the {split} split of {folder!r} is empty — preprocess a wider window (or a "
                             "smaller --K) so that every split holds samples")
@@ -97,6 +118,7 @@ def load_dataset_dir(folder: str | None, category: str | None = None):
     if absent:
         raise UserError(f"the item_info split of {folder!r} lacks the column(s) {', '.join(absent)} — "
                         "rerun preprocess.py for it")
+    check_column_kinds(dataset["item_info"], "item_info", ITEM_COLUMNS, folder)
     check_item_ids(dataset, folder)
     named = category_of(folder)
     recorded = recorded_category(folder)
@@ -125,6 +147,14 @@ def recorded_category(folder: str) -> str | None:
         return None
     category = read_json(path, "rerun preprocess.py for this folder").get("category")
     return category if isinstance(category, str) and category else None
+
+
+def check_column_kinds(split_data, split: str, columns: tuple, folder: str):
+    """The columns hold the kinds of values preprocess.py writes (a hand-made dataset may not)."""
+    wrong = [f"{c} holds {split_data.data.column(c).type}, not {COLUMN_KINDS[c][0]}" for c in columns
+             if not COLUMN_KINDS[c][1](split_data.data.column(c).type)]
+    if wrong:
+        raise UserError(f"the {split} split of {folder!r}: {'; '.join(wrong)} — rerun preprocess.py for it")
 
 
 def check_item_ids(dataset, folder: str):

@@ -1624,6 +1624,24 @@ def test_every_split_is_checked_for_the_columns_read(tmp_path, split, columns):
         load_dataset_dir(str(folder))
 
 
+@pytest.mark.parametrize("split, column, values, message", [
+    ("test", "history_rating", lambda v: [[str(r) for r in rs] for rs in v], "history_rating holds list<item: string>, "
+                                                                           "not lists of numbers"),
+    ("train", "timestamp", lambda v: [str(t) for t in v], "timestamp holds string, not integers"),
+    ("item_info", "title", lambda v: [len(t) for t in v], "title holds int64, not text"),
+])
+def test_a_column_of_the_wrong_kind_is_named(tmp_path, split, column, values, message):
+    """A hand-made dataset with ratings as text ended recommend.py with a ValueError traceback."""
+    dataset = tiny_dataset()
+    changed = values(dataset[split][column])
+    dataset[split] = dataset[split].remove_columns(column).add_column(column, changed)
+    folder = tmp_path / "Video_Games_0_2022-10-2023-10"
+    dataset.save_to_disk(str(folder))
+    with pytest.raises(UserError, match=re.escape(f"the {split} split of {str(folder)!r}: {message} — rerun "
+                                                  "preprocess.py for it")):
+        load_dataset_dir(str(folder))
+
+
 def test_category_that_contradicts_the_dataset_folder_is_named(tmp_path):
     with pytest.raises(UserError, match="holds Video_Games, not CDs_and_Vinyl"):
         train.main(quick_flags(tmp_path, "--dataset_category", "CDs_and_Vinyl"))
