@@ -31,7 +31,8 @@ RUN_OUTPUTS = ("checkpoint-*", "runs", "reasoning", RUN_RECORD, "trainer_state.j
                "special_tokens_map.json", "added_tokens.json", "vocab.json", "merges.txt",
                "global_step*", "latest", "zero_to_fp32.py", "emissions.csv")  # what a run writes, ZeRO-3's too
 WRITTEN_BEFORE_A_SAVE = ("runs", "reasoning")  # a run killed before its first checkpoint leaves only these
-OTHER_CONTENT = ("config.json", "*.safetensors", "dataset_dict.json", "preprocess.json", ".git", "*.py")  # not a run's
+OTHER_CONTENT = ("config.json", "*.safetensors", "dataset_dict.json", "preprocess.json", ".git", "*.py",  # not a run's
+                 "pyvenv.cfg", ".bashrc", ".profile", ".ssh")  # a virtual environment's, a home folder's
 
 
 def check_output_dir(config: RecPOConfig) -> str | None:

@@ -1291,7 +1291,8 @@ def test_a_folder_a_run_would_overwrite_or_mix_with_is_refused_even_when_overwri
     a run is no reason to refuse, and stays."""
     for folder, others in (("repo", ("README.md", "train.py", "notes.txt")),
                            ("backbone", ("config.json", "model.safetensors")), ("data", ("dataset_dict.json",)),
-                           ("data_root", ("Video_Games_0_2022-10-2023-10/dataset_dict.json",))):
+                           ("data_root", ("Video_Games_0_2022-10-2023-10/dataset_dict.json",)),
+                           ("venv", ("pyvenv.cfg",)), ("home", (".bashrc", ".ssh/known_hosts"))):  # .venv, ~
         for name in others:
             (tmp_path / folder / name).parent.mkdir(parents=True, exist_ok=True)
             (tmp_path / folder / name).write_text("{}")
