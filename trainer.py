@@ -63,6 +63,25 @@ EVAL_TOP_ITEMS = 10  # top_k of each saved evaluation record: recommended items 
 # Arguments
 
 
+def check_zero_stage(deepspeed: str):
+    """--deepspeed names a readable config (a file, or inline JSON or base64) of ZeRO stage 0-2:
+    stage 3 shards the weights, which the rollout engine and the skipped-step reset do not cover."""
+    if os.path.isfile(deepspeed):
+        config = read_json(deepspeed, "fix this --deepspeed file, or pass the shipped ds_config.json")
+    else:
+        config = inline_deepspeed_config(deepspeed)
+    shown = f"{deepspeed[:60]!r}…" if len(deepspeed) > 60 else (
+        repr(deepspeed) if deepspeed.lstrip().startswith("{") else missing_path(deepspeed))
+    if config is None:
+        raise UserError(f"--deepspeed {shown}: no such file, nor a config given inline as JSON or base64 — pass "
+                        "a DeepSpeed config file, e.g. the shipped ds_config.json (launch_train.sh: DS_CONFIG)")
+    zero = config.get("zero_optimization", {})
+    stage = zero.get("stage", 0) if isinstance(zero, dict) else zero
+    if stage not in (0, 1, 2) or isinstance(stage, bool):
+        raise UserError(f"--deepspeed {shown}: zero_optimization stage {stage!r} — RecPO runs ZeRO stages 0-2 (the "
+                        "shipped ds_config.json: 2); stage 3's sharded weights are not covered")
+
+
 def inline_deepspeed_config(text: str) -> dict | None:
     """The DeepSpeed config that --deepspeed gives inline, as JSON or base64 of JSON (as accelerate
     reads it), or None."""
@@ -234,13 +253,8 @@ class RecPOConfig(TrainingArguments):
                             "would sit among the system's — pass a folder of its own (or a --run_name: outputs/<name>)")
         if isinstance(self.deepspeed, str) and os.path.isdir(self.deepspeed):
             raise UserError(f"--deepspeed {self.deepspeed} is a folder — pass a DeepSpeed config file, e.g. ds_config.json")
-        if isinstance(self.deepspeed, str) and os.path.isfile(self.deepspeed):
-            read_json(self.deepspeed, "fix this --deepspeed file, or pass the shipped ds_config.json")
-        elif isinstance(self.deepspeed, str) and inline_deepspeed_config(self.deepspeed) is None:
-            shown = f"{self.deepspeed[:60]!r}…" if len(self.deepspeed) > 60 else (
-                repr(self.deepspeed) if self.deepspeed.lstrip().startswith("{") else missing_path(self.deepspeed))
-            raise UserError(f"--deepspeed {shown}: no such file, nor a config given inline as JSON or base64 — pass "
-                            "a DeepSpeed config file, e.g. the shipped ds_config.json (launch_train.sh: DS_CONFIG)")
+        if isinstance(self.deepspeed, str):
+            check_zero_stage(self.deepspeed)
         for flag in ("eval_steps", "save_steps", "logging_steps"):
             value = getattr(self, flag)
             if value is not None and not value > 0:

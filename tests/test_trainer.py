@@ -9,6 +9,7 @@ import re
 import shutil
 import subprocess
 import sys
+import tempfile
 import types
 import warnings
 
@@ -1092,6 +1093,14 @@ def test_report_to_takes_a_comma_separated_list(tmp_path, monkeypatch):
     assert config.report_to == ["tensorboard", "wandb"]
 
 
+def ds_file(config: dict) -> str:
+    """A DeepSpeed config written to a file of its own, for the parametrized flags below."""
+    path = os.path.join(tempfile.mkdtemp(), "ds.json")
+    with open(path, "w") as f:
+        json.dump(config, f)
+    return path
+
+
 @pytest.mark.parametrize("flags, message", [
     (["--foo", "3"], "unknown argument(s) --foo 3"),
     (["--learning_rate", "-1"], "--learning_rate -1.0"),
@@ -1108,6 +1117,11 @@ def test_report_to_takes_a_comma_separated_list(tmp_path, monkeypatch):
                                               "inline as JSON or base64 — pass a DeepSpeed config file, e.g. the "
                                               "shipped ds_config.json (launch_train.sh: DS_CONFIG)"),
     (["--deepspeed", "ds_config"], f"--deepspeed 'ds_config' (relative to {os.getcwd()}): no such file, nor a config"),
+    (["--deepspeed", '{"zero_optimization": {"stage": 3}}'], """--deepspeed '{"zero_optimization": {"stage": 3}}': """
+                                                             "zero_optimization stage 3 — RecPO runs ZeRO stages 0-2"),
+    (["--deepspeed", '{"zero_optimization": {"stage": "two"}}'], "zero_optimization stage 'two' — RecPO runs ZeRO"),
+    (["--deepspeed", ds_file({"zero_optimization": {"stage": 3, "overlap_comm": True}})], "stage 3 — RecPO runs ZeRO "
+                                                                                           "stages 0-2 (the shipped"),
     (["--deepspeed", "ds_config.yaml"], "--deepspeed 'ds_config.yaml' (relative to "),  # accelerate's words before
     (["--deepspeed", '{"zero_optimization": {"stage": 2}'],  # inline JSON with a brace missing
      """--deepspeed '{"zero_optimization": {"stage": 2}': no such file, nor a config given inline as JSON or base64"""),
