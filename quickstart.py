@@ -76,6 +76,8 @@ def run(command: list[str]):
     killed by a signal (which leaves no line of its own), with one naming the step and the signal."""
     print("$", " ".join(command), flush=True)
     step = subprocess.Popen(command, cwd=ROOT)
+    # `kill` of the quick start alone passes on to the step, which must not train on orphaned
+    on_sigterm = signal.signal(signal.SIGTERM, lambda signum, frame: step.send_signal(signal.SIGTERM))
     try:
         code = step.wait()
     except KeyboardInterrupt:  # Ctrl-C reaches the step too (one process group), which says so itself
@@ -85,6 +87,7 @@ def run(command: list[str]):
             step.send_signal(signal.SIGINT)
             code = step.wait()
     finally:
+        signal.signal(signal.SIGTERM, on_sigterm)
         if step.poll() is None:  # a second Ctrl-C: the step must not run on alone
             step.kill()
     if code < 0:

@@ -129,6 +129,26 @@ def test_ctrl_c_ends_a_step_with_one_line(tmp_path):
     assert quick.returncode == 130 and stderr.splitlines() == ["error: interrupted"], stderr
 
 
+def test_kill_of_the_quick_start_alone_stops_its_step_with_one_line(tmp_path):
+    """SIGTERM to the quick start's process only (`kill PID`): its step stops too, not trains on orphaned."""
+    step = [sys.executable, "-c", "import os, time, errors\n"
+                                  "errors.run_cli(lambda: print('ready', os.getpid(), flush=True) or time.sleep(60))"]
+    run_step = f"import quickstart, errors; errors.run_cli(quickstart.run, {step!r}, interrupt_on_sigterm=False)"
+    quick = subprocess.Popen([sys.executable, "-c", run_step], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                             text=True, start_new_session=True)
+    for line in quick.stdout:
+        if line.startswith("ready"):
+            step_pid = int(line.split()[1])
+            break
+    else:
+        pytest.fail(f"the step never started: {quick.communicate()[1]}")
+    os.kill(quick.pid, signal.SIGTERM)
+    _, stderr = quick.communicate(timeout=30)
+    assert quick.returncode == 130 and stderr.splitlines() == ["error: interrupted"], stderr  # the step's own line
+    with pytest.raises(ProcessLookupError):
+        os.kill(step_pid, 0)
+
+
 def test_a_step_killed_by_a_signal_is_named_in_one_line(tmp_path, capsys):
     """The out-of-memory killer's SIGKILL leaves the step no line of its own."""
     step = tmp_path / "train.py"
