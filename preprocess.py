@@ -65,6 +65,7 @@ CONNECT_TIMEOUT_S, READ_TIMEOUT_S = 15, 120
 MIN_YEAR, MAX_YEAR = 1970, 2100  # timestamps are ms since 1970; Amazon Reviews 2023 spans 1996-2023
 PLAUSIBLE_YEARS = (1990, 2100)  # a last rating outside, read as ms: the file counts in another unit
 MAX_POSTFIX = 100  # keeps the output folder's name (and its temporary name) under 255 bytes
+SHIPPED_SAMPLE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", "sample")
 MAX_WINDOW_SIZE = 100_000  # history lines per sample; far beyond any prompt limit, and within int64
 
 # ---------------------------------------------------------------------------------------------
@@ -193,9 +194,16 @@ def fetch_raw(category, root, base_url):
     return paths
 
 
+def fetch_again(path: str) -> str:
+    """How to replace a damaged raw file: download it anew, or restore the committed sample, which
+    is never downloaded (data/make_sample.py builds it)."""
+    if os.path.realpath(os.path.dirname(os.path.abspath(path))) == os.path.realpath(SHIPPED_SAMPLE):
+        return "restore the shipped sample with `git checkout data/sample`"
+    return "delete the file and rerun to download it again"
+
+
 def corrupt_file_error(path, e):
-    return UserError(f"{path} is truncated or corrupt ({type(e).__name__}: {one_line(e)}) — delete it and "
-                     f"rerun to download it again")
+    return UserError(f"{path} is truncated or corrupt ({type(e).__name__}: {one_line(e)}) — {fetch_again(path)}")
 
 # ---------------------------------------------------------------------------------------------
 # Item filter and text cleaning
@@ -304,11 +312,10 @@ def scan_metadata(lines, rated, path):
         try:
             meta = json.loads(line)
         except ValueError as e:
-            raise UserError(f"{path} line {number} is not valid JSON ({one_line(e)}) — delete the file and "
-                            f"rerun to download it again") from e
+            raise UserError(f"{path} line {number} is not valid JSON ({one_line(e)}) — {fetch_again(path)}") from e
         if not isinstance(meta, dict) or not isinstance(meta.get("parent_asin"), str):
-            raise UserError(f"{path} line {number} has no parent_asin — every metadata line needs "
-                            f"one: delete the file and rerun to download it again")
+            raise UserError(f"{path} line {number} has no parent_asin — every metadata line needs one: "
+                            f"{fetch_again(path)}")
         asin = meta["parent_asin"]
         if asin in seen:
             continue
@@ -316,7 +323,7 @@ def scan_metadata(lines, rated, path):
         if filter_title(meta.get("title")) is not None and price_is_float(meta.get("price")):
             kept[asin] = line
     if empty:
-        raise UserError(f"{path} is empty (no items) — delete the file and rerun to download it again")
+        raise UserError(f"{path} is empty (no items) — {fetch_again(path)}")
     return kept
 
 
@@ -409,21 +416,17 @@ def read_ratings(path):
         detail = one_line(e)
         if isinstance(e, pa.ArrowKeyError):  # a column of include_columns is absent
             raise UserError(f"{path} lacks a required column — the header must be "
-                            f"{','.join(RATING_COLUMNS)}: delete the file and rerun to download "
-                            f"it again") from e
+                            f"{','.join(RATING_COLUMNS)}: {fetch_again(path)}") from e
         if "Empty CSV file" in detail:
-            raise UserError(f"{path} is empty (no header, no ratings) — delete the file and rerun to download it "
-                            "again") from e
-        raise UserError(f"{path} has a line with missing or malformed fields ({detail}) — delete "
-                        f"the file and rerun to download it again") from e
+            raise UserError(f"{path} is empty (no header, no ratings) — {fetch_again(path)}") from e
+        raise UserError(f"{path} has a line with missing or malformed fields ({detail}) — {fetch_again(path)}") from e
     for name in RATING_COLUMNS:
         if table[name].null_count:
             row = int(np.flatnonzero(table[name].is_null().to_numpy(zero_copy_only=False))[0])
             raise UserError(f"{path} line {row + 2} has no {name} — every line needs "
-                            f"{','.join(RATING_COLUMNS)}: delete the file and rerun to download "
-                            f"it again")
+                            f"{','.join(RATING_COLUMNS)}: {fetch_again(path)}")
     if table.num_rows == 0:
-        raise UserError(f"{path} has a header but no ratings — delete the file and rerun to download it again")
+        raise UserError(f"{path} has a header but no ratings — {fetch_again(path)}")
     return table
 
 

@@ -694,8 +694,20 @@ def test_corrupt_local_raw_file_is_reported_and_kept(tmp_path, capsys):
     data = (tmp_path / SAMPLE_FILES[0]).read_bytes()
     (tmp_path / SAMPLE_FILES[0]).write_bytes(data[: len(data) // 2])
     line = user_error(capsys, ["--category", "Video_Games", "--data_root_dir", str(tmp_path)])
-    assert "Video_Games.csv.gz is truncated or corrupt" in line and "delete it" in line
+    assert "Video_Games.csv.gz is truncated or corrupt" in line
+    assert line.endswith("— delete the file and rerun to download it again")
     assert sorted(os.listdir(tmp_path)) == sorted(SAMPLE_FILES)
+
+
+def test_a_damaged_shipped_sample_is_restored_from_git_not_downloaded(tmp_path, capsys, monkeypatch):
+    """The committed sample has no download: a rerun would fetch the whole category into data/sample."""
+    copy_sample(tmp_path)
+    monkeypatch.setattr(P, "SHIPPED_SAMPLE", str(tmp_path))  # stands in for data/sample, which stays whole
+    data = (tmp_path / SAMPLE_FILES[0]).read_bytes()
+    (tmp_path / SAMPLE_FILES[0]).write_bytes(data[: len(data) // 2])
+    line = user_error(capsys, ["--category", "Video_Games", "--data_root_dir", str(tmp_path)])
+    assert "Video_Games.csv.gz is truncated or corrupt" in line
+    assert line.endswith("— restore the shipped sample with `git checkout data/sample`")
 
 
 def test_cli_exit_code_and_no_traceback(tmp_path):
