@@ -21,6 +21,7 @@ SAMPLE_SPLITS = ("train", "valid", "test")
 SPLITS = (*SAMPLE_SPLITS, "item_info")
 DATASET_ENTRIES = ("dataset_dict.json", *SPLITS, PREPROCESS_RECORD)  # what preprocess.py writes into the folder
 
+
 def _text(kind) -> bool:
     return pa.types.is_string(kind) or pa.types.is_large_string(kind)
 

@@ -14,10 +14,8 @@ One training step, per process, on B users (`per_device_train_batch_size`):
 ranks all items (SPEC §5). Everything a user tunes is a field of `RecPOConfig`, which
 `train.py` parses from the command line.
 """
-import base64
 import contextlib
 import glob
-import json
 import math
 import os
 import time
@@ -29,6 +27,7 @@ from typing import Callable, NamedTuple
 
 import torch
 from accelerate.utils import gather, gather_object, set_seed
+from accelerate.utils.deepspeed import HfDeepSpeedConfig
 from torch.utils.data import Sampler
 from tqdm.auto import tqdm
 from transformers import EarlyStoppingCallback, Trainer, TrainingArguments
@@ -83,16 +82,14 @@ def check_zero_stage(deepspeed: str):
 
 
 def inline_deepspeed_config(text: str) -> dict | None:
-    """The DeepSpeed config that --deepspeed gives inline, as JSON or base64 of JSON (as accelerate
-    reads it), or None."""
-    for decode in (lambda: text, lambda: base64.urlsafe_b64decode(text).decode()):
-        try:
-            config = json.loads(decode())
-        except ValueError:  # not JSON, not base64, not UTF-8
-            continue
-        if isinstance(config, dict):
-            return config
-    return None
+    """The DeepSpeed config that --deepspeed gives inline, as JSON or base64 of JSON, read by
+    accelerate's own parser, or None."""
+    if os.path.exists(text):  # a path: accelerate would read the file
+        return None
+    try:
+        return HfDeepSpeedConfig(text).config
+    except (ValueError, AttributeError, TypeError):  # not JSON, not base64; JSON but no object
+        return None
 
 
 @dataclass
