@@ -649,20 +649,21 @@ def dataset_folder(args) -> str:
         args.category, args.K, args.st_year, args.st_month, args.ed_year, args.ed_month, args.postfix))
 
 
-def check_replaceable(target):
+def check_replaceable(target, or_else=", or pass --postfix for a dataset folder of another name"):
     """An earlier dataset of the same name is replaced as a whole: refused when it holds anything
-    preprocess.py does not write (a training run saved into it, say), or when it is no folder."""
+    preprocess.py does not write (a training run saved into it, say), or when it is no folder.
+    `or_else` ends the fix: the way out other than moving things away (quickstart.py has no --postfix)."""
     if os.path.islink(target) or (os.path.exists(target) and not os.path.isdir(target)):
         kind = "a link" if os.path.islink(target) else "a file"
         raise UserError(f"{target} is {kind}, not a dataset folder, and the new dataset would replace it — move it "
-                        "away, or pass --postfix for a dataset folder of another name")
+                        f"away{or_else}")
     if not os.path.isdir(target):
         return
     foreign = sorted(name for name in set(os.listdir(target)) - set(DATASET_ENTRIES) if not name.startswith("."))
     if foreign:
         raise UserError(f"{target} holds {', '.join(foreign[:3])}{' …' if len(foreign) > 3 else ''}, which "
                         "preprocess.py did not write, and the new dataset replaces the folder as a whole — move "
-                        "them out of it, or pass --postfix for a dataset folder of another name")
+                        f"them out of it{or_else}")
 
 
 def check_base_url(url):

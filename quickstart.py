@@ -24,6 +24,7 @@ import torch
 from metrics import METRIC_NAMES
 from model import offline_and_not_cached
 from paths import DEFAULT_MODEL, resolve_model
+from preprocess import check_replaceable
 from run_folder import check_no_clash, earlier_run
 from train import parse_config
 from trainer import EVAL_SPLITS, reasoning_file
@@ -63,6 +64,7 @@ def parse_args(argv=None):
     if os.path.realpath(output_dir) != os.path.realpath(os.path.join(ROOT, OUTPUT_DIR)) and earlier_run(output_dir):
         raise UserError(f"--output_dir {args.output_dir} holds an earlier run, which the quick start would "
                         f"overwrite — pick a new folder, or delete that one (only {OUTPUT_DIR} is overwritten freely)")
+    check_replaceable(os.path.join(ROOT, DATASET_DIR), or_else=" (the quick start writes its dataset there)")
     model = resolve_model(args.model)  # a placeholder or unknown name fails before preprocess.py runs
     if offline_and_not_cached(model):
         raise UserError(f"--model {args.model}: {model!r} is a hub id that is not in the Hugging Face cache, and "

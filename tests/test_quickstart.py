@@ -99,6 +99,25 @@ def test_a_folder_holding_another_run_is_refused_untouched(tmp_path, monkeypatch
     assert sorted(os.listdir(run)) == ["checkpoint-40", "r2ec_run.json"]
 
 
+@pytest.mark.parametrize("kind", ["a file", "foreign files"])
+def test_a_dataset_folder_preprocess_py_would_refuse_is_refused_with_a_quick_start_fix(tmp_path, monkeypatch, kind):
+    """preprocess.py's own refusal ends with "pass --postfix", a flag the quick start lacks."""
+    monkeypatch.setattr(quickstart, "ROOT", str(tmp_path))
+    target = tmp_path / quickstart.DATASET_DIR
+    target.parent.mkdir(parents=True)
+    if kind == "a file":
+        target.write_text("mine")
+        expected = f"{target} is a file, not a dataset folder, and the new dataset would replace it — move it away"
+    else:
+        (target / "run1").mkdir(parents=True)
+        expected = (f"{target} holds run1, which preprocess.py did not write, and the new dataset replaces the folder "
+                    "as a whole — move them out of it")
+    with pytest.raises(UserError) as caught:
+        quickstart.parse_args(["--output_dir", str(tmp_path / "quick")])
+    assert str(caught.value) == expected + " (the quick start writes its dataset there)"
+    assert target.read_text() == "mine" if kind == "a file" else os.listdir(target) == ["run1"]
+
+
 def test_a_folder_holding_other_files_is_refused_untouched(tmp_path):
     (tmp_path / "README.md").write_text("mine")
     (tmp_path / "notes.txt").write_text("mine")
