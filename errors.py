@@ -14,6 +14,7 @@ import json
 import os
 import signal
 import sys
+import tempfile
 import traceback
 
 
@@ -62,7 +63,8 @@ def folder_problem(folder: str) -> str | None:
     """Why files cannot be written into `folder`, created if missing (None: they can).
 
     Read from the nearest part of the path that exists: a file in the way, or a folder that is
-    not writable.
+    not writable — by its permissions, or, what access() cannot tell, by its file system (read-only,
+    virtual like /proc, full): a folder is made in it and removed again.
     """
     path = os.path.abspath(folder)
     existing = path
@@ -72,6 +74,12 @@ def folder_problem(folder: str) -> str | None:
         return "is a file" if existing == path else f"is inside {existing}, a file"
     if not os.access(existing, os.W_OK | os.X_OK):
         return "is not writable" if existing == path else f"cannot be created: {existing} is not writable"
+    try:
+        os.rmdir(tempfile.mkdtemp(prefix=".r2ec-probe-", dir=existing))
+    except OSError as e:
+        reason = e.strerror or str(e)
+        return f"is not writable ({reason})" if existing == path else \
+            f"cannot be created: no folder can be made in {existing} ({reason})"
     return None
 
 

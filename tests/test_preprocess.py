@@ -14,6 +14,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 import types
@@ -801,6 +802,21 @@ def test_data_root_not_writable(tmp_path, capsys, monkeypatch, has_raw, below):
     assert line.startswith(f"error: --data_root_dir {root} ") and "pass a folder you can write" in line
     assert (f"cannot be created: {locked} is not writable" if below else "is not writable") in line
     assert listing(tmp_path) == before
+
+
+@pytest.mark.parametrize("below", ["", "new"])
+def test_data_root_on_a_read_only_file_system(tmp_path, capsys, monkeypatch, below):
+    """os.access says yes there (its modes allow writing), so a folder is made to find out."""
+    def read_only(*args, **kwargs):
+        raise OSError(errno.EROFS, "Read-only file system")
+
+    monkeypatch.setattr(tempfile, "mkdtemp", read_only)
+    root = os.path.join(tmp_path, below) if below else str(tmp_path)
+    line = user_error(capsys, ["--category", "Video_Games", "--data_root_dir", root, "--base_url", NOWHERE])
+    problem = (f"cannot be created: no folder can be made in {tmp_path} (Read-only file system)" if below
+               else "is not writable (Read-only file system)")
+    assert line == f"error: --data_root_dir {root} {problem} — pass a folder you can write to (it is created if missing)"
+    assert os.listdir(tmp_path) == []
 
 
 @pytest.mark.skipif(os.geteuid() == 0, reason="root writes into read-only folders")

@@ -78,6 +78,8 @@ def test_a_cpu_without_bf16_instructions_is_told_apart(tmp_path, monkeypatch):
     (["--seed", "-1"], "--seed -1: must be between 0 and 2**32 - 1"),  # train.py would refuse these three
     (["--model", "gemma"], "model 'Gemma-2-2b-it' points to '/path/to/your/gemma-2-2b-it', which is a placeholder"),
     (["--output_dir", "README.md"], "--output_dir README.md is a file — pass a folder you can write to"),
+    (["--output_dir", "/proc/r2ec_quick"], "--output_dir /proc/r2ec_quick cannot be created: no folder can be made "
+                                           "in /proc (No such file or directory) — pass a folder you can write to"),
 ])
 def test_bad_flags_are_refused_before_preprocessing(tmp_path, flags, message):
     """parse_args runs before preprocess.py, which rewrites data/sample's dataset. (The one-line
