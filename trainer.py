@@ -65,17 +65,22 @@ EVAL_TOP_ITEMS = 10  # top_k of each saved evaluation record: recommended items 
 def check_zero_stage(deepspeed: str):
     """--deepspeed names a readable config (a file, or inline JSON or base64) of ZeRO stage 0-2:
     stage 3 shards the weights, which the rollout engine and the skipped-step reset do not cover."""
-    if os.path.isfile(deepspeed):
-        config = read_json(deepspeed, "fix this --deepspeed file, or pass the shipped ds_config.json")
-    else:
-        config = inline_deepspeed_config(deepspeed)
     shown = f"{deepspeed[:60]!r}…" if len(deepspeed) > 60 else (
-        repr(deepspeed) if deepspeed.lstrip().startswith("{") else missing_path(deepspeed))
+        repr(deepspeed) if deepspeed.lstrip().startswith(("{", "[")) else missing_path(deepspeed))
+    try:
+        if os.path.isfile(deepspeed):
+            config = HfDeepSpeedConfig(read_json(deepspeed, "fix this --deepspeed file, or pass the shipped "
+                                                            "ds_config.json")).config
+        else:
+            config = inline_deepspeed_config(deepspeed)
+    except (AttributeError, TypeError) as e:  # accelerate's reading: JSON, but a section of it is no object
+        raise UserError(f"--deepspeed {shown}: accelerate cannot read this config ({one_line(e)}) — it and each of "
+                        "its sections (zero_optimization, …) must be JSON objects, as in the shipped "
+                        "ds_config.json") from e
     if config is None:
         raise UserError(f"--deepspeed {shown}: no such file, nor a config given inline as JSON or base64 — pass "
                         "a DeepSpeed config file, e.g. the shipped ds_config.json (launch_train.sh: DS_CONFIG)")
-    zero = config.get("zero_optimization", {})
-    stage = zero.get("stage", 0) if isinstance(zero, dict) else zero
+    stage = (config.get("zero_optimization") or {}).get("stage", 0)
     if stage not in (0, 1, 2) or isinstance(stage, bool):
         raise UserError(f"--deepspeed {shown}: zero_optimization stage {stage!r} — RecPO runs ZeRO stages 0-2 (the "
                         "shipped ds_config.json: 2); stage 3's sharded weights are not covered")
@@ -83,12 +88,12 @@ def check_zero_stage(deepspeed: str):
 
 def inline_deepspeed_config(text: str) -> dict | None:
     """The DeepSpeed config that --deepspeed gives inline, as JSON or base64 of JSON, read by
-    accelerate's own parser, or None."""
-    if os.path.exists(text):  # a path: accelerate would read the file
+    accelerate's own parser, or None (not JSON nor base64, or a path: accelerate reads the file)."""
+    if os.path.exists(text):
         return None
     try:
         return HfDeepSpeedConfig(text).config
-    except (ValueError, AttributeError, TypeError):  # not JSON, not base64; JSON but no object
+    except ValueError:
         return None
 
 

@@ -29,7 +29,7 @@ from tests.backbones import tiny_backbone
 from tests import tiny_data
 from tests.tiny_data import tiny_dataset
 from trainer import (RecPOConfig, RecPOTrainer, RepeatedBatchSampler, check_context_length,
-                     inline_deepspeed_config)
+                     check_zero_stage, inline_deepspeed_config)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PYTHON = sys.executable
@@ -1083,8 +1083,9 @@ def test_a_deepspeed_config_given_inline_is_read_as_accelerate_reads_it():
     text = json.dumps(config)
     assert inline_deepspeed_config(text) == config
     assert inline_deepspeed_config(base64.urlsafe_b64encode(text.encode()).decode()) == config
-    for not_a_config in ("ds_config.json", "ds_config", text[:-1], "[1, 2]", "abcd", base64.b64encode(b"[]").decode()):
+    for not_a_config in ("ds_config.json", "ds_config", text[:-1], "abcd"):
         assert inline_deepspeed_config(not_a_config) is None, not_a_config
+    check_zero_stage('{"zero_optimization": null}')  # accelerate takes it: stage 0
 
 
 def test_report_to_takes_a_comma_separated_list(tmp_path, monkeypatch):
@@ -1122,6 +1123,15 @@ def ds_file(config: dict) -> str:
     (["--deepspeed", '{"zero_optimization": {"stage": "two"}}'], "zero_optimization stage 'two' — RecPO runs ZeRO"),
     (["--deepspeed", ds_file({"zero_optimization": {"stage": 3, "overlap_comm": True}})], "stage 3 — RecPO runs ZeRO "
                                                                                            "stages 0-2 (the shipped"),
+    (["--deepspeed", '{"zero_optimization": 5}'], """--deepspeed '{"zero_optimization": 5}': accelerate cannot read """
+                                                  "this config ('int' object has no attribute 'get') — it and each of "
+                                                  "its sections (zero_optimization, …) must be JSON objects"),
+    (["--deepspeed", "[1, 2]"], "--deepspeed '[1, 2]': accelerate cannot read this config ('list' object has no "
+                                "attribute 'get')"),
+    (["--deepspeed", base64.b64encode(b"[1, 2]").decode()], "--deepspeed 'WzEsIDJd' (relative to "  # base64: a path?
+                                                            f"{os.getcwd()}): accelerate cannot read this config"),
+    (["--deepspeed", ds_file({"zero_optimization": {"stage": 2, "offload_optimizer": "cpu"}})],
+     "accelerate cannot read this config ('str' object has no attribute 'get')"),
     (["--deepspeed", "ds_config.yaml"], "--deepspeed 'ds_config.yaml' (relative to "),  # accelerate's words before
     (["--deepspeed", '{"zero_optimization": {"stage": 2}'],  # inline JSON with a brace missing
      """--deepspeed '{"zero_optimization": {"stage": 2}': no such file, nor a config given inline as JSON or base64"""),
