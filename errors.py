@@ -40,6 +40,12 @@ def one_line(error: BaseException, limit: int = 300) -> str:
     return text if len(text) <= limit else text[:limit - 1] + "…"
 
 
+def shown_briefly(value, limit: int = 60) -> str:
+    """repr(value), cut to `limit` characters and marked "…" where longer: a value quoted in an error line."""
+    text = repr(value)
+    return text if len(text) <= limit else f"{text[:limit]}…"
+
+
 def missing_path(path: str) -> str:
     """`path` quoted, and where a relative one was looked for (launch_train.sh and quickstart.sh
     run from the repository folder, not the shell's)."""

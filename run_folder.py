@@ -17,7 +17,7 @@ from transformers import TrainerCallback
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, get_last_checkpoint
 
 from dataset import catalogue_digest, is_dataset, load_dataset_dir
-from errors import UserError, folder_problem, missing_path, one_line, read_json, write_json
+from errors import UserError, folder_problem, missing_path, one_line, read_json, shown_briefly, write_json
 from paths import resolve_model
 from trainer import RecPOConfig
 
@@ -198,8 +198,7 @@ def check_checkpoint_settings(checkpoint: str, config: RecPOConfig):
     state = read_json(os.path.join(checkpoint, "trainer_state.json"), fix)
     for key, (what, holds) in TRAINER_STATE_FIELDS.items():
         if key in state and not holds(state[key]):
-            shown = repr(state[key]) if len(repr(state[key])) <= 60 else f"{repr(state[key])[:60]}…"
-            raise UserError(f"{checkpoint}/trainer_state.json's {key} {shown} is not {what} — {fix}")
+            raise UserError(f"{checkpoint}/trainer_state.json's {key} {shown_briefly(state[key])} is not {what} — {fix}")
     step = state.get("global_step", 0)
     if 0 < config.max_steps <= step:  # the Trainer would still train one more step
         steps = f"{step} step{'s' * (step != 1)}"

@@ -34,7 +34,7 @@ from transformers import EarlyStoppingCallback, Trainer, TrainingArguments
 from transformers.trainer_callback import ExportableState
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, SaveStrategy, get_last_checkpoint
 
-from errors import UserError, missing_path, one_line, read_json, umask, write_jsonl
+from errors import UserError, missing_path, one_line, read_json, shown_briefly, umask, write_jsonl
 from metrics import METRIC_NAMES, ndcg_at_k, split_metrics, target_rank, top_items
 from model import (ITEM_BATCH_SIZE, LORA_ALPHA, LORA_DROPOUT, LORA_R, LORA_TARGETS, SIMILARITY_TYPES, TAU, ItemTable,
                    check_layer_types, encode, end_of_turn_ids, mask_seen, shared_prompt_forward, similarity)
@@ -65,8 +65,8 @@ EVAL_TOP_ITEMS = 10  # top_k of each saved evaluation record: recommended items 
 def check_zero_stage(deepspeed: str):
     """--deepspeed names a readable config (a file, or inline JSON or base64) of ZeRO stage 0-2:
     stage 3 shards the weights, which the rollout engine and the skipped-step reset do not cover."""
-    shown = f"{deepspeed[:60]!r}…" if len(deepspeed) > 60 else (
-        repr(deepspeed) if deepspeed.lstrip().startswith(("{", "[")) else missing_path(deepspeed))
+    looks_inline = len(deepspeed) > 60 or deepspeed.lstrip().startswith(("{", "["))
+    shown = shown_briefly(deepspeed) if looks_inline else missing_path(deepspeed)
     try:
         if os.path.isfile(deepspeed):
             config = HfDeepSpeedConfig(read_json(deepspeed, "fix this --deepspeed file, or pass the shipped "

@@ -1126,6 +1126,8 @@ def ds_file(config: dict) -> str:
     (["--deepspeed", '{"zero_optimization": 5}'], """--deepspeed '{"zero_optimization": 5}': accelerate cannot read """
                                                   "this config ('int' object has no attribute 'get') — it and each of "
                                                   "its sections (zero_optimization, …) must be JSON objects"),
+    (["--deepspeed", json.dumps({"train_batch_size": "auto", "zero_optimization": {"stage": 3, "overlap_comm": True}})],
+     """--deepspeed '{"train_batch_size": "auto", "zero_optimization": {"stage":…: zero_optimization stage 3"""),
     (["--deepspeed", "[1, 2]"], "--deepspeed '[1, 2]': accelerate cannot read this config ('list' object has no "
                                 "attribute 'get')"),
     (["--deepspeed", base64.b64encode(b"[1, 2]").decode()], "--deepspeed 'WzEsIDJd' (relative to "  # base64: a path?
@@ -1568,6 +1570,8 @@ def test_a_checkpoint_of_the_same_data_order_resumes_and_another_one_with_ignore
     (lambda c: (c / "trainer_state.json").write_text('{"global_step": 2, "log_history": 5}'),
      "checkpoint-2/trainer_state.json's log_history 5 is not a list of log entries — resume from another checkpoint-*"),
     (lambda c: (c / "trainer_state.json").write_text('{"log_history": [{"loss": 1}, 3]}'), "log_history [{'loss': 1}, 3]"),
+    (lambda c: (c / "trainer_state.json").write_text(json.dumps({"log_history": list(range(100))})),
+     "log_history [0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15, 16, 1… is not"),  # 60 characters
     (lambda c: (c / "trainer_state.json").write_text('{"best_metric": "x"}'), "best_metric 'x' is not a number or null"),
     (lambda c: (c / "trainer_state.json").write_text('{"best_metric": true}'), "best_metric True is not a number"),
     (lambda c: (c / "trainer_state.json").write_text('{"stateful_callbacks": []}'), "stateful_callbacks [] is not an"),
