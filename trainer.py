@@ -949,14 +949,17 @@ class RecPOTrainer(Trainer):
         """Trainer.train, once every process sees the run's folder, noting the checkpoint a resume
         starts from (see `restore_item_table`). A resume does not evaluate on start: a checkpoint
         saved at an evaluation was evaluated then, and that evaluation would encode the item table
-        afresh instead of taking the checkpoint's."""
+        afresh instead of taking the checkpoint's. Nothing of an earlier call's steps (one stopped
+        by Ctrl-C in a notebook, say) carries over: neither its rollouts nor a skip in progress."""
         self.check_output_dir_shared()
+        self._buffer, self._skipping_step = None, False
         if resume_from_checkpoint is True and os.path.isdir(self.args.output_dir):
             self._resume_from = get_last_checkpoint(self.args.output_dir)
         elif isinstance(resume_from_checkpoint, str):
             self._resume_from = resume_from_checkpoint
         if resume_from_checkpoint:
             self.args.eval_on_start = False
+            self._table_encoded = False  # the checkpoint's table, not the one in memory
         return super().train(resume_from_checkpoint=resume_from_checkpoint, **kwargs)
 
     def check_output_dir_shared(self, wait_s: float = SHARED_FOLDER_WAIT_S):

@@ -383,6 +383,28 @@ def test_a_skip_with_gradient_accumulation_skips_the_whole_optimizer_step(tmp_pa
     assert [entry.get("skipped_steps") for entry in logged] == [1.0, None]
 
 
+def test_a_second_train_call_starts_clean_after_one_interrupted_mid_step(tmp_path, monkeypatch):
+    """Ctrl-C after a skipped batch of a two-batch step left the skip in progress, so the next
+    train() silently skipped its first step; its stale rollouts would have been trained on too."""
+    from transformers import Trainer
+
+    trainer = tiny_trainer(tmp_path, max_steps=1, gradient_accumulation_steps=2, logging_steps=1,
+                           eval_strategy="no", save_strategy="no", load_best_model_at_end=False)
+    trainer._skipping_step, trainer._buffer = True, "rollouts of the interrupted call"
+    before = lora_state(trainer.model)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        trainer.train()
+    assert not [w for w in caught if "skipped" in str(w.message)]
+    after = lora_state(trainer.model)
+    assert any(not torch.equal(before[n], after[n]) for n in before)
+    [logged] = [entry for entry in trainer.state.log_history if "loss" in entry]
+    assert "skipped_steps" not in logged and "reward/mean" in logged
+    # A later call that resumes starts from the checkpoint's item table, not the one in memory.
+    monkeypatch.setattr(Trainer, "train", lambda self, **kwargs: (self._table_encoded, self._resume_from))
+    assert trainer.train(resume_from_checkpoint=str(tmp_path / "checkpoint-1")) == (False, str(tmp_path / "checkpoint-1"))
+
+
 def test_out_of_memory_in_the_update_ends_the_run_with_one_line(tmp_path, monkeypatch):
     trainer = tiny_trainer(tmp_path)
 
