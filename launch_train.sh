@@ -55,6 +55,12 @@ for arg in "$@"; do  # these two also name the run's folder (RUN_NAME), before t
     echo "error: ${arg%%=*} given to launch_train.sh — set $variable instead ($variable=... bash launch_train.sh): it also names the run's folder" >&2
     exit 2
 done
+for name in DATASET_CAT DATASET_DIR MODEL RUN_NAME DS_CONFIG; do  # passed as a flag's value
+    if [[ ${!name} == -* ]]; then
+        echo "error: $name=${!name} starts with '-', which train.py would read as a flag — rename it (a path: ./${!name})" >&2
+        exit 2
+    fi
+done
 for name in NUM_PROCESSES NUM_MACHINES; do
     if ! [[ ${!name} =~ ^[1-9][0-9]{0,5}$ ]]; then  # no leading 0: bash would read 010 as octal
         echo "error: $name=${!name} is not a positive whole number — fix it in the environment" >&2

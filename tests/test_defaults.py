@@ -181,6 +181,8 @@ def test_launcher_refuses_a_port_in_use():
     ({"DATASET_DIR": "mine/Video_Games_0_2022-10-2023-10"},  # read from the repository folder, which it names
      f"dataset folder 'mine/Video_Games_0_2022-10-2023-10' (relative to {ROOT}) does not exist"),
     ({"TRAIN_BATCH_SIZE": "many"}, "--train_batch_size: invalid int value: 'many'"),
+    ({"RUN_NAME": "-x"}, "RUN_NAME=-x starts with '-', which train.py would read as a flag — rename it (a path: ./-x)"),
+    ({"DATASET_DIR": "-data"}, "DATASET_DIR=-data starts with '-'"),  # was "--dataset_dir: expected one argument"
     ({"PYTHON": "/nonexistent/python3"}, "PYTHON=/nonexistent/python3 is not a command"),
     ({"PYTHON": "false"}, "PYTHON=false lacks some of torch transformers accelerate deepspeed datasets peft — activate"),
     ({"ARGS": "--model qwen"}, "error: --model given to launch_train.sh — set MODEL instead (MODEL=... bash "
