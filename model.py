@@ -371,17 +371,23 @@ def shared_prompt_forward(model, prompt_ids: torch.Tensor, prompt_mask: torch.Te
     return torch.stack(logprobs), torch.stack(h)
 
 
+def in_sliding_window(query_positions: torch.Tensor, key_positions: torch.Tensor, window: int) -> torch.Tensor:
+    """Whether a query sees a key under a sliding window: the key is fewer than `window` positions
+    back, as transformers' masks have it (kv_idx > q_idx - window). Broadcasts."""
+    return query_positions - key_positions < window
+
+
 def attention_masks(model, seen: torch.Tensor, position_ids: torch.Tensor):
     """Additive (U, 1, T, T) masks that let query i see key j where seen[:, i, j], for the model's
     forward to use as they are: one tensor, or one per layer type ({"full_attention": ...,
-    "sliding_attention": ...}) where the config lists layer types. A sliding window keeps keys
-    fewer than `sliding_window` positions back, as transformers' own masks do."""
+    "sliding_attention": ...}) where the config lists layer types."""
     model = unwrapped(model)
     config = decoder_configs(model.config)[-1]
     dtype = model.get_input_embeddings().weight.dtype  # the queries' (under autocast SDPA casts the mask too)
 
     def additive(window):
-        allowed = seen if window is None else seen & (position_ids[:, :, None] - position_ids[:, None, :] < window)
+        allowed = seen if window is None else seen & in_sliding_window(position_ids[:, :, None],
+                                                                      position_ids[:, None, :], window)
         return torch.zeros(allowed.shape, dtype=dtype, device=seen.device).masked_fill(
             ~allowed, torch.finfo(dtype).min)[:, None]
 

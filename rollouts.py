@@ -59,7 +59,8 @@ from peft.tuners.tuners_utils import BaseTunerLayer
 from transformers import AttentionInterface, GenerationConfig, StoppingCriteria, StoppingCriteriaList
 
 from errors import UserError, one_line
-from model import decoder_configs, decoder_hook, eval_mode, last_positions, mask_positions, policy_forward
+from model import (decoder_configs, decoder_hook, eval_mode, in_sliding_window, last_positions, mask_positions,
+                   policy_forward)
 from prompts import StopRule
 
 ATTENTION_NAME = "r2ec_rollout"
@@ -311,7 +312,7 @@ def _prefill_mask(prompt_mask: torch.Tensor, window: int | None) -> torch.Tensor
     i = torch.arange(P, device=prompt_mask.device)
     allowed = i[None, :] <= i[:, None]  # (P, P) causal: key j <= query i
     if window is not None:
-        allowed &= i[:, None] - i[None, :] < window  # as transformers: kv_idx > q_idx - window
+        allowed &= in_sliding_window(i[:, None], i[None, :], window)
     allowed = allowed[None] & prompt_mask.bool()[:, None, :]  # (B, P, P)
     return (allowed | torch.eye(P, dtype=torch.bool, device=prompt_mask.device))[:, None]
 
@@ -495,7 +496,7 @@ def _decode_step(model, st: _DecodeState):
     if st.windows:
         key_positions = torch.cat([st.prefix_positions, st.prompt_len + st.slots], 1)  # (N, Pcap + T)
         for window in st.windows:
-            inside = st.positions - key_positions < window  # (N, Pcap + T)
+            inside = in_sliding_window(st.positions, key_positions, window)  # (N, Pcap + T)
             st.bias[window].copy_(torch.where(inside, full, NEG)[:, None, None])
     logits = model(input_ids=st.tokens, position_ids=st.positions, use_cache=False,
                    logits_to_keep=1).logits[:, -1].float()  # (N, V)
