@@ -30,9 +30,10 @@ PANELS = (
 
 def series(log_history: list[dict], key: str) -> tuple[list[float], list[float]]:
     """(steps, values) of one logged key, in logging order; entries without it, or with a value
-    or step that is not a finite number (as a float), are skipped."""
+    or step that is not a finite number (as a float), are skipped. So are those within a factor 16
+    of the largest float (a diverged run's): matplotlib's axis from -1e308 to 1e308 overflows."""
     def number(value) -> bool:
-        return isinstance(value, (int, float)) and not isinstance(value, bool) and abs(value) <= sys.float_info.max
+        return isinstance(value, (int, float)) and not isinstance(value, bool) and abs(value) <= sys.float_info.max / 16
 
     points = [(entry.get("step", i), entry[key]) for i, entry in enumerate(log_history)
               if number(entry.get(key)) and number(entry.get("step", i))]

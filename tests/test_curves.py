@@ -69,6 +69,16 @@ def test_a_series_is_the_key_s_numeric_points_in_logging_order():
     assert curves.series(odd, "x") == ([1, 4, 7], [0.5, 0.9, 2])  # no step: the entry's position
 
 
+@pytest.mark.filterwarnings("error")  # not even matplotlib's overflow warnings
+def test_values_near_the_largest_float_are_left_out_as_they_would_overflow_the_axis(tmp_path):
+    history = [{"step": 1, "loss": 1.7e308}, {"step": 2, "loss": -1.2e307}, {"step": 3, "loss": 1.1e307},
+               {"step": 4, "loss": -1.1e307}, {"step": 1.7e308, "loss": 1.0}, {"step": 5, "loss": 1.0}]
+    path = tmp_path / "curves.png"
+    panels = drawn(curves.plot_training_curves(history, str(path)))
+    assert_real_png(path)
+    assert panels["loss"] == {"loss": ([3, 4, 5], [1.1e307, -1.1e307, 1.0])}  # float max / 16 ≈ 1.12e307
+
+
 @pytest.mark.parametrize("keep", [set(), {"step", "reward/mean"}, {"step", "eval_valid_ndcg@10"}])
 def test_missing_series_are_skipped(tmp_path, keep):
     history = [{k: v for k, v in entry.items() if k in keep} for entry in hand_made_history()]
