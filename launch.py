@@ -54,13 +54,22 @@ def launch_processes(argv: list[str]):
     except ChildFailedError as e:
         rank, failure = e.get_first_failure()
         sys.exit(exit_code_of_process(rank, failure.exitcode))
-    except SignalException as e:  # sent to the launcher; passed on to every process
-        if e.sigval != signal.SIGINT:  # Ctrl-C: each process says "error: interrupted" itself
-            print(f"error: training stopped by {signal.Signals(e.sigval).name} sent to the launcher (a time limit?) "
-                  "— resume with --resume_from_checkpoint last", file=sys.stderr)
-        sys.exit(128 + int(e.sigval))
+    except SignalException as e:  # sent to the launcher, passed on to every process (accelerate < 1.16)
+        sys.exit(stopped_by_signal(int(e.sigval)))
+    except SystemExit as e:  # accelerate >= 1.16 passes it on and exits with 128 + its number itself
+        if isinstance(e.code, int) and e.code - 128 in signal.valid_signals():
+            sys.exit(stopped_by_signal(e.code - 128))
+        raise
     except KeyboardInterrupt:
         sys.exit(130)
+
+
+def stopped_by_signal(signum: int) -> int:
+    """The exit code of a launch stopped by a signal sent to the launcher, with a line saying so."""
+    if signum != signal.SIGINT:  # Ctrl-C: each process says "error: interrupted" itself
+        print(f"error: training stopped by {signal.Signals(signum).name} sent to the launcher (a time limit?) "
+              "— resume with --resume_from_checkpoint last", file=sys.stderr)
+    return 128 + signum
 
 
 def exit_code_of_process(rank: int, code: int) -> int:

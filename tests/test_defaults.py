@@ -309,9 +309,11 @@ def test_a_failed_training_process_ends_the_launch_with_its_own_line_and_code(
     assert len(lines) == 1 and lines[0].startswith(last_line), result.stderr[-2000:]
 
 
-def test_a_launch_stopped_by_sigterm_says_so_in_one_line(tmp_path):
-    """A scheduler's time limit: the training processes keep SIGTERM's default and say nothing."""
-    launch = launch_failing(tmp_path, 2, 0, "wait", start=subprocess.Popen, stdout=subprocess.PIPE,
+@pytest.mark.parametrize("processes", [1, 2])
+def test_a_launch_stopped_by_sigterm_says_so_in_one_line(tmp_path, processes):
+    """A scheduler's time limit: the training processes keep SIGTERM's default and say nothing.
+    (accelerate 1.15 raised the signal from several processes, and left a single one running.)"""
+    launch = launch_failing(tmp_path, processes, 0, "wait", start=subprocess.Popen, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE)
     assert launch.stdout.readline().strip() == "started"
     launch.send_signal(signal.SIGTERM)
