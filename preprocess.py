@@ -599,15 +599,15 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     one_line_parser_errors(p, "python preprocess.py --help")
     p.add_argument("--category", default="Musical_Instruments",
-                   help="Amazon Reviews 2023 category, e.g. Video_Games, CDs_and_Vinyl")
-    p.add_argument("--K", type=int, default=0, help="K-core threshold inside the window (0: none)")
-    p.add_argument("--st_year", type=int, default=2022, help="window start year")
-    p.add_argument("--st_month", type=int, default=10, help="window start month (1-12)")
-    p.add_argument("--ed_year", type=int, default=2023, help="window end year")
-    p.add_argument("--ed_month", type=int, default=10, help="window end month (1-12)")
-    p.add_argument("--window_size", type=int, default=20, help="history length of a sample")
+                   help="Amazon Reviews 2023 category, e.g. Video_Games, CDs_and_Vinyl (default: %(default)s)")
+    p.add_argument("--K", type=int, default=0, help="K-core threshold inside the window, 0: none (default: %(default)s)")
+    p.add_argument("--st_year", type=int, default=2022, help="window start year (default: %(default)s)")
+    p.add_argument("--st_month", type=int, default=10, help="window start month, 1-12 (default: %(default)s)")
+    p.add_argument("--ed_year", type=int, default=2023, help="window end year (default: %(default)s)")
+    p.add_argument("--ed_month", type=int, default=10, help="window end month, 1-12 (default: %(default)s)")
+    p.add_argument("--window_size", type=int, default=20, help="history length of a sample (default: %(default)s)")
     p.add_argument("--data_root_dir", default="data", type=os.path.expanduser,
-                   help="folder for raw files and the dataset")
+                   help="folder for raw files and the dataset (default: %(default)s)")
     p.add_argument("--postfix", default="", help="appended to the output folder name as _POSTFIX")
     p.add_argument("--base_url", default=os.environ.get(BASE_URL_ENV) or DEFAULT_BASE_URL,
                    help=f"download host (default: ${BASE_URL_ENV}, else the McAuley Lab host)")

@@ -61,6 +61,17 @@ def test_evaluation_interval_is_an_eighth_of_an_epoch(monkeypatch, processes, it
     assert train.parse_config(flags).default_eval_steps(27_498) == expected  # Musical_Instruments train
 
 
+def test_preprocess_help_shows_spec_s_defaults():
+    """SPEC §1's `--flag [default]` list, against what `python preprocess.py --help` says."""
+    with open(os.path.join(ROOT, "docs", "SPEC.md")) as f:
+        spec = dict(re.findall(r"--(\w+) \[(\w*)\]", f.read().split("## 2")[0]))
+    assert len(spec) == 9
+    shown = subprocess.run([sys.executable, "preprocess.py", "--help"], cwd=ROOT, capture_output=True, text=True,
+                           check=True, env=dict(os.environ, COLUMNS="200")).stdout
+    helped = dict(re.findall(r"^  --(\w+) \w+\s+[^\n]*?\(default: (\w*)\)$", shown, re.MULTILINE))
+    assert helped == {flag: value for flag, value in spec.items() if flag != "postfix"}  # none: no "(default: )"
+
+
 def run_launcher(*args: str, environment=None, check=False, **variables) -> subprocess.CompletedProcess:
     """launch_train.sh with `args`, in `environment` (default: this one) plus `variables`, on a free
     MAIN_PROCESS_PORT unless they set one: the default 20138 may be taken on a test machine."""
