@@ -1855,7 +1855,8 @@ def test_num_iterations_realigns_rollouts_with_their_users_after_a_skipped_step(
     monkeypatch.setattr(trainer, "generate_and_score", skipping_generate_and_score)
     monkeypatch.setattr(trainer, "update", recording_update)
     monkeypatch.setattr(trainer, "training_step", recording_training_step)
-    trainer.train()
+    with pytest.warns(RuntimeWarning, match="step 0: skipped — simulated"):
+        trainer.train()
     assert rollout_steps == [0, 1, 2]  # skipped, redone for the second copy of a, then b
     assert sorted(update_targets) == [1, 2, 3]
     assert all(update_targets[step] == step_targets[step] for step in update_targets)
