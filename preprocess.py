@@ -300,6 +300,7 @@ def scan_metadata(lines, rated, path):
     A file without a single non-blank line is refused: it would only surface later, as no rating
     passing the item filter.
     """
+    rated = set(rated)
     wanted = {a.encode() for a in rated}
     kept, seen, empty = {}, set(), True
     for number, line in enumerate(lines, 1):
@@ -317,7 +318,7 @@ def scan_metadata(lines, rated, path):
             raise UserError(f"{path} line {number} has no parent_asin — every metadata line needs one: "
                             f"{fetch_again(path)}")
         asin = meta["parent_asin"]
-        if asin in seen:
+        if asin not in rated or asin in seen:  # not rated: escaped ("B\\u0031"), it passed the pre-filter
             continue
         seen.add(asin)
         if filter_title(meta.get("title")) is not None and price_is_float(meta.get("price")):

@@ -159,10 +159,12 @@ def test_scan_metadata_filters_in_file_order(tmp_path):
     write_gz(path, "\n".join([
         meta("B3", "Gamma"), meta("B9", "Never rated"), meta("B1", None), meta("B2", "Beta", None),
         meta("B4", "Delta", "from 12.99"), meta("B5", "Epsilon"), meta("B5", "Epsilon again"),
-        json.dumps({"parent_asin": "B6", "price": 1.0}), meta("B7", "Eta", "3.50")]) + "\n")
+        json.dumps({"parent_asin": "B6", "price": 1.0}), meta("B7", "Eta", "3.50"),
+        meta("B\ud800", "A lone surrogate, never rated"),  # json.dumps escapes it: read once parsed (was a traceback)
+        '{"title": "Theta", "price": 1.0, "parent_asin": "B\\u0038"}']) + "\n")  # "B8", escaped
     with P.GzipLines(path) as lines:
-        kept = P.scan_metadata(lines, ["B1", "B2", "B3", "B4", "B5", "B6", "B7"], path)
-    assert list(kept) == ["B3", "B5", "B7"]
+        kept = P.scan_metadata(lines, ["B1", "B2", "B3", "B4", "B5", "B6", "B7", "B8"], path)
+    assert list(kept) == ["B3", "B5", "B7", "B8"]
     assert json.loads(kept["B5"])["title"] == "Epsilon"  # a repeated parent_asin keeps its first line
 
 
