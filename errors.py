@@ -22,6 +22,12 @@ class UserError(Exception):
     """A problem the user can fix (bad flag, missing file, placeholder path): shown as one line."""
 
 
+def check_int64(flag: str, value) -> None:
+    """An integer flag's value fits int64, which torch and numpy take at most."""
+    if isinstance(value, int) and abs(value) >= 2**63:
+        raise UserError(f"{flag} {value}: too large (the most is 2**63 - 1)")
+
+
 def killed_by(code: int, memory_fix: str) -> str:
     """How a process that a signal killed (return code -N) ended: the signal, and for SIGKILL, the
     out-of-memory killer's usual work, with `memory_fix`."""

@@ -30,8 +30,8 @@ import textwrap
 import warnings
 
 # errors.py before the libraries: its excepthook makes Ctrl-C while they import one line
-from errors import (UserError, check_output_file, missing_path, one_line, one_line_parser_errors, read_json, run_cli,
-                    write_jsonl)
+from errors import (UserError, check_int64, check_output_file, missing_path, one_line, one_line_parser_errors,
+                    read_json, run_cli, write_jsonl)
 
 import torch
 
@@ -39,14 +39,14 @@ from dataset import SAMPLE_SPLITS, catalogue_digest, load_dataset_dir
 from metrics import KS, RANKING_METRICS, metric_name, split_metrics
 from model import LOAD_ERRORS, check_tokenizer, load_backbone
 from paths import resolve_model
-from run_folder import CHECKPOINT_NAME, RUN_RECORD, checkpoint_folders, folder_name, in_a_run
+from run_folder import CHECKPOINT_NAME, RUN_RECORD, RUN_SETTINGS, checkpoint_folders, folder_name, in_a_run
 from trainer import RecPOConfig, RecPOTrainer, check_length_limits
 
 RUN_KEYS = ("model", "dataset_dir", "category")  # needed in r2ec_run.json; any RecPOConfig field in it is read too
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 SERVED_FILES = (RUN_RECORD, "adapter_*", "tokenizer*", "*.jinja", "special_tokens_map.json", "added_tokens.json",
                 "vocab.json", "merges.txt")  # what serving reads of a run's folder
-CONFIG_FIELDS = {f.name for f in dataclasses.fields(RecPOConfig) if f.init}
+RECORDED_FIELDS = {"model", "dataset_dir", *RUN_SETTINGS}  # of r2ec_run.json, what RecPOConfig takes (not deepspeed, ...)
 SETTING_TYPES = {f.name: f.type for f in dataclasses.fields(RecPOConfig) if f.init and f.type in (bool, int, float, str)}
 
 
@@ -160,7 +160,7 @@ def precision(args, run: dict, device: str) -> tuple[torch.dtype, bool]:
 
 def inference_config(args, run: dict, device: str, autocast: bool) -> RecPOConfig:
     """RecPOConfig for inference: the run's prompt and scoring settings, no training, no logging."""
-    recorded = {key: value for key, value in run.items() if key in CONFIG_FIELDS}  # window_size, tau, ...
+    recorded = {key: value for key, value in run.items() if key in RECORDED_FIELDS}
     recorded["bf16"] = autocast  # the run's, unless --dtype chose other weights
     if args.dataset_dir:
         recorded["dataset_dir"] = args.dataset_dir  # the flag wins over the run's dataset
@@ -321,6 +321,8 @@ def parse_args(argv: list[str]):
     args = parser.parse_args(argv)
     if args.split not in SAMPLE_SPLITS:  # checked here, not by argparse choices: one error line, not usage + line
         raise UserError(f"--split {args.split!r}: choose one of {', '.join(SAMPLE_SPLITS)}")
+    for flag in ("top_k", "batch_size", "max_samples"):
+        check_int64(f"--{flag}", getattr(args, flag))
     for flag in ("top_k", "batch_size"):
         if getattr(args, flag) < 1:
             raise UserError(f"--{flag} {getattr(args, flag)}: must be at least 1")

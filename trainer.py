@@ -34,7 +34,7 @@ from transformers import EarlyStoppingCallback, Trainer, TrainingArguments
 from transformers.trainer_callback import ExportableState
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, SaveStrategy, get_last_checkpoint
 
-from errors import UserError, missing_path, one_line, read_json, shown_briefly, umask, write_jsonl
+from errors import UserError, check_int64, missing_path, one_line, read_json, shown_briefly, umask, write_jsonl
 from metrics import METRIC_NAMES, ndcg_at_k, split_metrics, target_rank, top_items
 from model import (ITEM_BATCH_SIZE, LORA_ALPHA, LORA_DROPOUT, LORA_R, LORA_TARGETS, SIMILARITY_TYPES, TAU, ItemTable,
                    check_layer_types, encode, end_of_turn_ids, mask_seen, shared_prompt_forward, similarity)
@@ -237,8 +237,7 @@ class RecPOConfig(TrainingArguments):
             value = getattr(self, name)
             if isinstance(value, float) and not math.isfinite(value):
                 raise UserError(f"--{name} {value}: must be a finite number")
-            if isinstance(value, int) and abs(value) >= 2**63:  # torch and numpy take int64 at most
-                raise UserError(f"--{name} {value}: too large (the most is 2**63 - 1)")
+            check_int64(f"--{name}", value)
         if self.output_dir == "":
             raise UserError("--output_dir is empty (an unset variable?) — pass a folder, or leave the flag out "
                             "for outputs/<--run_name>")

@@ -23,6 +23,7 @@ from metrics import ranking_metrics
 from model import end_of_turn_ids, load_backbone, policy_forward
 from prompts import answer_stop, item_prompt_tokens, user_prompt, user_prompt_tokens
 from rollouts import SamplingConfig, generate_rollouts
+from trainer import RecPOConfig
 from tests.backbones import tiny_backbone
 from tests.tiny_data import tiny_dataset
 from tests.tiny_run import CATEGORY, ROOT, trained_run
@@ -248,6 +249,9 @@ def no_adapter(run_dir, tmp_path):
     (["--output_dir", "RUN", "--top_k", "ten"], "argument --top_k: invalid int value: 'ten'"),
     (["--output_dir", "RUN", "--top_k", "0"], "error: --top_k 0: must be at least 1"),
     (["--output_dir", "RUN", "--batch_size", "-2"], "error: --batch_size -2: must be at least 1"),
+    (["--output_dir", "RUN", "--batch_size", str(10**20)],  # was blamed on r2ec_run.json's eval batch size
+     f"error: --batch_size {10**20}: too large (the most is 2**63 - 1)"),
+    (["--output_dir", "RUN", "--evaluate", "--max_samples", str(2**63)], f"error: --max_samples {2**63}: too large"),
 ])
 def test_bad_input_gives_one_line(run_dir, no_adapter, tmp_path, capsys, flags, message):
     killed = tmp_path / "killed"  # stopped before train.py wrote the final model, and during checkpoint-12's save
@@ -328,6 +332,16 @@ def test_bad_setting_in_the_run_file_gives_one_line(run_copy, capsys, setting, m
     folder, run = run_copy
     (folder / "r2ec_run.json").write_text(json.dumps({**run, **setting}))
     assert_one_line_error(capsys, ["--output_dir", str(folder)], message)
+
+
+def test_training_settings_added_to_the_run_file_play_no_part_in_serving(run_copy):
+    """Only what train.py records is read: a hand-added deepspeed or fsdp made the trainer raise."""
+    folder, run = run_copy
+    edited = {**run, "deepspeed": "ds_config.json", "fsdp": "full_shard", "learning_rate": 1.0, "window_size": 3}
+    args = types.SimpleNamespace(output_dir=str(folder), dataset_dir=None, batch_size=5)
+    config = recommend.inference_config(args, edited, device="cpu", autocast=False)
+    assert (config.deepspeed, config.fsdp, config.learning_rate) == (None, None, RecPOConfig.learning_rate)
+    assert (config.window_size, config.tau, config.per_device_eval_batch_size) == (3, run["tau"], 5)
 
 
 def test_a_run_trained_without_reasoning_is_served_without_it(run_copy, tmp_path):
