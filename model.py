@@ -87,18 +87,20 @@ def load_backbone_config(name_or_path: str):
     modules copy them at construction, so changing the config afterwards would be too late.
     """
     path = resolve_model(name_or_path)
+    tokenizer_fix = model_folder_fix(path, "copy the tokenizer files released with the model into it")
     if os.path.isdir(path) and not any(os.path.exists(os.path.join(path, name)) for name in TOKENIZER_FILES):
-        raise UserError(f"model folder {path!r} has no tokenizer files ({', '.join(TOKENIZER_FILES)}) — copy "
-                        "the tokenizer files released with the model into it")
+        raise UserError(f"model folder {path!r} has no tokenizer files ({', '.join(TOKENIZER_FILES)}) — "
+                        f"{tokenizer_fix}")
     try:
         config = AutoConfig.from_pretrained(path)
         tokenizer = AutoTokenizer.from_pretrained(path)
     except LOAD_ERRORS as e:  # no config or tokenizer, unknown model type, files of the wrong shape
         raise load_failure(name_or_path, path, e) from e
     if not tokenizer.chat_template:
-        raise UserError(f"model {name_or_path!r} ({path!r}) has no chat template — R²ec needs an instruction-tuned "
-                        "backbone (…-it, …-Instruct) with the tokenizer files it was released with")
-    check_tokenizer(tokenizer, f"model {name_or_path!r} ({path!r})", "copy the tokenizer files released with the model")
+        raise UserError(f"model {name_or_path!r} ({path!r}) has no chat template — " + model_folder_fix(
+            path, "R²ec needs an instruction-tuned backbone (…-it, …-Instruct) with the tokenizer files it was "
+                  "released with"))
+    check_tokenizer(tokenizer, f"model {name_or_path!r} ({path!r})", tokenizer_fix)
     for sub in decoder_configs(config):
         for key, value in vars(sub).items():
             if "dropout" in key and isinstance(value, float):

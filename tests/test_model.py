@@ -315,7 +315,7 @@ def test_a_backbone_whose_chat_template_does_not_render_is_named(tmp_path):
         load_backbone_config(str(folder))
     assert str(caught.value).startswith(f"the chat template of model {str(folder)!r} ({str(folder)!r}) cannot be "
                                         "rendered (")
-    assert str(caught.value).endswith("— copy the tokenizer files released with the model")
+    assert str(caught.value).endswith("— copy the tokenizer files released with the model into it")
 
 
 def test_missing_or_truncated_weights_fail_in_one_line(tmp_path, monkeypatch):
@@ -333,6 +333,22 @@ def test_missing_or_truncated_weights_fail_in_one_line(tmp_path, monkeypatch):
     converted = folder.rename(tmp_path / DEFAULT_MODEL)  # as if the embedded default's conversion were cut short
     with pytest.raises(UserError, match=re.escape(f"— delete {converted} (the converted default backbone): the next")):
         load_backbone(str(converted), dtype=torch.float32)
+
+
+def test_the_converted_default_without_its_tokenizer_or_template_is_to_be_converted_again(tmp_path, monkeypatch):
+    """Not "copy the tokenizer files released with the model": the default's come from its GGUF."""
+    monkeypatch.setenv("R2EC_CACHE_DIR", str(tmp_path))
+    converted = tmp_path / DEFAULT_MODEL
+    shutil.copytree(tiny_backbone("llama"), converted)
+    (converted / "chat_template.jinja").unlink()
+    fix = f"— delete {converted} (the converted default backbone): the next run converts it again"
+    with pytest.raises(UserError, match=re.escape(f"has no chat template {fix}")):
+        load_backbone_config(str(converted))
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        (converted / name).unlink()
+    with pytest.raises(UserError, match=re.escape(f"has no tokenizer files (tokenizer.json, tokenizer_config.json, "
+                                                  f"tokenizer.model, vocab.json) {fix}")):
+        load_backbone_config(str(converted))
 
 
 def test_backbones_with_layers_the_shared_prompt_masks_do_not_cover_are_refused():
