@@ -695,18 +695,29 @@ def check_data_root(root):
                         f"created if missing)")
 
 
+def missing_folders(path: str) -> list[str]:
+    """The folders of `path` that do not exist yet, deepest first."""
+    missing, folder = [], os.path.abspath(path)
+    while not os.path.exists(folder):
+        missing.append(folder)
+        folder = os.path.dirname(folder)
+    return missing
+
+
 def main(argv=None):
     args = parse_args(argv)
     check_args(args)
     import datasets  # slow import: only once the flags are known to be good
 
     datasets.disable_progress_bars()  # four "Saving the dataset" bars would bury the statistics
-    root_existed = os.path.isdir(args.data_root_dir)
+    missing = missing_folders(args.data_root_dir)
     try:
         ratings_path, meta_path = fetch_raw(args.category, args.data_root_dir, args.base_url)
     except UserError:
-        if not root_existed and os.path.isdir(args.data_root_dir) and not os.listdir(args.data_root_dir):
-            os.rmdir(args.data_root_dir)  # created for a download that failed: leave nothing behind
+        for folder in missing:  # created for a download that failed: leave nothing behind
+            if not os.path.isdir(folder) or os.listdir(folder):
+                break
+            os.rmdir(folder)
         raise
 
     with GzipLines(meta_path) as meta_lines:  # decompresses while the ratings are read

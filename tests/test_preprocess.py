@@ -640,14 +640,16 @@ def test_too_few_samples_for_valid_and_test(tmp_path, capsys):
     assert sorted(os.listdir(tmp_path)) == ["Toy.csv.gz", "meta_Toy.jsonl.gz"]
 
 
-def test_a_data_root_made_for_a_failed_download_is_removed(tmp_path, capsys, server):
+@pytest.mark.parametrize("root", ["new", "new/sub/deeper"])  # every folder made for it goes
+def test_a_data_root_made_for_a_failed_download_is_removed(tmp_path, capsys, server, root):
     files = {remote: content[:-30] for remote, content in sample_files().items()}  # fail the gzip check
     s = server(files)
+    (tmp_path / "kept").mkdir()
     with pytest.raises(SystemExit) as exit_info:
-        run_cli(P.main, ["--category", "Video_Games", "--data_root_dir", str(tmp_path / "new"), "--base_url", s.url])
+        run_cli(P.main, ["--category", "Video_Games", "--data_root_dir", str(tmp_path / root), "--base_url", s.url])
     last = capsys.readouterr().err.strip().splitlines()[-1]  # after the download's progress bar
     assert exit_info.value.code == 2 and last.startswith("error: ") and "truncated or corrupt" in last
-    assert not (tmp_path / "new").exists()
+    assert os.listdir(tmp_path) == ["kept"]
 
 
 def test_a_flag_of_the_wrong_type_is_one_line(tmp_path, capsys):
