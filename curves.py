@@ -13,7 +13,8 @@ import sys
 
 # errors.py before the libraries: its excepthook makes Ctrl-C while they import one line
 from dataset import is_dataset
-from errors import UserError, check_output_file, one_line_parser_errors, read_json, run_cli, write_atomically
+from errors import (UserError, check_not_blank, check_output_file, one_line_parser_errors, read_json, run_cli,
+                    write_atomically)
 
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
@@ -125,8 +126,7 @@ def main(argv: list[str]) -> str:
     parser.add_argument("--output", type=os.path.expanduser, help="Image to write: .png, .pdf, .svg, ... "
                         "(default: OUTPUT_DIR/training_curves.png).")
     args = parser.parse_args(argv)
-    if args.output == "":
-        raise UserError("--output is empty (an unset variable?) — pass an image name, or leave the flag out")
+    check_not_blank("--output", args.output, "pass an image name, or leave the flag out")
     state_file = latest_trainer_state(args.output_dir)
     path = args.output or os.path.join(args.output_dir, "training_curves.png")
     check_output(path, "--output" if args.output else "the default --output")

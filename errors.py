@@ -22,6 +22,13 @@ class UserError(Exception):
     """A problem the user can fix (bad flag, missing file, placeholder path): shown as one line."""
 
 
+def check_not_blank(flag: str, value: str | None, fix: str) -> None:
+    """A path flag that is given holds more than spaces: an empty one is mostly an unset variable,
+    and a folder or file named " " a slip."""
+    if value is not None and not value.strip():
+        raise UserError(f"{flag} is {'empty' if value == '' else f'blank ({value!r})'} (an unset variable?) — {fix}")
+
+
 def check_int64(flag: str, value) -> None:
     """An integer flag's value fits int64, which torch and numpy take at most."""
     if isinstance(value, int) and abs(value) >= 2**63:

@@ -30,7 +30,8 @@ import urllib.parse
 import zlib
 
 # errors.py before the libraries: its excepthook makes Ctrl-C while they import one line
-from errors import UserError, folder_problem, one_line, one_line_parser_errors, run_cli, umask, write_json
+from errors import (UserError, check_not_blank, folder_problem, one_line, one_line_parser_errors, run_cli, umask,
+                    write_json)
 
 import numpy as np
 import pandas as pd
@@ -686,9 +687,8 @@ def check_base_url(url):
 
 def check_data_root(root):
     """`root` is a folder we can write into, or can be created: raw files and the dataset go there."""
-    if root == "":
-        raise UserError("--data_root_dir is empty (an unset variable?) — pass a folder you can write to (it is "
-                        "created if missing), or leave the flag out for ./data")
+    check_not_blank("--data_root_dir", root, "pass a folder you can write to (it is created if missing), or leave "
+                    "the flag out for ./data")
     problem = folder_problem(root)
     if problem:
         raise UserError(f"--data_root_dir {root} {problem} — pass a folder you can write to (it is "

@@ -30,8 +30,8 @@ import textwrap
 import warnings
 
 # errors.py before the libraries: its excepthook makes Ctrl-C while they import one line
-from errors import (UserError, check_int64, check_output_file, missing_path, one_line, one_line_parser_errors,
-                    read_json, run_cli, write_jsonl)
+from errors import (UserError, check_int64, check_not_blank, check_output_file, missing_path, one_line,
+                    one_line_parser_errors, read_json, run_cli, write_jsonl)
 
 import torch
 
@@ -332,8 +332,7 @@ def parse_args(argv: list[str]):
     if args.max_samples is not None and args.max_samples < 1:
         raise UserError(f"--max_samples {args.max_samples}: must be at least 1 (leave it out for the whole split)")
     for flag, what in (("output", "a file name"), ("dataset_dir", "a dataset folder")):
-        if getattr(args, flag) == "":
-            raise UserError(f"--{flag} is empty (an unset variable?) — pass {what}, or leave the flag out")
+        check_not_blank(f"--{flag}", getattr(args, flag), f"pass {what}, or leave the flag out")
     if args.output is not None:
         check_output_file(args.output, "--output")  # here, not after minutes of inference
         if in_a_run(args.output):

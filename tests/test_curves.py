@@ -226,4 +226,6 @@ def test_a_write_failing_for_another_reason_than_space_does_not_blame_the_disk(r
 def test_an_empty_output_is_refused_not_read_as_the_default(run_folder, capsys):
     error = run_curves_error(capsys, str(run_folder), "--output", "")
     assert error == "error: --output is empty (an unset variable?) — pass an image name, or leave the flag out"
+    error = run_curves_error(capsys, str(run_folder), "--output", " ")
+    assert error.startswith("error: --output is blank (' ') (an unset variable?) — pass an image name")
     assert sorted(os.listdir(run_folder)) == ["trainer_state.json"]

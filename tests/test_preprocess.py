@@ -691,6 +691,8 @@ def test_an_empty_data_root_is_refused(tmp_path, capsys, monkeypatch):
     assert user_error(capsys, ["--category", "Toy", "--data_root_dir", ""]) == (
         "error: --data_root_dir is empty (an unset variable?) — pass a folder you can write to (it is created if "
         "missing), or leave the flag out for ./data")
+    assert user_error(capsys, ["--category", "Toy", "--data_root_dir", " "]).startswith(
+        "error: --data_root_dir is blank (' ') (an unset variable?) — pass a folder")  # made a folder " "
     assert os.listdir(tmp_path) == []
 
 

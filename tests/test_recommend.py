@@ -456,6 +456,7 @@ def test_output_that_is_a_link_a_pipe_or_one_of_the_run_s_files_is_refused(run_d
                           "exists and is no .jsonl file, which recommend.py writes")
     assert (tmp_path / "dataset_dict.json").read_text() == "{}"
     assert_one_line_error(capsys, ["--output_dir", run_dir, "--output", ""], "--output is empty")
+    assert_one_line_error(capsys, ["--output_dir", run_dir, "--output", "\t"], "--output is blank ('\\t')")
     assert_one_line_error(capsys, ["--output_dir", run_dir, "--dataset_dir", ""], "--dataset_dir is empty (an unset "
                           "variable?) — pass a dataset folder, or leave the flag out")  # was: the run's dataset
 

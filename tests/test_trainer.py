@@ -1756,6 +1756,7 @@ def test_a_split_folder_is_refused_with_its_parent_named(tmp_path):
 
 @pytest.mark.parametrize("flags, message", [
     (["--output_dir", ""], "--output_dir is empty (an unset variable?)"),
+    (["--output_dir", "  "], "--output_dir is blank ('  ') (an unset variable?) — pass a folder, or leave the flag out"),
     (["--deepspeed", "BROKEN"], "is not readable JSON"),
 ])
 def test_empty_output_dir_and_broken_deepspeed_file_are_named(tmp_path, flags, message):
