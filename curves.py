@@ -12,9 +12,9 @@ import os
 import sys
 
 # errors.py before the libraries: its excepthook makes Ctrl-C while they import one line
-from dataset import is_dataset
 from errors import (UserError, check_not_blank, check_output_file, one_line_parser_errors, read_json, run_cli,
                     write_atomically)
+from dataset import is_dataset
 
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure

@@ -42,12 +42,12 @@ from paths import resolve_model
 from run_folder import CHECKPOINT_NAME, RUN_RECORD, RUN_SETTINGS, checkpoint_folders, folder_name, in_a_run
 from trainer import RecPOConfig, RecPOTrainer, check_length_limits
 
-RUN_KEYS = ("model", "dataset_dir", "category")  # needed in r2ec_run.json; any RecPOConfig field in it is read too
+RUN_KEYS = ("model", "dataset_dir", "category")  # needed in r2ec_run.json
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 SERVED_FILES = (RUN_RECORD, "adapter_*", "tokenizer*", "*.jinja", "special_tokens_map.json", "added_tokens.json",
                 "vocab.json", "merges.txt")  # what serving reads of a run's folder
 RECORDED_FIELDS = {"model", "dataset_dir", *RUN_SETTINGS}  # of r2ec_run.json, what RecPOConfig takes (not deepspeed, ...)
-SETTING_TYPES = {f.name: f.type for f in dataclasses.fields(RecPOConfig) if f.init and f.type in (bool, int, float, str)}
+SETTING_TYPES = {f.name: f.type for f in dataclasses.fields(RecPOConfig) if f.name in RECORDED_FIELDS}
 
 
 # ----------------------------------------------------------------------------------------------

@@ -337,7 +337,9 @@ def test_bad_setting_in_the_run_file_gives_one_line(run_copy, capsys, setting, m
 def test_training_settings_added_to_the_run_file_play_no_part_in_serving(run_copy):
     """Only what train.py records is read: a hand-added deepspeed or fsdp made the trainer raise."""
     folder, run = run_copy
-    edited = {**run, "deepspeed": "ds_config.json", "fsdp": "full_shard", "learning_rate": 1.0, "window_size": 3}
+    (folder / "r2ec_run.json").write_text(json.dumps({**run, "deepspeed": "ds_config.json", "fsdp": "full_shard",
+                                                      "learning_rate": "1e-5", "window_size": 3}))
+    edited = recommend.parse_run_file(str(folder / "r2ec_run.json"))  # a setting never read is not type-checked
     args = types.SimpleNamespace(output_dir=str(folder), dataset_dir=None, batch_size=5)
     config = recommend.inference_config(args, edited, device="cpu", autocast=False)
     assert (config.deepspeed, config.fsdp, config.learning_rate) == (None, None, RecPOConfig.learning_rate)
