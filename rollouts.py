@@ -524,12 +524,8 @@ def _capture(model, st: _DecodeState):
     """Record one decode step as a CUDA graph over the state's buffers, or remember that the
     model's step does what a capture forbids (a host sync, as some mixture-of-experts routing
     has) and decode without graphs (slower, with a warning). Other errors, running out of memory
-    included, propagate.
-
-    Warm-up runs (cuBLAS handles, lazy allocations, a torch.compile'd forward's compilation)
-    happen on a side stream first, as torch.cuda.graphs asks; they scribble on the state, which
-    `reset_outputs` clears. `step` is set to 1 so the warm-up writes stay inside the buffers.
-    The decoder hook must be registered here already: its writes are part of the graph.
+    included, propagate. The decoder hook must be registered here already: its writes are part
+    of the graph.
     """
     _warm_up(model, st)
     try:
@@ -544,6 +540,9 @@ def _capture(model, st: _DecodeState):
 
 
 def _warm_up(model, st: _DecodeState):
+    """Two decode steps before a capture (cuBLAS handles, lazy allocations, a torch.compile'd
+    forward's compilation), on a side stream, as torch.cuda.graphs asks. They scribble on the
+    state, which `reset_outputs` clears; `step` is set to 1 so their writes stay inside the buffers."""
     side = torch.cuda.Stream()
     side.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(side):

@@ -109,7 +109,7 @@ def check_gpus_per_machine(processes: int, cpu_fallback: bool = False):
 def check_backbone(config: RecPOConfig):
     """What loading the backbone would refuse, without loading its weights (for --check_only): its
     folder or hub id, tokenizer and chat template, the weight files' headers, and the LoRA targets
-    (on a weightless skeleton).
+    (on a weightless skeleton). The embedded default is converted on its first use, weights and all.
     Returns its tokenizer."""
     path, model_config, tokenizer = load_backbone_config(config.model)
     check_weights(path)
@@ -141,7 +141,7 @@ def final_metrics(trainer: RecPOTrainer) -> dict:
 
 def check_run(config: RecPOConfig, cpu_fallback: bool = False) -> None:
     """--check_only (launch_train.sh runs it before starting the processes): what would refuse the
-    run, without loading weights or writing anything."""
+    run, without loading weights or writing anything (but the embedded default's first conversion)."""
     dataset, category = load_dataset_dir(config.dataset_dir, config.dataset_category)
     check_train_size(len(dataset["train"]), config.per_device_train_batch_size * run_processes(config))
     check_gpus_per_machine(int(os.environ.get("R2EC_PROCESSES_PER_MACHINE", "1")), cpu_fallback)
