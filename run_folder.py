@@ -101,7 +101,7 @@ def checkpoint_folders(folder: str) -> list[str]:
 
 def is_run_output(path: str) -> bool:
     """Whether a run writes an entry of this name at its folder's top level (hidden ones aside)."""
-    name = os.path.basename(os.path.normpath(path))
+    name = folder_name(path)
     return not name.startswith(".") and any(fnmatch.fnmatch(name, pattern) for pattern in RUN_OUTPUTS)
 
 
