@@ -817,7 +817,7 @@ class RecPOTrainer(Trainer):
         )
         return RecPOBatch(rollouts, targets, advantages, self.relabel(advantages))
 
-    def token_loss(self, logprobs, batch: RecPOBatch, rows, completion_len):
+    def token_loss(self, logprobs, batch: RecPOBatch, rows):
         """SPEC §4.5 on the micro-batch `rows`.
 
         π = softmax(logits), or softmax(logits / --gen_temperature) with --tempered_logprobs (the
@@ -827,6 +827,7 @@ class RecPOTrainer(Trainer):
         (`num_iterations` > 1) what the first recorded. The sampler's log-probs are not used: they
         come without LoRA dropout and from other kernels, so ρ would drift from 1.
         """
+        completion_len = logprobs.shape[1]
         old = logprobs.detach() if batch.token_old_logprobs is None else batch.token_old_logprobs[rows, :completion_len]
         return clipped_token_loss(
             logprobs, old, batch.advantages[rows], batch.rollouts.completion_mask[rows, :completion_len],
@@ -868,13 +869,12 @@ class RecPOTrainer(Trainer):
         """
         logprobs, user_states = shared_prompt_forward(model, *self._trajectory_inputs(batch.rollouts, rows),
                                                       self.sampling.policy_temperature)
-        completion_len = logprobs.shape[1]
         item, item_logprobs = self.item_loss(user_states, item_states, batch, rows, weighted_advantages,
                                              item_old_logprobs)
         # The in-batch cross-entropy of each trajectory's own target: the item loss's value is -Â on-policy.
         self._record(**{"item/nll": -item_logprobs.mean()})
         if self.args.reasoning:
-            token, clip_fraction = self.token_loss(logprobs, batch, rows, completion_len)
+            token, clip_fraction = self.token_loss(logprobs, batch, rows)
             token = token * self.args.per_device_train_batch_size / len(batch.targets)
             self._record(**{"clip_ratio/token": clip_fraction})
         else:  # the ablation: `<answer>` was forced, not chosen, so there is no token loss
