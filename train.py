@@ -20,7 +20,7 @@ from errors import UserError, one_line, one_line_parser_errors, run_cli, write_j
 import torch
 from transformers import AutoModelForCausalLM, EarlyStoppingCallback, HfArgumentParser, set_seed
 
-from curves import plot_training_curves
+from curves import CURVES_FILE, plot_training_curves
 from dataset import load_dataset_dir
 from model import (add_lora, check_layer_types, check_lora_targets, check_weights, load_backbone,
                    load_backbone_config)
@@ -200,7 +200,7 @@ def main(argv: list[str]):
         if trainer.is_world_process_zero():
             trainer.save_metrics("final", metrics)
             write_json(os.path.join(config.output_dir, RUN_RECORD), record)
-            plot_training_curves(trainer.state.log_history, os.path.join(config.output_dir, "training_curves.png"))
+            plot_training_curves(trainer.state.log_history, os.path.join(config.output_dir, CURVES_FILE))
     except Exception as e:
         full_disk = full_disk_error(e, config.output_dir, trained)
         if full_disk is None:
