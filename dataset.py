@@ -30,8 +30,12 @@ def _number(kind) -> bool:
     return pa.types.is_integer(kind) or pa.types.is_floating(kind)
 
 
+def _is_list(kind) -> bool:
+    return pa.types.is_list(kind) or pa.types.is_large_list(kind)
+
+
 def _list_of(holds):
-    return lambda kind: (pa.types.is_list(kind) or pa.types.is_large_list(kind)) and holds(kind.value_type)
+    return lambda kind: _is_list(kind) and holds(kind.value_type)
 
 
 COLUMN_KINDS = {  # what train.py and recommend.py read (preprocess writes more): (what it holds, Arrow type test)
@@ -111,7 +115,7 @@ def load_dataset_dir(folder: str | None, category: str | None = None):
                             "smaller --K) so that every split holds samples")
         columns = [dataset[split].data.column(c) for c in SAMPLE_COLUMNS]
         with_nulls = [c for c, values in zip(SAMPLE_COLUMNS, columns) if values.null_count
-                      or (pa.types.is_list(values.type) and pc.list_flatten(values).null_count)]
+                      or (_is_list(values.type) and pc.list_flatten(values).null_count)]
         if with_nulls:
             raise UserError(f"the {split} split of {folder!r} has empty values in {', '.join(with_nulls)} — "
                             "rerun preprocess.py for it")

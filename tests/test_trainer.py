@@ -1698,12 +1698,16 @@ def test_category_that_contradicts_the_dataset_folder_is_named(tmp_path):
         train.main(quick_flags(tmp_path, "--dataset_category", "CDs_and_Vinyl"))
 
 
-def test_empty_values_in_a_training_column_are_named(tmp_path):
+@pytest.mark.parametrize("large", [False, True])  # large_list, which the column check accepts too
+def test_empty_values_in_a_training_column_are_named(tmp_path, large):
     """A null rating inside a history (a hand-edited dataset) failed in the prompt with a TypeError."""
+    import pyarrow as pa
+
     dataset = tiny_dataset()
     ratings = list(dataset["test"]["history_rating"])
     ratings[1] = [None, *ratings[1][1:]]
-    dataset["test"] = dataset["test"].remove_columns("history_rating").add_column("history_rating", ratings)
+    column = pa.array(ratings, pa.large_list(pa.float64()) if large else pa.list_(pa.float64()))
+    dataset["test"] = dataset["test"].remove_columns("history_rating").add_column("history_rating", column)
     folder = tmp_path / "Video_Games_0_2022-10-2023-10"
     dataset.save_to_disk(str(folder))
     with pytest.raises(UserError, match="the test split .* has empty values in history_rating — rerun preprocess.py"):
