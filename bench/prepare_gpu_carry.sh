@@ -8,6 +8,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-.venv/bin/python}
+mkdir -p .git/info && touch .git/info/exclude  # a fresh clone may have neither
 for ignored in /.whl/ /.gpu/; do grep -qxF "$ignored" .git/info/exclude || echo "$ignored" >> .git/info/exclude; done
 rm -rf .whl .gpu && mkdir -p .whl .gpu
 
