@@ -50,6 +50,10 @@ def check_output_dir(config: RecPOConfig) -> str | None:
     resume = config.resume_from_checkpoint
     if resume in ("last", "latest", "True", "true"):
         resume = get_last_checkpoint(folder) if os.path.isdir(folder) else None
+        if resume is None and os.path.isdir(folder) and killed_run_logs(folder):
+            raise UserError(f"no checkpoint-* folder in {config.output_dir!r} to resume from: its run was stopped "
+                            "before its first save (only runs/ and reasoning/ remain) — start it afresh: drop "
+                            "--resume_from_checkpoint and pass --overwrite_output_dir True")
         if resume is None:
             raise UserError(f"no checkpoint-* folder in {config.output_dir!r} to resume from — drop "
                             "--resume_from_checkpoint or pass a checkpoint folder")
@@ -188,13 +192,24 @@ def check_checkpoint(checkpoint: str, config: RecPOConfig):
     check_checkpoint_state(checkpoint, config)
 
 
+def without_incomplete(checkpoint: str) -> str:
+    """The fix for a checkpoint whose save was cut short: resume from the one before, if any."""
+    run_folder = os.path.dirname(os.path.abspath(checkpoint))
+    steps = [int(folder_name(c).split("-")[1]) for c in checkpoint_folders(run_folder)
+             if CHECKPOINT_NAME.fullmatch(folder_name(c))]
+    if CHECKPOINT_NAME.fullmatch(folder_name(checkpoint)) and min(steps) < int(folder_name(checkpoint).split("-")[1]):
+        return "delete it and resume from the checkpoint before it"
+    return ("delete it and start the run afresh (no checkpoint came before it): drop --resume_from_checkpoint and "
+            "pass --overwrite_output_dir True")
+
+
 def check_checkpoint_settings(checkpoint: str, config: RecPOConfig):
     """What the checkpoint was trained with (its trainer state, adapter config and run record)
     against this run's flags."""
     fix = RESUME_ELSEWHERE
     if not os.path.isfile(os.path.join(checkpoint, "trainer_state.json")):
-        raise UserError(f"{checkpoint} is incomplete (no trainer_state.json: its save was cut short) — delete it "
-                        "and resume from the checkpoint before it")
+        raise UserError(f"{checkpoint} is incomplete (no trainer_state.json: its save was cut short) — "
+                        f"{without_incomplete(checkpoint)}")
     state = read_json(os.path.join(checkpoint, "trainer_state.json"), fix)
     for key, (what, holds) in TRAINER_STATE_FIELDS.items():
         if key in state and not holds(state[key]):
@@ -216,7 +231,7 @@ def check_checkpoint_settings(checkpoint: str, config: RecPOConfig):
         record = read_json(record_path, fix)
     elif any(os.path.isfile(os.path.join(folder, RUN_RECORD)) for folder in [run_folder, *checkpoint_folders(run_folder)]):
         raise UserError(f"{checkpoint} is incomplete (no {RUN_RECORD}, which its run writes last into each "
-                        "checkpoint: its save was cut short) — delete it and resume from the checkpoint before it")
+                        f"checkpoint: its save was cut short) — {without_incomplete(checkpoint)}")
     else:
         record = {}  # a checkpoint of an older version, whose runs wrote no record
     for flag in METHOD_SETTINGS:  # a resume must not switch method halfway (length limits may change)

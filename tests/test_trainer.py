@@ -1600,9 +1600,12 @@ def test_a_checkpoint_of_the_same_data_order_resumes_and_another_one_with_ignore
     (lambda c: (c / "r2ec_run.json").write_text(json.dumps({"dataset_dir": "/data/Musical_Instruments_0_2022-10-2023-10"})),
      "was trained on the dataset /data/Musical_Instruments_0_2022-10-2023-10, not /elsewhere/Video_Games_0_2022-10-2023-10/ "
      "— resume with that --dataset_dir (moved: keep its folder name)"),
-    (lambda c: (c / "trainer_state.json").unlink(), "is incomplete (no trainer_state.json: its save was cut short)"),
+    (lambda c: (c / "trainer_state.json").unlink(), "is incomplete (no trainer_state.json: its save was cut short) — "
+     "delete it and start the run afresh (no checkpoint came before it): drop --resume_from_checkpoint and pass "
+     "--overwrite_output_dir True"),
     (lambda c: ((c / "r2ec_run.json").unlink(), fake_checkpoint(c.parent / "checkpoint-1")),  # killed mid-save
-     "is incomplete (no r2ec_run.json, which its run writes last into each checkpoint: its save was cut short)"),
+     "is incomplete (no r2ec_run.json, which its run writes last into each checkpoint: its save was cut short) — "
+     "delete it and resume from the checkpoint before it"),
     (lambda c: (c / "adapter_model.safetensors").write_bytes(b"\x10\x00"), "adapter weights cannot be read"),
     (lambda c: (c / "optimizer.pt").write_bytes(b"garbage"), "optimizer.pt is truncated or corrupt"),
     (lambda c: (c / "scheduler.pt").write_bytes((c / "scheduler.pt").read_bytes()[:100]), "scheduler.pt is truncated"),
@@ -1621,6 +1624,21 @@ def test_a_damaged_or_mismatched_checkpoint_is_named_before_resuming(tmp_path, d
                                                    "--model", "Qwen/Qwen2.5-3B-Instruct", "--resume_from_checkpoint", "last",
                                                    "--dataset_dir", "/elsewhere/Video_Games_0_2022-10-2023-10/"]))
     assert "\n" not in str(caught.value)
+
+
+@pytest.mark.parametrize("logs", [True, False])
+def test_resuming_a_run_that_saved_no_checkpoint_says_how_to_start_it_afresh(tmp_path, logs):
+    """Its logs alone: "drop --resume_from_checkpoint" would be refused next for them."""
+    run = tmp_path / "run"
+    (run / "runs" / "Dec02").mkdir(parents=True)
+    if logs:
+        (run / "runs" / "Dec02" / "events.out.tfevents.1.host").write_bytes(b"")
+    with pytest.raises(UserError) as caught:
+        run_folder.check_output_dir(train.parse_config(["--output_dir", str(run), "--resume_from_checkpoint", "last",
+                                                        "--dataset_dir", "/elsewhere/Video_Games_0_2022-10-2023-10"]))
+    assert str(caught.value).endswith(
+        "— start it afresh: drop --resume_from_checkpoint and pass --overwrite_output_dir True" if logs else
+        "— drop --resume_from_checkpoint or pass a checkpoint folder"), caught.value
 
 
 def test_a_resume_onto_another_catalogue_of_the_same_folder_name_is_refused(tmp_path):
