@@ -39,7 +39,8 @@ from dataset import SAMPLE_SPLITS, catalogue_digest, load_dataset_dir
 from metrics import KS, RANKING_METRICS, metric_name, split_metrics
 from model import LOAD_ERRORS, check_tokenizer, load_backbone
 from paths import resolve_model
-from run_folder import CHECKPOINT_NAME, RUN_RECORD, RUN_SETTINGS, checkpoint_folders, folder_name, in_a_run
+from run_folder import (CHECKPOINT_NAME, RUN_RECORD, RUN_SETTINGS, checkpoint_folders, folder_name, in_a_run,
+                        killed_run_logs)
 from trainer import RecPOConfig, RecPOTrainer, check_length_limits
 
 RUN_KEYS = ("model", "dataset_dir", "category")  # needed in r2ec_run.json
@@ -68,6 +69,10 @@ def read_run(folder: str) -> dict:
                             f"{', '.join(map(folder_name, checkpoints[-3:]))}) — re-run train.py")
         raise UserError(f"{folder!r} holds no final model (the run stopped before its end, or its final save was "
                         f"cut short) — pass its latest complete checkpoint: --output_dir {complete[-1]}")
+    if not os.path.isfile(os.path.join(folder, "adapter_config.json")) and killed_run_logs(folder):
+        raise UserError(f"{folder!r} holds only the logs of a run that has saved no checkpoint yet (still running, "
+                        "or stopped before its first save) — wait for its first checkpoint (see --save_steps), or "
+                        "pass another run")
     if not os.path.isfile(os.path.join(folder, "adapter_config.json")):
         raise UserError(f"{folder!r} holds no LoRA adapter (adapter_config.json) — pass a train.py output "
                         "folder or one of its checkpoint-* folders")

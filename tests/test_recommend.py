@@ -234,6 +234,8 @@ def no_adapter(run_dir, tmp_path):
 @pytest.mark.parametrize("flags, message", [
     (["--output_dir", "/nonexistent/run"], "does not exist"),
     (["--output_dir", "NO_ADAPTER"], "no LoRA adapter"),
+    (["--output_dir", "EARLY"], "holds only the logs of a run that has saved no checkpoint yet (still running, or "
+                                "stopped before its first save) — wait for its first checkpoint"),
     (["--output_dir", "KILLED"], "holds no final model (the run stopped before its end, or its final save was cut "
                                  "short) — pass its latest complete checkpoint: --output_dir KILLED/checkpoint-8"),
     (["--output_dir", "KILLED/checkpoint-12"], "no LoRA adapter (adapter_config.json)"),
@@ -266,7 +268,10 @@ def test_bad_input_gives_one_line(run_dir, no_adapter, tmp_path, capsys, flags, 
     no_record.mkdir()
     for name in ("adapter_config.json", "adapter_model.safetensors"):
         (no_record / name).write_text("{}")
-    folders = {"RUN": run_dir, "NO_ADAPTER": no_adapter, "KILLED": str(killed),
+    early = tmp_path / "early" / "runs" / "Dec02_10-00-00"  # TensorBoard's logs come before any save
+    early.mkdir(parents=True)
+    (early / "events.out.tfevents.1764669600.host").write_bytes(b"")
+    folders = {"RUN": run_dir, "NO_ADAPTER": no_adapter, "KILLED": str(killed), "EARLY": str(tmp_path / "early"),
                "CUT_SHORT": str(tmp_path / "cut_short"), "NO_RECORD": str(no_record)}
     flags = [folders.get(flag, flag.replace("RUN/", run_dir + "/").replace("KILLED/", f"{killed}/")) for flag in flags]
     message = message.replace("KILLED", str(killed)).replace("NO_RECORD", str(no_record))
