@@ -6,6 +6,8 @@ records (RUN_OUTPUTS). A fresh run refuses a folder holding another run unless t
 it, and always one holding what a run would overwrite or mix with (a model, a dataset, code); a
 resume must keep the method, LoRA shape, data order, dataset and backbone of its checkpoint.
 """
+import contextlib
+import fcntl
 import fnmatch
 import glob
 import os
@@ -43,6 +45,8 @@ def check_output_dir(config: RecPOConfig) -> str | None:
     problem = folder_problem(folder)
     if problem:
         raise UserError(f"--output_dir {config.output_dir} {problem} — pass a folder you can write to")
+    if config.process_index == 0:  # the one process that holds the folder while its run trains
+        check_not_in_use(folder, config.output_dir)
     if is_checkpoint(folder):
         raise UserError(f"--output_dir {config.output_dir} is a checkpoint of the run in {os.path.dirname(folder)} — "
                         "pass that folder as --output_dir with --resume_from_checkpoint last to continue the run, "
@@ -81,6 +85,48 @@ def check_output_dir(config: RecPOConfig) -> str | None:
                         "its first checkpoint, which the new run's would mix with — pass --overwrite_output_dir True "
                         "to replace them, or pick another --output_dir")
     return resume
+
+
+def check_not_in_use(folder: str, given: str):
+    """No train.py run is training in `folder` now (see `in_use`): a second one would delete or mix
+    with its files."""
+    if not os.path.isdir(folder):
+        return
+    descriptor = os.open(folder, os.O_RDONLY)
+    try:
+        fcntl.flock(descriptor, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except BlockingIOError as e:
+        raise in_use_error(given) from e
+    except OSError:  # a file system without locks (some NFS setups): cannot tell
+        pass
+    finally:
+        os.close(descriptor)
+
+
+@contextlib.contextmanager
+def in_use(folder: str, holder: bool):
+    """While the block runs, `folder` is marked in use by this run: its process 0 (`holder`) holds
+    an exclusive lock on the folder, which the process's end releases too (also when killed)."""
+    if not holder:
+        yield
+        return
+    os.makedirs(folder, exist_ok=True)
+    descriptor = os.open(folder, os.O_RDONLY)
+    try:
+        try:
+            fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError as e:  # another run started since the check
+            raise in_use_error(folder) from e
+        except OSError:  # a file system without locks: run unmarked
+            pass
+        yield
+    finally:
+        os.close(descriptor)
+
+
+def in_use_error(given: str) -> UserError:
+    return UserError(f"--output_dir {given} is in use by a train.py run that is still training — wait for it to end "
+                     "or stop it, or pick another --output_dir")
 
 
 def is_checkpoint(folder: str) -> bool:

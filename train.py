@@ -26,7 +26,7 @@ from model import (add_lora, check_layer_types, check_lora_targets, check_weight
                    load_backbone_config)
 from paths import resolve_model
 from rollouts import check_attention_interface
-from run_folder import (RUN_RECORD, RecordInCheckpoints, check_output_dir, clear_earlier_run, earlier_run,
+from run_folder import (RUN_RECORD, RecordInCheckpoints, check_output_dir, clear_earlier_run, earlier_run, in_use,
                         killed_run_logs, resumes_in_place, run_processes, run_record)
 from trainer import RecPOConfig, RecPOTrainer, check_context_length, check_length_limits, check_train_size
 
@@ -180,6 +180,13 @@ def main(argv: list[str]):
             warn_about_cpu(argv)
         return
     trainer = build_trainer(config)
+    with in_use(config.output_dir, holder=trainer.is_world_process_zero()):  # before anything is replaced
+        return train_and_save(trainer, config, resume, argv)
+
+
+def train_and_save(trainer: RecPOTrainer, config: RecPOConfig, resume: str | None, argv: list[str]) -> dict:
+    """The run: the earlier one replaced (--overwrite_output_dir), training, then the final adapter,
+    state, metrics, run record and curves in --output_dir."""
     if trainer.is_world_process_zero():  # once the run is sure to start
         warn_about_cpu(argv)
         note_unused_gpus(config.world_size)

@@ -1626,6 +1626,26 @@ def test_a_damaged_or_mismatched_checkpoint_is_named_before_resuming(tmp_path, d
     assert "\n" not in str(caught.value)
 
 
+def test_a_folder_a_run_is_training_in_is_refused_to_a_second_run(tmp_path):
+    """--overwrite_output_dir deleted the checkpoints of a run still training there; a resume mixed with it."""
+    run = tmp_path / "run"
+    fake_checkpoint(run / "checkpoint-2")
+    flags = ["--output_dir", str(run), "--dataset_dir", "/elsewhere/Video_Games_0_2022-10-2023-10"]
+    with run_folder.in_use(str(run), holder=True):  # the run training there (its process 0)
+        for more in (["--overwrite_output_dir", "True"], ["--resume_from_checkpoint", "last", "--max_steps", "5"]):
+            with pytest.raises(UserError) as caught:
+                run_folder.check_output_dir(train.parse_config([*flags, *more]))
+            assert str(caught.value) == (f"--output_dir {run} is in use by a train.py run that is still training — "
+                                         "wait for it to end or stop it, or pick another --output_dir")
+        with pytest.raises(UserError, match="is in use by a train.py run"):
+            with run_folder.in_use(str(run), holder=True):  # a second run started in the meantime
+                pass
+        with run_folder.in_use(str(run), holder=False):  # the run's other processes hold nothing
+            pass
+    assert run_folder.check_output_dir(train.parse_config([*flags, "--overwrite_output_dir", "True"])) is None
+    assert sorted(os.listdir(run)) == ["checkpoint-2"]  # nothing written to mark it
+
+
 @pytest.mark.parametrize("logs", [True, False])
 def test_resuming_a_run_that_saved_no_checkpoint_says_how_to_start_it_afresh(tmp_path, logs):
     """Its logs alone: "drop --resume_from_checkpoint" would be refused next for them."""
