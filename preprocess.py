@@ -602,7 +602,8 @@ def parse_args(argv=None):
     one_line_parser_errors(p, "python preprocess.py --help")
     p.add_argument("--category", default="Musical_Instruments",
                    help="Amazon Reviews 2023 category, e.g. Video_Games, CDs_and_Vinyl (default: %(default)s)")
-    p.add_argument("--K", type=int, default=0, help="K-core threshold inside the window, 0: none (default: %(default)s)")
+    p.add_argument("--K", type=int, default=0,
+                   help="K-core threshold inside the window, 0: none (default: %(default)s)")
     p.add_argument("--st_year", type=int, default=2022, help="window start year (default: %(default)s)")
     p.add_argument("--st_month", type=int, default=10, help="window start month, 1-12 (default: %(default)s)")
     p.add_argument("--ed_year", type=int, default=2023, help="window end year (default: %(default)s)")

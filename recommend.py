@@ -39,7 +39,7 @@ from dataset import SAMPLE_SPLITS, catalogue_digest, load_dataset_dir
 from metrics import KS, RANKING_METRICS, metric_name, split_metrics
 from model import LOAD_ERRORS, check_tokenizer, load_backbone
 from paths import resolve_model
-from run_folder import (CHECKPOINT_NAME, RUN_RECORD, RUN_SETTINGS, checkpoint_folders, folder_name, in_a_run,
+from run_folder import (RUN_RECORD, RUN_SETTINGS, checkpoint_folders, checkpoint_step, folder_name, in_a_run,
                         killed_run_logs)
 from trainer import RecPOConfig, RecPOTrainer, check_length_limits
 
@@ -47,7 +47,7 @@ RUN_KEYS = ("model", "dataset_dir", "category")  # needed in r2ec_run.json
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 SERVED_FILES = (RUN_RECORD, "adapter_*", "tokenizer*", "*.jinja", "special_tokens_map.json", "added_tokens.json",
                 "vocab.json", "merges.txt")  # what serving reads of a run's folder
-RECORDED_FIELDS = {"model", "dataset_dir", *RUN_SETTINGS}  # of r2ec_run.json, what RecPOConfig takes (not deepspeed, ...)
+RECORDED_FIELDS = {"model", "dataset_dir", *RUN_SETTINGS}  # what r2ec_run.json gives RecPOConfig (not deepspeed, ...)
 SETTING_TYPES = {f.name: f.type for f in dataclasses.fields(RecPOConfig) if f.name in RECORDED_FIELDS}
 
 
@@ -60,8 +60,7 @@ def read_run(folder: str) -> dict:
     if not os.path.isdir(folder):
         state = "is a file" if os.path.exists(folder) else "does not exist"
         raise UserError(f"--output_dir {missing_path(folder)} {state} — pass the folder of a train.py run")
-    checkpoints = sorted((c for c in checkpoint_folders(folder) if CHECKPOINT_NAME.fullmatch(folder_name(c))),
-                         key=lambda c: int(folder_name(c).split("-")[1]))
+    checkpoints = sorted((c for c in checkpoint_folders(folder) if checkpoint_step(c) is not None), key=checkpoint_step)
     if checkpoints and not is_servable(folder):
         complete = [c for c in checkpoints if is_servable(c)]
         if not complete:
@@ -69,11 +68,11 @@ def read_run(folder: str) -> dict:
                             f"{', '.join(map(folder_name, checkpoints[-3:]))}) — re-run train.py")
         raise UserError(f"{folder!r} holds no final model (the run stopped before its end, or its final save was "
                         f"cut short) — pass its latest complete checkpoint: --output_dir {complete[-1]}")
-    if not os.path.isfile(os.path.join(folder, "adapter_config.json")) and killed_run_logs(folder):
-        raise UserError(f"{folder!r} holds only the logs of a run that has saved no checkpoint yet (still running, "
-                        "or stopped before its first save) — wait for its first checkpoint (see --save_steps), or "
-                        "pass another run")
     if not os.path.isfile(os.path.join(folder, "adapter_config.json")):
+        if killed_run_logs(folder):
+            raise UserError(f"{folder!r} holds only the logs of a run that has saved no checkpoint yet (still "
+                            "running, or stopped before its first save) — wait for its first checkpoint (see "
+                            "--save_steps), or pass another run")
         raise UserError(f"{folder!r} holds no LoRA adapter (adapter_config.json) — pass a train.py output "
                         "folder or one of its checkpoint-* folders")
     if not os.path.isfile(os.path.join(folder, "adapter_model.safetensors")):

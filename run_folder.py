@@ -90,17 +90,8 @@ def check_output_dir(config: RecPOConfig) -> str | None:
 def check_not_in_use(folder: str, given: str):
     """No train.py run is training in `folder` now (see `in_use`): a second one would delete or mix
     with its files."""
-    if not os.path.isdir(folder):
-        return
-    descriptor = os.open(folder, os.O_RDONLY)
-    try:
-        fcntl.flock(descriptor, fcntl.LOCK_SH | fcntl.LOCK_NB)
-    except BlockingIOError as e:
-        raise in_use_error(given) from e
-    except OSError:  # a file system without locks (some NFS setups): cannot tell
-        pass
-    finally:
-        os.close(descriptor)
+    if os.path.isdir(folder):
+        os.close(lock_folder(folder, fcntl.LOCK_SH, given))
 
 
 @contextlib.contextmanager
@@ -111,22 +102,26 @@ def in_use(folder: str, holder: bool):
         yield
         return
     os.makedirs(folder, exist_ok=True)
-    descriptor = os.open(folder, os.O_RDONLY)
+    descriptor = lock_folder(folder, fcntl.LOCK_EX, folder)  # refused: another run started since the check
     try:
-        try:
-            fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError as e:  # another run started since the check
-            raise in_use_error(folder) from e
-        except OSError:  # a file system without locks: run unmarked
-            pass
         yield
     finally:
         os.close(descriptor)
 
 
-def in_use_error(given: str) -> UserError:
-    return UserError(f"--output_dir {given} is in use by a train.py run that is still training — wait for it to end "
-                     "or stop it, or pick another --output_dir")
+def lock_folder(folder: str, kind: int, given: str) -> int:
+    """An open descriptor of `folder` holding a `kind` flock on it (none where the file system has no
+    locks, as some NFS setups); closing it releases the lock. Held by another run: refused."""
+    descriptor = os.open(folder, os.O_RDONLY)
+    try:
+        fcntl.flock(descriptor, kind | fcntl.LOCK_NB)
+    except BlockingIOError as e:
+        os.close(descriptor)
+        raise UserError(f"--output_dir {given} is in use by a train.py run that is still training — wait for it to "
+                        "end or stop it, or pick another --output_dir") from e
+    except OSError:
+        pass
+    return descriptor
 
 
 def is_checkpoint(folder: str) -> bool:
@@ -143,6 +138,11 @@ def folder_name(path: str) -> str:
 def resumes_in_place(config: RecPOConfig, resume: str | None) -> bool:
     """Whether the run continues from a checkpoint of its own --output_dir (not another run's)."""
     return resume is not None and os.path.dirname(os.path.realpath(resume)) == os.path.realpath(config.output_dir)
+
+
+def checkpoint_step(folder: str) -> int | None:
+    """N of a checkpoint-N folder; None for any other name."""
+    return int(folder_name(folder).split("-")[1]) if CHECKPOINT_NAME.fullmatch(folder_name(folder)) else None
 
 
 def checkpoint_folders(folder: str) -> list[str]:
@@ -240,10 +240,9 @@ def check_checkpoint(checkpoint: str, config: RecPOConfig):
 
 def without_incomplete(checkpoint: str) -> str:
     """The fix for a checkpoint whose save was cut short: resume from the one before, if any."""
-    run_folder = os.path.dirname(os.path.abspath(checkpoint))
-    steps = [int(folder_name(c).split("-")[1]) for c in checkpoint_folders(run_folder)
-             if CHECKPOINT_NAME.fullmatch(folder_name(c))]
-    if CHECKPOINT_NAME.fullmatch(folder_name(checkpoint)) and min(steps) < int(folder_name(checkpoint).split("-")[1]):
+    step = checkpoint_step(checkpoint)
+    others = checkpoint_folders(os.path.dirname(os.path.abspath(checkpoint)))
+    if step is not None and any((checkpoint_step(other) or step) < step for other in others):
         return "delete it and resume from the checkpoint before it"
     return ("delete it and start the run afresh (no checkpoint came before it): drop --resume_from_checkpoint and "
             "pass --overwrite_output_dir True")
@@ -259,7 +258,8 @@ def check_checkpoint_settings(checkpoint: str, config: RecPOConfig):
     state = read_json(os.path.join(checkpoint, "trainer_state.json"), fix)
     for key, (what, holds) in TRAINER_STATE_FIELDS.items():
         if key in state and not holds(state[key]):
-            raise UserError(f"{checkpoint}/trainer_state.json's {key} {shown_briefly(state[key])} is not {what} — {fix}")
+            raise UserError(f"{checkpoint}/trainer_state.json's {key} {shown_briefly(state[key])} is not {what} — "
+                            f"{fix}")
     step = state.get("global_step", 0)
     if 0 < config.max_steps <= step:  # the Trainer would still train one more step
         steps = f"{step} step{'s' * (step != 1)}"

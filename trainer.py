@@ -34,7 +34,8 @@ from transformers import EarlyStoppingCallback, Trainer, TrainingArguments
 from transformers.trainer_callback import ExportableState
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, SaveStrategy, get_last_checkpoint
 
-from errors import UserError, check_int64, check_not_blank, missing_path, one_line, read_json, shown_briefly, umask, write_jsonl
+from errors import (UserError, check_int64, check_not_blank, missing_path, one_line, read_json, shown_briefly, umask,
+                    write_jsonl)
 from metrics import METRIC_NAMES, ndcg_at_k, split_metrics, target_rank, top_items
 from model import (ITEM_BATCH_SIZE, LORA_ALPHA, LORA_DROPOUT, LORA_R, LORA_TARGETS, SIMILARITY_TYPES, TAU, ItemTable,
                    check_layer_types, encode, end_of_turn_ids, mask_seen, shared_prompt_forward, similarity)
@@ -238,7 +239,8 @@ class RecPOConfig(TrainingArguments):
             if isinstance(value, float) and not math.isfinite(value):
                 raise UserError(f"--{name} {value}: must be a finite number")
             check_int64(f"--{name}", value)
-        check_not_blank("--output_dir", self.output_dir, "pass a folder, or leave the flag out for outputs/<--run_name>")
+        check_not_blank("--output_dir", self.output_dir,
+                        "pass a folder, or leave the flag out for outputs/<--run_name>")
         if self.output_dir is None:
             self.output_dir = os.path.join("outputs", self.run_name or "r2ec")
             if os.path.normpath(self.output_dir) == "outputs":
