@@ -145,13 +145,24 @@ def catalogue_digest(titles: list[str]) -> str:
     return hashlib.sha256(json.dumps(titles).encode()).hexdigest()[:16]
 
 
-def recorded_category(folder: str) -> str | None:
-    """The category preprocess.py recorded in the folder (None: no record, as in older folders)."""
+def preprocess_record(folder: str) -> dict | None:
+    """What preprocess.py recorded in the folder (None: no record, as in older folders)."""
     path = os.path.join(folder, PREPROCESS_RECORD)
-    if not os.path.isfile(path):
-        return None
-    category = read_json(path, "rerun preprocess.py for this folder").get("category")
+    return read_json(path, "rerun preprocess.py for this folder") if os.path.isfile(path) else None
+
+
+def recorded_category(folder: str) -> str | None:
+    """The category preprocess.py recorded in the folder (None: no record)."""
+    category = (preprocess_record(folder) or {}).get("category")
     return category if isinstance(category, str) and category else None
+
+
+def preprocessed_anew(then: dict, now: dict | None) -> list[str]:
+    """How a dataset folder's preprocess record differs from the one a run recorded when it
+    trained (preprocess.py run again into one folder, e.g. with another --window_size), as
+    "window_size 20, now 10"; only entries both records hold are compared."""
+    now = now or {}
+    return [f"{key} {then[key]}, now {now[key]}" for key in then if key in now and now[key] != then[key]]
 
 
 def check_column_kinds(split_data, split: str, columns: tuple, folder: str):

@@ -35,7 +35,7 @@ from errors import (UserError, check_int64, check_not_blank, check_output_file, 
 
 import torch
 
-from dataset import SAMPLE_SPLITS, catalogue_digest, load_dataset_dir
+from dataset import SAMPLE_SPLITS, catalogue_digest, load_dataset_dir, preprocess_record, preprocessed_anew
 from metrics import KS, RANKING_METRICS, metric_name, split_metrics
 from model import LOAD_ERRORS, check_tokenizer, load_backbone
 from paths import resolve_model
@@ -237,15 +237,23 @@ def missing_adapter_weights(model, folder: str) -> list[str]:
 # Recommending
 
 
-def warn_about_another_catalogue(run: dict, item_info, dataset_dir: str):
-    """Items are encoded from their text, so any catalogue can be served; but one that is not the
-    run's (its record's digest; runs before 2026-12-01 recorded none) is more often a wrong
-    --dataset_dir, or a dataset preprocessed anew, than a choice: say so."""
+def warn_about_another_dataset(run: dict, item_info, dataset_dir: str):
+    """Any dataset can be served (items are encoded from their text); but another catalogue than the
+    run's (its record's digest; runs before 2026-12-01 recorded none), or the run's dataset
+    preprocessed anew since (its preprocess.json; recorded since 2026-12-02), is more often a
+    mistake than a choice: say so."""
     titles = item_info.data.column("title").to_pylist()
     if run.get("catalogue") not in (None, catalogue_digest(titles)):
         print(f"warning: the dataset {dataset_dir!r} holds another catalogue ({len(titles) - 1} items, titles "
               f"not all the same) than the run was trained on ({run.get('items')} items) — fine if meant; else "
               "pass the dataset it was trained on as --dataset_dir", file=sys.stderr)
+    trained_on = run["preprocess"] if isinstance(run.get("preprocess"), dict) else {}
+    if folder_name(dataset_dir) == folder_name(run["dataset_dir"]):  # the same dataset, by its name
+        changed = preprocessed_anew(trained_on, preprocess_record(dataset_dir))
+        if changed:
+            print(f"warning: the dataset {dataset_dir!r} was preprocessed anew since the run trained on it "
+                  f"({'; '.join(changed)}) — fine if meant; else rerun preprocess.py into it with the settings "
+                  "of then", file=sys.stderr)
 
 
 def pick_rows(split_data, split: str, args) -> list[int]:
@@ -357,7 +365,7 @@ def main(argv: list[str]) -> list[dict]:
         raise UserError(f"the run's dataset {config.dataset_dir!r} (in its {RUN_RECORD}) is gone — pass its new "
                         "place as --dataset_dir, or rerun preprocess.py with the run's settings")
     dataset, category = load_dataset_dir(config.dataset_dir, config.dataset_category)
-    warn_about_another_catalogue(run, dataset["item_info"], config.dataset_dir)
+    warn_about_another_dataset(run, dataset["item_info"], config.dataset_dir)
     split_data = dataset[args.split]
     rows = pick_rows(split_data, args.split, args)  # bad rows fail here, before the model loads
 

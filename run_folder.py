@@ -18,7 +18,7 @@ import zipfile
 from transformers import TrainerCallback
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, get_last_checkpoint
 
-from dataset import catalogue_digest, is_dataset, load_dataset_dir
+from dataset import catalogue_digest, is_dataset, load_dataset_dir, preprocess_record, preprocessed_anew
 from errors import UserError, folder_problem, missing_path, one_line, read_json, shown_briefly, write_json
 from paths import resolve_model
 from trainer import RecPOConfig
@@ -298,12 +298,24 @@ def check_checkpoint_settings(checkpoint: str, config: RecPOConfig):
     if moved_or_other and folder_name(trained_on_data) != folder_name(config.dataset_dir):
         raise UserError(f"{checkpoint} was trained on the dataset {trained_on_data}, not {config.dataset_dir} — resume "
                         "with that --dataset_dir (moved: keep its folder name)")
+    if isinstance(record.get("preprocess"), dict) and config.dataset_dir:
+        check_same_samples(checkpoint, record, config)
     if record.get("catalogue") and config.dataset_dir:
         check_same_catalogue(checkpoint, record, config)
     trained_on, backbone = adapter.get("base_model_name_or_path"), resolve_model(config.model)
     if trained_on and folder_name(trained_on) != folder_name(backbone):  # the backbone may sit elsewhere now
         raise UserError(f"{checkpoint} was trained on {trained_on}, not {backbone} — resume with that --model "
                         "(moved: keep its folder name)")
+
+
+def check_same_samples(checkpoint: str, record: dict, config: RecPOConfig):
+    """The dataset is still the one preprocess.py wrote when the checkpoint trained: run again into
+    the same folder (another --window_size, newer reviews) it holds other samples."""
+    changed = preprocessed_anew(record["preprocess"], preprocess_record(config.dataset_dir))
+    if changed:
+        raise UserError(f"the dataset {config.dataset_dir} was preprocessed anew since {checkpoint} trained on it "
+                        f"({'; '.join(changed)}) — rerun preprocess.py into it with the settings of then, or start "
+                        "a fresh run with --overwrite_output_dir True")
 
 
 def check_same_catalogue(checkpoint: str, record: dict, config: RecPOConfig):
@@ -375,6 +387,7 @@ def run_record(config: RecPOConfig, category: str, item_titles: list[str]) -> di
     return {"model": config.model, "model_path": os.path.abspath(model_path) if os.path.isdir(model_path) else model_path,
             "dataset_dir": os.path.abspath(config.dataset_dir), "category": category,
             "items": len(item_titles) - 1, "catalogue": catalogue_digest(item_titles),
+            "preprocess": preprocess_record(config.dataset_dir),
             **{key: getattr(config, key) for key in RUN_SETTINGS}, "data_order": data_order(config)}
 
 

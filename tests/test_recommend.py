@@ -409,6 +409,29 @@ def test_a_dataset_with_another_catalogue_is_served_with_a_warning(run_copy, cap
     assert "warning: " not in capsys.readouterr().err
 
 
+def test_the_runs_dataset_preprocessed_anew_is_served_with_a_warning(run_copy, capsys, tmp_path):
+    """A dataset of the run's dataset's folder name whose preprocess.json differs from the one the
+    run recorded was preprocessed again (here with another --window_size): served, with a warning.
+    A dataset of another name is another dataset by choice, and an older run recorded nothing."""
+    folder, run = run_copy
+    (folder / "r2ec_run.json").write_text(json.dumps({**run, "preprocess": {"K": 0, "window_size": 20, "train": 8}}))
+    for name in ("Video_Games_0_2022-10-2023-10", "Video_Games_0_2023-1-2023-10"):
+        tiny_dataset().save_to_disk(str(tmp_path / name))
+        (tmp_path / name / "preprocess.json").write_text(json.dumps({"K": 0, "window_size": 10, "train": 8}))
+    same_name = tmp_path / "Video_Games_0_2022-10-2023-10"
+    run_recommend("--output_dir", str(folder), "--dataset_dir", str(same_name), "--samples", "0")
+    warnings = [line for line in capsys.readouterr().err.splitlines() if line.startswith("warning: ")]
+    assert warnings == [f"warning: the dataset {str(same_name)!r} was preprocessed anew since the run trained on it "
+                        "(window_size 20, now 10) — fine if meant; else rerun preprocess.py into it with the "
+                        "settings of then"]
+    run_recommend("--output_dir", str(folder), "--dataset_dir", str(tmp_path / "Video_Games_0_2023-1-2023-10"),
+                  "--samples", "0")
+    assert "warning: " not in capsys.readouterr().err
+    (folder / "r2ec_run.json").write_text(json.dumps(run))
+    run_recommend("--output_dir", str(folder), "--dataset_dir", str(same_name), "--samples", "0")
+    assert "warning: " not in capsys.readouterr().err
+
+
 def test_a_run_file_the_user_cannot_read_gives_one_line(run_copy, capsys, monkeypatch):
     folder, _ = run_copy
     access = os.access  # as root (the tests' usual user) every file is readable: the check is patched

@@ -1686,6 +1686,36 @@ def test_a_resume_onto_another_catalogue_of_the_same_folder_name_is_refused(tmp_
         run_folder.check_output_dir(config("sample"))
 
 
+def test_a_resume_onto_a_dataset_preprocessed_anew_is_refused(tmp_path):
+    """preprocess.py run again into the run's dataset folder with another --window_size keeps its
+    name and catalogue but not its samples: the run records the folder's preprocess.json, and a
+    resume is checked against it (entries both records hold; an older run recorded none)."""
+    dataset_dir = tiny_dataset_dir(tmp_path)
+    written = {"category": "Video_Games", "K": 0, "window_size": 20, "start": "2021-10-01", "train": 8}
+    (tmp_path / "Video_Games_0_2022-10-2023-10" / "preprocess.json").write_text(json.dumps(written))
+    flags = ["--output_dir", str(tmp_path / "run"), "--max_steps", "5", "--dataset_dir", dataset_dir]
+    record = run_folder.run_record(train.parse_config(flags), "Video_Games", ["", "A game"])
+    assert record["preprocess"] == written
+    checkpoint = tmp_path / "run" / "checkpoint-2"
+    fake_checkpoint(checkpoint)
+    (checkpoint / "r2ec_run.json").write_text(json.dumps(
+        {**json.loads((checkpoint / "r2ec_run.json").read_text()), "dataset_dir": dataset_dir,
+         "preprocess": record["preprocess"]}))
+    config = train.parse_config([*flags, "--resume_from_checkpoint", "last"])
+    assert run_folder.check_output_dir(config) == str(checkpoint)
+    (tmp_path / "Video_Games_0_2022-10-2023-10" / "preprocess.json").write_text(json.dumps(
+        {**written, "window_size": 10, "train": 6, "blank_titles": 0}))  # an entry added since: not compared
+    with pytest.raises(UserError) as caught:
+        run_folder.check_output_dir(config)
+    assert str(caught.value) == (
+        f"the dataset {dataset_dir} was preprocessed anew since {checkpoint} trained on it (window_size 20, now 10; "
+        "train 8, now 6) — rerun preprocess.py into it with the settings of then, or start a fresh run with "
+        "--overwrite_output_dir True")
+    (checkpoint / "r2ec_run.json").write_text(json.dumps(
+        {**json.loads((checkpoint / "r2ec_run.json").read_text()), "preprocess": None}))  # a run of an older version
+    assert run_folder.check_output_dir(config) == str(checkpoint)
+
+
 @pytest.mark.parametrize("change, message", [
     (lambda d: d.update(valid=d["valid"].select([])), "the valid split of .* is empty"),
     (lambda d: d.update(item_info=d["item_info"].select(range(1, len(d["item_info"])))),
