@@ -173,8 +173,8 @@ def run_cli(main, *args, interrupt_on_sigterm: bool = True, **kwargs):
 
     With `interrupt_on_sigterm`, SIGTERM (`kill`, a scheduler's time limit) interrupts as Ctrl-C
     does, so that the temporary files and folders of an atomic write are removed on the way out
-    instead of left behind. Launched training processes keep SIGTERM's default: a launcher
-    sends it to stop them at once, also while they wait in a collective.
+    instead of left behind. Training processes a launcher started keep SIGTERM's default
+    (`launched`): it sends it to stop them at once, also while they wait in a collective.
     """
     on_sigterm = signal.getsignal(signal.SIGTERM)
     if interrupt_on_sigterm:
@@ -189,6 +189,12 @@ def run_cli(main, *args, interrupt_on_sigterm: bool = True, **kwargs):
         sys.exit(130)
     finally:
         signal.signal(signal.SIGTERM, on_sigterm)
+
+
+def launched() -> bool:
+    """Whether a launcher started this process (`accelerate launch` sets the first variable for
+    one process, torchrun the second for several): it stops its processes with SIGTERM."""
+    return "ACCELERATE_MIXED_PRECISION" in os.environ or "LOCAL_RANK" in os.environ
 
 
 def one_line_parser_errors(parser, help_command: str):

@@ -194,4 +194,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    run_cli(main, interrupt_on_sigterm=False)  # as train.py, which it runs
+    run_cli(main, interrupt_on_sigterm=False)  # `run` passes SIGTERM on to the step, which says it stopped

@@ -15,7 +15,7 @@ import socket
 import sys
 
 # errors.py before the libraries: its excepthook makes Ctrl-C while they import one line
-from errors import UserError, one_line, one_line_parser_errors, run_cli, write_json
+from errors import UserError, launched, one_line, one_line_parser_errors, run_cli, write_json
 
 import torch
 from transformers import AutoModelForCausalLM, EarlyStoppingCallback, HfArgumentParser, set_seed
@@ -218,4 +218,4 @@ def train_and_save(trainer: RecPOTrainer, config: RecPOConfig, resume: str | Non
 
 
 if __name__ == "__main__":
-    run_cli(main, sys.argv[1:], interrupt_on_sigterm=False)
+    run_cli(main, sys.argv[1:], interrupt_on_sigterm=not launched())

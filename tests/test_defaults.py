@@ -284,9 +284,11 @@ if rank == int(sys.argv[1]):
         os.kill(os.getpid(), signal.SIGKILL)
     if sys.argv[2] == "exit1":
         os._exit(1)
-    if sys.argv[2] == "wait":
+    if sys.argv[2] == "wait":  # as train.py waits, SIGTERM as it handles it
+        sys.path.insert(0, os.getcwd())  # the repository
+        import errors
         print("started", flush=True)
-        time.sleep(60)
+        errors.run_cli(time.sleep, 60, interrupt_on_sigterm=not errors.launched())
     print("error: process", rank, "refuses", file=sys.stderr)
     sys.exit(2)
 """

@@ -7,9 +7,11 @@ import math
 import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
+import time
 import types
 import warnings
 
@@ -1659,6 +1661,28 @@ def test_resuming_a_run_that_saved_no_checkpoint_says_how_to_start_it_afresh(tmp
     assert str(caught.value).endswith(
         "— start it afresh: drop --resume_from_checkpoint and pass --overwrite_output_dir True" if logs else
         "— drop --resume_from_checkpoint or pass a checkpoint folder"), caught.value
+
+
+def test_a_plain_train_py_stopped_by_sigterm_says_so_in_one_line(tmp_path):
+    """`kill` of a run started without a launcher (a scheduler's time limit): one line and code 130,
+    as Ctrl-C, and the run's folder is free again (a launcher's processes keep SIGTERM's default)."""
+    out = tmp_path / "out"
+    env = {key: value for key, value in os.environ.items() if key not in ("LOCAL_RANK", "ACCELERATE_MIXED_PRECISION")}
+    run = subprocess.Popen([PYTHON, os.path.join(ROOT, "train.py"), *quick_flags(tmp_path, "--max_steps", "10000")],
+                           cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                           env={**env, "OMP_NUM_THREADS": "1"})
+    deadline = time.monotonic() + 300
+    while run.poll() is None and time.monotonic() < deadline:  # until it holds its folder: training
+        try:
+            run_folder.check_not_in_use(str(out), str(out))
+        except UserError:
+            break
+        time.sleep(0.2)
+    run.send_signal(signal.SIGTERM)
+    _, stderr = run.communicate(timeout=120)
+    assert (run.returncode, stderr.strip().splitlines()[-1]) == (130, "error: interrupted"), stderr[-2000:]
+    assert "Traceback" not in stderr
+    run_folder.check_not_in_use(str(out), str(out))
 
 
 def test_a_resume_onto_another_catalogue_of_the_same_folder_name_is_refused(tmp_path):
