@@ -139,6 +139,11 @@ def load_dataset_dir(folder: str | None, category: str | None = None):
     return dataset, category or named
 
 
+def catalogue_titles(item_info) -> list[str]:
+    """A catalogue (the item_info split): its item titles in id order, the pad item's first."""
+    return item_info.data.column("title").to_pylist()
+
+
 def catalogue_digest(titles: list[str]) -> str:
     """A digest of a catalogue, its item titles in id order (the pad item's first): recorded with a
     run, so that recommend.py can tell when it serves another catalogue."""

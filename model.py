@@ -96,11 +96,9 @@ def load_backbone_config(name_or_path: str):
         tokenizer = AutoTokenizer.from_pretrained(path)
     except LOAD_ERRORS as e:  # no config or tokenizer, unknown model type, files of the wrong shape
         raise load_failure(name_or_path, path, e) from e
-    if not tokenizer.chat_template:
-        raise UserError(f"model {name_or_path!r} ({path!r}) has no chat template — " + model_folder_fix(
-            path, "R²ec needs an instruction-tuned backbone (…-it, …-Instruct) with the tokenizer files it was "
-                  "released with"))
-    check_tokenizer(tokenizer, f"model {name_or_path!r} ({path!r})", tokenizer_fix)
+    instruct_fix = model_folder_fix(path, "R²ec needs an instruction-tuned backbone (…-it, …-Instruct) with the "
+                                          "tokenizer files it was released with")
+    check_tokenizer(tokenizer, f"model {name_or_path!r} ({path!r})", tokenizer_fix, no_template_fix=instruct_fix)
     for sub in decoder_configs(config):
         for key, value in vars(sub).items():
             if "dropout" in key and isinstance(value, float):
@@ -141,15 +139,17 @@ def check_weights(path: str):
             raise UserError(f"model weights {file!r} cannot be read ({one_line(e)}) — {fix}") from e
 
 
-def check_tokenizer(tokenizer, owner: str, fix: str):
+def check_tokenizer(tokenizer, owner: str, fix: str, no_template_fix: str | None = None):
     """A tokenizer that loads but encodes nothing (transformers builds one from a tokenizer_config.json
-    whose vocabulary file is missing), or whose chat template is missing, broken or drops the user's
-    text, fails here, not in the stop rule or the first prompt."""
+    whose vocabulary file is missing), or whose chat template is missing (`no_template_fix`, if
+    another than `fix`), broken or drops the user's text, fails here, not in the stop rule or the
+    first prompt."""
     if not tokenizer(ANSWER, add_special_tokens=False)["input_ids"]:
         raise UserError(f"the tokenizer of {owner} turns text into no tokens (its vocabulary file, e.g. "
                         f"tokenizer.json, is missing?) — {fix}")
     if not tokenizer.chat_template:
-        raise UserError(f"the tokenizer of {owner} has no chat template (chat_template.jinja) — {fix}")
+        raise UserError(f"the tokenizer of {owner} has no chat template (chat_template.jinja) — "
+                        f"{no_template_fix or fix}")
     probe = "Recommend an item."
     try:
         prompt = chat_prompt(tokenizer, probe)

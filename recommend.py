@@ -35,7 +35,8 @@ from errors import (UserError, check_int64, check_not_blank, check_output_file, 
 
 import torch
 
-from dataset import SAMPLE_SPLITS, catalogue_digest, load_dataset_dir, preprocess_record, preprocessed_anew
+from dataset import (SAMPLE_SPLITS, catalogue_digest, catalogue_titles, load_dataset_dir, preprocess_record,
+                     preprocessed_anew)
 from metrics import KS, RANKING_METRICS, metric_name, split_metrics
 from model import LOAD_ERRORS, check_tokenizer, load_backbone
 from paths import resolve_model
@@ -242,7 +243,7 @@ def warn_about_another_dataset(run: dict, item_info, dataset_dir: str):
     run's (its record's digest; runs before 2026-12-01 recorded none), or the run's dataset
     preprocessed anew since (its preprocess.json; recorded since 2026-12-02), is more often a
     mistake than a choice: say so."""
-    titles = item_info.data.column("title").to_pylist()
+    titles = catalogue_titles(item_info)
     if run.get("catalogue") not in (None, catalogue_digest(titles)):
         print(f"warning: the dataset {dataset_dir!r} holds another catalogue ({len(titles) - 1} items, titles "
               f"not all the same) than the run was trained on ({run.get('items')} items) — fine if meant; else "

@@ -18,7 +18,8 @@ import zipfile
 from transformers import TrainerCallback
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, get_last_checkpoint
 
-from dataset import catalogue_digest, is_dataset, load_dataset_dir, preprocess_record, preprocessed_anew
+from dataset import (catalogue_digest, catalogue_titles, is_dataset, load_dataset_dir, preprocess_record,
+                     preprocessed_anew)
 from errors import UserError, folder_problem, missing_path, one_line, read_json, shown_briefly, write_json
 from paths import resolve_model
 from trainer import RecPOConfig
@@ -322,7 +323,7 @@ def check_same_catalogue(checkpoint: str, record: dict, config: RecPOConfig):
     """The dataset holds the catalogue the checkpoint was trained on: datasets of one folder name
     (the sample's and the full category's, preprocessed into two roots) differ in their items."""
     dataset, _ = load_dataset_dir(config.dataset_dir, config.dataset_category)
-    titles = dataset["item_info"].data.column("title").to_pylist()
+    titles = catalogue_titles(dataset["item_info"])
     if catalogue_digest(titles) != record["catalogue"]:
         raise UserError(f"{checkpoint} was trained on another catalogue ({record.get('items')} items) than the "
                         f"dataset {config.dataset_dir} holds ({len(titles) - 1} items, or other titles) — resume "

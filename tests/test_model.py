@@ -303,7 +303,7 @@ def test_a_backbone_without_a_chat_template_is_named(tmp_path):
     os.remove(folder / "chat_template.jinja")
     config = json.loads((folder / "tokenizer_config.json").read_text())
     (folder / "tokenizer_config.json").write_text(json.dumps({k: v for k, v in config.items() if k != "chat_template"}))
-    with pytest.raises(UserError, match="has no chat template — R²ec needs an instruction-tuned backbone"):
+    with pytest.raises(UserError, match=re.escape("has no chat template (chat_template.jinja) — R²ec needs an instruction-tuned backbone")):
         load_backbone(str(folder))
 
 
@@ -342,7 +342,7 @@ def test_the_converted_default_without_its_tokenizer_or_template_is_to_be_conver
     shutil.copytree(tiny_backbone("llama"), converted)
     (converted / "chat_template.jinja").unlink()
     fix = f"— delete {converted} (the converted default backbone): the next run converts it again"
-    with pytest.raises(UserError, match=re.escape(f"has no chat template {fix}")):
+    with pytest.raises(UserError, match=re.escape(f"has no chat template (chat_template.jinja) {fix}")):
         load_backbone_config(str(converted))
     for name in ("tokenizer.json", "tokenizer_config.json"):
         (converted / name).unlink()
