@@ -86,13 +86,21 @@ def folder_problem(folder: str) -> str | None:
     virtual like /proc, full): a folder is made in it and removed again.
     """
     path = os.path.abspath(folder)
-    existing = path
+    existing, missing = path, []
     while not os.path.exists(existing) and os.path.dirname(existing) != existing:
-        existing = os.path.dirname(existing)
+        if os.path.lexists(existing):  # exists() follows links
+            link = "is" if existing == path else f"cannot be created: {existing} is"
+            return f"{link} a link to a missing place (or a loop of links)"
+        existing, missing = os.path.dirname(existing), [os.path.basename(existing), *missing]
     if not os.path.isdir(existing):
         return "is a file" if existing == path else f"is inside {existing}, a file"
     if not os.access(existing, os.W_OK | os.X_OK):
         return "is not writable" if existing == path else f"cannot be created: {existing} is not writable"
+    name_max = os.pathconf(existing, "PC_NAME_MAX")
+    too_long = [name for name in missing if len(os.fsencode(name)) > name_max]
+    if too_long:
+        return (f"cannot be created: a part of it, {shown_briefly(too_long[0])}, is longer than the {name_max} bytes "
+                "a name may have")
     try:
         os.rmdir(tempfile.mkdtemp(prefix=".r2ec-probe-", dir=existing))
     except OSError as e:
@@ -113,8 +121,10 @@ def check_output_file(path: str, flag: str) -> None:
         raise UserError(f"{flag} {path!r} is a link or a special file, which the write would replace — pass the "
                         "path of a regular file")
     if not os.path.isdir(folder):
-        state, fix = ("is a file", "move it") if os.path.exists(folder) else ("does not exist", "create it")
-        raise UserError(f"{flag} {path!r}: folder {folder!r} {state} — {fix} or pick another path")
+        problem = None if os.path.exists(folder) else folder_problem(folder)  # a link to nowhere, say
+        state, fix = ("is a file", "move it") if os.path.exists(folder) else (problem or "does not exist", "create it")
+        raise UserError(f"{flag} {path!r}: folder {folder!r} {state} — {fix if problem is None else 'fix it'} or "
+                        "pick another path")
     if not os.access(folder, os.W_OK | os.X_OK) or (os.path.exists(path) and not os.access(path, os.W_OK)):
         raise UserError(f"{flag} {path!r} is not writable — pick a path in a folder you can write to")
     probe = os.path.join(folder, f".{os.path.basename(path)}.{os.getpid()}.probe")  # what access() cannot tell:

@@ -181,6 +181,7 @@ def test_corrupt_trainer_state_gives_one_line(run_folder, capsys, content, messa
 @pytest.mark.parametrize("output, message", [
     ("MISSING/c.png", "does not exist"),
     ("FILE/c.png", "/file' is a file — move it or pick another path"),
+    ("LINK/c.png", "/link' is a link to a missing place (or a loop of links) — fix it or pick another path"),
     ("FOLDER", "is a folder"),
     ("FOLDER/c.xyz", "cannot write .xyz images — end the name in .png"),
     ("FOLDER/c.pgf", "cannot write .pgf images — end the name in .png"),  # matplotlib lists it, but runs xelatex
@@ -188,8 +189,9 @@ def test_corrupt_trainer_state_gives_one_line(run_folder, capsys, content, messa
 ])
 def test_bad_output_gives_one_line(run_folder, tmp_path, capsys, output, message):
     output = output.replace("MISSING", str(tmp_path / "missing")).replace("FOLDER", str(tmp_path / "out"))
-    output = output.replace("FILE", str(tmp_path / "file"))
+    output = output.replace("FILE", str(tmp_path / "file")).replace("LINK", str(tmp_path / "link"))
     (tmp_path / "out").mkdir()
+    os.symlink(tmp_path / "gone", tmp_path / "link")  # mkdir of it fails: "File exists"
     (tmp_path / "file").write_text("")
     error = run_curves_error(capsys, str(run_folder), "--output", output)
     assert f"--output {output!r}" in error and message in error

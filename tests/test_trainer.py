@@ -1335,6 +1335,27 @@ def test_an_earlier_run_is_kept_unless_replaced_on_purpose(tmp_path):
     assert run_folder.check_output_dir(config("--resume_from_checkpoint", "last")) == str(run / "checkpoint-3")
 
 
+@pytest.mark.parametrize("make, given, problem", [
+    (lambda t: os.symlink(t / "gone", t / "link"), "link", "is a link to a missing place (or a loop of links)"),
+    (lambda t: os.symlink(t / "gone", t / "link"), "link/run", "cannot be created: {t}/link is a link to a missing "
+                                                               "place (or a loop of links)"),
+    (lambda t: (os.symlink(t / "b", t / "a"), os.symlink(t / "a", t / "b")), "a", "is a link to a missing place (or "
+                                                                              "a loop of links)"),
+    (lambda t: None, "x" * 256 + "/run", "cannot be created: a part of it, '" + "x" * 59 + "…, is longer than the 255 "
+                                         "bytes a name may have"),
+])
+def test_an_output_dir_that_cannot_be_created_is_named_up_front(tmp_path, make, given, problem):
+    """A link to nowhere, a loop of links and an over-long name do not exist, yet no folder can be
+    made there: the Trainer's makedirs raised FileExistsError or ENAMETOOLONG after the model loaded."""
+    make(tmp_path)
+    folder = tmp_path / given
+    with pytest.raises(UserError) as caught:
+        run_folder.check_output_dir(train.parse_config(["--output_dir", str(folder)]))
+    assert str(caught.value) == f"--output_dir {folder} {problem.format(t=tmp_path)} — pass a folder you can write to"
+    with pytest.raises(OSError):  # what the message says
+        os.makedirs(folder)
+
+
 def test_a_folder_a_run_would_overwrite_or_mix_with_is_refused_even_when_overwriting(tmp_path):
     """--output_dir . in the repository (PEFT's model card went over its README.md), a backbone, a
     dataset folder or a data root holding one (data/sample). A log or recommend.py's output beside
