@@ -22,6 +22,7 @@ from contextlib import contextmanager
 import torch
 import torch.nn.functional as F
 from huggingface_hub import is_offline_mode, try_to_load_from_cache
+from huggingface_hub.errors import StrictDataclassError
 from jinja2 import TemplateError
 from safetensors import SafetensorError, safe_open
 from tqdm.auto import tqdm
@@ -32,7 +33,8 @@ from paths import embedded_folder, resolve_model
 from prompts import ANSWER, MAX_ITEM_TOKENS, chat_prompt, item_prompt_tokens, left_pad
 
 TAU = 0.02  # = τ, the temperature of the cosine score
-LOAD_ERRORS = (OSError, ValueError, AttributeError, TypeError, KeyError)  # what loading bad files raises
+LOAD_ERRORS = (OSError, ValueError, AttributeError, TypeError, KeyError,  # what loading bad files raises,
+               StrictDataclassError)  # and a config.json the config class refuses (num_hidden_layers 0)
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")  # any one of them
 LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 LORA_R, LORA_ALPHA, LORA_DROPOUT = 4, 128, 0.05  # SPEC §4
@@ -47,8 +49,13 @@ def load_backbone(name_or_path: str, dtype: torch.dtype | None = torch.bfloat16)
     try:
         model = AutoModelForCausalLM.from_pretrained(path, config=config, dtype=dtype,
                                                      attn_implementation=attention_implementation(config))
-    except (OSError, ValueError, SafetensorError) as e:  # no or truncated weights
-        raise load_failure(name_or_path, path, e) from e
+    except (OSError, ValueError, SafetensorError, AssertionError) as e:  # no or truncated weights, a config.json
+        raise load_failure(name_or_path, path, e) from e                  # that builds no model (vocab_size 10)
+    except RuntimeError as e:
+        if "mismatched_sizes" not in str(e):
+            raise
+        mismatch = ValueError("its config.json does not fit its weights: their sizes differ (see the report above)")
+        raise load_failure(name_or_path, path, mismatch) from e
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     return model, tokenizer
 

@@ -23,7 +23,7 @@ from transformers import AutoModelForCausalLM, EarlyStoppingCallback, HfArgument
 from curves import CURVES_FILE, plot_training_curves
 from dataset import load_dataset_dir
 from model import (add_lora, check_layer_types, check_lora_targets, check_weights, load_backbone,
-                   load_backbone_config)
+                   load_backbone_config, load_failure)
 from paths import resolve_model
 from rollouts import check_attention_interface
 from run_folder import (RUN_RECORD, RecordInCheckpoints, check_output_dir, clear_earlier_run, earlier_run, in_use,
@@ -119,6 +119,8 @@ def check_backbone(config: RecPOConfig):
     except ValueError as e:  # a config that is not a causal LM's
         raise UserError(f"model {config.model!r} is not a causal language model ({one_line(e)}) — point --model "
                         "at a decoder-only backbone") from e
+    except AssertionError as e:  # a config.json that builds no model (vocab_size 10)
+        raise load_failure(config.model, path, e) from e
     check_lora_targets(skeleton, config.lora_targets)
     check_attention_interface(skeleton)
     check_layer_types(model_config)

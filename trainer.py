@@ -298,6 +298,7 @@ class RecPOConfig(TrainingArguments):
         except (ValueError, ImportError) as e:  # e.g. an unknown --eval_strategy, a missing --deepspeed file
             raise UserError(f"{one_line(e)} — fix the flag (python train.py --help lists them)") from e
         self.refuse_bad_values()
+        self.check_optimizer()
 
     def refuse_bad_values(self):
         """One line for the first flag whose value cannot run, with the range it must be in."""
@@ -373,6 +374,43 @@ class RecPOConfig(TrainingArguments):
         for ok, message in checks:
             if not ok:
                 raise UserError(message)
+
+    def check_optimizer(self):
+        """--optim's package, and the optimizer and learning-rate schedule flags, tried on a stand-in
+        parameter: Trainer would refuse them only after the model has loaded. torch's own optimizers
+        are built; others need the model itself (GaLore's target modules), checked when it builds them."""
+        from transformers.optimization import get_scheduler
+        from transformers.utils import is_liger_kernel_available
+
+        if self.use_liger_kernel and not is_liger_kernel_available():
+            raise UserError("--use_liger_kernel True needs the liger-kernel package — pip install liger-kernel, or "
+                            "drop the flag")
+        if self.deepspeed_plugin is not None and "optimizer" in self.hf_deepspeed_config.config:
+            return  # DeepSpeed builds the optimizer its config names
+        optim = getattr(self.optim, "value", self.optim)
+        try:
+            optimizer_class, optimizer_kwargs = Trainer.get_optimizer_cls_and_kwargs(self)
+        except ImportError as e:
+            raise UserError(f"--optim {optim} needs a package not installed here ({one_line(e)}) — install it, or "
+                            "pick another --optim") from e
+        except ValueError as e:
+            raise UserError(f"--optim {optim}: {one_line(e)} — fix the flag (python train.py --help lists them)") from e
+        except (AttributeError, TypeError):
+            return  # it reads the model
+        if not optimizer_class.__module__.startswith("torch.optim"):
+            return
+        try:
+            optimizer = optimizer_class([torch.nn.Parameter(torch.zeros(1))], **optimizer_kwargs)
+        except ValueError as e:  # torch's own words, e.g. "Invalid beta parameter at index 0: 2.0"
+            raise UserError(f"{one_line(e)} — fix --learning_rate, --adam_beta1, --adam_beta2, --adam_epsilon or "
+                            "--weight_decay") from e
+        steps = self.max_steps if self.max_steps > 0 else 1000
+        try:
+            get_scheduler(self.lr_scheduler_type, optimizer, num_warmup_steps=self.get_warmup_steps(steps),
+                          num_training_steps=steps, scheduler_specific_kwargs=self.lr_scheduler_kwargs)
+        except (ValueError, TypeError) as e:  # settings it lacks, or does not take, in --lr_scheduler_kwargs
+            raise UserError(f"--lr_scheduler_type {self.lr_scheduler_type.value}: {one_line(e)} — pass what it needs "
+                            "(only that) as --lr_scheduler_kwargs '{...}', or pick another schedule") from e
 
     def default_eval_steps(self, num_train: int) -> int:
         """SPEC §5: evaluate every floor(len(train) / (B · grad_accum · processes) / 8) steps (at least 1),

@@ -307,6 +307,32 @@ def test_a_backbone_without_a_chat_template_is_named(tmp_path):
         load_backbone(str(folder))
 
 
+@pytest.mark.parametrize("edit, reason, checked", [
+    ({"num_hidden_layers": 0}, "`num_hidden_layers` (0) must be equal to the number of `layer_types` (2)", True),
+    ({"vocab_size": 10}, "Padding_idx must be within num_embeddings", True),  # torch's assert
+    ({"hidden_size": 128}, "its config.json does not fit its weights: their sizes differ (see the report above)",
+     False),  # --check_only reads no weights
+])
+def test_a_config_json_that_does_not_fit_the_model_is_named(tmp_path, edit, reason, checked):
+    """A hand-edited config.json: a refused value, a model that cannot be built, or sizes that do not
+    match the weights ended in a traceback (StrictDataclassError, AssertionError, RuntimeError)."""
+    import train
+
+    folder = tmp_path / "model"
+    shutil.copytree(tiny_backbone("qwen2"), folder)
+    config = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**config, **edit}))
+    expected = f"cannot load model {str(folder)!r} from {str(folder)!r}: "
+    with pytest.raises(UserError) as caught:
+        load_backbone(str(folder), dtype=torch.float32)
+    assert str(caught.value).startswith(expected) and reason in str(caught.value)
+    assert str(caught.value).endswith("— point paths.py or --model at a complete model folder")
+    flags = ["--model", str(folder), "--dataset_dir", "/nonexistent", "--output_dir", str(tmp_path / "run")]
+    if checked:
+        with pytest.raises(UserError, match=re.escape(expected)):
+            train.check_backbone(train.parse_config(flags))
+
+
 def test_a_backbone_whose_chat_template_does_not_render_is_named(tmp_path):
     folder = tmp_path / "model"
     shutil.copytree(tiny_backbone("qwen2"), folder)

@@ -1204,11 +1204,29 @@ def ds_file(config: dict) -> str:
     (["--lora_target_modules", ""], "--lora_target_modules '': give comma-separated module names"),
     (["--learning_rate", "abc"], "invalid float value: 'abc' — python train.py --help lists the flags"),
     (["--bf16", "maybe"], "argument --bf16: Truthy value expected: got maybe"),
+    # Trainer refused these only after the model loaded (the optimizer and schedule are built then)
+    (["--optim", "adamw_bnb_8bit"], "--optim adamw_bnb_8bit needs a package not installed here (You need to install "
+                                    "`bitsandbytes`"),  # not in requirements.txt
+    (["--adam_beta1", "2"], "Invalid beta parameter at index 0: 2.0 — fix --learning_rate, --adam_beta1"),
+    (["--lr_scheduler_type", "cosine_with_min_lr"], "--lr_scheduler_type cosine_with_min_lr: One of min_lr or "
+                                                    "min_lr_rate should be set"),
+    (["--lr_scheduler_type", "warmup_stable_decay"], "missing 1 required positional argument: 'num_decay_steps' — "
+                                                     "pass what it needs (only that) as --lr_scheduler_kwargs"),
+    (["--use_liger_kernel", "True"], "--use_liger_kernel True needs the liger-kernel package"),
 ])
 def test_bad_flags_are_named_before_any_work(flags, message):
     with pytest.raises(UserError) as caught:
         train.parse_config(["--dataset_dir", "/nonexistent", *flags])
     assert message in str(caught.value) and "\n" not in str(caught.value)
+
+
+def test_optimizer_and_schedule_flags_that_can_run_pass_the_check():
+    """The stand-in build refuses no usable setting: a schedule given what it needs, an optimizer
+    that is not torch's, a DeepSpeed config's own optimizer (built by DeepSpeed instead)."""
+    deepspeed_optimizer = json.dumps({"optimizer": {"type": "AdamW"}, "zero_optimization": {"stage": 2}})
+    for flags in (["--lr_scheduler_type", "cosine_with_min_lr", "--lr_scheduler_kwargs", '{"min_lr_rate": 0.1}'],
+                  ["--optim", "adafactor"], ["--deepspeed", deepspeed_optimizer, "--adam_beta1", "2"]):
+        train.parse_config(["--dataset_dir", "/nonexistent", *flags])
 
 
 @pytest.mark.parametrize("flags, eval_steps, save_steps", [
