@@ -364,10 +364,17 @@ def check_checkpoint_state(checkpoint: str, config: RecPOConfig):
 
 
 def saved_by_torch(path: str) -> bool:
-    """Whether `path` is a file torch.save wrote: a zip archive, or the older pickle format (DeepSpeed
-    writes it with "checkpoint_serialization": false) which opens with torch's magic number."""
+    """Whether `path` is a whole file torch.save wrote: a zip archive whose entries all match their
+    checksums (bytes damaged inside, not only a cut), or the older pickle format (DeepSpeed writes
+    it with "checkpoint_serialization": false) which opens with torch's magic number."""
     with open(path, "rb") as f:
-        return f.read(len(TORCH_LEGACY_MAGIC)) == TORCH_LEGACY_MAGIC or zipfile.is_zipfile(f)
+        if f.read(len(TORCH_LEGACY_MAGIC)) == TORCH_LEGACY_MAGIC:
+            return True
+        try:
+            with zipfile.ZipFile(f) as archive:
+                return archive.testzip() is None
+        except (zipfile.BadZipFile, OSError, EOFError):
+            return False
 
 
 def run_processes(config: RecPOConfig) -> int:

@@ -8,12 +8,14 @@ import os
 import re
 import shutil
 import signal
+import struct
 import subprocess
 import sys
 import tempfile
 import time
 import types
 import warnings
+import zipfile
 
 import pytest
 import torch
@@ -1269,6 +1271,17 @@ def test_output_folder_follows_the_run_name_in_either_spelling():
     assert (config.per_device_train_batch_size, config.per_device_eval_batch_size) == (3, 5)
 
 
+def damage_inside(path):
+    """Flip a byte of the pickle inside a torch.save archive, leaving the archive itself whole."""
+    data = bytearray(path.read_bytes())
+    entry = next(i for i in zipfile.ZipFile(path).infolist() if i.filename.endswith("data.pkl"))
+    name_length, extra_length = struct.unpack("<HH", data[entry.header_offset + 26:entry.header_offset + 30])
+    data[entry.header_offset + 30 + name_length + extra_length + 2] ^= 0xFF
+    path.write_bytes(bytes(data))
+    with pytest.raises(Exception):
+        torch.load(path)
+
+
 def fake_checkpoint(folder, lora_r=4):
     """The files check_checkpoint reads, whole: state, adapter config and weights, optimizer, scheduler,
     and a run record of the default settings on a Video_Games dataset kept elsewhere."""
@@ -1649,6 +1662,7 @@ def test_a_checkpoint_of_the_same_data_order_resumes_and_another_one_with_ignore
      "delete it and resume from the checkpoint before it"),
     (lambda c: (c / "adapter_model.safetensors").write_bytes(b"\x10\x00"), "adapter weights cannot be read"),
     (lambda c: (c / "optimizer.pt").write_bytes(b"garbage"), "optimizer.pt is truncated or corrupt"),
+    (lambda c: damage_inside(c / "optimizer.pt"), "optimizer.pt is truncated or corrupt"),  # a whole zip archive
     (lambda c: (c / "scheduler.pt").write_bytes((c / "scheduler.pt").read_bytes()[:100]), "scheduler.pt is truncated"),
     (lambda c: (c / "rng_state_1.pth").write_bytes(b"x"), "rng_state_1.pth is truncated or corrupt"),
     (lambda c: (c / "scheduler.pt").unlink(), "lacks scheduler.pt, the optimizer and learning-rate state"),
