@@ -176,8 +176,8 @@ def clashing_files(folder: str) -> list[str]:
     earlier = earlier_run(folder)
     other_content = [name for name in names if (any(fnmatch.fnmatch(name, pattern) for pattern in OTHER_CONTENT)
                                                  or is_dataset(os.path.join(folder, name))) and not is_run_output(name)]
-    unclaimed_run_names = [] if earlier else [name for name in names
-                                               if is_run_output(name) and name not in WRITTEN_BEFORE_A_SAVE]
+    logs_folder = lambda name: name in WRITTEN_BEFORE_A_SAVE and os.path.isdir(os.path.join(folder, name))  # noqa: E731
+    unclaimed_run_names = [] if earlier else [name for name in names if is_run_output(name) and not logs_folder(name)]
     return sorted(other_content + unclaimed_run_names)
 
 

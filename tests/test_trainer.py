@@ -1409,6 +1409,12 @@ def test_a_folder_a_run_would_overwrite_or_mix_with_is_refused_even_when_overwri
     (tmp_path / "killed" / "runs").mkdir()  # empty, as TensorBoard leaves it before its first event
     (tmp_path / "killed" / "train.log").write_text("")  # `> outputs/r1/train.log` exists before train.py starts
     assert run_folder.check_output_dir(train.parse_config(["--output_dir", str(tmp_path / "killed")])) is None
+    for name in ("runs", "reasoning"):  # files where the run makes these folders: it failed at their first write
+        (tmp_path / "logs_as_files" / name).parent.mkdir(exist_ok=True)
+        (tmp_path / "logs_as_files" / name).write_text("")
+        with pytest.raises(UserError, match=f"holds {name}, not an earlier run's"):
+            run_folder.check_output_dir(train.parse_config(["--output_dir", str(tmp_path / "logs_as_files")]))
+        (tmp_path / "logs_as_files" / name).unlink()
     run = tmp_path / "run"
     fake_checkpoint(run / "checkpoint-3")
     (run / "test.jsonl").write_text("mine")  # README step 4 writes recommend.py's output into the run folder
