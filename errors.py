@@ -6,8 +6,8 @@ Every command-line entry point (`preprocess.py`, `train.py`, `recommend.py`, ...
 checked before the work that produces them; files are written with `write_atomically` (or
 `write_json` / `write_jsonl`, which use it), folders under a temporary name renamed into place
 (the dataset: `preprocess.save_atomically`; the converted quick-start model: `paths.build_once`).
-Importing this module also makes a mistake in an edit of `paths.py`, and Ctrl-C while the
-libraries import, one line (`report_uncaught`): so every command imports it first.
+Importing this module also makes a mistake in an edit of `paths.py`, and Ctrl-C or `kill` while
+the libraries import, one line (`report_uncaught`): so every command imports it first.
 """
 import errno
 import json
@@ -15,6 +15,7 @@ import os
 import signal
 import sys
 import tempfile
+import threading
 import traceback
 
 
@@ -261,3 +262,5 @@ def report_uncaught(kind, error, trace):
 
 shown_as_before = sys.excepthook  # Python's, or a hook a library installed before
 sys.excepthook = report_uncaught  # every command imports this module first
+if not launched() and threading.current_thread() is threading.main_thread():
+    signal.signal(signal.SIGTERM, signal.default_int_handler)  # `kill` while the libraries import: as Ctrl-C

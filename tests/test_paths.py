@@ -3,6 +3,7 @@ import errno
 import os
 import re
 import shutil
+import signal
 import stat
 import subprocess
 import sys
@@ -337,6 +338,32 @@ def test_ctrl_c_while_the_libraries_import_is_one_line(entry_point, library):
     run = subprocess.run([sys.executable, "-c", CTRL_C_WHILE_IMPORTING, entry_point, library], capture_output=True,
                          text=True, cwd=os.path.dirname(paths.__file__))
     assert (run.returncode, run.stdout, run.stderr) == (130, "", "error: interrupted\n")
+
+
+SIGTERM_WHILE_IMPORTING = """
+import os, runpy, signal, sys
+class Kill:  # an import finder that sends the process SIGTERM (`kill PID`) when sys.argv[2] starts to import
+    def find_spec(self, name, path=None, target=None):
+        if name == sys.argv[2]:
+            os.kill(os.getpid(), signal.SIGTERM)
+sys.meta_path.insert(0, Kill())
+runpy.run_path(sys.argv[1], run_name="__main__")
+"""
+
+
+@pytest.mark.parametrize("entry_point, library, launched", [
+    ("train.py", "torch", False), ("recommend.py", "torch", False), ("preprocess.py", "numpy", False),
+    ("train.py", "torch", True),  # a launcher stops its processes with SIGTERM: no line from each
+])
+def test_kill_while_the_libraries_import_is_one_line(entry_point, library, launched):
+    """`kill` in a command's first seconds (a scheduler's time limit, a script's cleanup) ended it
+    without a line, exit code 143; it now ends as Ctrl-C does."""
+    env = {key: value for key, value in os.environ.items() if key not in ("LOCAL_RANK", "ACCELERATE_MIXED_PRECISION")}
+    env.update({"LOCAL_RANK": "0"} if launched else {})
+    run = subprocess.run([sys.executable, "-c", SIGTERM_WHILE_IMPORTING, entry_point, library], capture_output=True,
+                         text=True, cwd=os.path.dirname(paths.__file__), env=env)
+    expected = (-signal.SIGTERM, "", "") if launched else (130, "", "error: interrupted\n")
+    assert (run.returncode, run.stdout, run.stderr) == expected
 
 
 def raised_by(source: str, filename: str) -> BaseException:
