@@ -44,10 +44,13 @@ COLUMN_KINDS = {  # what train.py and recommend.py read (preprocess writes more)
     "history_timestamp": ("lists of integers", _list_of(pa.types.is_integer)),
     "item_id": ("integers", pa.types.is_integer), "item_title": ("text", _text),
     "timestamp": ("integers", pa.types.is_integer), "title": ("text", _text),
+    "average_rating": ("numbers", _number), "rating_number": ("numbers", _number),
+    "description": ("lists of text", _list_of(_text)),
 }
 SAMPLE_COLUMNS = ("user_id", "history_item_id", "history_item_title", "history_rating", "history_timestamp",
                   "item_id", "item_title", "timestamp")
-ITEM_COLUMNS = ("item_id", "title")  # of item_info; the prompt's other metadata may be missing
+ITEM_COLUMNS = ("item_id", "title")  # of item_info
+ITEM_PROMPT_COLUMNS = ("average_rating", "rating_number", "description")  # the item prompt's, where present
 NAME = re.compile(r"(?P<category>.+?)_\d+_\d{4}-\d{1,2}-\d{4}-\d{1,2}(_.*)?")
 
 
@@ -123,7 +126,8 @@ def load_dataset_dir(folder: str | None, category: str | None = None):
     if absent:
         raise UserError(f"the item_info split of {folder!r} lacks the column(s) {', '.join(absent)} — "
                         "rerun preprocess.py for it")
-    check_column_kinds(dataset["item_info"], "item_info", ITEM_COLUMNS, folder)
+    present = tuple(c for c in ITEM_PROMPT_COLUMNS if c in dataset["item_info"].column_names)
+    check_column_kinds(dataset["item_info"], "item_info", ITEM_COLUMNS + present, folder)
     check_item_ids(dataset, folder)
     named = category_of(folder)
     recorded = recorded_category(folder)

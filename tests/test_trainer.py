@@ -1831,6 +1831,11 @@ def test_every_split_is_checked_for_the_columns_read(tmp_path, split, columns):
                                                                            "not lists of numbers"),
     ("train", "timestamp", lambda v: [str(t) for t in v], "timestamp holds string, not integers"),
     ("item_info", "title", lambda v: [len(t) for t in v], "title holds int64, not text"),
+    # the item prompt's metadata: a TypeError traceback in recommend.py, or text split into letters
+    ("item_info", "description", lambda v: [[len(p) for p in d] for d in v], "description holds list<item: int64>, "
+                                                                              "not lists of text"),
+    ("item_info", "description", lambda v: [" ".join(d) for d in v], "description holds string, not lists of text"),
+    ("item_info", "average_rating", lambda v: [str(r) for r in v], "average_rating holds string, not numbers"),
 ])
 def test_a_column_of_the_wrong_kind_is_named(tmp_path, split, column, values, message):
     """A hand-made dataset with ratings as text ended recommend.py with a ValueError traceback."""
