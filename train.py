@@ -9,10 +9,12 @@ Three processes with DeepSpeed ZeRO-2 (launch_train.sh runs this, with its check
 """
 import argparse
 import errno
+import glob
 import os
 import shutil
 import socket
 import sys
+import time
 
 # errors.py before the libraries: its excepthook makes Ctrl-C while they import one line
 from errors import UserError, launched, one_line, one_line_parser_errors, run_cli, write_json
@@ -47,6 +49,25 @@ def note_unused_gpus(processes: int):
     if processes == 1 and torch.cuda.device_count() > 1:
         print(f"note: {torch.cuda.device_count()} GPUs are visible and a single process trains on the first — "
               f"NUM_PROCESSES={torch.cuda.device_count()} bash launch_train.sh trains on all of them", file=sys.stderr)
+
+
+def warn_about_build_locks():
+    """DeepSpeed compiles some of its ops on first use (on CPUs, its shared-memory collectives), under
+    a lock file that a build stopped midway (kill, Ctrl-C) leaves behind: every later run would wait
+    on it silently, for ever."""
+    from torch.utils.cpp_extension import get_default_build_root
+
+    given = os.environ.get("TORCH_EXTENSIONS_DIR")  # else torch builds in <root>/py311_cu128/<op>/, say
+    pattern = (os.path.join(glob.escape(given), "*", "lock") if given else
+               os.path.join(glob.escape(get_default_build_root()), "*", "*", "lock"))
+    for lock in sorted(glob.glob(pattern)):
+        try:
+            minutes = (time.time() - os.path.getmtime(lock)) / 60
+        except OSError:  # the build finished meanwhile
+            continue
+        print(f"warning: {lock} is {minutes:.0f} min old: another run is building that DeepSpeed op, or a build "
+              "was stopped midway and left it — if training then waits with no output, stop it, delete that file "
+              "and start again", file=sys.stderr)
 
 
 def parse_config(argv: list[str]) -> RecPOConfig:
@@ -181,6 +202,8 @@ def main(argv: list[str]):
         if "R2EC_PROCESSES" not in os.environ:  # launch_train.sh's check: its training process warns once
             warn_about_cpu(argv)
         return
+    if config.deepspeed and config.local_process_index == 0:
+        warn_about_build_locks()
     trainer = build_trainer(config)
     with in_use(config.output_dir, holder=trainer.is_world_process_zero()):  # before anything is replaced
         return train_and_save(trainer, config, resume, argv)

@@ -935,6 +935,22 @@ def test_deepspeed_without_a_launcher_trains_as_one_process_and_resumes(tmp_path
     assert json.loads((tmp_path / "out" / "trainer_state.json").read_text())["global_step"] == 2
 
 
+def test_a_build_lock_left_by_a_stopped_deepspeed_build_is_named(tmp_path, monkeypatch, capsys):
+    """A launch killed while DeepSpeed compiled its CPU collectives left <op>/lock: the next DeepSpeed
+    run waited on it for ever, without a word."""
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path))
+    train.warn_about_build_locks()
+    assert capsys.readouterr().err == ""
+    lock = tmp_path / "deepspeed_shm_comm" / "lock"
+    lock.parent.mkdir()
+    lock.write_text("")
+    os.utime(lock, (time.time() - 13 * 60, time.time() - 13 * 60))
+    train.warn_about_build_locks()
+    assert capsys.readouterr().err == (
+        f"warning: {lock} is 13 min old: another run is building that DeepSpeed op, or a build was stopped midway "
+        "and left it — if training then waits with no output, stop it, delete that file and start again\n")
+
+
 def run_train(flags, check=True):
     return subprocess.run([PYTHON, os.path.join(ROOT, "train.py"), *flags], cwd=ROOT, capture_output=True,
                           text=True, check=check, env=dict(os.environ, OMP_NUM_THREADS="2"))
