@@ -17,7 +17,7 @@ import subprocess
 import sys
 
 # errors.py before the libraries: its excepthook makes Ctrl-C while they import one line
-from errors import UserError, folder_problem, killed_by, one_line_parser_errors, run_cli
+from errors import UserError, check_int64, folder_problem, killed_by, one_line_parser_errors, run_cli
 
 import torch
 
@@ -50,6 +50,8 @@ def parse_args(argv=None):
                         help="Train in float32, not bf16: on CPUs without bf16 instructions about 2.3x faster, "
                              "but 15.5 instead of about 7 GiB of memory, and other figures than the README's.")
     args = parser.parse_args(argv)
+    for flag in ("--seed", "--steps", "--eval_samples"):  # named here, not as train.py's flags they become
+        check_int64(flag, getattr(args, flag[2:]))
     # --steps becomes train.py's --max_steps, where < 1 means "train whole epochs" (hours): checked here
     if args.steps < 1:
         raise UserError(f"--steps {args.steps}: must be at least 1 (the default is 12)")

@@ -16,6 +16,7 @@ ranks all items (SPEC §5). Everything a user tunes is a field of `RecPOConfig`,
 """
 import contextlib
 import glob
+import json
 import math
 import os
 import time
@@ -234,11 +235,11 @@ class RecPOConfig(TrainingArguments):
     def __post_init__(self):
         """Refuse what TrainingArguments would misread (nan, an empty folder), fill the defaults that
         depend on other flags, let TrainingArguments finish, then refuse values that cannot run."""
-        for name in (f.name for f in fields(self)):  # nan and inf parse as floats
-            value = getattr(self, name)
+        for flag in fields(self):  # nan and inf parse as floats
+            value, spelled = getattr(self, flag.name), flag.metadata.get("aliases", [f"--{flag.name}"])[0]
             if isinstance(value, float) and not math.isfinite(value):
-                raise UserError(f"--{name} {value}: must be a finite number")
-            check_int64(f"--{name}", value)
+                raise UserError(f"{spelled} {value}: must be a finite number")
+            check_int64(spelled, value)
         check_not_blank("--output_dir", self.output_dir,
                         "pass a folder, or leave the flag out for outputs/<--run_name>")
         if self.output_dir is None:
@@ -293,6 +294,14 @@ class RecPOConfig(TrainingArguments):
         if not self.use_cpu and not torch.cuda.is_available():  # train.py sets it when the flag is not given
             raise UserError("--use_cpu False, but no GPU is visible — check CUDA_VISIBLE_DEVICES and the CUDA install, "
                             "or drop --use_cpu False to train on the CPU")
+        for flag in getattr(self, "_VALID_DICT_FIELDS", ()):  # JSON objects TrainingArguments parses
+            text = getattr(self, flag)
+            if flag != "deepspeed" and isinstance(text, str) and text.startswith("{"):
+                try:
+                    json.loads(text)
+                except ValueError as e:
+                    raise UserError(f"--{flag} {shown_briefly(text)} is not valid JSON ({one_line(e)}) — give an "
+                                    """object, e.g. '{"min_lr_rate": 0.1}'""") from e
         try:
             super().__post_init__()
         except (ValueError, ImportError) as e:  # e.g. an unknown --eval_strategy, a missing --deepspeed file

@@ -76,6 +76,8 @@ def test_a_cpu_without_bf16_instructions_is_told_apart(tmp_path, monkeypatch):
     (["--steps", "0"], "--steps 0: must be at least 1"),
     (["--eval_samples", "0"], "--eval_samples 0: must be at least 1"),
     (["--seed", "-1"], "--seed -1: must be between 0 and 2**32 - 1"),  # train.py would refuse these three
+    (["--eval_samples", str(2 ** 63)], f"--eval_samples {2 ** 63}: too large"),  # train.py named its own flags
+    (["--steps", str(2 ** 63)], f"--steps {2 ** 63}: too large"),
     (["--model", "gemma"], "model 'Gemma-2-2b-it' points to '/path/to/your/gemma-2-2b-it', which is a placeholder"),
     (["--output_dir", "README.md"], "--output_dir README.md is a file — pass a folder you can write to"),
     (["--output_dir", "/proc/r2ec_quick"], "--output_dir /proc/r2ec_quick cannot be created: no folder can be made "

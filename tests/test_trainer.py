@@ -1209,6 +1209,7 @@ def ds_file(config: dict) -> str:
     (["--tau", "0"], "--tau 0.0: must be at least 1e-06"),
     (["--reward_ndcg_k", str(10 ** 20)], f"--reward_ndcg_k {10 ** 20}: too large (the most is 2**63 - 1)"),
     (["--micro_batch_size", str(2 ** 63)], f"--micro_batch_size {2 ** 63}: too large"),  # overflowed at the first step
+    (["--eval_batch_size", str(2 ** 63)], f"--eval_batch_size {2 ** 63}: too large"),  # as given, not the field's name
     (["--warmup_steps", "nan"], "--warmup_steps nan: must be a finite number"),  # passed --check_only, then crashed
     (["--num_train_epochs", "inf"], "--num_train_epochs inf: must be a finite number"),
     (["--eval_steps", "inf"], "--eval_steps inf: must be a finite number"),
@@ -1231,6 +1232,8 @@ def ds_file(config: dict) -> str:
     (["--lr_scheduler_type", "warmup_stable_decay"], "missing 1 required positional argument: 'num_decay_steps' — "
                                                      "pass what it needs (only that) as --lr_scheduler_kwargs"),
     (["--use_liger_kernel", "True"], "--use_liger_kernel True needs the liger-kernel package"),
+    (["--lr_scheduler_kwargs", "{min_lr: 1}"], "--lr_scheduler_kwargs '{min_lr: 1}' is not valid JSON (Expecting "
+                                               "property name"),  # json's words alone named no flag
 ])
 def test_bad_flags_are_named_before_any_work(flags, message):
     with pytest.raises(UserError) as caught:
