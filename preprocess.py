@@ -164,6 +164,10 @@ def download(url, dest, category):
                 raise UserError(f"cannot download {name}: {url_host(url)} answered, then sent nothing for "
                                 f"{READ_TIMEOUT_S} s — rerun later (a partial download resumes), or point "
                                 f"--base_url / {BASE_URL_ENV} at a mirror") from e
+            if isinstance(e, requests.exceptions.SSLError):  # it answered, but not as an https server
+                raise UserError(f"cannot download {name}: {url_host(url)} answered, but no secure (https) "
+                                f"connection was made ({one_line(e)}) — check the scheme of --base_url / "
+                                f"{BASE_URL_ENV} (http:// for a plain mirror) and its certificate") from e
             problem = f"cannot download {name}: {url_host(url)} is unreachable ({type(e).__name__})"
             fixes = ["check your network", f"point --base_url / {BASE_URL_ENV} at a mirror",
                      f"put {name} in {os.path.dirname(dest) or '.'}"]

@@ -597,6 +597,18 @@ def test_unreachable_host_without_local_files(tmp_path):
         P.fetch_raw("Vidoe_Games", str(tmp_path), NOWHERE)
 
 
+def test_https_to_a_plain_http_mirror_is_named(tmp_path, server):
+    """The host answered, so "unreachable — check your network" sent the user the wrong way."""
+    s = server(sample_files())
+    with pytest.raises(UserError) as caught:
+        P.fetch_raw("Video_Games", str(tmp_path), s.url.replace("http://", "https://"))
+    assert str(caught.value).startswith("cannot download Video_Games.csv.gz: 127.0.0.1 answered, but no secure "
+                                        "(https) connection was made (")
+    assert str(caught.value).endswith("— check the scheme of --base_url / R2EC_AMAZON_BASE_URL (http:// for a plain mirror) "
+                                      "and its certificate")
+    assert os.listdir(tmp_path) == []
+
+
 def test_base_url_from_the_environment(monkeypatch):
     monkeypatch.setenv(P.BASE_URL_ENV, "http://mirror.example/amazon_2023/")
     assert P.parse_args([]).base_url == "http://mirror.example/amazon_2023/"
