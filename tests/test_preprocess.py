@@ -604,8 +604,8 @@ def test_https_to_a_plain_http_mirror_is_named(tmp_path, server):
         P.fetch_raw("Video_Games", str(tmp_path), s.url.replace("http://", "https://"))
     assert str(caught.value).startswith("cannot download Video_Games.csv.gz: 127.0.0.1 answered, but no secure "
                                         "(https) connection was made (")
-    assert str(caught.value).endswith("— check the scheme of --base_url / R2EC_AMAZON_BASE_URL (http:// for a plain mirror) "
-                                      "and its certificate")
+    assert str(caught.value).endswith("— check the scheme of --base_url / R2EC_AMAZON_BASE_URL (http:// for a "
+                                      "plain mirror) and its certificate")
     assert os.listdir(tmp_path) == []
 
 
