@@ -223,8 +223,9 @@ def resolve_model(name: str) -> str:
     if os.sep in name or name.startswith("."):  # no hub id: a path
         raise UserError(f"model folder {missing_path(name)} does not exist — check the path")
     choices = ", ".join([*model_names, *aliases])
+    given = " (paths.py's DEFAULT_MODEL, the default of --model)" if name == DEFAULT_MODEL else ""
     raise UserError(
-        f"unknown model {name!r}: use one of {choices}, a local folder, or a hub id (org/name); "
+        f"unknown model {name!r}{given}: use one of {choices}, a local folder, or a hub id (org/name); "
         "edit paths.py to add your own"
     )
 

@@ -94,9 +94,13 @@ def test_keys_aliases_folders_and_hub_ids(monkeypatch, tmp_path):
     assert paths.resolve_model("qwen") == "Qwen/Qwen2.5-3B-Instruct"
 
 
-def test_unknown_name_lists_choices():
-    with pytest.raises(UserError, match=r"unknown model 'llama9'.*Gemma-2-2b-it.*gemma.*edit paths.py"):
+def test_unknown_name_lists_choices(monkeypatch):
+    with pytest.raises(UserError, match=r"unknown model 'llama9': use one of .*Gemma-2-2b-it.*gemma.*edit paths.py"):
         paths.resolve_model("llama9")
+    monkeypatch.setattr(paths, "DEFAULT_MODEL", "SmolLM3")  # an edit of paths.py: no flag named it
+    with pytest.raises(UserError, match=re.escape("unknown model 'SmolLM3' (paths.py's DEFAULT_MODEL, the default "
+                                                  "of --model): use one of")):
+        paths.resolve_model("SmolLM3")
 
 
 def test_an_alias_of_no_key_names_the_paths_py_line(monkeypatch):
