@@ -394,7 +394,7 @@ class RecPOConfig(TrainingArguments):
         if self.use_liger_kernel and not is_liger_kernel_available():
             raise UserError("--use_liger_kernel True needs the liger-kernel package — pip install liger-kernel, or "
                             "drop the flag")
-        if self.deepspeed_plugin is not None and "optimizer" in self.hf_deepspeed_config.config:
+        if "optimizer" in getattr(getattr(self, "hf_deepspeed_config", None), "config", {}):
             return  # DeepSpeed builds the optimizer its config names
         optim = getattr(self.optim, "value", self.optim)
         try:
