@@ -38,14 +38,19 @@ def _list_of(holds):
     return lambda kind: _is_list(kind) and holds(kind.value_type)
 
 
+def _or_null(holds):
+    return lambda kind: pa.types.is_null(kind) or holds(kind)
+
+
 COLUMN_KINDS = {  # what train.py and recommend.py read (preprocess writes more): (what it holds, Arrow type test)
     "user_id": ("text", _text), "history_item_id": ("lists of integers", _list_of(pa.types.is_integer)),
     "history_item_title": ("lists of text", _list_of(_text)), "history_rating": ("lists of numbers", _list_of(_number)),
     "history_timestamp": ("lists of integers", _list_of(pa.types.is_integer)),
     "item_id": ("integers", pa.types.is_integer), "item_title": ("text", _text),
     "timestamp": ("integers", pa.types.is_integer), "title": ("text", _text),
-    "average_rating": ("numbers", _number), "rating_number": ("numbers", _number),
-    "description": ("lists of text", _list_of(_text)),
+    # the item prompt's metadata, where present; all empty (null) renders too
+    "average_rating": ("numbers", _or_null(_number)), "rating_number": ("numbers", _or_null(_number)),
+    "description": ("lists of text", _or_null(_list_of(_or_null(_text)))),
 }
 SAMPLE_COLUMNS = ("user_id", "history_item_id", "history_item_title", "history_rating", "history_timestamp",
                   "item_id", "item_title", "timestamp")

@@ -121,11 +121,12 @@ def check_output_file(path: str, flag: str) -> None:
     if os.path.lexists(path) and (os.path.islink(path) or not os.path.isfile(path)):
         raise UserError(f"{flag} {path!r} is a link or a special file, which the write would replace — pass the "
                         "path of a regular file")
+    if os.path.exists(folder) and not os.path.isdir(folder):
+        raise UserError(f"{flag} {path!r}: folder {folder!r} is a file — move it or pick another path")
     if not os.path.isdir(folder):
-        problem = None if os.path.exists(folder) else folder_problem(folder)  # a link to nowhere, say
-        state, fix = ("is a file", "move it") if os.path.exists(folder) else (problem or "does not exist", "create it")
-        raise UserError(f"{flag} {path!r}: folder {folder!r} {state} — {fix if problem is None else 'fix it'} or "
-                        "pick another path")
+        problem = folder_problem(folder)  # a link to nowhere, say
+        state, fix = (problem, "fix it") if problem else ("does not exist", "create it")
+        raise UserError(f"{flag} {path!r}: folder {folder!r} {state} — {fix} or pick another path")
     if not os.access(folder, os.W_OK | os.X_OK) or (os.path.exists(path) and not os.access(path, os.W_OK)):
         raise UserError(f"{flag} {path!r} is not writable — pick a path in a folder you can write to")
     probe = os.path.join(folder, f".{os.path.basename(path)}.{os.getpid()}.probe")  # what access() cannot tell:
@@ -202,10 +203,14 @@ def run_cli(main, *args, interrupt_on_sigterm: bool = True, **kwargs):
         signal.signal(signal.SIGTERM, on_sigterm)
 
 
+LAUNCHER_VARIABLES = ("ACCELERATE_MIXED_PRECISION", "LOCAL_RANK", "RANK",  # accelerate launch, torchrun
+                      "OMPI_COMM_WORLD_SIZE", "PMI_SIZE")  # mpirun, srun --mpi
+
+
 def launched() -> bool:
-    """Whether a launcher started this process (`accelerate launch` sets the first variable for
-    one process, torchrun the second for several): it stops its processes with SIGTERM."""
-    return "ACCELERATE_MIXED_PRECISION" in os.environ or "LOCAL_RANK" in os.environ
+    """Whether a launcher started this process: it stops its processes with SIGTERM, which must stop
+    them at once, also while they wait in a collective (where no Python handler runs)."""
+    return any(name in os.environ for name in LAUNCHER_VARIABLES)
 
 
 def one_line_parser_errors(parser, help_command: str):

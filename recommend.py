@@ -248,6 +248,7 @@ def warn_about_another_dataset(run: dict, item_info, dataset_dir: str):
         print(f"warning: the dataset {dataset_dir!r} holds another catalogue ({len(titles) - 1} items, titles "
               f"not all the same) than the run was trained on ({run.get('items')} items) — fine if meant; else "
               "pass the dataset it was trained on as --dataset_dir", file=sys.stderr)
+        return
     trained_on = run["preprocess"] if isinstance(run.get("preprocess"), dict) else {}
     if folder_name(dataset_dir) == folder_name(run["dataset_dir"]):  # the same dataset, by its name
         changed = preprocessed_anew(trained_on, preprocess_record(dataset_dir))

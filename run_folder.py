@@ -176,8 +176,8 @@ def clashing_files(folder: str) -> list[str]:
     earlier = earlier_run(folder)
     other_content = [name for name in names if (any(fnmatch.fnmatch(name, pattern) for pattern in OTHER_CONTENT)
                                                  or is_dataset(os.path.join(folder, name))) and not is_run_output(name)]
-    logs_folder = lambda name: name in WRITTEN_BEFORE_A_SAVE and os.path.isdir(os.path.join(folder, name))  # noqa: E731
-    unclaimed_run_names = [] if earlier else [name for name in names if is_run_output(name) and not logs_folder(name)]
+    log_folders = {name for name in WRITTEN_BEFORE_A_SAVE if os.path.isdir(os.path.join(folder, name))}
+    unclaimed_run_names = [] if earlier else [name for name in names if is_run_output(name) and name not in log_folders]
     return sorted(other_content + unclaimed_run_names)
 
 
@@ -299,10 +299,10 @@ def check_checkpoint_settings(checkpoint: str, config: RecPOConfig):
     if moved_or_other and folder_name(trained_on_data) != folder_name(config.dataset_dir):
         raise UserError(f"{checkpoint} was trained on the dataset {trained_on_data}, not {config.dataset_dir} — resume "
                         "with that --dataset_dir (moved: keep its folder name)")
-    if isinstance(record.get("preprocess"), dict) and config.dataset_dir:
-        check_same_samples(checkpoint, record, config)
     if record.get("catalogue") and config.dataset_dir:
         check_same_catalogue(checkpoint, record, config)
+    if isinstance(record.get("preprocess"), dict) and config.dataset_dir:  # the catalogue's, then the samples
+        check_same_samples(checkpoint, record, config)
     trained_on, backbone = adapter.get("base_model_name_or_path"), resolve_model(config.model)
     if trained_on and folder_name(trained_on) != folder_name(backbone):  # the backbone may sit elsewhere now
         raise UserError(f"{checkpoint} was trained on {trained_on}, not {backbone} — resume with that --model "
@@ -372,9 +372,14 @@ def saved_by_torch(path: str) -> bool:
             return True
         try:
             with zipfile.ZipFile(f) as archive:
-                return archive.testzip() is None
+                for entry in archive.infolist():
+                    if entry.CRC or not entry.file_size:  # torch.serialization.set_crc32_options(False): none
+                        with archive.open(entry) as data:  # its reading checks the checksum at the end
+                            while data.read(2**20):
+                                pass
         except (zipfile.BadZipFile, OSError, EOFError):
             return False
+        return True
 
 
 def run_processes(config: RecPOConfig) -> int:

@@ -300,8 +300,8 @@ class RecPOConfig(TrainingArguments):
                 try:
                     json.loads(text)
                 except ValueError as e:
-                    raise UserError(f"--{flag} {shown_briefly(text)} is not valid JSON ({one_line(e)}) — give an "
-                                    """object, e.g. '{"min_lr_rate": 0.1}'""") from e
+                    raise UserError(f"--{flag} {shown_briefly(text)} is not valid JSON ({one_line(e)}) — give a "
+                                    """JSON object, keys in double quotes: '{"name": value}'""") from e
         try:
             super().__post_init__()
         except (ValueError, ImportError) as e:  # e.g. an unknown --eval_strategy, a missing --deepspeed file
@@ -396,20 +396,20 @@ class RecPOConfig(TrainingArguments):
                             "drop the flag")
         if "optimizer" in getattr(getattr(self, "hf_deepspeed_config", None), "config", {}):
             return  # DeepSpeed builds the optimizer its config names
-        optim = getattr(self.optim, "value", self.optim)
         try:
             optimizer_class, optimizer_kwargs = Trainer.get_optimizer_cls_and_kwargs(self)
         except ImportError as e:
-            raise UserError(f"--optim {optim} needs a package not installed here ({one_line(e)}) — install it, or "
-                            "pick another --optim") from e
-        except ValueError as e:
-            raise UserError(f"--optim {optim}: {one_line(e)} — fix the flag (python train.py --help lists them)") from e
-        except (AttributeError, TypeError):
-            return  # it reads the model
+            raise UserError(f"--optim {getattr(self.optim, 'value', self.optim)} needs a package not installed here "
+                            f"({one_line(e)}) — install it, or pick another --optim") from e
+        except ValueError:
+            return  # it needs the model itself (GaLore, LOMO), or a package it names: the Trainer says which
         if not optimizer_class.__module__.startswith("torch.optim"):
             return
+        decayed, not_decayed = torch.nn.Parameter(torch.zeros(1)), torch.nn.Parameter(torch.zeros(1))
+        groups = [{"params": [decayed], "weight_decay": self.weight_decay},  # as Trainer groups the model's
+                  {"params": [not_decayed], "weight_decay": 0.0}]
         try:
-            optimizer = optimizer_class([torch.nn.Parameter(torch.zeros(1))], **optimizer_kwargs)
+            optimizer = optimizer_class(groups, **optimizer_kwargs)
         except ValueError as e:  # torch's own words, e.g. "Invalid beta parameter at index 0: 2.0"
             raise UserError(f"{one_line(e)} — fix --learning_rate, --adam_beta1, --adam_beta2, --adam_epsilon or "
                             "--weight_decay") from e

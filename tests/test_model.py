@@ -303,7 +303,8 @@ def test_a_backbone_without_a_chat_template_is_named(tmp_path):
     os.remove(folder / "chat_template.jinja")
     config = json.loads((folder / "tokenizer_config.json").read_text())
     (folder / "tokenizer_config.json").write_text(json.dumps({k: v for k, v in config.items() if k != "chat_template"}))
-    with pytest.raises(UserError, match=re.escape("has no chat template (chat_template.jinja) — R²ec needs an instruction-tuned backbone")):
+    with pytest.raises(UserError, match=re.escape("has no chat template (chat_template.jinja) — R²ec needs an "
+                                                  "instruction-tuned backbone")):
         load_backbone(str(folder))
 
 

@@ -11,7 +11,7 @@ import sys
 import pytest
 
 import paths
-from errors import UserError, run_cli
+from errors import LAUNCHER_VARIABLES, UserError, run_cli
 
 
 def test_placeholder_names_key_path_and_fix():
@@ -362,7 +362,7 @@ runpy.run_path(sys.argv[1], run_name="__main__")
 def test_kill_while_the_libraries_import_is_one_line(entry_point, library, launched):
     """`kill` in a command's first seconds (a scheduler's time limit, a script's cleanup) ended it
     without a line, exit code 143; it now ends as Ctrl-C does."""
-    env = {key: value for key, value in os.environ.items() if key not in ("LOCAL_RANK", "ACCELERATE_MIXED_PRECISION")}
+    env = {key: value for key, value in os.environ.items() if key not in LAUNCHER_VARIABLES}
     env.update({"LOCAL_RANK": "0"} if launched else {})
     run = subprocess.run([sys.executable, "-c", SIGTERM_WHILE_IMPORTING, entry_point, library], capture_output=True,
                          text=True, cwd=os.path.dirname(paths.__file__), env=env)

@@ -437,10 +437,14 @@ def test_sigterm_mid_save_leaves_no_temporary_folder(tmp_path):
 
 
 def test_run_cli_sets_sigterm_only_while_main_runs_and_not_for_launched_training():
-    before, seen = signal.getsignal(signal.SIGTERM), []
-    run_cli(lambda: seen.append(signal.getsignal(signal.SIGTERM)))
-    run_cli(lambda: seen.append(signal.getsignal(signal.SIGTERM)), interrupt_on_sigterm=False)  # a launched train.py
-    assert seen == [signal.default_int_handler, before] and signal.getsignal(signal.SIGTERM) == before
+    before, seen = signal.signal(signal.SIGTERM, signal.SIG_DFL), []  # as in a launched process (errors.launched)
+    try:
+        run_cli(lambda: seen.append(signal.getsignal(signal.SIGTERM)))
+        run_cli(lambda: seen.append(signal.getsignal(signal.SIGTERM)), interrupt_on_sigterm=False)  # launched
+        assert seen == [signal.default_int_handler, signal.SIG_DFL]
+        assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL
+    finally:
+        signal.signal(signal.SIGTERM, before)
 
 
 # ---------------------------------------------------------------------------------------------

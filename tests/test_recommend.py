@@ -395,6 +395,8 @@ def test_a_dataset_with_another_catalogue_is_served_with_a_warning(run_copy, cap
         dataset["item_info"] = items.map(lambda item, i: {"item_id": i, "title": titles[i]}, with_indices=True)
         dataset_dir = tmp_path / name / "Video_Games_0_2022-10-2023-10"
         dataset.save_to_disk(str(dataset_dir))
+        (dataset_dir / "preprocess.json").write_text(json.dumps({"users": 50}))  # not also "preprocessed anew"
+        (folder / "r2ec_run.json").write_text(json.dumps({**run, "preprocess": {"users": 5000}}))
         run_recommend("--output_dir", str(folder), "--dataset_dir", str(dataset_dir), "--samples", "0", "--output",
                       str(output))
         warning = [line for line in capsys.readouterr().err.splitlines() if line.startswith("warning: ")]

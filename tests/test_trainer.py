@@ -26,7 +26,7 @@ import run_folder
 import train
 from train import free_port  # launches never collide on a fixed port
 from dataset import load_dataset_dir
-from errors import UserError
+from errors import LAUNCHER_VARIABLES, UserError
 from model import LORA_TARGETS, add_lora, check_weights, encode, load_backbone, policy_forward
 from rollouts import SamplingConfig, fresh_forward
 from tests.backbones import tiny_backbone
@@ -1241,13 +1241,24 @@ def test_bad_flags_are_named_before_any_work(flags, message):
     assert message in str(caught.value) and "\n" not in str(caught.value)
 
 
-def test_optimizer_and_schedule_flags_that_can_run_pass_the_check():
-    """The stand-in build refuses no usable setting: a schedule given what it needs, an optimizer
-    that is not torch's, a DeepSpeed config's own optimizer (built by DeepSpeed instead)."""
+def test_optimizer_and_schedule_flags_that_can_run_pass_the_check(monkeypatch):
+    """The stand-in build refuses no usable setting: a schedule given what it needs (per parameter
+    group, of which Trainer makes two), an optimizer that is not torch's or needs the model itself
+    (GaLore), a DeepSpeed config's own optimizer (built by DeepSpeed)."""
+    import transformers
+
     deepspeed_optimizer = json.dumps({"optimizer": {"type": "AdamW"}, "zero_optimization": {"stage": 2}})
     for flags in (["--lr_scheduler_type", "cosine_with_min_lr", "--lr_scheduler_kwargs", '{"min_lr_rate": 0.1}'],
+                  ["--lr_scheduler_type", "reduce_lr_on_plateau", "--lr_scheduler_kwargs", '{"min_lr": [0, 0]}'],
                   ["--optim", "adafactor"], ["--deepspeed", deepspeed_optimizer, "--adam_beta1", "2"]):
         train.parse_config(["--dataset_dir", "/nonexistent", *flags])
+
+    def needs_the_model(args, model=None):  # what transformers says for GaLore, whose package is not here
+        raise ValueError(f"You need to pass a model to initialize {args.optim} optimizer.")
+
+    monkeypatch.setattr(transformers.Trainer, "get_optimizer_cls_and_kwargs", staticmethod(needs_the_model))
+    train.parse_config(["--dataset_dir", "/nonexistent", "--optim", "galore_adamw", "--optim_target_modules",
+                        "all-linear"])
 
 
 @pytest.mark.parametrize("flags, eval_steps, save_steps", [
@@ -1299,6 +1310,20 @@ def damage_inside(path):
     path.write_bytes(bytes(data))
     with pytest.raises(Exception):
         torch.load(path)
+
+
+def test_a_state_file_saved_without_checksums_is_whole(tmp_path):
+    """torch.serialization.set_crc32_options(False) writes entries with CRC 0, which torch.load reads."""
+    torch.serialization.set_crc32_options(False)
+    try:
+        torch.save({"step": torch.arange(3)}, tmp_path / "optimizer.pt")
+    finally:
+        torch.serialization.set_crc32_options(True)
+    assert run_folder.saved_by_torch(str(tmp_path / "optimizer.pt"))
+    torch.save({"step": torch.arange(3)}, tmp_path / "scheduler.pt")
+    assert run_folder.saved_by_torch(str(tmp_path / "scheduler.pt"))
+    damage_inside(tmp_path / "scheduler.pt")
+    assert not run_folder.saved_by_torch(str(tmp_path / "scheduler.pt"))
 
 
 def fake_checkpoint(folder, lora_r=4):
@@ -1391,8 +1416,8 @@ def test_an_earlier_run_is_kept_unless_replaced_on_purpose(tmp_path):
                                                                "place (or a loop of links)"),
     (lambda t: (os.symlink(t / "b", t / "a"), os.symlink(t / "a", t / "b")), "a", "is a link to a missing place (or "
                                                                               "a loop of links)"),
-    (lambda t: None, "x" * 256 + "/run", "cannot be created: a part of it, '" + "x" * 59 + "…, is longer than the 255 "
-                                         "bytes a name may have"),
+    (lambda t: None, "x" * 256 + "/run",
+     "cannot be created: a part of it, '" + "x" * 59 + "…, is longer than the 255 bytes a name may have"),
 ])
 def test_an_output_dir_that_cannot_be_created_is_named_up_front(tmp_path, make, given, problem):
     """A link to nowhere, a loop of links and an over-long name do not exist, yet no folder can be
@@ -1745,7 +1770,7 @@ def test_a_plain_train_py_stopped_by_sigterm_says_so_in_one_line(tmp_path):
     """`kill` of a run started without a launcher (a scheduler's time limit): one line and code 130,
     as Ctrl-C, and the run's folder is free again (a launcher's processes keep SIGTERM's default)."""
     out = tmp_path / "out"
-    env = {key: value for key, value in os.environ.items() if key not in ("LOCAL_RANK", "ACCELERATE_MIXED_PRECISION")}
+    env = {key: value for key, value in os.environ.items() if key not in LAUNCHER_VARIABLES}
     run = subprocess.Popen([PYTHON, os.path.join(ROOT, "train.py"), *quick_flags(tmp_path, "--max_steps", "10000")],
                            cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
                            env={**env, "OMP_NUM_THREADS": "1"})
@@ -1769,14 +1794,15 @@ def test_a_resume_onto_another_catalogue_of_the_same_folder_name_is_refused(tmp_
     name = "Video_Games_0_2022-10-2023-10"
     trained_on, other = tiny_dataset(), tiny_dataset()
     other["item_info"] = other["item_info"].map(lambda item: {"title": item["title"] + " (2nd edition)"})
-    for root, dataset in (("full", trained_on), ("sample", other)):
+    for root, dataset, users in (("full", trained_on, 5000), ("sample", other, 50)):
         dataset.save_to_disk(str(tmp_path / root / name))
+        (tmp_path / root / name / "preprocess.json").write_text(json.dumps({"users": users}))
     titles = [item["title"] for item in trained_on["item_info"]]  # in id order, the pad item's first
     checkpoint = tmp_path / "run" / "checkpoint-2"
     fake_checkpoint(checkpoint)
     digest = hashlib.sha256(json.dumps(titles).encode()).hexdigest()[:16]
     record = {**json.loads((checkpoint / "r2ec_run.json").read_text()), "dataset_dir": str(tmp_path / "full" / name),
-              "catalogue": digest, "items": len(titles) - 1}
+              "catalogue": digest, "items": len(titles) - 1, "preprocess": {"users": 5000}}  # named first: catalogue
     (checkpoint / "r2ec_run.json").write_text(json.dumps(record))
     config = lambda root: train.parse_config(["--output_dir", str(tmp_path / "run"), "--max_steps", "5",  # noqa: E731
                                               "--resume_from_checkpoint", "last", "--dataset_dir", str(tmp_path / root / name)])
@@ -1866,6 +1892,19 @@ def test_a_column_of_the_wrong_kind_is_named(tmp_path, split, column, values, me
     with pytest.raises(UserError, match=re.escape(f"the {split} split of {str(folder)!r}: {message} — rerun "
                                                   "preprocess.py for it")):
         load_dataset_dir(str(folder))
+
+
+def test_item_prompt_columns_left_all_empty_are_accepted(tmp_path):
+    """A hand-made item_info whose descriptions are all [] (Arrow: list<null>) and ratings all
+    missing (null) renders its prompts: not refused as a column of the wrong kind."""
+    dataset = tiny_dataset()
+    items = dataset["item_info"].remove_columns(["description", "average_rating"])
+    dataset["item_info"] = items.add_column("description", [[] for _ in items]).add_column(
+        "average_rating", [None] * len(items))
+    folder = tmp_path / "Video_Games_0_2022-10-2023-10"
+    dataset.save_to_disk(str(folder))
+    loaded, _ = load_dataset_dir(str(folder))
+    assert str(loaded["item_info"].data.column("description").type) == "list<item: null>"
 
 
 def test_category_that_contradicts_the_dataset_folder_is_named(tmp_path):
