@@ -171,11 +171,12 @@ def recorded_category(folder: str) -> str | None:
     return category if isinstance(category, str) and category else None
 
 
-def preprocessed_anew(then: dict, now: dict | None) -> list[str]:
+def preprocessed_anew(then, now: dict | None) -> list[str]:
     """How a dataset folder's preprocess record differs from the one a run recorded when it
     trained (preprocess.py run again into one folder, e.g. with another --window_size), as
-    "window_size 20, now 10"; only entries both records hold are compared."""
-    now = now or {}
+    "window_size 20, now 10"; only entries both records hold are compared (a run of a version
+    before 2026-12-02 recorded none)."""
+    then, now = then if isinstance(then, dict) else {}, now or {}
     return [f"{key} {then[key]}, now {now[key]}" for key in then if key in now and now[key] != then[key]]
 
 

@@ -79,6 +79,15 @@ def read_json(path: str, fix: str) -> dict:
     return value
 
 
+def missing_folders(path: str) -> list[str]:
+    """The folders of `path` that do not exist yet, deepest first."""
+    missing, folder = [], os.path.abspath(path)
+    while not os.path.exists(folder):
+        missing.append(folder)
+        folder = os.path.dirname(folder)
+    return missing
+
+
 def folder_problem(folder: str) -> str | None:
     """Why files cannot be written into `folder`, created if missing (None: they can).
 
@@ -87,18 +96,18 @@ def folder_problem(folder: str) -> str | None:
     virtual like /proc, full): a folder is made in it and removed again.
     """
     path = os.path.abspath(folder)
-    existing, missing = path, []
-    while not os.path.exists(existing) and os.path.dirname(existing) != existing:
-        if os.path.lexists(existing):  # exists() follows links
-            link = "is" if existing == path else f"cannot be created: {existing} is"
+    missing = missing_folders(path)
+    for part in missing:
+        if os.path.lexists(part):  # exists() follows links
+            link = "is" if part == path else f"cannot be created: {part} is"
             return f"{link} a link to a missing place (or a loop of links)"
-        existing, missing = os.path.dirname(existing), [os.path.basename(existing), *missing]
+    existing = os.path.dirname(missing[-1]) if missing else path
     if not os.path.isdir(existing):
         return "is a file" if existing == path else f"is inside {existing}, a file"
     if not os.access(existing, os.W_OK | os.X_OK):
         return "is not writable" if existing == path else f"cannot be created: {existing} is not writable"
     name_max = os.pathconf(existing, "PC_NAME_MAX")
-    too_long = [name for name in missing if len(os.fsencode(name)) > name_max]
+    too_long = [name for name in map(os.path.basename, reversed(missing)) if len(os.fsencode(name)) > name_max]
     if too_long:
         return (f"cannot be created: a part of it, {shown_briefly(too_long[0])}, is longer than the {name_max} bytes "
                 "a name may have")

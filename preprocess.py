@@ -30,8 +30,8 @@ import urllib.parse
 import zlib
 
 # errors.py before the libraries: its excepthook makes Ctrl-C while they import one line
-from errors import (UserError, check_not_blank, folder_problem, one_line, one_line_parser_errors, run_cli, umask,
-                    write_json)
+from errors import (UserError, check_not_blank, folder_problem, missing_folders, one_line, one_line_parser_errors,
+                    run_cli, umask, write_json)
 
 import numpy as np
 import pandas as pd
@@ -698,15 +698,6 @@ def check_data_root(root):
     if problem:
         raise UserError(f"--data_root_dir {root} {problem} — pass a folder you can write to (it is "
                         f"created if missing)")
-
-
-def missing_folders(path: str) -> list[str]:
-    """The folders of `path` that do not exist yet, deepest first."""
-    missing, folder = [], os.path.abspath(path)
-    while not os.path.exists(folder):
-        missing.append(folder)
-        folder = os.path.dirname(folder)
-    return missing
 
 
 def main(argv=None):

@@ -249,9 +249,8 @@ def warn_about_another_dataset(run: dict, item_info, dataset_dir: str):
               f"not all the same) than the run was trained on ({run.get('items')} items) — fine if meant; else "
               "pass the dataset it was trained on as --dataset_dir", file=sys.stderr)
         return
-    trained_on = run["preprocess"] if isinstance(run.get("preprocess"), dict) else {}
     if folder_name(dataset_dir) == folder_name(run["dataset_dir"]):  # the same dataset, by its name
-        changed = preprocessed_anew(trained_on, preprocess_record(dataset_dir))
+        changed = preprocessed_anew(run.get("preprocess"), preprocess_record(dataset_dir))
         if changed:
             print(f"warning: the dataset {dataset_dir!r} was preprocessed anew since the run trained on it "
                   f"({'; '.join(changed)}) — fine if meant; else rerun preprocess.py into it with the settings "

@@ -301,7 +301,7 @@ def check_checkpoint_settings(checkpoint: str, config: RecPOConfig):
                         "with that --dataset_dir (moved: keep its folder name)")
     if record.get("catalogue") and config.dataset_dir:
         check_same_catalogue(checkpoint, record, config)
-    if isinstance(record.get("preprocess"), dict) and config.dataset_dir:  # the catalogue's, then the samples
+    if config.dataset_dir:  # the catalogue's, then the samples
         check_same_samples(checkpoint, record, config)
     trained_on, backbone = adapter.get("base_model_name_or_path"), resolve_model(config.model)
     if trained_on and folder_name(trained_on) != folder_name(backbone):  # the backbone may sit elsewhere now
@@ -312,7 +312,7 @@ def check_checkpoint_settings(checkpoint: str, config: RecPOConfig):
 def check_same_samples(checkpoint: str, record: dict, config: RecPOConfig):
     """The dataset is still the one preprocess.py wrote when the checkpoint trained: run again into
     the same folder (another --window_size, newer reviews) it holds other samples."""
-    changed = preprocessed_anew(record["preprocess"], preprocess_record(config.dataset_dir))
+    changed = preprocessed_anew(record.get("preprocess"), preprocess_record(config.dataset_dir))
     if changed:
         raise UserError(f"the dataset {config.dataset_dir} was preprocessed anew since {checkpoint} trained on it "
                         f"({'; '.join(changed)}) — rerun preprocess.py into it with the settings of then, or start "
